@@ -1,0 +1,59 @@
+"""Command line: `python -m app serve [--simulate] [--host H] [--port P]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import uvicorn
+
+from app.config import load_settings
+from app.errors import ConfigError
+from app.main import create_app
+from app.observability import configure_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description="cx-relay")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve.add_argument(
+        "--simulate",
+        action="store_true",
+        help="serve unconfigured upstreams (LLM provider, CXone) from the embedded simulators",
+    )
+    serve.add_argument("--host", help="bind address (default: HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: PORT or 8080)")
+    args = parser.parse_args(argv)
+
+    overrides: dict[str, object] = {}
+    if args.simulate:
+        overrides["simulate"] = True
+    if args.host:
+        overrides["host"] = args.host
+    if args.port:
+        overrides["port"] = args.port
+    try:
+        settings = load_settings(**overrides)
+    except ConfigError as error:
+        print(f"cx-relay: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        app = create_app(settings)
+    except ConfigError as error:
+        print(f"cx-relay: {error}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=20,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

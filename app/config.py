@@ -1,0 +1,167 @@
+"""Settings from the environment (and `.env`), validated once at start-up.
+
+Names are the integration tutorials' where they exist, without a prefix, so an `.env` written for
+them works here. A wrong value stops start-up with a message that names the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.errors import ConfigError
+
+AuthScheme = Literal["hmac", "standard_webhooks", "api_key"]
+ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = ("hmac", "standard_webhooks", "api_key")
+
+# Used only when the service runs simulated (`serve --simulate`) without a configured secret, so
+# that the README's signed sample request works on a fresh clone. Never used otherwise.
+DEV_WEBHOOK_SECRET = "cx-relay-dev-secret"
+
+CommaList = Annotated[list[str], NoDecode]
+SecretList = Annotated[list[SecretStr], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; `.env.example` lists each one with its default."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # --- serving -------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    data_dir: Path = Path("./data")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    simulate: bool = False
+
+    # --- LLM provider (one OpenAI-compatible provider) -----------------------------------------
+    llm_gateway_base_url: str | None = None
+    llm_gateway_api_key: SecretStr | None = None
+    llm_model: str = Field("gpt-4o-mini", min_length=1)
+    llm_temperature: float = Field(0.2, ge=0.0, le=2.0)
+    llm_max_tokens: int = Field(512, ge=16, le=32768)
+    llm_timeout_seconds: float = Field(5.0, gt=0.0, le=120.0)
+    llm_max_attempts: int = Field(3, ge=1, le=10)
+    llm_retry_initial_seconds: float = Field(0.2, ge=0.0, le=10.0)
+    llm_retry_max_seconds: float = Field(2.0, ge=0.0, le=60.0)
+
+    # --- Cognigy fallback webhook --------------------------------------------------------------
+    cognigy_webhook_secret: SecretList = Field(default_factory=list)
+    cognigy_api_keys: SecretList = Field(default_factory=list)
+    cognigy_auth_schemes: Annotated[list[AuthScheme], NoDecode] = Field(
+        default_factory=lambda: list(ALL_AUTH_SCHEMES)
+    )
+    allow_unauthenticated_webhooks: bool = False
+    webhook_timestamp_tolerance_seconds: int = Field(300, ge=1, le=3600)
+    cognigy_confidence_threshold: float = Field(0.75, ge=0.0, le=1.0)
+    cognigy_deadline_seconds: float = Field(7.0, gt=0.0, le=60.0)
+    cognigy_repair_min_seconds: float = Field(1.0, ge=0.0, le=30.0)
+    cognigy_system_template: str = "cognigy_routing_system.j2"
+    cognigy_user_template: str = "cognigy_routing_user.j2"
+    cognigy_fallback_response: str = Field(
+        "I'm connecting you with a member of our team who can help with that.", min_length=1
+    )
+
+    # --- CXone context (Digital Engagement API) ------------------------------------------------
+    cxone_client_id: str | None = None
+    cxone_client_secret: SecretStr | None = None
+    cxone_access_key_id: str | None = None
+    cxone_access_key_secret: SecretStr | None = None
+    cxone_grant_type: Literal["password", "client_credentials"] = "password"
+    cxone_token_url: str = "https://cxone.niceincontact.com/auth/token"
+    cxone_api_base_url: str | None = None
+    cxone_discovery_url: str = "https://cxone.niceincontact.com/.well-known/cxone-configuration"
+    cxone_tenant_id: str | None = None
+    cxone_history_turns: int = Field(10, ge=0, le=200)
+    cxone_timeout_seconds: float = Field(2.0, gt=0.0, le=30.0)
+    cxone_token_refresh_margin_seconds: float = Field(60.0, ge=0.0, le=3600.0)
+
+    # --- shared HTTP client --------------------------------------------------------------------
+    http_max_connections: int = Field(200, ge=1, le=10000)
+    http_max_keepalive_connections: int = Field(100, ge=0, le=10000)
+    http_connect_timeout_seconds: float = Field(2.0, gt=0.0, le=60.0)
+
+    _split = field_validator(
+        "cognigy_webhook_secret", "cognigy_api_keys", "cognigy_auth_schemes", mode="before"
+    )(_split_commas)
+
+    @field_validator("llm_gateway_base_url", "cxone_api_base_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("llm_gateway_base_url", "cxone_api_base_url", "cxone_token_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Settings:
+        if not self.simulate and not self.llm_gateway_base_url:
+            raise ValueError(
+                "LLM_GATEWAY_BASE_URL is not set: point it at an OpenAI-compatible provider, "
+                "or run `python -m app serve --simulate` for the embedded simulated provider"
+            )
+        if self.simulate and not (self.cognigy_webhook_secret or self.cognigy_api_keys):
+            self.cognigy_webhook_secret = [SecretStr(DEV_WEBHOOK_SECRET)]
+        if not self.webhook_credentials_configured and not self.allow_unauthenticated_webhooks:
+            raise ValueError(
+                "no inbound webhook credential: set COGNIGY_WEBHOOK_SECRET or COGNIGY_API_KEYS "
+                "(or ALLOW_UNAUTHENTICATED_WEBHOOKS=true, for development only)"
+            )
+        if (
+            self.cxone_configured
+            and self.cxone_grant_type == "password"
+            and not (self.cxone_access_key_id and self.cxone_access_key_secret)
+        ):
+            raise ValueError(
+                "CXONE_GRANT_TYPE=password needs CXONE_ACCESS_KEY_ID and CXONE_ACCESS_KEY_SECRET"
+            )
+        if self.cxone_configured and not self.cxone_client_secret:
+            raise ValueError("CXONE_CLIENT_ID is set but CXONE_CLIENT_SECRET is not")
+        return self
+
+    @property
+    def webhook_credentials_configured(self) -> bool:
+        return bool(self.cognigy_webhook_secret or self.cognigy_api_keys)
+
+    @property
+    def using_dev_secret(self) -> bool:
+        return any(s.get_secret_value() == DEV_WEBHOOK_SECRET for s in self.cognigy_webhook_secret)
+
+    @property
+    def cxone_configured(self) -> bool:
+        return bool(self.cxone_client_id)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, naming the environment variable rather than the Python field."""
+    lines = []
+    for problem in error.errors():
+        names = [str(part).upper() for part in problem["loc"] if isinstance(part, str)]
+        where = names[0] if names else "settings"
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if names else message)
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings or raise ConfigError with a message a person can act on."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from error

@@ -1,0 +1,30 @@
+"""The shared parts built once by the lifespan, reached by routers through Depends()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import httpx
+from fastapi import Depends, Request
+
+from app.config import Settings
+from app.pipelines.cognigy import CognigyPipeline
+from app.services.signatures import WebhookAuthenticator
+
+
+@dataclass
+class Services:
+    settings: Settings
+    http: httpx.AsyncClient
+    webhook_auth: WebhookAuthenticator
+    cognigy: CognigyPipeline
+    simulated: dict[str, bool] = field(default_factory=dict)
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

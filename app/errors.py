@@ -1,0 +1,73 @@
+"""Typed exceptions raised by services; routers map them to responses in one place.
+
+A hierarchy (rather than status codes passed around) lets each caller decide what is retryable,
+what degrades the answer and what is the caller's own fault.
+"""
+
+from __future__ import annotations
+
+
+class CxRelayError(Exception):
+    """Base of every error this service raises on purpose."""
+
+
+class ConfigError(CxRelayError):
+    """Settings or templates are invalid: start-up must stop with this message."""
+
+
+class AuthenticationFailed(CxRelayError):
+    """The caller's credential is missing or wrong (always answered with 401)."""
+
+
+class UpstreamError(CxRelayError):
+    """A call to an upstream (LLM provider, CXone) failed."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, upstream: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.upstream = upstream
+        self.status = status
+
+
+class UpstreamRateLimited(UpstreamError):
+    """429: the upstream asks us to slow down, possibly saying for how long."""
+
+    retryable = True
+
+    def __init__(
+        self, message: str, *, upstream: str = "", retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, upstream=upstream, status=429)
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(UpstreamError):
+    """5xx or a connection failure: worth another try."""
+
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer within the time this attempt had."""
+
+    retryable = True
+
+
+class UpstreamRejected(UpstreamError):
+    """4xx other than 429 (bad request, bad key): retrying the same request cannot help."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream answered 2xx with a body that does not follow its wire format."""
+
+    retryable = True
+
+
+class OutputInvalid(CxRelayError):
+    """The model's output does not parse or does not match the expected schema."""
+
+    def __init__(self, message: str, *, raw: str, errors: list[str]) -> None:
+        super().__init__(message)
+        self.raw = raw
+        self.errors = errors

@@ -1,0 +1,191 @@
+"""create_app(settings) and the lifespan that builds, and closes, the shared parts."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import datetime
+
+import httpx
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from app import __version__
+from app.config import Settings, load_settings
+from app.dependencies import Services
+from app.observability import RequestIdMiddleware
+from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
+from app.routers import cognigy, health
+from app.services.cxone import CXoneContextClient, Turn
+from app.services.http import build_http_client
+from app.services.llm.openai_compat import OpenAICompatibleProvider
+from app.services.llm.retry import RetryPolicy
+from app.services.oauth import TokenCache, TokenRequest
+from app.services.prompts import PromptRenderer
+from app.services.signatures import ReplayGuard, WebhookAuthenticator
+from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
+from app.simulator.llm import create_llm_simulator
+from app.simulator.server import LoopbackServer
+
+log = logging.getLogger("cxrelay")
+
+SAMPLE_PROMPT_VARIABLES = {
+    "history": [Turn("customer", "Hello"), Turn("agent", "Hi, how can I help?")],
+    "detected_intent": "billing",
+    "confidence": 0.42,
+    "last_message": "Why was I charged twice?",
+    "metadata": {"channel": "chat"},
+}
+
+
+def _start_simulators(
+    settings: Settings, stack: AsyncExitStack
+) -> tuple[Settings, dict[str, bool]]:
+    """In simulated mode, serve the upstreams that are not configured from loopback servers."""
+    overrides: dict[str, object] = {}
+    simulated = {"llm": False, "cxone": False}
+    if settings.simulate and not settings.llm_gateway_base_url:
+        llm = stack.enter_context(LoopbackServer(create_llm_simulator()))
+        overrides["llm_gateway_base_url"] = llm.url
+        simulated["llm"] = True
+    if settings.simulate and not settings.cxone_configured:
+        state = CXoneSimulatorState()
+        cxone = stack.enter_context(LoopbackServer(create_cxone_simulator(state)))
+        overrides.update(
+            cxone_client_id=state.client_id,
+            cxone_client_secret=SecretStr(state.client_secret),
+            cxone_access_key_id=state.access_key_id,
+            cxone_access_key_secret=SecretStr(state.access_key_secret),
+            cxone_token_url=f"{cxone.url}/auth/token",
+            cxone_discovery_url=f"{cxone.url}/.well-known/cxone-configuration",
+            cxone_api_base_url=None,
+            cxone_tenant_id=None,
+        )
+        simulated["cxone"] = True
+    for name, on in simulated.items():
+        if on:
+            log.warning(
+                "SIMULATED %s upstream in use: answers do not come from a real service",
+                name,
+                extra={"simulated": name},
+            )
+    return settings.model_copy(update=overrides), simulated
+
+
+def _cxone_client(settings: Settings, http: httpx.AsyncClient) -> CXoneContextClient | None:
+    if not settings.cxone_configured or settings.cxone_client_secret is None:
+        return None
+    basic = (settings.cxone_client_id or "", settings.cxone_client_secret.get_secret_value())
+    if settings.cxone_grant_type == "password":
+        form = {
+            "grant_type": "password",
+            "username": settings.cxone_access_key_id or "",
+            "password": settings.cxone_access_key_secret.get_secret_value()
+            if settings.cxone_access_key_secret
+            else "",
+        }
+    else:
+        form = {"grant_type": "client_credentials"}
+    tokens = TokenCache(
+        http,
+        TokenRequest(settings.cxone_token_url, form, basic),
+        margin_seconds=settings.cxone_token_refresh_margin_seconds,
+        timeout_seconds=settings.cxone_timeout_seconds,
+        upstream="cxone-auth",
+    )
+    return CXoneContextClient(
+        http,
+        tokens,
+        api_base_url=settings.cxone_api_base_url,
+        discovery_url=settings.cxone_discovery_url,
+        tenant_id=settings.cxone_tenant_id,
+        timeout_seconds=settings.cxone_timeout_seconds,
+    )
+
+
+def build_services(
+    settings: Settings, simulated: dict[str, bool], stack: AsyncExitStack
+) -> Services:
+    renderer = PromptRenderer()
+    for template in (settings.cognigy_system_template, settings.cognigy_user_template):
+        renderer.check(template, SAMPLE_PROMPT_VARIABLES)
+    http = build_http_client(settings)
+    stack.push_async_callback(http.aclose)
+    api_key = (
+        settings.llm_gateway_api_key.get_secret_value() if settings.llm_gateway_api_key else None
+    )
+    provider = OpenAICompatibleProvider("default", settings.llm_gateway_base_url or "", api_key)
+    pipeline = CognigyPipeline(
+        http=http,
+        provider=provider,
+        retry_policy=RetryPolicy(
+            max_attempts=settings.llm_max_attempts,
+            initial_wait=settings.llm_retry_initial_seconds,
+            max_wait=settings.llm_retry_max_seconds,
+            attempt_timeout=settings.llm_timeout_seconds,
+        ),
+        renderer=renderer,
+        cxone=_cxone_client(settings, http),
+        options=CognigyOptions(
+            model=settings.llm_model,
+            temperature=settings.llm_temperature,
+            max_tokens=settings.llm_max_tokens,
+            history_turns=settings.cxone_history_turns,
+            repair_min_seconds=settings.cognigy_repair_min_seconds,
+            fallback_response=settings.cognigy_fallback_response,
+            system_template=settings.cognigy_system_template,
+            user_template=settings.cognigy_user_template,
+        ),
+    )
+    authenticator = WebhookAuthenticator(
+        secrets=[s.get_secret_value() for s in settings.cognigy_webhook_secret],
+        api_keys=[k.get_secret_value() for k in settings.cognigy_api_keys],
+        schemes=settings.cognigy_auth_schemes,
+        tolerance_seconds=settings.webhook_timestamp_tolerance_seconds,
+        replay_guard=ReplayGuard(ttl_seconds=2 * settings.webhook_timestamp_tolerance_seconds),
+        allow_unauthenticated=settings.allow_unauthenticated_webhooks,
+    )
+    return Services(settings, http, authenticator, pipeline, simulated)
+
+
+def _warn_about_development_settings(settings: Settings) -> None:
+    if settings.allow_unauthenticated_webhooks:
+        log.warning(
+            "ALLOW_UNAUTHENTICATED_WEBHOOKS=true: webhook requests WITHOUT a credential are "
+            "accepted. Development only; never run like this in front of customers."
+        )
+    if settings.using_dev_secret:
+        log.warning(
+            "development webhook secret %r in use (simulated mode without "
+            "COGNIGY_WEBHOOK_SECRET); set your own before exposing this service",
+            "cx-relay-dev-secret",
+        )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async with AsyncExitStack() as stack:
+        settings, simulated = _start_simulators(app.state.settings, stack)
+        _warn_about_development_settings(settings)
+        app.state.services = build_services(settings, simulated, stack)
+        log.info(
+            "cx-relay started",
+            extra={"version": __version__, "started_at": datetime.now().isoformat()},
+        )
+        yield
+        log.info("cx-relay stopping")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="cx-relay",
+        version=__version__,
+        description="LLM webhook gateway for NICE Cognigy.AI and NICE CXone virtual agents",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or load_settings()
+    app.add_middleware(RequestIdMiddleware)
+    app.include_router(health.router)
+    app.include_router(cognigy.router)
+    return app

@@ -1,0 +1,23 @@
+"""Who is calling, settled once at the edge and carried through the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["webhook", "client", "admin", "anonymous"]
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller: budgets, cache entries and ledger rows are scoped by `tenant`.
+
+    `key_id` is a short fingerprint of the credential used, safe to log; never the credential.
+    """
+
+    tenant: str
+    key_id: str
+    role: Role
+    scheme: str = ""

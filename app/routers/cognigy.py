@@ -1,0 +1,92 @@
+"""POST /webhook/cognigy/fallback: thin — read, authenticate, parse, call the pipeline, log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from app.deadline import Deadline
+from app.dependencies import ServicesDep
+from app.errors import AuthenticationFailed
+from app.observability import request_id_var
+from app.pipelines.cognigy import TurnRecord
+from app.schemas.cognigy import CognigyResponse, CognigyTrigger
+from app.services.body import read_limited_body
+
+router = APIRouter(tags=["cognigy"])
+log = logging.getLogger("cxrelay.cognigy")
+
+
+@router.post(
+    "/webhook/cognigy/fallback",
+    response_model=CognigyResponse,
+    responses={
+        400: {"description": "confidence above the threshold: no fallback needed"},
+        401: {"description": "missing or invalid webhook credential"},
+        413: {"description": "body over MAX_BODY_BYTES"},
+        422: {"description": "malformed trigger; the detail names the field"},
+    },
+)
+async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyResponse:
+    settings = services.settings
+    body = await read_limited_body(request, settings.max_body_bytes)
+    try:
+        principal = services.webhook_auth.authenticate(request.headers, body)
+    except AuthenticationFailed as failure:
+        log.warning(
+            "webhook authentication failed",
+            extra={
+                "route": request.url.path,
+                "remote": request.client.host if request.client else "",
+                "reason": str(failure),
+            },
+        )
+        raise HTTPException(401, str(failure), headers={"WWW-Authenticate": "Signature"}) from None
+    try:
+        trigger = CognigyTrigger.model_validate_json(body)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors(include_url=False)) from None
+    threshold = settings.cognigy_confidence_threshold
+    if trigger.confidence_score > threshold:
+        raise HTTPException(
+            400,
+            f"confidenceScore {trigger.confidence_score} is above the fallback threshold "
+            f"{threshold}: the NLU result should be used instead of this fallback",
+        )
+
+    deadline = Deadline.after(settings.cognigy_deadline_seconds)
+    turn = TurnRecord.start(request_id_var.get())
+    try:
+        response = await asyncio.wait_for(
+            services.cognigy.decide(trigger, deadline, turn), timeout=deadline.remaining()
+        )
+    except asyncio.TimeoutError:
+        response = services.cognigy.fallback(
+            trigger,
+            turn,
+            "deadline_exceeded",
+            f"no valid decision within {settings.cognigy_deadline_seconds}s",
+        )
+    log.info(
+        "cognigy turn",
+        extra={
+            "surface": "cognigy",
+            "tenant": principal.tenant,
+            "key_id": principal.key_id,
+            "session_id": trigger.conversation_id,
+            "status": response.status,
+            "context": response.context,
+            "provider": response.provider,
+            "model": response.model,
+            "attempts": turn.attempts,
+            "repaired": turn.repaired,
+            "latency_ms": response.latency_ms,
+            "prompt_tokens": response.usage.prompt_tokens,
+            "completion_tokens": response.usage.completion_tokens,
+        },
+    )
+    return response

@@ -1,0 +1,49 @@
+"""Scripted behaviour for the simulated upstreams: what the next requests should get.
+
+The simulators answer realistically by default; a test, the benchmark or an operator trying
+failure modes pushes faults (429 with Retry-After, 500, a delay, broken JSON ...) that the next
+requests consume in order. Every request received is recorded for assertions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Fault:
+    status: int = 200
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+    content: str | None = None  # a well-formed chat completion carrying this content
+    raw_body: str | None = None  # exactly this body (to break the wire format)
+    json_body: dict[str, Any] | None = None  # this JSON body (e.g. an error object)
+
+
+class FaultPlan:
+    """Thread-safe: the simulators run in their own server thread."""
+
+    def __init__(self) -> None:
+        self._queue: deque[Fault] = deque()
+        self._lock = threading.Lock()
+        self.requests: list[dict[str, Any]] = []
+
+    def push(self, *faults: Fault) -> None:
+        with self._lock:
+            self._queue.extend(faults)
+
+    def next(self) -> Fault | None:
+        with self._lock:
+            return self._queue.popleft() if self._queue else None
+
+    def record(self, request: dict[str, Any]) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._queue.clear()
+            self.requests.clear()
