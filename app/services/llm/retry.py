@@ -18,7 +18,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_any,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 from tenacity.stop import stop_base
 
@@ -46,8 +47,8 @@ class _Wait:
 
     def __init__(self, policy: RetryPolicy) -> None:
         self._policy = policy
-        self._backoff = wait_exponential_jitter(
-            initial=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait
+        self._backoff = wait_exponential(multiplier=policy.initial_wait, max=policy.max_wait) + (
+            wait_random(0, policy.initial_wait)
         )
 
     def __call__(self, state: RetryCallState) -> float:

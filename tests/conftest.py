@@ -1,0 +1,111 @@
+"""Shared fixtures: fake upstreams as real HTTP servers on loopback, and the app under test.
+
+The fakes are the project's own simulators (they speak the real OpenAI and CXone wire formats)
+driven by a FaultPlan; the app runs its real lifespan and is reached through httpx's ASGI
+transport, so every outbound call it makes crosses a real socket.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from app.config import Settings
+from app.main import create_app
+from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
+from app.simulator.faults import FaultPlan
+from app.simulator.llm import create_llm_simulator
+from app.simulator.server import LoopbackServer
+from tests.helpers import API_KEY, SECRET
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Settings read the environment: keep the machine's variables out of every test."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env is read
+
+
+@pytest.fixture
+def llm_plan() -> FaultPlan:
+    return FaultPlan()
+
+
+@pytest.fixture
+def llm_server(llm_plan: FaultPlan) -> Iterator[LoopbackServer]:
+    with LoopbackServer(create_llm_simulator(llm_plan)) as server:
+        yield server
+
+
+@pytest.fixture
+def cxone_state() -> CXoneSimulatorState:
+    return CXoneSimulatorState()
+
+
+@pytest.fixture
+def cxone_server(cxone_state: CXoneSimulatorState) -> Iterator[LoopbackServer]:
+    with LoopbackServer(create_cxone_simulator(cxone_state)) as server:
+        yield server
+
+
+@pytest.fixture
+def make_settings(
+    llm_server: LoopbackServer, cxone_server: LoopbackServer, cxone_state: CXoneSimulatorState
+) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "llm_gateway_base_url": llm_server.url,
+            "llm_gateway_api_key": SecretStr("sk-test-provider-key"),
+            "cognigy_webhook_secret": [SecretStr(SECRET)],
+            "cognigy_api_keys": [SecretStr(API_KEY)],
+            "cxone_client_id": cxone_state.client_id,
+            "cxone_client_secret": SecretStr(cxone_state.client_secret),
+            "cxone_access_key_id": cxone_state.access_key_id,
+            "cxone_access_key_secret": SecretStr(cxone_state.access_key_secret),
+            "cxone_token_url": f"{cxone_server.url}/auth/token",
+            "cxone_api_base_url": cxone_server.url,
+            "llm_retry_initial_seconds": 0.01,
+            "llm_retry_max_seconds": 0.05,
+            "data_dir": os.getcwd(),
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    return build
+
+
+@pytest.fixture
+def app_client(
+    make_settings: Callable[..., Settings],
+) -> Callable[..., Any]:
+    """`async with app_client(**setting_overrides) as client:` runs the app's real lifespan."""
+
+    class _Running:
+        def __init__(self, **overrides: Any) -> None:
+            self.app = create_app(make_settings(**overrides))
+            self._lifespan = self.app.router.lifespan_context(self.app)
+
+        async def __aenter__(self) -> httpx.AsyncClient:
+            await self._lifespan.__aenter__()
+            self._client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=self.app), base_url="http://cx-relay.test"
+            )
+            return self._client
+
+        async def __aexit__(self, *exc: object) -> None:
+            await self._client.aclose()
+            await self._lifespan.__aexit__(None, None, None)
+
+    return _Running
+
+
+@pytest.fixture
+async def client(app_client: Callable[..., Any]) -> AsyncIterator[httpx.AsyncClient]:
+    async with app_client() as running:
+        yield running

@@ -1,0 +1,39 @@
+"""Request builders shared by the tests."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from app.services.signatures import sign_hmac
+
+SECRET = "test-webhook-secret"
+API_KEY = "test-api-key-0123456789"
+WEBHOOK = "/webhook/cognigy/fallback"
+
+
+def trigger(**fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "conversationId": "contact-42",
+        "userId": "user-7",
+        "lastMessage": "I was charged twice for my subscription",
+        "confidenceScore": 0.41,
+        "detectedIntent": "billing",
+        "metadata": {"channel": "chat"},
+    }
+    body.update(fields)
+    return body
+
+
+def signed(body: dict[str, Any] | bytes, secret: str = SECRET) -> tuple[bytes, dict[str, str]]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return raw, {"Content-Type": "application/json", "X-Webhook-Signature": sign_hmac(secret, raw)}
+
+
+async def post_turn(
+    client: httpx.AsyncClient, body: dict[str, Any] | bytes, **headers: str
+) -> httpx.Response:
+    raw, signed_headers = signed(body)
+    return await client.post(WEBHOOK, content=raw, headers={**signed_headers, **headers})
