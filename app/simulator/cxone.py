@@ -48,6 +48,7 @@ class CXoneSimulatorState:
     issued: set[str] = field(default_factory=set)
     revoked: set[str] = field(default_factory=set)
     token_requests: int = 0
+    discovery_requests: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_conversation(self, contact_id: str, turns: list[tuple[str, str]]) -> None:
