@@ -139,6 +139,7 @@ def create_cxone_simulator(state: CXoneSimulatorState | None = None) -> FastAPI:
 
     @app.get("/.well-known/cxone-configuration")
     async def discovery(request: Request, tenantId: str = "") -> Response:
+        state.discovery_requests += 1
         if tenantId != state.tenant_id:
             return JSONResponse({"error": "unknown tenant"}, 404)
         base = str(request.base_url).rstrip("/")
