@@ -194,7 +194,7 @@ async def test_oversized_body_is_413_before_parsing(app_client: Any, llm_plan: F
             for _ in range(10):
                 yield b"x" * 1000
 
-        raw, headers = signed(b"x" * 10_000)
+        _, headers = signed(b"x" * 10_000)
         chunked = await client.post(WEBHOOK, content=chunks(), headers=headers)
         assert chunked.status_code == 413
     assert llm_plan.requests == []
@@ -217,7 +217,7 @@ async def test_customer_text_is_never_evaluated_as_template_code(
     assert "49" not in prompt and "looploop" not in prompt
 
 
-# --- resilience of the LLM call -------------------------------------------------------------------
+# --- resilience of the LLM call -----------------------------------------------------------------
 
 
 async def test_429_with_retry_after_is_retried_after_the_wait(
@@ -292,7 +292,7 @@ async def test_a_retry_that_cannot_finish_before_the_deadline_is_not_attempted(
     assert len(llm_plan.requests) == 1
 
 
-# --- output validation and repair ------------------------------------------------------------------
+# --- output validation and repair ---------------------------------------------------------------
 
 
 async def test_markdown_fences_around_json_are_tolerated(
