@@ -1,4 +1,8 @@
-"""Command line: `python -m app serve [--simulate] [--host H] [--port P]`."""
+"""Command line.
+
+python -m app serve [--simulate] [--host H] [--port P]   the service
+python -m app simulator [--host H] [--port P]            the simulated LLM provider and CXone
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--host", help="bind address (default: HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: PORT or 8080)")
+    simulator = commands.add_parser(
+        "simulator",
+        help="serve only the simulated upstreams (LLM provider + CXone), e.g. for compose",
+    )
+    simulator.add_argument("--host", default="127.0.0.1")
+    simulator.add_argument("--port", type=int, default=9000)
     args = parser.parse_args(argv)
+    if args.command == "simulator":
+        return run_simulator(args.host, args.port)
 
     overrides: dict[str, object] = {}
     if args.simulate:
@@ -52,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=20,
     )
+    return 0
+
+
+def run_simulator(host: str, port: int) -> int:
+    from app.simulator.combined import create_combined_simulator
+
+    configure_logging("INFO")
+    uvicorn.run(create_combined_simulator(), host=host, port=port, log_config=None)
     return 0
 
 
