@@ -45,13 +45,15 @@ class ReplayGuard:
     def first_time(self, message_id: str, now: float | None = None) -> bool:
         """True, and remembered, if this id was not seen within the TTL."""
         now = time.monotonic() if now is None else now
-        while self._seen:
+        while self._seen:  # entries are in arrival order: expired ones are at the front
             oldest_id, seen_at = next(iter(self._seen.items()))
-            if now - seen_at < self._ttl and len(self._seen) < self._max:
+            if now - seen_at < self._ttl:
                 break
             del self._seen[oldest_id]
         if message_id in self._seen:
             return False
+        if len(self._seen) >= self._max:
+            self._seen.popitem(last=False)  # make room only for an id that is really new
         self._seen[message_id] = now
         return True
 

@@ -7,6 +7,7 @@ same attempt can later be driven by provider routing and fallback chains.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from typing import Any
 
@@ -30,15 +31,16 @@ def chat_completions_url(base_url: str) -> str:
     return base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
 
 
+_DELAY_SECONDS = re.compile(r"\d+(\.\d+)?")
+
+
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
     if not value:
         return None
     value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    if _DELAY_SECONDS.fullmatch(value):
+        return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
