@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import httpx
 
@@ -80,42 +81,28 @@ class CognigyPipeline:
                 return self.fallback(trigger, turn, "schema_validation_failed", _why(still_invalid))
             except UpstreamError as error:
                 return self.fallback(trigger, turn, "schema_validation_failed", str(error))
-        return CognigyResponse(
-            status="success",
-            conversationId=trigger.conversation_id,
-            routing_decision=decision,
-            context=turn.context,
-            provider=turn.provider,
-            model=turn.model,
-            usage=UsageOut(**turn.usage.as_dict()),
-            latency_ms=turn.elapsed_ms(),
-            request_id=turn.request_id,
-        )
+        return _response(trigger, turn, "success", decision)
 
     def fallback(
         self, trigger: CognigyTrigger, turn: TurnRecord, status: FallbackStatus, reason: str
     ) -> CognigyResponse:
         """The deterministic safe answer: hand the customer to a person."""
         text = self.options.fallback_response
-        return CognigyResponse(
-            status=status,
-            conversationId=trigger.conversation_id,
-            routing_decision=RoutingDecision(
-                classified_intent=trigger.detected_intent or "unknown",
-                confidence=0.0,
-                extracted_parameters={},
-                suggested_response=text,
-                requires_human_agent=True,
-            ),
+        safe_decision = RoutingDecision(
+            classified_intent=trigger.detected_intent or "unknown",
+            confidence=0.0,
+            extracted_parameters={},
+            suggested_response=text,
+            requires_human_agent=True,
+        )
+        return _response(
+            trigger,
+            turn,
+            status,
+            safe_decision,
             fallback_action="route_to_human",
             suggested_response=text,
             reason=reason[:500],
-            context=turn.context,
-            provider=turn.provider,
-            model=turn.model,
-            usage=UsageOut(**turn.usage.as_dict()),
-            latency_ms=turn.elapsed_ms(),
-            request_id=turn.request_id,
         )
 
     async def _history(
@@ -197,6 +184,27 @@ class TurnRecord:
 
     def elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 1)
+
+
+def _response(
+    trigger: CognigyTrigger,
+    turn: TurnRecord,
+    status: Literal["success"] | FallbackStatus,
+    decision: RoutingDecision,
+    **fallback_fields: str,
+) -> CognigyResponse:
+    return CognigyResponse(
+        status=status,
+        conversationId=trigger.conversation_id,
+        routing_decision=decision,
+        context=turn.context,
+        provider=turn.provider,
+        model=turn.model,
+        usage=UsageOut(**turn.usage.as_dict()),
+        latency_ms=turn.elapsed_ms(),
+        request_id=turn.request_id,
+        **fallback_fields,
+    )
 
 
 def _why(invalid: OutputInvalid) -> str:
