@@ -46,9 +46,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
     simulate: bool = False
 
-    # --- LLM provider (one OpenAI-compatible provider) -----------------------------------------
+    # --- LLM providers ---------------------------------------------------------------------------
+    # PROVIDERS_FILE describes several providers, keys and routes; without it, the LLM_GATEWAY_*
+    # variables describe one OpenAI-compatible provider whose key pool is LLM_GATEWAY_API_KEY.
+    providers_file: Path | None = None
     llm_gateway_base_url: str | None = None
-    llm_gateway_api_key: SecretStr | None = None
+    llm_gateway_api_key: SecretList = Field(default_factory=list)
     llm_model: str = Field("gpt-4o-mini", min_length=1)
     llm_temperature: float = Field(0.2, ge=0.0, le=2.0)
     llm_max_tokens: int = Field(512, ge=16, le=32768)
@@ -56,6 +59,14 @@ class Settings(BaseSettings):
     llm_max_attempts: int = Field(3, ge=1, le=10)
     llm_retry_initial_seconds: float = Field(0.2, ge=0.0, le=10.0)
     llm_retry_max_seconds: float = Field(2.0, ge=0.0, le=60.0)
+    key_cooldown_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+    key_reprobe_seconds: float = Field(60.0, gt=0.0, le=86400.0)
+    circuit_failure_threshold: int = Field(5, ge=1, le=1000)
+    circuit_reset_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+
+    # --- provisioning (admin) API ----------------------------------------------------------------
+    admin_token: SecretStr | None = None
+    admin_notify_urls: CommaList = Field(default_factory=list)
 
     # --- Cognigy fallback webhook --------------------------------------------------------------
     cognigy_webhook_secret: SecretList = Field(default_factory=list)
@@ -94,10 +105,15 @@ class Settings(BaseSettings):
     http_connect_timeout_seconds: float = Field(2.0, gt=0.0, le=60.0)
 
     _split = field_validator(
-        "cognigy_webhook_secret", "cognigy_api_keys", "cognigy_auth_schemes", mode="before"
+        "cognigy_webhook_secret",
+        "cognigy_api_keys",
+        "cognigy_auth_schemes",
+        "llm_gateway_api_key",
+        "admin_notify_urls",
+        mode="before",
     )(_split_commas)
 
-    @field_validator("llm_gateway_base_url", "cxone_api_base_url", mode="before")
+    @field_validator("llm_gateway_base_url", "cxone_api_base_url", "providers_file", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -111,10 +127,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:
-        if not self.simulate and not self.llm_gateway_base_url:
+        if not self.simulate and not self.llm_gateway_base_url and not self.providers_file:
             raise ValueError(
-                "LLM_GATEWAY_BASE_URL is not set: point it at an OpenAI-compatible provider, "
-                "or run `python -m app serve --simulate` for the embedded simulated provider"
+                "LLM_GATEWAY_BASE_URL is not set: point it at an OpenAI-compatible provider "
+                "(or set PROVIDERS_FILE), or run `python -m app serve --simulate` for the "
+                "embedded simulated provider"
             )
         if self.simulate and not (self.cognigy_webhook_secret or self.cognigy_api_keys):
             self.cognigy_webhook_secret = [SecretStr(DEV_WEBHOOK_SECRET)]

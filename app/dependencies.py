@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from app.config import Settings
 from app.pipelines.cognigy import CognigyPipeline
+from app.services.llm.router import RouterSlot
 from app.services.signatures import WebhookAuthenticator
 
 
@@ -18,6 +19,7 @@ class Services:
     settings: Settings
     http: httpx.AsyncClient
     webhook_auth: WebhookAuthenticator
+    llm: RouterSlot
     cognigy: CognigyPipeline
     simulated: dict[str, bool] = field(default_factory=dict)
 

@@ -28,6 +28,7 @@ class UpstreamError(CxRelayError):
         super().__init__(message)
         self.upstream = upstream
         self.status = status
+        self.trail: tuple[object, ...] = ()  # the attempts made before giving up (llm router)
 
 
 class UpstreamRateLimited(UpstreamError):
@@ -58,6 +59,10 @@ class UpstreamRejected(UpstreamError):
     """4xx other than 429 (bad request, bad key): retrying the same request cannot help."""
 
 
+class ContextLengthExceeded(UpstreamRejected):
+    """The prompt does not fit this model's context window: another model in the route may fit."""
+
+
 class UpstreamProtocolError(UpstreamError):
     """The upstream answered 2xx with a body that does not follow its wire format."""
 
@@ -71,3 +76,7 @@ class OutputInvalid(CxRelayError):
         super().__init__(message)
         self.raw = raw
         self.errors = errors
+
+
+class UnknownModel(CxRelayError):
+    """The requested model is neither a route nor a model of any configured provider."""

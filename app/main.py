@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -19,8 +20,8 @@ from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
 from app.routers import cognigy, health
 from app.services.cxone import CXoneContextClient, Turn
 from app.services.http import build_http_client
-from app.services.llm.openai_compat import OpenAICompatibleProvider
-from app.services.llm.retry import RetryPolicy
+from app.services.llm.bootstrap import initial_provider_config, router_options
+from app.services.llm.router import LLMRouter, RouterSlot
 from app.services.oauth import TokenCache, TokenRequest
 from app.services.prompts import PromptRenderer
 from app.services.signatures import ReplayGuard, WebhookAuthenticator
@@ -112,19 +113,9 @@ def build_services(
         renderer.check(template, SAMPLE_PROMPT_VARIABLES)
     http = build_http_client(settings)
     stack.push_async_callback(http.aclose)
-    api_key = (
-        settings.llm_gateway_api_key.get_secret_value() if settings.llm_gateway_api_key else None
-    )
-    provider = OpenAICompatibleProvider("default", settings.llm_gateway_base_url or "", api_key)
+    llm = RouterSlot(LLMRouter(http, initial_provider_config(settings), router_options(settings)))
     pipeline = CognigyPipeline(
-        http=http,
-        provider=provider,
-        retry_policy=RetryPolicy(
-            max_attempts=settings.llm_max_attempts,
-            initial_wait=settings.llm_retry_initial_seconds,
-            max_wait=settings.llm_retry_max_seconds,
-            attempt_timeout=settings.llm_timeout_seconds,
-        ),
+        llm=llm,
         renderer=renderer,
         cxone=_cxone_client(settings, http),
         options=CognigyOptions(
@@ -146,7 +137,7 @@ def build_services(
         replay_guard=ReplayGuard(ttl_seconds=2 * settings.webhook_timestamp_tolerance_seconds),
         allow_unauthenticated=settings.allow_unauthenticated_webhooks,
     )
-    return Services(settings, http, authenticator, pipeline, simulated)
+    return Services(settings, http, authenticator, llm, pipeline, simulated)
 
 
 def _warn_about_development_settings(settings: Settings) -> None:
@@ -163,12 +154,25 @@ def _warn_about_development_settings(settings: Settings) -> None:
         )
 
 
+async def _reprobe_keys(services: Services) -> None:
+    """Set-aside keys are tried again on an interval, so a fixed key returns without a restart."""
+    while True:
+        await asyncio.sleep(services.settings.key_reprobe_seconds)
+        try:
+            await services.llm.current.probe_unhealthy_keys()
+        except Exception:  # a probe must never end the loop
+            log.exception("key re-probe failed")
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
         settings, simulated = _start_simulators(app.state.settings, stack)
         _warn_about_development_settings(settings)
-        app.state.services = build_services(settings, simulated, stack)
+        services = build_services(settings, simulated, stack)
+        app.state.services = services
+        reprobe = asyncio.create_task(_reprobe_keys(services), name="key-reprobe")
+        stack.callback(reprobe.cancel)
         log.info(
             "cx-relay started",
             extra={"version": __version__, "started_at": datetime.now().isoformat()},

@@ -61,7 +61,7 @@ def make_settings(
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "llm_gateway_base_url": llm_server.url,
-            "llm_gateway_api_key": SecretStr("sk-test-provider-key"),
+            "llm_gateway_api_key": [SecretStr("sk-test-provider-key")],
             "cognigy_webhook_secret": [SecretStr(SECRET)],
             "cognigy_api_keys": [SecretStr(API_KEY)],
             "cxone_client_id": cxone_state.client_id,

@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal
-
-import httpx
+from typing import Any, Literal
 
 from app.deadline import Deadline
 from app.errors import OutputInvalid, UpstreamError
@@ -27,8 +25,7 @@ from app.schemas.cognigy import (
 )
 from app.schemas.routing import RoutingDecision
 from app.services.cxone import CXoneContextClient, Turn
-from app.services.llm.openai_compat import OpenAICompatibleProvider
-from app.services.llm.retry import RetryPolicy, complete_with_retries
+from app.services.llm.router import RouterSlot
 from app.services.llm.types import ChatRequest, ChatResult, Usage
 from app.services.prompts import PromptRenderer
 from app.services.validation import parse_output, repair_messages
@@ -50,9 +47,7 @@ class CognigyOptions:
 
 @dataclass
 class CognigyPipeline:
-    http: httpx.AsyncClient
-    provider: OpenAICompatibleProvider
-    retry_policy: RetryPolicy
+    llm: RouterSlot
     renderer: PromptRenderer
     cxone: CXoneContextClient | None
     options: CognigyOptions
@@ -153,9 +148,11 @@ class CognigyPipeline:
     async def _complete(
         self, request: ChatRequest, deadline: Deadline, turn: TurnRecord
     ) -> ChatResult:
-        result = await complete_with_retries(
-            self.provider, self.http, request, deadline, self.retry_policy
-        )
+        try:
+            result = await self.llm.current.complete(request, deadline)
+        except UpstreamError as error:
+            turn.trail += error.trail
+            raise
         turn.record(result)
         return result
 
@@ -170,7 +167,7 @@ class TurnRecord:
     provider: str | None = None
     model: str | None = None
     usage: Usage = field(default_factory=Usage)
-    attempts: int = 0
+    trail: tuple[Any, ...] = ()
     repaired: bool = False
 
     @classmethod
@@ -180,7 +177,11 @@ class TurnRecord:
     def record(self, result: ChatResult) -> None:
         self.provider, self.model = result.provider, result.model
         self.usage = self.usage + result.usage
-        self.attempts += result.attempts
+        self.trail += result.trail
+
+    @property
+    def attempts(self) -> int:
+        return len(self.trail)
 
     def elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 1)
@@ -203,6 +204,7 @@ def _response(
         usage=UsageOut(**turn.usage.as_dict()),
         latency_ms=turn.elapsed_ms(),
         request_id=turn.request_id,
+        attempts=[a.public() for a in turn.trail],
         **fallback_fields,
     )
 

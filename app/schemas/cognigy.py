@@ -78,3 +78,4 @@ class CognigyResponse(BaseModel):
     usage: UsageOut
     latency_ms: float
     request_id: str = ""
+    attempts: list[dict[str, Any]] = []  # each provider/model tried, with its outcome

@@ -1,8 +1,11 @@
-"""A simulated OpenAI-compatible provider: the embedded default, the test fake, the bench upstream.
+"""A simulated LLM provider: the embedded default, the test fake, the bench upstream.
 
-It speaks the real `/v1/chat/completions` wire format. With `response_format: json_object` it
-answers a routing decision from keyword rules over the customer's message; otherwise a short
-conversational reply. Everything it answers is marked as simulated in the model name.
+It speaks the real OpenAI `/v1/chat/completions` and Anthropic `/v1/messages` wire formats, both
+driven by the same FaultPlan. Asked for JSON (`response_format: json_object`, or a system prompt
+mentioning JSON on the Anthropic route) it answers a routing decision from keyword rules over the
+customer's message; otherwise a short conversational reply. Everything it answers is marked as
+simulated in the model name. `GET /v1/models` refuses keys starting with "revoked" so key probes
+can be exercised.
 """
 
 from __future__ import annotations
@@ -112,6 +115,59 @@ def completion_body(model: str, content: str, prompt_text: str) -> dict[str, Any
     }
 
 
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+REVOKED_KEY_PREFIX = "revoked"
+
+
+def _block_text(content: Any) -> str:
+    """Anthropic content is a string or a list of blocks; only text blocks matter here."""
+    if isinstance(content, list):
+        return "\n".join(
+            str(block.get("text", ""))
+            for block in content
+            if isinstance(block, dict) and block.get("type") == "text"
+        )
+    return "" if content is None else str(content)
+
+
+def anthropic_error_body(status: int, message: str | None = None) -> dict[str, Any]:
+    error_type = _ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+    return {
+        "type": "error",
+        "error": {"type": error_type, "message": message or f"simulated {status}"},
+    }
+
+
+def message_body(model: str, content: str, prompt_text: str) -> dict[str, Any]:
+    """An Anthropic Messages API response carrying `content` as one text block."""
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": content}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": _tokens(prompt_text), "output_tokens": _tokens(content)},
+    }
+
+
+def _key_revoked(request: Request) -> bool:
+    """A bearer token or x-api-key starting with "revoked" stands for a key the provider refuses."""
+    authorization = request.headers.get("authorization", "")
+    bearer = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
+    presented = (bearer, request.headers.get("x-api-key", ""))
+    return any(key.startswith(REVOKED_KEY_PREFIX) for key in presented)
+
+
 def create_llm_simulator(plan: FaultPlan | None = None) -> FastAPI:
     plan = plan or FaultPlan()
     app = FastAPI(title="cx-relay simulated LLM provider", openapi_url=None)
@@ -142,8 +198,41 @@ def create_llm_simulator(plan: FaultPlan | None = None) -> FastAPI:
         prompt_text = " ".join(str(m.get("content", "")) for m in messages)
         return JSONResponse(completion_body(model, content, prompt_text), headers=fault.headers)
 
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        body = await request.json()
+        plan.record({"body": body, "headers": dict(request.headers)})
+        fault = plan.next() or Fault()
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.raw_body is not None:
+            return Response(fault.raw_body, fault.status, fault.headers, "application/json")
+        if fault.json_body is not None or fault.status >= 400:
+            error = fault.json_body or anthropic_error_body(fault.status)
+            return JSONResponse(error, fault.status, fault.headers)
+        turns: list[dict[str, Any]] = [
+            {"role": m.get("role"), "content": _block_text(m.get("content"))}
+            for m in body.get("messages") or []
+            if isinstance(m, dict)
+        ]
+        system = _block_text(body.get("system"))
+        if fault.content is not None:
+            content = fault.content
+        elif "JSON" in system:
+            content = json.dumps(routing_decision(_customer_text(turns)))
+        else:
+            content = f"(simulated) You said: {_customer_text(turns)[:200]}"
+        model = str(body.get("model", "model")) + SIMULATED_MODEL_SUFFIX
+        prompt_text = " ".join([system, *(str(t["content"]) for t in turns)])
+        return JSONResponse(message_body(model, content, prompt_text), headers=fault.headers)
+
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]}
+    async def models(request: Request) -> Response:
+        if _key_revoked(request):
+            if "x-api-key" in request.headers:
+                return JSONResponse(anthropic_error_body(401, "invalid x-api-key"), 401)
+            error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
+            return JSONResponse({"error": {**error, "code": "invalid_api_key"}}, 401)
+        return JSONResponse({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
 
     return app

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from app.errors import (
+    ContextLengthExceeded,
     UpstreamProtocolError,
     UpstreamRateLimited,
     UpstreamRejected,
@@ -49,15 +50,28 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - current)
 
 
-class OpenAICompatibleProvider:
-    """A provider reached over the OpenAI chat completions wire format."""
+def auth_headers(
+    api_key: str | None, auth_header: str | None, scheme: str = "Bearer"
+) -> dict[str, str]:
+    """`Authorization: Bearer <key>` by default; a gateway's own header carries the bare key."""
+    if not api_key:
+        return {}
+    if auth_header is None or auth_header.lower() == "authorization":
+        return {"Authorization": f"{scheme} {api_key}"}
+    return {auth_header: api_key}
 
-    def __init__(self, name: str, base_url: str, api_key: str | None) -> None:
+
+class OpenAICompatibleProvider:
+    """A provider reached over the OpenAI chat completions wire format (OpenAI, Azure OpenAI v1,
+    vLLM, LiteLLM and most gateways)."""
+
+    kind = "openai"
+
+    def __init__(self, name: str, base_url: str, auth_header: str | None = None) -> None:
         self.name = name
         self.url = chat_completions_url(base_url)
-        self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
+        self.models_url = self.url.removesuffix("/chat/completions") + "/models"
+        self._auth_header = auth_header
 
     def payload(self, request: ChatRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -72,12 +86,13 @@ class OpenAICompatibleProvider:
         return body
 
     async def complete(
-        self, http: httpx.AsyncClient, request: ChatRequest, timeout: float
+        self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
     ) -> ChatResult:
         started = time.perf_counter()
+        headers = auth_headers(api_key, self._auth_header)
         try:
             response = await http.post(
-                self.url, json=self.payload(request), headers=self._headers, timeout=timeout
+                self.url, json=self.payload(request), headers=headers, timeout=timeout
             )
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(
@@ -91,11 +106,27 @@ class OpenAICompatibleProvider:
         self._raise_for_status(response)
         return self._result(response, request, latency_ms)
 
+    async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
+        """Does this key work? `GET /v1/models` costs no tokens."""
+        try:
+            response = await http.get(
+                self.models_url, headers=auth_headers(api_key, self._auth_header), timeout=timeout
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
     def _raise_for_status(self, response: httpx.Response) -> None:
         status = response.status_code
         if status < 400:
             return
         detail = _error_message(response)
+        if status == 400 and _is_context_length_error(response, detail):
+            raise ContextLengthExceeded(
+                f"{self.name}: prompt exceeds the model's context window: {detail}",
+                upstream=self.name,
+                status=status,
+            )
         if status == 429:
             raise UpstreamRateLimited(
                 f"{self.name} rate-limited the request: {detail}",
@@ -133,6 +164,15 @@ class OpenAICompatibleProvider:
             ),
             latency_ms=latency_ms,
         )
+
+
+def _is_context_length_error(response: httpx.Response, detail: str) -> bool:
+    try:
+        body = response.json()
+        code = body.get("error", {}).get("code") if isinstance(body, dict) else None
+    except ValueError:
+        code = None
+    return code == "context_length_exceeded" or "maximum context length" in detail.lower()
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+import httpx
 
 
 @dataclass(frozen=True)
@@ -47,3 +49,22 @@ class ChatResult:
     usage: Usage
     latency_ms: float
     attempts: int = 1
+    trail: tuple[Any, ...] = ()  # router.Attempt records, oldest first
+
+
+class ProviderClient(Protocol):
+    """One provider's wire format: a single attempt with a given key, and a cheap key probe.
+
+    Implementations raise the typed errors of app.errors (UpstreamRateLimited with retry_after,
+    UpstreamRejected with status 401/403 for a bad key, ContextLengthExceeded, UpstreamUnavailable,
+    UpstreamTimeout, UpstreamProtocolError); retries, key rotation and fallbacks are the router's.
+    """
+
+    name: str
+    kind: str
+
+    async def complete(
+        self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
+    ) -> ChatResult: ...
+
+    async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool: ...

@@ -1,0 +1,73 @@
+"""The provider configuration the service starts with: PROVIDERS_FILE when set, else the one
+OpenAI-compatible provider the LLM_GATEWAY_* variables describe (the foundation's settings keep
+working as the one-provider case, with LLM_GATEWAY_API_KEY as its key pool)."""
+
+from __future__ import annotations
+
+from app.config import Settings
+from app.errors import ConfigError
+from app.services.llm.catalog import (
+    ModelSpec,
+    ProviderConfig,
+    ProviderConfigInvalid,
+    ProviderSpec,
+    RouteSpec,
+    RouteTarget,
+    load_provider_file,
+)
+from app.services.llm.retry import RetryPolicy
+from app.services.llm.router import RouterOptions
+
+ENV_PROVIDER = "default"
+
+
+def provider_config_from_env(settings: Settings) -> ProviderConfig:
+    model = settings.llm_model
+    return ProviderConfig(
+        providers=[
+            ProviderSpec(
+                name=ENV_PROVIDER,
+                base_url=settings.llm_gateway_base_url or "",
+                api_keys=[f"literal:{k.get_secret_value()}" for k in settings.llm_gateway_api_key],
+                timeout_seconds=settings.llm_timeout_seconds,
+                models=[ModelSpec(name=model, max_tokens=max(settings.llm_max_tokens, 4096))],
+            )
+        ],
+        routes=[RouteSpec(name=model, chain=[RouteTarget(provider=ENV_PROVIDER, model=model)])],
+        allow_literal_keys=True,  # these keys come from the environment, not from a file
+    )
+
+
+def initial_provider_config(settings: Settings) -> ProviderConfig:
+    if settings.providers_file is None:
+        return provider_config_from_env(settings)
+    try:
+        config = load_provider_file(settings.providers_file)
+    except ProviderConfigInvalid as error:
+        raise ConfigError(f"PROVIDERS_FILE {error}") from error
+    check_default_model(config, settings.llm_model)
+    return config
+
+
+def router_options(settings: Settings) -> RouterOptions:
+    return RouterOptions(
+        retry=RetryPolicy(
+            max_attempts=settings.llm_max_attempts,
+            initial_wait=settings.llm_retry_initial_seconds,
+            max_wait=settings.llm_retry_max_seconds,
+        ),
+        failure_threshold=settings.circuit_failure_threshold,
+        circuit_reset_seconds=settings.circuit_reset_seconds,
+        key_cooldown_seconds=settings.key_cooldown_seconds,
+    )
+
+
+def check_default_model(config: ProviderConfig, model: str) -> None:
+    """LLM_MODEL is what webhooks ask for: it must be a route or a model of one provider."""
+    serving = [p.name for p in config.providers if any(m.name == model for m in p.models)]
+    if config.route(model) is None and len(serving) != 1:
+        routes = ", ".join(r.name for r in config.routes) or "none"
+        raise ConfigError(
+            f"LLM_MODEL {model!r} is not a route in the provider configuration "
+            f"(routes: {routes}) nor a model of exactly one provider"
+        )

@@ -1,0 +1,248 @@
+"""The provider file: providers, their keys and models, and routes from a logical model name to an
+ordered chain of (provider, model). Validated as a whole so every problem is reported at once.
+
+Keys are directives, never pasted into the file: `env:VAR` (read from the environment) or
+`file:/run/secrets/x` (read from a mounted secret). A literal key is accepted only when the file
+says `allow_literal_keys: true` (development).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ProviderKind = Literal["openai", "anthropic"]
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    name: str = Field(min_length=1)
+    max_tokens: int = 4096
+    max_context_tokens: int = 128_000
+    price_per_1k_prompt: float = 0.0
+    price_per_1k_completion: float = 0.0
+
+
+class ProviderSpec(_Strict):
+    name: str = Field(min_length=1)
+    kind: ProviderKind = "openai"
+    base_url: str
+    api_keys: list[str] = Field(default_factory=list)
+    timeout_seconds: float = 30.0
+    rpm: int | None = None
+    auth_header: str | None = None
+    models: list[ModelSpec] = Field(min_length=1)
+
+
+class RouteTarget(_Strict):
+    provider: str
+    model: str
+
+
+class RouteSpec(_Strict):
+    name: str = Field(min_length=1)
+    chain: list[RouteTarget]
+    max_tokens: int | None = None
+    context_tokens: int | None = None
+    temperature: float | None = None
+
+
+class ProviderConfig(_Strict):
+    providers: list[ProviderSpec]
+    routes: list[RouteSpec] = Field(default_factory=list)
+    allow_literal_keys: bool = False
+
+    def provider(self, name: str) -> ProviderSpec | None:
+        return next((p for p in self.providers if p.name == name), None)
+
+    def route(self, name: str) -> RouteSpec | None:
+        return next((r for r in self.routes if r.name == name), None)
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class ProviderConfigInvalid(Exception):
+    def __init__(self, problems: list[Problem], source: str = "provider configuration") -> None:
+        self.problems = problems
+        lines = "\n  ".join(str(p) for p in problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n  {lines}")
+
+
+def resolve_key(directive: str, *, allow_literal: bool, env: Mapping[str, str]) -> str:
+    """The key a directive points at; ValueError with a reason a person can act on."""
+    kind, sep, rest = directive.partition(":")
+    if sep and kind == "env":
+        if not _ENV_NAME.fullmatch(rest):
+            raise ValueError(f"malformed key directive {directive!r}: env: needs a variable name")
+        value = env.get(rest, "").strip()
+        if not value:
+            raise ValueError(f"environment variable {rest} is not set")
+        return value
+    if sep and kind == "file":
+        if not rest.startswith("/"):
+            raise ValueError(f"malformed key directive {directive!r}: file: needs an absolute path")
+        try:
+            value = Path(rest).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"key file {rest} cannot be read ({exc.strerror})") from None
+        if not value:
+            raise ValueError(f"key file {rest} is empty")
+        return value
+    if sep and kind == "literal":
+        if not allow_literal:
+            raise ValueError("literal keys are not allowed (set allow_literal_keys: true for dev)")
+        if not rest:
+            raise ValueError("malformed key directive 'literal:': no key after it")
+        return rest
+    raise ValueError(
+        "malformed key directive: use env:VAR or file:/path (a bare key is never accepted)"
+    )
+
+
+def _duplicates(names: list[str]) -> set[str]:
+    seen: set[str] = set()
+    return {n for n in names if n in seen or seen.add(n)}  # type: ignore[func-returns-value]
+
+
+def _semantic_problems(config: ProviderConfig, env: Mapping[str, str]) -> list[Problem]:
+    problems: list[Problem] = []
+    for name in sorted(_duplicates([p.name for p in config.providers])):
+        problems.append(Problem("providers", f"duplicate provider name {name!r}"))
+    for name in sorted(_duplicates([r.name for r in config.routes])):
+        problems.append(Problem("routes", f"duplicate route name {name!r}"))
+    for i, provider in enumerate(config.providers):
+        at = f"providers[{i}]"
+        if not provider.base_url.startswith(("http://", "https://")):
+            problems.append(Problem(f"{at}.base_url", "must be an http:// or https:// URL"))
+        if provider.rpm is not None and provider.rpm <= 0:
+            problems.append(Problem(f"{at}.rpm", f"must be above 0 (got {provider.rpm})"))
+        if provider.timeout_seconds <= 0:
+            problems.append(Problem(f"{at}.timeout_seconds", "must be above 0"))
+        for k, directive in enumerate(provider.api_keys):
+            try:
+                resolve_key(directive, allow_literal=config.allow_literal_keys, env=env)
+            except ValueError as error:
+                problems.append(Problem(f"{at}.api_keys[{k}]", str(error)))
+        for name in sorted(_duplicates([m.name for m in provider.models])):
+            problems.append(Problem(f"{at}.models", f"duplicate model name {name!r}"))
+        for m, model in enumerate(provider.models):
+            if model.max_tokens <= 0 or model.max_context_tokens <= 0:
+                problems.append(Problem(f"{at}.models[{m}]", "token limits must be above 0"))
+            elif model.max_tokens > model.max_context_tokens:
+                problems.append(
+                    Problem(f"{at}.models[{m}].max_tokens", "is above max_context_tokens")
+                )
+            if model.price_per_1k_prompt < 0 or model.price_per_1k_completion < 0:
+                problems.append(Problem(f"{at}.models[{m}]", "prices cannot be negative"))
+    for r, route in enumerate(config.routes):
+        at = f"routes[{r}]"
+        if not route.chain:
+            problems.append(Problem(f"{at}.chain", "needs at least one (provider, model)"))
+        if route.temperature is not None and not 0 <= route.temperature <= 2:
+            problems.append(Problem(f"{at}.temperature", "must be between 0 and 2"))
+        for t, target in enumerate(route.chain):
+            where = f"{at}.chain[{t}]"
+            provider_spec = config.provider(target.provider)
+            if provider_spec is None:
+                problems.append(
+                    Problem(f"{where}.provider", f"unknown provider {target.provider!r}")
+                )
+                continue
+            target_model = next((m for m in provider_spec.models if m.name == target.model), None)
+            if target_model is None:
+                problems.append(
+                    Problem(
+                        f"{where}.model",
+                        f"provider {target.provider!r} has no model {target.model!r}",
+                    )
+                )
+                continue
+            model = target_model
+            if route.max_tokens is not None and route.max_tokens > model.max_tokens:
+                problems.append(
+                    Problem(
+                        f"{at}.max_tokens",
+                        f"{route.max_tokens} is above {target.provider}/{target.model}'s "
+                        f"max_tokens {model.max_tokens}",
+                    )
+                )
+            if route.context_tokens is not None and route.context_tokens > model.max_context_tokens:
+                problems.append(
+                    Problem(
+                        f"{at}.context_tokens",
+                        f"{route.context_tokens} is above {target.provider}/{target.model}'s "
+                        f"context window {model.max_context_tokens}",
+                    )
+                )
+    return problems
+
+
+def validate_provider_config(
+    raw: object, env: Mapping[str, str] | None = None
+) -> tuple[ProviderConfig | None, list[Problem]]:
+    """The parsed configuration and every problem found (None if its shape is wrong)."""
+    env = os.environ if env is None else env
+    try:
+        config = ProviderConfig.model_validate(raw)
+    except ValidationError as error:
+        return None, [Problem(_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()]
+    return config, _semantic_problems(config, env)
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def parse_provider_text(text: str, source: str = "provider file") -> object:
+    """YAML or JSON (JSON is YAML); a syntax error is one problem with its line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(root)"
+        raise ProviderConfigInvalid(
+            [Problem(where, f"not valid YAML/JSON: {error}")], source
+        ) from None
+
+
+def load_provider_file(path: Path, env: Mapping[str, str] | None = None) -> ProviderConfig:
+    """Read and validate a provider file; ProviderConfigInvalid lists every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProviderConfigInvalid(
+            [Problem(str(path), f"cannot be read ({exc.strerror})")]
+        ) from None
+    config, problems = validate_provider_config(parse_provider_text(text, str(path)), env)
+    if problems or config is None:
+        raise ProviderConfigInvalid(problems, str(path))
+    return config
+
+
+def canonical_json(config: ProviderConfig | Mapping[str, Any]) -> str:
+    """Stable serialisation, hashed for the audit log."""
+    data = config.model_dump(mode="json") if isinstance(config, ProviderConfig) else config
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,348 @@
+"""Provider routing: a logical model name → an ordered chain of (provider, model), walked inside
+the caller's deadline, with key rotation, circuit breaking, outgoing rate limits and retries.
+
+One *pass* walks the chain. Within a provider, a key refused (401/403) is set aside and a
+rate-limited key (429) cools down, and the request moves to the next key at once. The pass moves
+on to the next (provider, model) on a timeout, 5xx, a connection error, a context-length error,
+every key cooling, or an open circuit. A 400 that is the caller's fault ends the request: another
+provider would refuse it too. When a whole pass fails with something that may pass (rate limits,
+outages), tenacity backs off (honouring Retry-After) and walks the chain again while the
+deadline allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_any
+
+from app.deadline import Deadline
+from app.errors import (
+    ContextLengthExceeded,
+    UnknownModel,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from app.services.llm.catalog import ModelSpec, ProviderConfig, ProviderSpec, resolve_key
+from app.services.llm.circuit import CircuitBreaker
+from app.services.llm.keys import KeyPool
+from app.services.llm.openai_compat import OpenAICompatibleProvider
+from app.services.llm.ratelimit import RateLimiter, Unlimited
+from app.services.llm.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, RetryWait, WaitOutlastsDeadline
+from app.services.llm.types import ChatRequest, ChatResult, ProviderClient
+from app.services.metrics import LLM_ATTEMPTS, LLM_FALLBACKS, LLM_RETRIES
+
+log = logging.getLogger("cxrelay.router")
+
+# The longest a request waits in a provider's outgoing rate-limit queue before falling back.
+MAX_QUEUE_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One step of a request's way through its route, for the response, logs and metrics."""
+
+    provider: str
+    model: str
+    key_id: str
+    outcome: str
+    latency_ms: float = 0.0
+
+    def public(self) -> dict[str, str | float]:
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "outcome": self.outcome,
+            "latency_ms": self.latency_ms,
+        }
+
+
+@dataclass
+class ProviderRuntime:
+    spec: ProviderSpec
+    client: ProviderClient
+    keys: KeyPool
+    breaker: CircuitBreaker
+    limiter: RateLimiter | Unlimited
+
+
+@dataclass(frozen=True)
+class Target:
+    provider: ProviderRuntime
+    model: ModelSpec
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    targets: tuple[Target, ...]
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+def build_client(spec: ProviderSpec) -> ProviderClient:
+    if spec.kind == "anthropic":
+        from app.services.llm.anthropic import AnthropicProvider
+
+        return AnthropicProvider(spec.name, spec.base_url, spec.auth_header)
+    return OpenAICompatibleProvider(spec.name, spec.base_url, spec.auth_header)
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    failure_threshold: int = 5
+    circuit_reset_seconds: float = 30.0
+    key_cooldown_seconds: float = 30.0
+
+
+class LLMRouter:
+    """Immutable once built: applying a new configuration builds a new router and swaps it in,
+    so requests in flight finish on the one they started with."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        config: ProviderConfig,
+        options: RouterOptions | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        import os
+
+        environment = os.environ if env is None else env
+        self.config = config
+        self._http = http
+        self._options = options = options or RouterOptions()
+        self.providers: dict[str, ProviderRuntime] = {}
+        for spec in config.providers:
+            secrets = [
+                resolve_key(d, allow_literal=config.allow_literal_keys, env=environment)
+                for d in spec.api_keys
+            ]
+            self.providers[spec.name] = ProviderRuntime(
+                spec=spec,
+                client=build_client(spec),
+                keys=KeyPool(spec.name, secrets, default_cooldown=options.key_cooldown_seconds),
+                breaker=CircuitBreaker(
+                    spec.name,
+                    failure_threshold=options.failure_threshold,
+                    reset_seconds=options.circuit_reset_seconds,
+                ),
+                limiter=RateLimiter(spec.rpm) if spec.rpm else Unlimited(),
+            )
+        self.routes: dict[str, Route] = {}
+        for route in config.routes:
+            targets = tuple(
+                Target(self.providers[t.provider], self._model(t.provider, t.model))
+                for t in route.chain
+            )
+            self.routes[route.name] = Route(
+                route.name, targets, route.max_tokens, route.temperature
+            )
+
+    def _model(self, provider: str, model: str) -> ModelSpec:
+        return next(m for m in self.providers[provider].spec.models if m.name == model)
+
+    def route(self, name: str) -> Route:
+        """A configured route, or a model that exactly one provider serves (a one-step route)."""
+        if name in self.routes:
+            return self.routes[name]
+        serving = [
+            Target(p, m) for p in self.providers.values() for m in p.spec.models if m.name == name
+        ]
+        if len(serving) == 1:
+            return Route(name, (serving[0],))
+        raise UnknownModel(f"model {name!r} is not a configured route or provider model")
+
+    def model_names(self) -> list[str]:
+        names = list(self.routes)
+        for provider in self.providers.values():
+            names += [m.name for m in provider.spec.models if m.name not in names]
+        return names
+
+    async def complete(self, request: ChatRequest, deadline: Deadline) -> ChatResult:
+        route = self.route(request.model)
+        trail: list[Attempt] = []
+        passes = 0
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda e: isinstance(e, UpstreamError) and e.retryable),
+            wait=RetryWait(self._options.retry),
+            stop=stop_any(
+                stop_after_attempt(self._options.retry.max_attempts),
+                WaitOutlastsDeadline(deadline),
+            ),
+            reraise=True,
+            before_sleep=lambda _: LLM_RETRIES.labels(route.name).inc(),
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    passes += 1
+                    result = await self._walk(route, request, deadline, trail)
+        except UpstreamError as error:
+            error.trail = tuple(trail)
+            raise
+        return replace(result, attempts=len(trail), trail=tuple(trail))
+
+    async def _walk(
+        self, route: Route, request: ChatRequest, deadline: Deadline, trail: list[Attempt]
+    ) -> ChatResult:
+        last_error: UpstreamError = UpstreamUnavailable(
+            f"route {route.name!r}: no provider could be tried", upstream=route.name
+        )
+        for index, target in enumerate(route.targets):
+            if deadline.remaining() < MIN_ATTEMPT_SECONDS:
+                raise UpstreamTimeout("deadline reached", upstream=target.provider.spec.name)
+            try:
+                return await self._try_target(route, target, request, deadline, trail)
+            except UpstreamRejected as error:
+                if not isinstance(error, ContextLengthExceeded) and error.status not in (401, 403):
+                    raise  # the caller's own request is wrong: no other provider will take it
+                last_error = error
+            except UpstreamError as error:
+                last_error = error
+            if index + 1 < len(route.targets):
+                LLM_FALLBACKS.labels(route.name, _reason(last_error)).inc()
+        raise last_error
+
+    async def _try_target(
+        self,
+        route: Route,
+        target: Target,
+        request: ChatRequest,
+        deadline: Deadline,
+        trail: list[Attempt],
+    ) -> ChatResult:
+        runtime, model = target.provider, target.model
+        name = runtime.spec.name
+        if not runtime.breaker.allow():
+            self._note(trail, Attempt(name, model.name, "", "circuit_open"))
+            raise UpstreamUnavailable(f"{name}: circuit open", upstream=name)
+        call = self._for_target(route, target, request)
+        tried: set[str] = set()
+        rate_limited: UpstreamRateLimited | None = None
+        try:
+            while True:
+                key = runtime.keys.acquire(tried)
+                if key is None:
+                    break
+                tried.add(key.key_id)
+                queue = min(MAX_QUEUE_SECONDS, deadline.remaining() - MIN_ATTEMPT_SECONDS)
+                if not await runtime.limiter.acquire(max_wait=max(0.0, queue)):
+                    self._note(trail, Attempt(name, model.name, "", "local_rate_limit"))
+                    raise UpstreamRateLimited(
+                        f"{name}: over its configured rpm", upstream=name, retry_after=None
+                    )
+                timeout = deadline.bound(runtime.spec.timeout_seconds)
+                if timeout < MIN_ATTEMPT_SECONDS:
+                    raise UpstreamTimeout("deadline reached", upstream=name)
+                started = time.perf_counter()
+                try:
+                    result = await runtime.client.complete(self._http, call, timeout, key.secret)
+                except UpstreamRateLimited as error:
+                    self._note(
+                        trail, Attempt(name, model.name, key.key_id, "rate_limited", _ms(started))
+                    )
+                    runtime.keys.mark_rate_limited(key, error.retry_after)
+                    rate_limited = error
+                    continue  # the next key at once
+                except UpstreamRejected as error:
+                    outcome = _rejection(error)
+                    self._note(trail, Attempt(name, model.name, key.key_id, outcome, _ms(started)))
+                    if outcome == "unauthorized":
+                        runtime.keys.mark_unauthorized(key, error.status)
+                        continue
+                    runtime.breaker.release_trial()
+                    raise
+                except (UpstreamUnavailable, UpstreamTimeout, UpstreamProtocolError) as error:
+                    self._note(
+                        trail, Attempt(name, model.name, key.key_id, _reason(error), _ms(started))
+                    )
+                    runtime.breaker.record_failure()
+                    raise
+                runtime.breaker.record_success()
+                self._note(trail, Attempt(name, model.name, key.key_id, "ok", _ms(started)))
+                return result
+        finally:
+            runtime.breaker.release_trial()
+        if rate_limited is not None or runtime.keys.next_available_in() is not None:
+            raise UpstreamRateLimited(
+                f"{name}: every key is cooling down",
+                upstream=name,
+                retry_after=runtime.keys.next_available_in(),
+            )
+        raise UpstreamRejected(
+            f"{name}: every API key was refused (401/403)", upstream=name, status=401
+        )
+
+    def _for_target(self, route: Route, target: Target, request: ChatRequest) -> ChatRequest:
+        """The request as this (provider, model) takes it: its model name, its token limits."""
+        limits = [request.max_tokens, target.model.max_tokens]
+        if route.max_tokens is not None:
+            limits.append(route.max_tokens)
+        temperature = request.temperature if route.temperature is None else route.temperature
+        return replace(
+            request, model=target.model.name, max_tokens=min(limits), temperature=temperature
+        )
+
+    @staticmethod
+    def _note(trail: list[Attempt], attempt: Attempt) -> None:
+        trail.append(attempt)
+        LLM_ATTEMPTS.labels(attempt.provider, attempt.model, attempt.outcome).inc()
+        log.info("llm attempt", extra=attempt.public() | {"key_id": attempt.key_id})
+
+    async def probe_unhealthy_keys(self, timeout: float = 5.0) -> int:
+        """Try every set-aside key once; a key that works again rejoins its pool."""
+        restored = 0
+        for runtime in self.providers.values():
+            for key in runtime.keys.unhealthy():
+                if await runtime.client.probe(self._http, key.secret, timeout):
+                    runtime.keys.restore(key)
+                    restored += 1
+        return restored
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def _rejection(error: UpstreamRejected) -> str:
+    if isinstance(error, ContextLengthExceeded):
+        return "context_length"
+    return "unauthorized" if error.status in (401, 403) else "rejected"
+
+
+def _reason(error: UpstreamError) -> str:
+    if isinstance(error, UpstreamRateLimited):
+        return "rate_limited"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, ContextLengthExceeded):
+        return "context_length"
+    if isinstance(error, UpstreamRejected):
+        return "unauthorized" if error.status in (401, 403) else "rejected"
+    if isinstance(error, UpstreamProtocolError):
+        return "protocol_error"
+    if "circuit open" in str(error):
+        return "circuit_open"
+    return "unavailable"
+
+
+class RouterSlot:
+    """Holds the router in service. Swapping is one assignment: a request reads `current` once
+    and keeps that router to the end, so a configuration change never splits a request."""
+
+    def __init__(self, router: LLMRouter) -> None:
+        self.current = router
+
+    def swap(self, router: LLMRouter) -> LLMRouter:
+        previous, self.current = self.current, router
+        return previous
