@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import uvicorn
 
@@ -34,9 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     simulator.add_argument("--host", default="127.0.0.1")
     simulator.add_argument("--port", type=int, default=9000)
+    check = commands.add_parser(
+        "check-config", help="validate a provider file; prints every problem, exits 1 if any"
+    )
+    check.add_argument("file", type=Path)
     args = parser.parse_args(argv)
     if args.command == "simulator":
         return run_simulator(args.host, args.port)
+    if args.command == "check-config":
+        return check_config(args.file)
 
     overrides: dict[str, object] = {}
     if args.simulate:
@@ -64,6 +71,22 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
         timeout_graceful_shutdown=20,
     )
+    return 0
+
+
+def check_config(path: Path) -> int:
+    """Every problem of the file at once, each with its path in the file; "ok" when none."""
+    from app.services.llm.catalog import ProviderConfigInvalid, load_provider_file
+
+    try:
+        config = load_provider_file(path)
+    except ProviderConfigInvalid as error:
+        print(f"{path}: {len(error.problems)} problem(s)")
+        for problem in error.problems:
+            print(f"  {problem}")
+        return 1
+    routes = ", ".join(r.name for r in config.routes) or "none"
+    print(f"ok: {len(config.providers)} provider(s), routes: {routes}")
     return 0
 
 

@@ -8,6 +8,7 @@ requests consume in order. Every request received is recorded for assertions.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,8 +41,9 @@ class FaultPlan:
             return self._queue.popleft() if self._queue else None
 
     def record(self, request: dict[str, Any]) -> None:
+        """Keep what a request carried, and when it arrived (monotonic seconds)."""
         with self._lock:
-            self.requests.append(request)
+            self.requests.append({**request, "at": time.monotonic()})
 
     def reset(self) -> None:
         with self._lock:

@@ -40,7 +40,7 @@ class ProviderSpec(_Strict):
     name: str = Field(min_length=1)
     kind: ProviderKind = "openai"
     base_url: str
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[Any] = Field(default_factory=list)  # directives; checked one by one
     timeout_seconds: float = 30.0
     rpm: int | None = None
     auth_header: str | None = None
@@ -119,18 +119,34 @@ def resolve_key(directive: str, *, allow_literal: bool, env: Mapping[str, str]) 
     )
 
 
+def _not_a_directive(value: object) -> str:
+    if isinstance(value, dict):
+        return 'not a key directive: YAML read it as a mapping (quote it, e.g. "env:VAR")'
+    return f"not a key directive: expected a string like env:VAR, got {type(value).__name__}"
+
+
 def _duplicates(names: list[str]) -> set[str]:
-    seen: set[str] = set()
-    return {n for n in names if n in seen or seen.add(n)}  # type: ignore[func-returns-value]
+    return {name for name in names if names.count(name) > 1}
 
 
-def _semantic_problems(config: ProviderConfig, env: Mapping[str, str]) -> list[Problem]:
+def _semantic_problems(
+    config: ProviderConfig,
+    env: Mapping[str, str],
+    malformed: frozenset[str] | set[str] = frozenset(),
+    positions: tuple[list[int], list[int]] | None = None,
+) -> list[Problem]:
+    """Problems a schema cannot see. `positions` maps kept entries back to their file index
+    when malformed entries were left out."""
+    provider_at, route_at = positions or (
+        list(range(len(config.providers))),
+        list(range(len(config.routes))),
+    )
     problems: list[Problem] = []
     for name in sorted(_duplicates([p.name for p in config.providers])):
         problems.append(Problem("providers", f"duplicate provider name {name!r}"))
     for name in sorted(_duplicates([r.name for r in config.routes])):
         problems.append(Problem("routes", f"duplicate route name {name!r}"))
-    for i, provider in enumerate(config.providers):
+    for i, provider in zip(provider_at, config.providers, strict=True):
         at = f"providers[{i}]"
         if not provider.base_url.startswith(("http://", "https://")):
             problems.append(Problem(f"{at}.base_url", "must be an http:// or https:// URL"))
@@ -139,6 +155,9 @@ def _semantic_problems(config: ProviderConfig, env: Mapping[str, str]) -> list[P
         if provider.timeout_seconds <= 0:
             problems.append(Problem(f"{at}.timeout_seconds", "must be above 0"))
         for k, directive in enumerate(provider.api_keys):
+            if not isinstance(directive, str):
+                problems.append(Problem(f"{at}.api_keys[{k}]", _not_a_directive(directive)))
+                continue
             try:
                 resolve_key(directive, allow_literal=config.allow_literal_keys, env=env)
             except ValueError as error:
@@ -154,7 +173,7 @@ def _semantic_problems(config: ProviderConfig, env: Mapping[str, str]) -> list[P
                 )
             if model.price_per_1k_prompt < 0 or model.price_per_1k_completion < 0:
                 problems.append(Problem(f"{at}.models[{m}]", "prices cannot be negative"))
-    for r, route in enumerate(config.routes):
+    for r, route in zip(route_at, config.routes, strict=True):
         at = f"routes[{r}]"
         if not route.chain:
             problems.append(Problem(f"{at}.chain", "needs at least one (provider, model)"))
@@ -163,6 +182,8 @@ def _semantic_problems(config: ProviderConfig, env: Mapping[str, str]) -> list[P
         for t, target in enumerate(route.chain):
             where = f"{at}.chain[{t}]"
             provider_spec = config.provider(target.provider)
+            if provider_spec is None and target.provider in malformed:
+                continue  # its own problems are already listed
             if provider_spec is None:
                 problems.append(
                     Problem(f"{where}.provider", f"unknown provider {target.provider!r}")
@@ -200,13 +221,52 @@ def _semantic_problems(config: ProviderConfig, env: Mapping[str, str]) -> list[P
 def validate_provider_config(
     raw: object, env: Mapping[str, str] | None = None
 ) -> tuple[ProviderConfig | None, list[Problem]]:
-    """The parsed configuration and every problem found (None if its shape is wrong)."""
+    """The parsed configuration and every problem found (None if its shape is wrong).
+
+    Providers and routes are checked one by one, so a malformed entry does not hide the
+    problems of the others: an operator fixes the whole file in one round.
+    """
     env = os.environ if env is None else env
     try:
         config = ProviderConfig.model_validate(raw)
     except ValidationError as error:
-        return None, [Problem(_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()]
-    return config, _semantic_problems(config, env)
+        shape_problems = [
+            Problem(_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()
+        ]
+    else:
+        return config, _semantic_problems(config, env)
+    if not isinstance(raw, dict):
+        return None, shape_problems
+    providers: list[ProviderSpec] = []
+    provider_at: list[int] = []  # each kept entry's index in the file, for the problem paths
+    malformed: set[str] = set()  # named but malformed: routes to them are not "unknown"
+    for i, entry in enumerate(_entries(raw, "providers")):
+        try:
+            providers.append(ProviderSpec.model_validate(entry))
+            provider_at.append(i)
+        except ValidationError:
+            if isinstance(entry, dict) and "name" in entry:
+                malformed.add(str(entry["name"]))
+    routes: list[RouteSpec] = []
+    route_at: list[int] = []
+    for i, entry in enumerate(_entries(raw, "routes")):
+        try:
+            routes.append(RouteSpec.model_validate(entry))
+            route_at.append(i)
+        except ValidationError:
+            continue
+    partial = ProviderConfig.model_construct(
+        providers=providers,
+        routes=routes,
+        allow_literal_keys=raw.get("allow_literal_keys") is True,
+    )
+    semantic = _semantic_problems(partial, env, malformed, (provider_at, route_at))
+    return None, shape_problems + semantic
+
+
+def _entries(raw: dict[str, Any], section: str) -> list[Any]:
+    entries = raw.get(section)
+    return entries if isinstance(entries, list) else []
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
