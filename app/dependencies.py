@@ -10,7 +10,9 @@ from fastapi import Depends, Request
 
 from app.config import Settings
 from app.pipelines.cognigy import CognigyPipeline
+from app.services.audit import AuditLog
 from app.services.llm.router import RouterSlot
+from app.services.provisioning import Provisioner
 from app.services.signatures import WebhookAuthenticator
 
 
@@ -21,6 +23,8 @@ class Services:
     webhook_auth: WebhookAuthenticator
     llm: RouterSlot
     cognigy: CognigyPipeline
+    audit: AuditLog
+    provisioner: Provisioner
     simulated: dict[str, bool] = field(default_factory=dict)
 
 

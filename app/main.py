@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 
 import httpx
@@ -17,13 +18,16 @@ from app.config import Settings, load_settings
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
-from app.routers import cognigy, health
+from app.routers import admin, cognigy, health
+from app.services.audit import AuditLog
 from app.services.cxone import CXoneContextClient, Turn
 from app.services.http import build_http_client
-from app.services.llm.bootstrap import initial_provider_config, router_options
+from app.services.llm.bootstrap import router_options, startup_provider_config
+from app.services.llm.catalog import ProviderConfig
 from app.services.llm.router import LLMRouter, RouterSlot
 from app.services.oauth import TokenCache, TokenRequest
 from app.services.prompts import PromptRenderer
+from app.services.provisioning import Provisioner
 from app.services.signatures import ReplayGuard, WebhookAuthenticator
 from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
 from app.simulator.llm import create_llm_simulator
@@ -105,15 +109,49 @@ def _cxone_client(settings: Settings, http: httpx.AsyncClient) -> CXoneContextCl
     )
 
 
+@dataclass(frozen=True)
+class StartupConfig:
+    """The provider configuration chosen at start-up, and where it came from."""
+
+    config: ProviderConfig
+    source: str
+    sha256: str | None = None  # set when it is the one applied through the admin API
+
+
+async def open_audit_log(
+    settings: Settings, stack: AsyncExitStack
+) -> tuple[AuditLog, StartupConfig]:
+    """The embedded store first: a configuration applied through the admin API lives there."""
+    audit = await AuditLog.open(settings.data_dir)
+    stack.push_async_callback(audit.close)
+    applied = await audit.load_applied()
+    config, source = startup_provider_config(settings, applied)
+    sha256 = applied["sha256"] if applied is not None and source == "applied" else None
+    return audit, StartupConfig(config, source, sha256)
+
+
 def build_services(
-    settings: Settings, simulated: dict[str, bool], stack: AsyncExitStack
+    settings: Settings,
+    simulated: dict[str, bool],
+    stack: AsyncExitStack,
+    audit: AuditLog,
+    startup: StartupConfig,
 ) -> Services:
     renderer = PromptRenderer()
     for template in (settings.cognigy_system_template, settings.cognigy_user_template):
         renderer.check(template, SAMPLE_PROMPT_VARIABLES)
     http = build_http_client(settings)
     stack.push_async_callback(http.aclose)
-    llm = RouterSlot(LLMRouter(http, initial_provider_config(settings), router_options(settings)))
+    llm = RouterSlot(LLMRouter(http, startup.config, router_options(settings)))
+    provisioner = Provisioner(
+        slot=llm,
+        http=http,
+        settings=settings,
+        audit=audit,
+        source=startup.source,
+        sha256=startup.sha256,
+    )
+    stack.push_async_callback(provisioner.aclose)  # before http.aclose: notifications use it
     pipeline = CognigyPipeline(
         llm=llm,
         renderer=renderer,
@@ -137,7 +175,16 @@ def build_services(
         replay_guard=ReplayGuard(ttl_seconds=2 * settings.webhook_timestamp_tolerance_seconds),
         allow_unauthenticated=settings.allow_unauthenticated_webhooks,
     )
-    return Services(settings, http, authenticator, llm, pipeline, simulated)
+    return Services(
+        settings=settings,
+        http=http,
+        webhook_auth=authenticator,
+        llm=llm,
+        cognigy=pipeline,
+        audit=audit,
+        provisioner=provisioner,
+        simulated=simulated,
+    )
 
 
 def _warn_about_development_settings(settings: Settings) -> None:
@@ -169,7 +216,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
         settings, simulated = _start_simulators(app.state.settings, stack)
         _warn_about_development_settings(settings)
-        services = build_services(settings, simulated, stack)
+        audit, startup = await open_audit_log(settings, stack)
+        services = build_services(settings, simulated, stack, audit, startup)
         app.state.services = services
         reprobe = asyncio.create_task(_reprobe_keys(services), name="key-reprobe")
         stack.callback(reprobe.cancel)
@@ -192,4 +240,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(cognigy.router)
+    app.include_router(admin.router)
     return app

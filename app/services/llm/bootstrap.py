@@ -4,21 +4,29 @@ working as the one-provider case, with LLM_GATEWAY_API_KEY as its key pool)."""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Mapping
+
 from app.config import Settings
 from app.errors import ConfigError
 from app.services.llm.catalog import (
     ModelSpec,
+    Problem,
     ProviderConfig,
     ProviderConfigInvalid,
     ProviderSpec,
     RouteSpec,
     RouteTarget,
     load_provider_file,
+    validate_provider_config,
 )
 from app.services.llm.retry import RetryPolicy
 from app.services.llm.router import RouterOptions
 
 ENV_PROVIDER = "default"
+
+log = logging.getLogger("cxrelay.providers")
 
 
 def provider_config_from_env(settings: Settings) -> ProviderConfig:
@@ -71,3 +79,68 @@ def check_default_model(config: ProviderConfig, model: str) -> None:
             f"LLM_MODEL {model!r} is not a route in the provider configuration "
             f"(routes: {routes}) nor a model of exactly one provider"
         )
+
+
+def validate_candidate(
+    raw: object, settings: Settings
+) -> tuple[ProviderConfig | None, list[Problem]]:
+    """Every problem of a configuration offered at run time, LLM_MODEL included: webhooks ask
+    for LLM_MODEL, so a configuration that does not serve it would break every turn."""
+    config, problems = validate_provider_config(raw)
+    if config is not None:
+        try:
+            check_default_model(config, settings.llm_model)
+        except ConfigError as error:
+            problems.append(Problem("routes", str(error)))
+    return config, problems
+
+
+def startup_provider_config(
+    settings: Settings, applied: Mapping[str, str] | None
+) -> tuple[ProviderConfig, str]:
+    """The configuration to start with and where it came from ("applied", "providers_file" or
+    "env"). One applied through the admin API wins over PROVIDERS_FILE/env while it still
+    validates, so a restart does not silently undo an operator's change."""
+    if applied is not None:
+        config, problems = _stored_candidate(applied, settings)
+        if config is not None and not problems:
+            log.warning(
+                "starting with the provider configuration applied through the admin API "
+                "(sha256 %s, by %s at %s), NOT with %s; DELETE /admin/config/applied reverts "
+                "to it",
+                applied.get("sha256"),
+                applied.get("actor"),
+                applied.get("applied_at"),
+                _base_source_name(settings),
+                extra={"config_sha256": applied.get("sha256")},
+            )
+            return config, "applied"
+        log.error(
+            "the provider configuration applied through the admin API (sha256 %s) no longer "
+            "validates; starting with %s instead: %s",
+            applied.get("sha256"),
+            _base_source_name(settings),
+            "; ".join(str(p) for p in problems),
+            extra={"config_sha256": applied.get("sha256")},
+        )
+    return initial_provider_config(settings), base_source(settings)
+
+
+def _stored_candidate(
+    applied: Mapping[str, str], settings: Settings
+) -> tuple[ProviderConfig | None, list[Problem]]:
+    try:
+        raw = json.loads(applied["config_json"])
+    except (KeyError, ValueError) as error:
+        return None, [Problem("(stored)", f"unreadable: {error}")]
+    return validate_candidate(raw, settings)
+
+
+def base_source(settings: Settings) -> str:
+    return "env" if settings.providers_file is None else "providers_file"
+
+
+def _base_source_name(settings: Settings) -> str:
+    if settings.providers_file is None:
+        return "the LLM_GATEWAY_* settings"
+    return f"PROVIDERS_FILE {settings.providers_file}"

@@ -1,0 +1,213 @@
+"""/admin: the provisioning API. Thin — authenticate the operator, read the body, call the
+Provisioner, map its outcome to a status code. Disabled (401) until ADMIN_TOKEN is set."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import unicodedata
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+
+from app.dependencies import ServicesDep
+from app.principal import DEFAULT_TENANT, Principal
+from app.schemas.admin import (
+    ApplyResponse,
+    AuditPage,
+    AuditRecordOut,
+    ProblemOut,
+    ProblemsResponse,
+    ProvidersResponse,
+    ValidateResponse,
+)
+from app.services.audit import AuditAction
+from app.services.body import read_limited_body
+from app.services.llm.catalog import Problem, ProviderConfigInvalid, parse_provider_text
+from app.services.provisioning import ApplyResult
+from app.services.signatures import fingerprint
+
+log = logging.getLogger("cxrelay.admin")
+
+JSON_TYPES = frozenset({"application/json"})
+YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
+MAX_ACTOR_CHARS = 64
+
+_CHANGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "no ADMIN_TOKEN configured, or a missing or wrong bearer token"},
+    413: {"description": "body over MAX_BODY_BYTES"},
+    415: {"description": "body is neither application/json nor YAML"},
+    422: {"model": ProblemsResponse, "description": "invalid or unparsable; nothing changed"},
+    424: {"model": ProblemsResponse, "description": "a provider failed its health check"},
+    500: {"model": ProblemsResponse, "description": "the change failed; nothing changed"},
+}
+
+_VALIDATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    k: v for k, v in _CHANGE_RESPONSES.items() if k in (401, 413, 415, 422)
+}
+
+
+@dataclass(frozen=True)
+class Admin:
+    principal: Principal
+    actor: str  # as written to the audit log: `name (admin:<fingerprint>)` or `admin:<fp>`
+
+
+def _unauthorized(request: Request, reason: str, message: str) -> HTTPException:
+    log.warning(
+        "admin authentication failed",
+        extra={
+            "route": request.url.path,
+            "remote": request.client.host if request.client else "",
+            "reason": reason,
+        },
+    )
+    return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(request: Request, services: ServicesDep) -> Admin:
+    """Authorization: Bearer <ADMIN_TOKEN>, compared in constant time over SHA-256 digests (so
+    neither content nor length leaks through timing)."""
+    token = services.settings.admin_token
+    secret = token.get_secret_value() if token is not None else ""
+    if not secret:
+        raise _unauthorized(
+            request,
+            "admin API disabled",
+            "the admin API is disabled until ADMIN_TOKEN is set",
+        )
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        raise _unauthorized(
+            request,
+            "missing bearer token",
+            "missing admin credential: send Authorization: Bearer <ADMIN_TOKEN>",
+        )
+    expected = hashlib.sha256(secret.encode()).digest()
+    if not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected):
+        raise _unauthorized(request, "wrong admin token", "invalid admin token")
+    key_id = fingerprint(secret)
+    return Admin(
+        Principal(DEFAULT_TENANT, key_id, "admin", "bearer"),
+        actor_name(request.headers.get("x-actor"), key_id),
+    )
+
+
+def actor_name(header: str | None, key_id: str) -> str:
+    """The token says which credential acted; X-Actor, when sent, says which person."""
+    credential = f"admin:{key_id}"
+    if not header:
+        return credential
+    with contextlib.suppress(UnicodeError):  # headers arrive as latin-1; UTF-8 names too
+        header = header.encode("latin-1").decode("utf-8")
+    name = "".join(ch for ch in header if not unicodedata.category(ch).startswith("C"))
+    name = name.strip()[:MAX_ACTOR_CHARS].strip()
+    return f"{name} ({credential})" if name else credential
+
+
+AdminDep = Annotated[Admin, Depends(require_admin)]
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+class _Unparsable(Exception):
+    def __init__(self, body: bytes, problems: list[Problem]) -> None:
+        self.body = body
+        self.problems = problems
+
+
+async def _candidate(request: Request, limit: int) -> object:
+    """What the body says; JSON and YAML both go through the provider-file parser."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in JSON_TYPES | YAML_TYPES:
+        raise HTTPException(
+            415,
+            "send the provider configuration as application/json or application/yaml "
+            f"(got {media or 'no Content-Type'})",
+        )
+    body = await read_limited_body(request, limit)
+    try:
+        return parse_provider_text(body.decode("utf-8"), "request body")
+    except UnicodeDecodeError:
+        raise _Unparsable(body, [Problem("(root)", "the body is not UTF-8 text")]) from None
+    except ProviderConfigInvalid as error:
+        raise _Unparsable(body, error.problems) from None
+
+
+def _problems(status: int, detail: str, problems: list[Problem]) -> JSONResponse:
+    body = ProblemsResponse(detail=detail, problems=[ProblemOut.of(p) for p in problems])
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+async def _unparsable(
+    services: ServicesDep, admin: Admin, action: AuditAction, error: _Unparsable
+) -> JSONResponse:
+    """Refused before validation, but still an attempt: audited as `invalid`."""
+    await services.provisioner.record_unparsable(action, admin.actor, error.body, error.problems)
+    return _problems(422, "the body is not valid JSON or YAML", error.problems)
+
+
+def _outcome(result: ApplyResult, invalid: str) -> ApplyResponse | JSONResponse:
+    if result.ok:
+        return ApplyResponse(
+            applied=True, sha256=result.sha256, providers=result.providers, routes=result.routes
+        )
+    if result.outcome == "invalid":
+        return _problems(422, invalid, result.problems)
+    if result.outcome == "health_check_failed":
+        return _problems(424, "provider health check failed", result.problems)
+    return _problems(500, "the configuration change failed; nothing changed", result.problems)
+
+
+@router.get("/providers", response_model=ProvidersResponse)
+async def providers(services: ServicesDep) -> dict[str, Any]:
+    return services.provisioner.describe()
+
+
+@router.post("/config/validate", response_model=ValidateResponse, responses=_VALIDATE_RESPONSES)
+async def validate(
+    request: Request, services: ServicesDep, admin: AdminDep
+) -> ValidateResponse | JSONResponse:
+    """Dry run: every problem of the candidate, nothing changes, no provider is called."""
+    try:
+        raw = await _candidate(request, services.settings.max_body_bytes)
+    except _Unparsable as error:
+        return await _unparsable(services, admin, "validate", error)
+    problems = await services.provisioner.dry_run(raw, admin.actor)
+    return ValidateResponse(valid=not problems, problems=[ProblemOut.of(p) for p in problems])
+
+
+@router.put("/config", response_model=ApplyResponse, responses=_CHANGE_RESPONSES)
+async def apply(
+    request: Request, services: ServicesDep, admin: AdminDep
+) -> ApplyResponse | JSONResponse:
+    try:
+        raw = await _candidate(request, services.settings.max_body_bytes)
+    except _Unparsable as error:
+        return await _unparsable(services, admin, "apply", error)
+    result = await services.provisioner.apply(raw, admin.actor)
+    return _outcome(result, "the provider configuration is invalid; nothing changed")
+
+
+@router.delete("/config/applied", response_model=ApplyResponse, responses=_CHANGE_RESPONSES)
+async def revert(services: ServicesDep, admin: AdminDep) -> ApplyResponse | JSONResponse:
+    """Back to PROVIDERS_FILE (or the LLM_GATEWAY_* provider), forgetting the applied one."""
+    result = await services.provisioner.revert(admin.actor)
+    return _outcome(result, "the configuration to revert to is invalid; nothing changed")
+
+
+@router.get("/audit", response_model=AuditPage)
+async def audit(
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> AuditPage:
+    records = await services.audit.list(limit, offset)
+    return AuditPage(
+        records=[AuditRecordOut.model_validate(r.as_dict()) for r in records],
+        total=await services.audit.count(),
+    )
