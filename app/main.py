@@ -18,7 +18,7 @@ from app.config import Settings, load_settings
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
-from app.routers import admin, cognigy, health
+from app.routers import admin, cognigy, health, metrics
 from app.services.audit import AuditLog
 from app.services.cxone import CXoneContextClient, Turn
 from app.services.http import build_http_client
@@ -241,4 +241,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(cognigy.router)
     app.include_router(admin.router)
+    app.include_router(metrics.router)
     return app
