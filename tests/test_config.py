@@ -10,7 +10,8 @@ from pydantic import SecretStr
 
 from app.config import DEV_WEBHOOK_SECRET, load_settings
 from app.errors import ConfigError
-from app.services.llm.openai_compat import chat_completions_url, parse_retry_after
+from app.services.llm.openai_compat import chat_completions_url
+from app.services.llm.wire import parse_retry_after
 
 BASE_URL = "https://llm.example.test/v1"
 

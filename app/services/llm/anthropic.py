@@ -14,15 +14,10 @@ from typing import Any
 import httpx
 
 from app.errors import (
-    ContextLengthExceeded,
     UpstreamProtocolError,
-    UpstreamRateLimited,
-    UpstreamRejected,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
-from app.services.llm.openai_compat import parse_retry_after
 from app.services.llm.types import ChatRequest, ChatResult, Usage
+from app.services.llm.wire import post_json, probe_key, raise_for_status
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -128,59 +123,23 @@ class AnthropicProvider:
     ) -> ChatResult:
         started = time.perf_counter()
         headers = anthropic_headers(api_key, self._auth_header)
-        try:
-            response = await http.post(
-                self.url, json=self.payload(request), headers=headers, timeout=timeout
-            )
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(
-                f"{self.name} did not answer within {timeout:.2f}s", upstream=self.name
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(
-                f"{self.name} unreachable: {type(exc).__name__}", upstream=self.name
-            ) from exc
+        response = await post_json(
+            http, self.name, self.url, self.payload(request), headers, timeout
+        )
         latency_ms = (time.perf_counter() - started) * 1000
-        self._raise_for_status(response, api_key)
+        if response.status_code >= 400:
+            error_type, detail = _error_detail(response, api_key)
+            raise_for_status(
+                self.name,
+                response,
+                detail,
+                context_length=_is_prompt_too_long(error_type, detail),
+            )
         return self._result(response, request, latency_ms)
 
     async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
-        """Does this key work? `GET /v1/models` costs no tokens."""
-        try:
-            response = await http.get(
-                self.models_url,
-                headers=anthropic_headers(api_key, self._auth_header),
-                timeout=timeout,
-            )
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
-
-    def _raise_for_status(self, response: httpx.Response, api_key: str | None) -> None:
-        status = response.status_code
-        if status < 400:
-            return
-        error_type, detail = _error_detail(response, api_key)
-        if status == 400 and _is_prompt_too_long(error_type, detail):
-            raise ContextLengthExceeded(
-                f"{self.name}: prompt exceeds the model's context window: {detail}",
-                upstream=self.name,
-                status=status,
-            )
-        if status == 429:
-            raise UpstreamRateLimited(
-                f"{self.name} rate-limited the request: {detail}",
-                upstream=self.name,
-                retry_after=parse_retry_after(response.headers.get("retry-after")),
-            )
-        if status >= 500 or status == 408:  # 529 is Anthropic's "overloaded"
-            raise UpstreamUnavailable(
-                f"{self.name} answered {status}: {detail}", upstream=self.name, status=status
-            )
-        raise UpstreamRejected(
-            f"{self.name} refused the request ({status}): {detail}",
-            upstream=self.name,
-            status=status,
+        return await probe_key(
+            http, self.models_url, anthropic_headers(api_key, self._auth_header), timeout
         )
 
     def _result(

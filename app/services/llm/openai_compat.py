@@ -6,22 +6,16 @@ same attempt can later be driven by provider routing and fallback chains.
 
 from __future__ import annotations
 
-import email.utils
-import re
 import time
 from typing import Any
 
 import httpx
 
 from app.errors import (
-    ContextLengthExceeded,
     UpstreamProtocolError,
-    UpstreamRateLimited,
-    UpstreamRejected,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
 from app.services.llm.types import ChatRequest, ChatResult, Usage
+from app.services.llm.wire import post_json, probe_key, raise_for_status
 
 
 def chat_completions_url(base_url: str) -> str:
@@ -30,24 +24,6 @@ def chat_completions_url(base_url: str) -> str:
     if base.endswith("/chat/completions"):
         return base
     return base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
-
-
-_DELAY_SECONDS = re.compile(r"\d+(\.\d+)?")
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if _DELAY_SECONDS.fullmatch(value):
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    current = time.time() if now is None else now
-    return max(0.0, when.timestamp() - current)
 
 
 def auth_headers(
@@ -90,57 +66,19 @@ class OpenAICompatibleProvider:
     ) -> ChatResult:
         started = time.perf_counter()
         headers = auth_headers(api_key, self._auth_header)
-        try:
-            response = await http.post(
-                self.url, json=self.payload(request), headers=headers, timeout=timeout
-            )
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(
-                f"{self.name} did not answer within {timeout:.2f}s", upstream=self.name
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailable(
-                f"{self.name} unreachable: {type(exc).__name__}", upstream=self.name
-            ) from exc
+        response = await post_json(
+            http, self.name, self.url, self.payload(request), headers, timeout
+        )
         latency_ms = (time.perf_counter() - started) * 1000
-        self._raise_for_status(response)
+        detail = _error_message(response)
+        raise_for_status(
+            self.name, response, detail, context_length=_is_context_length_error(response, detail)
+        )
         return self._result(response, request, latency_ms)
 
     async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
-        """Does this key work? `GET /v1/models` costs no tokens."""
-        try:
-            response = await http.get(
-                self.models_url, headers=auth_headers(api_key, self._auth_header), timeout=timeout
-            )
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
-
-    def _raise_for_status(self, response: httpx.Response) -> None:
-        status = response.status_code
-        if status < 400:
-            return
-        detail = _error_message(response)
-        if status == 400 and _is_context_length_error(response, detail):
-            raise ContextLengthExceeded(
-                f"{self.name}: prompt exceeds the model's context window: {detail}",
-                upstream=self.name,
-                status=status,
-            )
-        if status == 429:
-            raise UpstreamRateLimited(
-                f"{self.name} rate-limited the request: {detail}",
-                upstream=self.name,
-                retry_after=parse_retry_after(response.headers.get("retry-after")),
-            )
-        if status >= 500 or status == 408:
-            raise UpstreamUnavailable(
-                f"{self.name} answered {status}: {detail}", upstream=self.name, status=status
-            )
-        raise UpstreamRejected(
-            f"{self.name} refused the request ({status}): {detail}",
-            upstream=self.name,
-            status=status,
+        return await probe_key(
+            http, self.models_url, auth_headers(api_key, self._auth_header), timeout
         )
 
     def _result(

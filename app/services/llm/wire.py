@@ -1,0 +1,96 @@
+"""What every provider's wire has in common: sending with transport errors mapped to typed
+errors, probing a key, and mapping an error status to the error the router acts on."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from typing import Any
+
+import httpx
+
+from app.errors import (
+    ContextLengthExceeded,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+_DELAY_SECONDS = re.compile(r"\d+(\.\d+)?")
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if _DELAY_SECONDS.fullmatch(value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, when.timestamp() - current)
+
+
+async def post_json(
+    http: httpx.AsyncClient,
+    provider: str,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    timeout: float,
+) -> httpx.Response:
+    try:
+        return await http.post(url, json=body, headers=headers, timeout=timeout)
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(
+            f"{provider} did not answer within {timeout:.2f}s", upstream=provider
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamUnavailable(
+            f"{provider} unreachable: {type(exc).__name__}", upstream=provider
+        ) from exc
+
+
+async def probe_key(
+    http: httpx.AsyncClient, url: str, headers: dict[str, str], timeout: float
+) -> bool:
+    """Does this key work? A `GET /v1/models` costs no tokens."""
+    try:
+        response = await http.get(url, headers=headers, timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+def raise_for_status(
+    provider: str, response: httpx.Response, detail: str, *, context_length: bool
+) -> None:
+    """Nothing for a success; else the typed error: the router retries, rotates keys or falls
+    back on what it is, never on the status number."""
+    status = response.status_code
+    if status < 400:
+        return
+    if status == 400 and context_length:
+        raise ContextLengthExceeded(
+            f"{provider}: prompt exceeds the model's context window: {detail}",
+            upstream=provider,
+            status=status,
+        )
+    if status == 429:
+        raise UpstreamRateLimited(
+            f"{provider} rate-limited the request: {detail}",
+            upstream=provider,
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+        )
+    if status >= 500 or status == 408:  # includes Anthropic's 529 "overloaded"
+        raise UpstreamUnavailable(
+            f"{provider} answered {status}: {detail}", upstream=provider, status=status
+        )
+    raise UpstreamRejected(
+        f"{provider} refused the request ({status}): {detail}", upstream=provider, status=status
+    )
