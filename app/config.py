@@ -20,6 +20,7 @@ ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = ("hmac", "standard_webhooks", "api_ke
 # Used only when the service runs simulated (`serve --simulate`) without a configured secret, so
 # that the README's signed sample request works on a fresh clone. Never used otherwise.
 DEV_WEBHOOK_SECRET = "cx-relay-dev-secret"
+DEV_CXONE_AUTHORIZATION = "Bearer cx-relay-dev-token"
 
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
@@ -53,7 +54,9 @@ class Settings(BaseSettings):
     llm_gateway_base_url: str | None = None
     llm_gateway_api_key: SecretList = Field(default_factory=list)
     llm_model: str = Field("gpt-4o-mini", min_length=1)
-    llm_temperature: float = Field(0.2, ge=0.0, le=2.0)
+    # Conversational surfaces (CXone bot turns, /chat); the Cognigy routing decision has its own.
+    llm_temperature: float = Field(0.7, ge=0.0, le=2.0)
+    routing_temperature: float = Field(0.2, ge=0.0, le=2.0)
     llm_max_tokens: int = Field(512, ge=16, le=32768)
     llm_timeout_seconds: float = Field(5.0, gt=0.0, le=120.0)
     llm_max_attempts: int = Field(3, ge=1, le=10)
@@ -85,6 +88,35 @@ class Settings(BaseSettings):
         "I'm connecting you with a member of our team who can help with that.", min_length=1
     )
 
+    # --- CXone bot webhook (Virtual Agent Hub custom exchange endpoint) ------------------------
+    cxone_webhook_authorization: SecretList = Field(default_factory=list)
+    bot_state_secret: SecretStr | None = None
+    cxone_deadline_seconds: float = Field(8.0, gt=0.0, le=60.0)
+    cxone_first_token_timeout_seconds: float = Field(3.0, gt=0.0, le=60.0)
+    cxone_system_template: str = "cxone_bot_system.j2"
+    cxone_greeting: str = "Hello! I'm the virtual assistant. How can I help you today?"
+    cxone_reprompt: str = "Sorry, I didn't catch that. How can I help you?"
+    cxone_max_no_input: int = Field(3, ge=1, le=20)
+    cxone_max_failures: int = Field(2, ge=1, le=20)
+    fallback_bot_response: str = Field(
+        "I'm sorry, I'm having trouble answering right now. Could you please say that again?",
+        min_length=1,
+    )
+    cxone_comfort_prompt: str = "One moment, please."
+    cxone_response_delay_tolerance_ms: int = Field(2000, ge=0, le=60000)
+    cxone_wait_for_user_ms: int = Field(10000, ge=0, le=300000)
+    cxone_state_max_messages: int = Field(20, ge=2, le=200)
+    cxone_state_max_chars: int = Field(8000, ge=200, le=200000)
+    cxone_state_max_bytes: int = Field(32768, ge=1024, le=1048576)
+    cxone_metrics_in_payload: bool = True
+
+    # --- safety ----------------------------------------------------------------------------------
+    redact_pii_input: bool = False
+    unsafe_output_categories: CommaList = Field(
+        default_factory=lambda: ["self_harm", "violence", "profanity", "credentials"]
+    )
+    safety_rules_dir: Path | None = None
+
     # --- CXone context (Digital Engagement API) ------------------------------------------------
     cxone_client_id: str | None = None
     cxone_client_secret: SecretStr | None = None
@@ -110,10 +142,19 @@ class Settings(BaseSettings):
         "cognigy_auth_schemes",
         "llm_gateway_api_key",
         "admin_notify_urls",
+        "cxone_webhook_authorization",
+        "unsafe_output_categories",
         mode="before",
     )(_split_commas)
 
-    @field_validator("llm_gateway_base_url", "cxone_api_base_url", "providers_file", mode="before")
+    @field_validator(
+        "llm_gateway_base_url",
+        "cxone_api_base_url",
+        "providers_file",
+        "safety_rules_dir",
+        "bot_state_secret",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -135,6 +176,8 @@ class Settings(BaseSettings):
             )
         if self.simulate and not (self.cognigy_webhook_secret or self.cognigy_api_keys):
             self.cognigy_webhook_secret = [SecretStr(DEV_WEBHOOK_SECRET)]
+        if self.simulate and not self.cxone_webhook_authorization:
+            self.cxone_webhook_authorization = [SecretStr(DEV_CXONE_AUTHORIZATION)]
         if not self.webhook_credentials_configured and not self.allow_unauthenticated_webhooks:
             raise ValueError(
                 "no inbound webhook credential: set COGNIGY_WEBHOOK_SECRET or COGNIGY_API_KEYS "

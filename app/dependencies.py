@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 
 from app.config import Settings
 from app.pipelines.cognigy import CognigyPipeline
+from app.pipelines.cxone import CXoneBotPipeline
 from app.services.audit import AuditLog
 from app.services.llm.router import RouterSlot
 from app.services.provisioning import Provisioner
@@ -23,6 +24,8 @@ class Services:
     webhook_auth: WebhookAuthenticator
     llm: RouterSlot
     cognigy: CognigyPipeline
+    cxone_bot: CXoneBotPipeline
+    cxone_authorizations: list[bytes]
     audit: AuditLog
     provisioner: Provisioner
     simulated: dict[str, bool] = field(default_factory=dict)

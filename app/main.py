@@ -18,7 +18,7 @@ from app.config import Settings, load_settings
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
-from app.routers import admin, cognigy, health, metrics
+from app.routers import admin, cognigy, cxone, health, metrics
 from app.services.audit import AuditLog
 from app.services.cxone import CXoneContextClient, Turn
 from app.services.http import build_http_client
@@ -32,6 +32,7 @@ from app.services.signatures import ReplayGuard, WebhookAuthenticator
 from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
+from app.wiring import build_cxone_bot, cxone_authorizations
 
 log = logging.getLogger("cxrelay")
 
@@ -152,13 +153,14 @@ def build_services(
         sha256=startup.sha256,
     )
     stack.push_async_callback(provisioner.aclose)  # before http.aclose: notifications use it
+    cxone_client = _cxone_client(settings, http)
     pipeline = CognigyPipeline(
         llm=llm,
         renderer=renderer,
-        cxone=_cxone_client(settings, http),
+        cxone=cxone_client,
         options=CognigyOptions(
             model=settings.llm_model,
-            temperature=settings.llm_temperature,
+            temperature=settings.routing_temperature,
             max_tokens=settings.llm_max_tokens,
             history_turns=settings.cxone_history_turns,
             repair_min_seconds=settings.cognigy_repair_min_seconds,
@@ -181,6 +183,8 @@ def build_services(
         webhook_auth=authenticator,
         llm=llm,
         cognigy=pipeline,
+        cxone_bot=build_cxone_bot(settings, llm, renderer, cxone_client),
+        cxone_authorizations=cxone_authorizations(settings),
         audit=audit,
         provisioner=provisioner,
         simulated=simulated,
@@ -240,6 +244,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(cognigy.router)
+    app.include_router(cxone.router)
     app.include_router(admin.router)
     app.include_router(metrics.router)
     return app

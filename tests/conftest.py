@@ -21,7 +21,7 @@ from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
 from app.simulator.faults import FaultPlan
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
-from tests.helpers import API_KEY, SECRET
+from tests.helpers import API_KEY, CXONE_AUTH, SECRET
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +64,8 @@ def make_settings(
             "llm_gateway_api_key": [SecretStr("sk-test-provider-key")],
             "cognigy_webhook_secret": [SecretStr(SECRET)],
             "cognigy_api_keys": [SecretStr(API_KEY)],
+            "cxone_webhook_authorization": [SecretStr(CXONE_AUTH)],
+            "bot_state_secret": SecretStr("test-bot-state-secret"),
             "cxone_client_id": cxone_state.client_id,
             "cxone_client_secret": SecretStr(cxone_state.client_secret),
             "cxone_access_key_id": cxone_state.access_key_id,

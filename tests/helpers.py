@@ -12,6 +12,8 @@ from app.services.signatures import sign_hmac
 SECRET = "test-webhook-secret"
 API_KEY = "test-api-key-0123456789"
 WEBHOOK = "/webhook/cognigy/fallback"
+CXONE_AUTH = "Bearer cxone-test-token"
+CXONE_WEBHOOK = "/webhook/cxone"
 
 
 def trigger(**fields: Any) -> dict[str, Any]:
@@ -37,3 +39,24 @@ async def post_turn(
 ) -> httpx.Response:
     raw, signed_headers = signed(body)
     return await client.post(WEBHOOK, content=raw, headers={**signed_headers, **headers})
+
+
+async def cxone_turn(
+    client: httpx.AsyncClient,
+    user_input: str | None = "Where is my order?",
+    input_type: str | int | None = "TEXT",
+    state: object = None,
+    **fields: Any,
+) -> httpx.Response:
+    """One Virtual Agent Hub exchange, as CXone sends it."""
+    body: dict[str, Any] = {
+        "virtualAgentId": "test-bot",
+        "userInput": user_input,
+        "userInputType": input_type,
+        "executionInfo": {"contactId": 548712063, "busNo": 4599123, "requestId": 1},
+        "botSessionState": state,
+        "mediaType": "chat",
+    }
+    body.update(fields)
+    headers = {"Authorization": CXONE_AUTH, "Content-Type": "application/json"}
+    return await client.post(CXONE_WEBHOOK, json=body, headers=headers)

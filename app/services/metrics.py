@@ -4,7 +4,7 @@ never from a session id, a key or a customer's text."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 LLM_ATTEMPTS = Counter(
     "cxrelay_llm_attempts_total",
@@ -31,4 +31,41 @@ CIRCUIT_STATE = Gauge(
     "cxrelay_provider_circuit_state",
     "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open",
     ["provider"],
+)
+TURNS = Counter(
+    "cxrelay_turns_total",
+    "Webhook and chat turns by surface and outcome (answered, fallback, handoff, rejected ...)",
+    ["surface", "outcome"],
+)
+TOKENS = Counter(
+    "cxrelay_tokens_total",
+    "Tokens by surface, provider, model and kind (prompt, completion)",
+    ["surface", "provider", "model", "kind"],
+)
+COST = Counter(
+    "cxrelay_cost_usd_total",
+    "Money spent at the provider file's prices, by surface, provider and model",
+    ["surface", "provider", "model"],
+)
+TURN_LATENCY = Histogram(
+    "cxrelay_request_latency_seconds",
+    "Time to answer a turn, by surface",
+    ["surface"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13),
+)
+TTFT = Histogram(
+    "cxrelay_time_to_first_token_seconds",
+    "Time from the request to the first streamed token, by provider and model",
+    ["provider", "model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5),
+)
+SAFETY_EVENTS = Counter(
+    "cxrelay_safety_events_total",
+    "PII redactions and blocked replies, by surface and kind",
+    ["surface", "kind"],
+)
+BOT_STATE_REJECTED = Counter(
+    "cxrelay_bot_state_rejected_total",
+    "botSessionState values not trusted (tampered, oversized, malformed): a new session began",
+    ["reason"],
 )

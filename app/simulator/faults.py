@@ -3,6 +3,11 @@
 The simulators answer realistically by default; a test, the benchmark or an operator trying
 failure modes pushes faults (429 with Retry-After, 500, a delay, broken JSON ...) that the next
 requests consume in order. Every request received is recorded for assertions.
+
+Streamed requests (`stream: true`, and the WebSocket route) honour the same faults — an error
+status is sent before any event, like a real provider — plus the streaming knobs: a slow first
+token, a delay between chunks, exact chunks, and a stream cut after N chunks without its end
+marker.
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ class Fault:
     content: str | None = None  # a well-formed chat completion carrying this content
     raw_body: str | None = None  # exactly this body (to break the wire format)
     json_body: dict[str, Any] | None = None  # this JSON body (e.g. an error object)
+    # Streaming (SSE and WebSocket):
+    first_token_delay: float = 0.0  # wait before the first content chunk (after the headers)
+    chunk_delay: float = 0.0  # wait between content chunks
+    cut_after: int | None = None  # end the stream after N content chunks, without its end marker
+    chunks: list[str] | None = None  # exactly these content deltas (default: the content's words)
+    reject_handshake: bool = False  # WebSocket: refuse the upgrade with `status` (no error frame)
+    omit_usage: bool = False  # no usage anywhere in the answer (whole or streamed)
 
 
 class FaultPlan:
@@ -31,6 +43,7 @@ class FaultPlan:
         self._queue: deque[Fault] = deque()
         self._lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []
+        self.events: list[str] = []  # what the simulator noticed, e.g. "ws-disconnect"
 
     def push(self, *faults: Fault) -> None:
         with self._lock:
@@ -45,7 +58,12 @@ class FaultPlan:
         with self._lock:
             self.requests.append({**request, "at": time.monotonic()})
 
+    def note(self, event: str) -> None:
+        with self._lock:
+            self.events.append(event)
+
     def reset(self) -> None:
         with self._lock:
             self._queue.clear()
             self.requests.clear()
+            self.events.clear()

@@ -6,6 +6,14 @@ mentioning JSON on the Anthropic route) it answers a routing decision from keywo
 customer's message; otherwise a short conversational reply. Everything it answers is marked as
 simulated in the model name. `GET /v1/models` refuses keys starting with "revoked" so key probes
 can be exercised.
+
+Asked to stream (`"stream": true`) both routes answer `text/event-stream` the way the real APIs
+do: OpenAI `data: {chat.completion.chunk}` events (a role chunk, the content word by word, a
+finish chunk, a usage chunk when `stream_options.include_usage`, then `data: [DONE]`), Anthropic
+`message_start` / `content_block_delta` ... `message_stop`. `/v1/chat/completions/ws` speaks the
+WebSocket protocol of `app.services.llm.websocket` (it refuses the handshake with 401 for a
+"revoked" key). The FaultPlan's streaming knobs slow the first token, pace the chunks, fix the
+chunks or cut the stream without its end marker.
 """
 
 from __future__ import annotations
@@ -15,10 +23,12 @@ import json
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import HTTPConnection
 
 from app.simulator.faults import Fault, FaultPlan
 
@@ -160,12 +170,162 @@ def message_body(model: str, content: str, prompt_text: str) -> dict[str, Any]:
     }
 
 
-def _key_revoked(request: Request) -> bool:
+def _words(text: str) -> list[str]:
+    """The content as streamed deltas: words with their trailing whitespace."""
+    return re.findall(r"\S+\s*|\s+", text)
+
+
+def _stream_deltas(fault: Fault, content: str) -> list[str]:
+    deltas = list(fault.chunks) if fault.chunks is not None else _words(content)
+    return deltas if fault.cut_after is None else deltas[: fault.cut_after]
+
+
+async def _paced(
+    fault: Fault, deltas: list[str], pause: Callable[[float], Awaitable[None]]
+) -> AsyncIterator[str]:
+    for index, delta in enumerate(deltas):
+        seconds = fault.first_token_delay if index == 0 else fault.chunk_delay
+        if seconds > 0:
+            await pause(seconds)
+        yield delta
+
+
+async def openai_stream_frames(
+    fault: Fault,
+    model: str,
+    content: str,
+    prompt_text: str,
+    include_usage: bool,
+    pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncIterator[str]:
+    """The payloads of one streamed chat completion, SSE and WebSocket alike: chunk JSONs, then
+    "[DONE]" — unless the fault cuts the stream, which then just stops."""
+    chunk_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": chunk_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+        if include_usage:
+            body["usage"] = None  # as OpenAI: null on every chunk but the last
+        return json.dumps(body)
+
+    yield chunk({"role": "assistant", "content": ""})
+    deltas = _stream_deltas(fault, content)
+    async for delta in _paced(fault, deltas, pause):
+        yield chunk({"content": delta})
+    if fault.cut_after is not None:
+        return
+    yield chunk({}, "stop")
+    if include_usage and not fault.omit_usage:
+        prompt_tokens, completion_tokens = _tokens(prompt_text), _tokens("".join(deltas))
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        yield json.dumps(
+            {
+                "id": chunk_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+        )
+    yield "[DONE]"
+
+
+async def _openai_sse(frames: AsyncIterator[str]) -> AsyncIterator[str]:
+    async for frame in frames:
+        yield f"data: {frame}\n\n"
+
+
+async def anthropic_stream_events(
+    fault: Fault, model: str, content: str, prompt_text: str
+) -> AsyncIterator[str]:
+    """A streamed Messages API answer as SSE text; a cut stream stops without message_stop."""
+
+    def event(name: str, data: dict[str, Any]) -> str:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n"
+
+    message = message_body(model, "", prompt_text)
+    message.update(content=[], stop_reason=None)
+    message["usage"] = {"input_tokens": _tokens(prompt_text), "output_tokens": 1}
+    if fault.omit_usage:
+        del message["usage"]
+    yield event("message_start", {"message": message})
+    yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+    yield event("ping", {})
+    deltas = _stream_deltas(fault, content)
+    async for delta in _paced(fault, deltas, asyncio.sleep):
+        yield event(
+            "content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": delta}}
+        )
+    if fault.cut_after is not None:
+        return
+    yield event("content_block_stop", {"index": 0})
+    stop: dict[str, Any] = {"delta": {"stop_reason": "end_turn", "stop_sequence": None}}
+    if not fault.omit_usage:
+        stop["usage"] = {"output_tokens": _tokens("".join(deltas))}
+    yield event("message_delta", stop)
+    yield event("message_stop", {})
+
+
+async def _pause_unless_gone(websocket: WebSocket, seconds: float) -> None:
+    """Wait, but notice a client that goes away meanwhile (WebSocketDisconnect), as a real
+    server would, instead of sleeping through it."""
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            message = await asyncio.wait_for(websocket.receive(), remaining)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(int(message.get("code", 1000)))
+
+
+def _openai_error(status: int) -> dict[str, Any]:
+    return {"error": {"message": f"simulated {status}", "type": "simulated_error"}}
+
+
+def _retry_after(headers: dict[str, str]) -> float | None:
+    for name, value in headers.items():
+        if name.lower() == "retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _key_revoked(request: HTTPConnection) -> bool:
     """A bearer token or x-api-key starting with "revoked" stands for a key the provider refuses."""
     authorization = request.headers.get("authorization", "")
     bearer = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
     presented = (bearer, request.headers.get("x-api-key", ""))
     return any(key.startswith(REVOKED_KEY_PREFIX) for key in presented)
+
+
+def _openai_answer(body: dict[str, Any], fault: Fault) -> tuple[str, str, str]:
+    """(model, content, prompt text) of the answer to an OpenAI chat completion request."""
+    messages = body.get("messages") or []
+    if fault.content is not None:
+        content = fault.content
+    elif fault.chunks is not None:
+        content = "".join(fault.chunks)
+    elif (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
+        content = json.dumps(routing_decision(_customer_text(messages)))
+    else:
+        content = f"(simulated) You said: {_customer_text(messages)[:200]}"
+    model = str(body.get("model", "model")) + SIMULATED_MODEL_SUFFIX
+    prompt_text = " ".join(str(m.get("content", "")) for m in messages)
+    return model, content, prompt_text
 
 
 def create_llm_simulator(plan: FaultPlan | None = None) -> FastAPI:
@@ -187,16 +347,75 @@ def create_llm_simulator(plan: FaultPlan | None = None) -> FastAPI:
                 "error": {"message": f"simulated {fault.status}", "type": "simulated_error"}
             }
             return JSONResponse(error, fault.status, fault.headers)
-        messages = body.get("messages") or []
-        if fault.content is not None:
-            content = fault.content
-        elif (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
-            content = json.dumps(routing_decision(_customer_text(messages)))
-        else:
-            content = f"(simulated) You said: {_customer_text(messages)[:200]}"
-        model = str(body.get("model", "model")) + SIMULATED_MODEL_SUFFIX
-        prompt_text = " ".join(str(m.get("content", "")) for m in messages)
-        return JSONResponse(completion_body(model, content, prompt_text), headers=fault.headers)
+        model, content, prompt_text = _openai_answer(body, fault)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            frames = openai_stream_frames(fault, model, content, prompt_text, include_usage)
+            return StreamingResponse(
+                _openai_sse(frames), headers=fault.headers, media_type="text/event-stream"
+            )
+        whole = completion_body(model, content, prompt_text)
+        if fault.omit_usage:
+            del whole["usage"]
+        return JSONResponse(whole, headers=fault.headers)
+
+    @app.websocket("/v1/chat/completions/ws")
+    async def chat_completions_ws(websocket: WebSocket) -> None:
+        """The chat completion stream over a WebSocket (see app.services.llm.websocket)."""
+        headers = dict(websocket.headers)
+        if _key_revoked(websocket):
+            refusal = {
+                "error": {
+                    "message": "Incorrect API key provided",
+                    "type": "invalid_request_error",
+                    "code": "invalid_api_key",
+                }
+            }
+            await websocket.send_denial_response(JSONResponse(refusal, 401))
+            return
+        fault = plan.next() or Fault()
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.reject_handshake and fault.status >= 400:
+            plan.record({"body": None, "headers": headers})
+            error = fault.json_body or _openai_error(fault.status)
+            await websocket.send_denial_response(JSONResponse(error, fault.status, fault.headers))
+            return
+        await websocket.accept()
+        completed = False
+        try:
+            body = json.loads(await websocket.receive_text())
+            plan.record({"body": body, "headers": headers})
+            if fault.raw_body is not None:
+                await websocket.send_text(fault.raw_body)
+            elif fault.json_body is not None or fault.status >= 400:
+                error = fault.json_body or _openai_error(fault.status)
+                if fault.json_body is None:
+                    error["error"]["code"] = fault.status
+                    if (retry_after := _retry_after(fault.headers)) is not None:
+                        error["error"]["retry_after"] = retry_after
+                await websocket.send_text(json.dumps(error))
+            else:
+                model, content, prompt_text = _openai_answer(body, fault)
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                frames = openai_stream_frames(
+                    fault,
+                    model,
+                    content,
+                    prompt_text,
+                    include_usage,
+                    lambda seconds: _pause_unless_gone(websocket, seconds),
+                )
+                async for frame in frames:
+                    await websocket.send_text(frame)
+                if fault.cut_after is not None:
+                    await websocket.close(1011)  # gone mid-answer, without [DONE]
+                    return
+            completed = True
+            await websocket.close(1000)
+        except WebSocketDisconnect:
+            if not completed:
+                plan.note("ws-disconnect")
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
@@ -218,13 +437,21 @@ def create_llm_simulator(plan: FaultPlan | None = None) -> FastAPI:
         system = _block_text(body.get("system"))
         if fault.content is not None:
             content = fault.content
+        elif fault.chunks is not None:
+            content = "".join(fault.chunks)
         elif "JSON" in system:
             content = json.dumps(routing_decision(_customer_text(turns)))
         else:
             content = f"(simulated) You said: {_customer_text(turns)[:200]}"
         model = str(body.get("model", "model")) + SIMULATED_MODEL_SUFFIX
         prompt_text = " ".join([system, *(str(t["content"]) for t in turns)])
-        return JSONResponse(message_body(model, content, prompt_text), headers=fault.headers)
+        if body.get("stream"):
+            events = anthropic_stream_events(fault, model, content, prompt_text)
+            return StreamingResponse(events, headers=fault.headers, media_type="text/event-stream")
+        whole = message_body(model, content, prompt_text)
+        if fault.omit_usage:
+            del whole["usage"]
+        return JSONResponse(whole, headers=fault.headers)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -4,19 +4,28 @@ Anthropic differs from the OpenAI wire in ways the pipeline must not see: the sy
 top-level field, turns must alternate user/assistant starting with a user turn, `max_tokens` is
 mandatory, there is no `response_format`, and overload is its own status (529). This module hides
 those differences behind the `ProviderClient` protocol; retries and fallbacks stay in the router.
+
+`stream` sends `stream: true` and reads Anthropic's named events: `message_start` (model, input
+tokens), `content_block_delta` (`text_delta` pieces; other delta types such as thinking or tool
+input are skipped), `message_delta` (stop reason, output tokens), `message_stop` (the end);
+`ping` is a keep-alive and `error` an error that arrived mid-stream (e.g. overloaded).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
 from app.errors import (
+    UpstreamError,
     UpstreamProtocolError,
 )
-from app.services.llm.types import ChatRequest, ChatResult, Usage
+from app.services.llm.streaming import iter_sse, stream_cut, stream_transport_error
+from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
 from app.services.llm.wire import post_json, probe_key, raise_for_status
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -30,6 +39,15 @@ JSON_INSTRUCTION = (
 LEADING_USER_TURN = "(start of conversation)"
 
 _SYSTEM_ROLES = frozenset({"system", "developer"})
+
+# The status each error type of an in-stream `error` event stands for; other types are a
+# protocol error (nothing the router could retry into a different outcome it understands).
+_STREAM_ERROR_STATUS = {
+    "overloaded_error": 529,
+    "api_error": 500,
+    "rate_limit_error": 429,
+    "timeout_error": 504,
+}
 
 
 def messages_url(base_url: str) -> str:
@@ -137,9 +155,139 @@ class AnthropicProvider:
             )
         return self._result(response, request, latency_ms)
 
+    async def stream(
+        self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
+    ) -> AsyncIterator[StreamChunk]:
+        """One streamed attempt (see `StreamingProviderClient`); `timeout` bounds the connect
+        and each read, not the whole answer."""
+        headers = {
+            **anthropic_headers(api_key, self._auth_header),
+            "accept": "text/event-stream",
+        }
+        body = {**self.payload(request), "stream": True}
+        model: str | None = None
+        input_tokens = 0
+        stopped = False
+        try:
+            async with http.stream(
+                "POST", self.url, json=body, headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    error_type, detail = _error_detail(response, api_key)
+                    raise_for_status(
+                        self.name,
+                        response,
+                        detail,
+                        context_length=_is_prompt_too_long(error_type, detail),
+                    )
+                if str(response.headers.get("content-type", "")).startswith("application/json"):
+                    # A gateway that ignores `stream: true` answers one whole message.
+                    await response.aread()
+                    yield self._whole_as_chunk(response, request)
+                    return
+                async for event in iter_sse(response.aiter_bytes()):
+                    payload = self._decode(event.data)
+                    kind = payload.get("type") or event.event
+                    if kind == "message_stop":
+                        return
+                    if kind == "error":
+                        raise self._stream_error(payload.get("error"), api_key)
+                    if kind == "message_start":
+                        model, input_tokens = self._message_start(payload)
+                    elif kind == "content_block_delta":
+                        delta = payload.get("delta")
+                        if isinstance(delta, dict) and delta.get("type") == "text_delta":
+                            text = delta.get("text")
+                            if not isinstance(text, str):
+                                raise self._malformed("content_block_delta")
+                            if text:
+                                yield StreamChunk(delta=text, model=model)
+                    elif kind == "message_delta":
+                        chunk = self._message_delta(payload, model, input_tokens)
+                        stopped = stopped or chunk.finish_reason is not None
+                        yield chunk
+        except httpx.HTTPError as exc:
+            raise stream_transport_error(self.name, exc, timeout) from exc
+        if not stopped:
+            raise stream_cut(self.name, "the event stream ended before message_stop")
+
     async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
         return await probe_key(
             http, self.models_url, anthropic_headers(api_key, self._auth_header), timeout
+        )
+
+    def _decode(self, data: str) -> dict[str, Any]:
+        try:
+            payload = json.loads(data)
+        except ValueError as exc:
+            raise UpstreamProtocolError(
+                f"{self.name} streamed an event that is not JSON", upstream=self.name
+            ) from exc
+        if not isinstance(payload, dict):
+            raise self._malformed("event")
+        return payload
+
+    def _malformed(self, what: str) -> UpstreamProtocolError:
+        return UpstreamProtocolError(f"{self.name} streamed a malformed {what}", upstream=self.name)
+
+    def _message_start(self, payload: dict[str, Any]) -> tuple[str | None, int]:
+        try:
+            message = payload["message"]
+            usage = message.get("usage") or {}
+            model = message.get("model")
+            return (str(model) if model else None), int(usage.get("input_tokens") or 0)
+        except (KeyError, AttributeError, TypeError, ValueError) as exc:
+            raise self._malformed("message_start") from exc
+
+    def _message_delta(
+        self, payload: dict[str, Any], model: str | None, input_tokens: int
+    ) -> StreamChunk:
+        """The stop reason and the usage (output tokens are cumulative; newer API versions may
+        repeat the input tokens here too)."""
+        try:
+            delta = payload.get("delta") or {}
+            usage = payload.get("usage")
+            stop_reason = delta.get("stop_reason")
+            parsed = (
+                Usage(
+                    int(usage.get("input_tokens") or input_tokens),
+                    int(usage.get("output_tokens") or 0),
+                )
+                if isinstance(usage, dict)
+                else None
+            )
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise self._malformed("message_delta") from exc
+        return StreamChunk(
+            usage=parsed, model=model, finish_reason=str(stop_reason) if stop_reason else None
+        )
+
+    def _stream_error(self, error: Any, api_key: str | None) -> UpstreamError:
+        fields = error if isinstance(error, dict) else {}
+        error_type = str(fields.get("type") or "")
+        message = str(fields.get("message") or error_type or "error")
+        if api_key:
+            message = message.replace(api_key, "[redacted]")
+        status = _STREAM_ERROR_STATUS.get(error_type)
+        if status is None:
+            return UpstreamProtocolError(
+                f"{self.name} failed mid-stream ({error_type or 'unknown error'}): {message[:200]}",
+                upstream=self.name,
+            )
+        try:
+            raise_for_status(self.name, httpx.Response(status), message[:200], context_length=False)
+        except UpstreamError as typed:
+            return typed
+        raise AssertionError("unreachable: status >= 400 always raises")  # pragma: no cover
+
+    def _whole_as_chunk(self, response: httpx.Response, request: ChatRequest) -> StreamChunk:
+        result = self._result(response, request, 0.0)
+        return StreamChunk(
+            delta=result.content,
+            usage=result.usage if result.usage_reported else None,
+            model=result.model,
+            finish_reason=result.finish_reason or "end_turn",
         )
 
     def _result(
@@ -174,6 +322,8 @@ class AnthropicProvider:
             provider=self.name,
             usage=parsed_usage,
             latency_ms=latency_ms,
+            usage_reported=isinstance(body.get("usage"), dict),
+            finish_reason=str(body.get("stop_reason") or "") or None,
         )
 
 

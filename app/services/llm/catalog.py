@@ -44,6 +44,8 @@ class ProviderSpec(_Strict):
     timeout_seconds: float = 30.0
     rpm: int | None = None
     auth_header: str | None = None
+    transport: Literal["http", "websocket"] = "http"  # how answers are streamed (OpenAI kind)
+    ws_url: str | None = None  # websocket transport: default derived from base_url
     models: list[ModelSpec] = Field(min_length=1)
 
 
@@ -150,6 +152,12 @@ def _semantic_problems(
         at = f"providers[{i}]"
         if not provider.base_url.startswith(("http://", "https://")):
             problems.append(Problem(f"{at}.base_url", "must be an http:// or https:// URL"))
+        if provider.transport == "websocket" and provider.kind != "openai":
+            problems.append(
+                Problem(f"{at}.transport", "the websocket transport is for the openai kind")
+            )
+        if provider.ws_url is not None and not provider.ws_url.startswith(("ws://", "wss://")):
+            problems.append(Problem(f"{at}.ws_url", "must be a ws:// or wss:// URL"))
         if provider.rpm is not None and provider.rpm <= 0:
             problems.append(Problem(f"{at}.rpm", f"must be above 0 (got {provider.rpm})"))
         if provider.timeout_seconds <= 0:

@@ -2,20 +2,42 @@
 
 This module makes exactly one attempt; retries, backoff and deadlines live in `retry.py`, so the
 same attempt can later be driven by provider routing and fallback chains.
+
+`stream` sends the same request with `stream: true` and reads the Server-Sent Events answer:
+`data: {chat.completion.chunk}` events, the usage in a last chunk with no choices (asked for with
+`stream_options.include_usage`), then `data: [DONE]`. The chunk parsing and the in-stream error
+mapping are shared with the WebSocket transport (`websocket.py`).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
 from app.errors import (
+    UpstreamError,
     UpstreamProtocolError,
+    UpstreamUnavailable,
 )
-from app.services.llm.types import ChatRequest, ChatResult, Usage
+from app.services.llm.streaming import iter_sse, stream_cut, stream_transport_error
+from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
 from app.services.llm.wire import post_json, probe_key, raise_for_status
+
+DONE = "[DONE]"
+
+# OpenAI's string error codes that stand for an HTTP status when an error arrives in a stream.
+_ERROR_CODE_STATUS = {
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "invalid_api_key": 401,
+    "context_length_exceeded": 400,
+    "server_error": 500,
+    "service_unavailable": 503,
+}
 
 
 def chat_completions_url(base_url: str) -> str:
@@ -50,16 +72,7 @@ class OpenAICompatibleProvider:
         self._auth_header = auth_header
 
     def payload(self, request: ChatRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": request.model,
-            "messages": request.messages,
-            "temperature": request.temperature,
-            "max_tokens": request.max_tokens,
-        }
-        if request.json_output:
-            body["response_format"] = {"type": "json_object"}
-        body.update(request.extra)
-        return body
+        return chat_payload(request)
 
     async def complete(
         self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
@@ -76,9 +89,52 @@ class OpenAICompatibleProvider:
         )
         return self._result(response, request, latency_ms)
 
+    async def stream(
+        self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
+    ) -> AsyncIterator[StreamChunk]:
+        """One streamed attempt (see `StreamingProviderClient`); `timeout` bounds the connect
+        and each read, not the whole answer."""
+        headers = {**auth_headers(api_key, self._auth_header), "Accept": "text/event-stream"}
+        body = chat_payload(request, stream=True)
+        finished = False
+        try:
+            async with http.stream(
+                "POST", self.url, json=body, headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()  # the error body names the cause
+                    raise_for_error(self.name, response)
+                if _is_json(response):
+                    # A gateway that ignores `stream: true` answers one whole completion.
+                    await response.aread()
+                    yield self._whole_as_chunk(response, request)
+                    return
+                async for event in iter_sse(response.aiter_bytes()):
+                    data = event.data.strip()
+                    if data == DONE:
+                        return
+                    chunk = parse_chunk(self.name, decode_event(self.name, data), api_key)
+                    if chunk is None:
+                        continue
+                    finished = finished or chunk.finish_reason is not None
+                    yield chunk
+        except httpx.HTTPError as exc:
+            raise stream_transport_error(self.name, exc, timeout) from exc
+        if not finished:
+            raise stream_cut(self.name, "the event stream ended before [DONE]")
+
     async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
         return await probe_key(
             http, self.models_url, auth_headers(api_key, self._auth_header), timeout
+        )
+
+    def _whole_as_chunk(self, response: httpx.Response, request: ChatRequest) -> StreamChunk:
+        result = self._result(response, request, 0.0)
+        return StreamChunk(
+            delta=result.content,
+            usage=result.usage if result.usage_reported else None,
+            model=result.model,
+            finish_reason=result.finish_reason or "stop",
         )
 
     def _result(
@@ -93,6 +149,7 @@ class OpenAICompatibleProvider:
                 f"{self.name} answered 2xx without a chat completion", upstream=self.name
             ) from exc
         usage = body.get("usage") or {}
+        reported = isinstance(body.get("usage"), dict)
         return ChatResult(
             content=content,
             model=str(body.get("model") or request.model),
@@ -101,7 +158,149 @@ class OpenAICompatibleProvider:
                 int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
             ),
             latency_ms=latency_ms,
+            usage_reported=reported,
+            finish_reason=str(choice.get("finish_reason") or "") or None,
         )
+
+
+def raise_for_error(provider: str, response: httpx.Response) -> None:
+    """Nothing for a success; else the typed error of `wire.raise_for_status`, quoting the
+    provider's own message (OpenAI's error shape) and spotting a context-length refusal."""
+    if response.status_code < 400:
+        return
+    detail = _error_message(response)
+    raise_for_status(
+        provider, response, detail, context_length=_is_context_length_error(response, detail)
+    )
+
+
+def chat_payload(request: ChatRequest, *, stream: bool = False) -> dict[str, Any]:
+    """The chat completion request body; streamed, it asks for the usage in a last chunk."""
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": request.messages,
+        "temperature": request.temperature,
+        "max_tokens": request.max_tokens,
+    }
+    if request.json_output:
+        body["response_format"] = {"type": "json_object"}
+    body.update(request.extra)
+    if stream:
+        options = body.get("stream_options")
+        body["stream"] = True
+        body["stream_options"] = {
+            **(options if isinstance(options, dict) else {}),
+            "include_usage": True,
+        }
+    return body
+
+
+def decode_event(provider: str, data: str) -> Any:
+    """One event's JSON payload (an SSE `data:` or a WebSocket text frame)."""
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise UpstreamProtocolError(
+            f"{provider} streamed an event that is not JSON", upstream=provider
+        ) from exc
+
+
+def parse_chunk(provider: str, payload: Any, api_key: str | None) -> StreamChunk | None:
+    """A `chat.completion.chunk` as a StreamChunk; None when it carries nothing (the leading
+    role-only chunk, keep-alives). An `{"error": ...}` payload raises its typed error."""
+    if not isinstance(payload, dict):
+        raise UpstreamProtocolError(
+            f"{provider} streamed a chunk that is not an object", upstream=provider
+        )
+    if payload.get("error"):
+        raise stream_error(provider, payload["error"], api_key)
+    try:
+        choices = payload.get("choices") or []
+        if not isinstance(choices, list):
+            raise TypeError("choices is not a list")
+        delta, finish_reason = "", None
+        if choices:
+            choice = choices[0]
+            content = (choice.get("delta") or {}).get("content")
+            if content is not None and not isinstance(content, str):
+                raise TypeError("delta.content is not a string")
+            delta = content or ""
+            finish_reason = choice.get("finish_reason")
+        raw_usage = payload.get("usage")
+        usage = (
+            Usage(
+                int(raw_usage.get("prompt_tokens") or 0),
+                int(raw_usage.get("completion_tokens") or 0),
+            )
+            if isinstance(raw_usage, dict)
+            else None
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise UpstreamProtocolError(
+            f"{provider} streamed a malformed chat completion chunk", upstream=provider
+        ) from exc
+    if not delta and usage is None and not finish_reason:
+        return None
+    model = payload.get("model")
+    return StreamChunk(
+        delta=delta,
+        usage=usage,
+        model=str(model) if model else None,
+        finish_reason=str(finish_reason) if finish_reason else None,
+    )
+
+
+def stream_error(provider: str, error: Any, api_key: str | None) -> UpstreamError:
+    """An error object received inside a stream, typed like the same status before it.
+
+    `code` is the HTTP-equivalent status (an int, or one of OpenAI's string codes); an optional
+    `retry_after` (seconds) becomes UpstreamRateLimited.retry_after. An error without a known
+    status is UpstreamUnavailable: the provider failed mid-answer, another try may pass.
+    """
+    fields = error if isinstance(error, dict) else {"message": str(error)}
+    code = fields.get("code")
+    status = _as_status(code) or _as_status(fields.get("status"))
+    if status is None:
+        status = _ERROR_CODE_STATUS.get(str(code)) or _ERROR_CODE_STATUS.get(
+            str(fields.get("type"))
+        )
+    message = str(fields.get("message") or "error")
+    if api_key:
+        message = message.replace(api_key, "[redacted]")
+    message = message[:200]
+    if status is None or status < 400:
+        return UpstreamUnavailable(f"{provider} failed mid-stream: {message}", upstream=provider)
+    headers = {}
+    if fields.get("retry_after") is not None:
+        headers["retry-after"] = str(fields["retry_after"])
+    context_length = code == "context_length_exceeded" or "maximum context length" in (
+        message.lower()
+    )
+    try:
+        raise_for_status(
+            provider,
+            httpx.Response(status, headers=headers),
+            message,
+            context_length=context_length,
+        )
+    except UpstreamError as typed:
+        return typed
+    raise AssertionError("unreachable: status >= 400 always raises")  # pragma: no cover
+
+
+def _as_status(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 100 <= value <= 599 else None
+    if isinstance(value, str) and value.isdigit():
+        return _as_status(int(value))
+    return None
+
+
+def _is_json(response: httpx.Response) -> bool:
+    content_type = str(response.headers.get("content-type", ""))
+    return content_type.lower().startswith("application/json")
 
 
 def _is_context_length_error(response: httpx.Response, detail: str) -> bool:

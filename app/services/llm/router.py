@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import httpx
@@ -37,10 +37,19 @@ from app.services.llm.keys import KeyPool
 from app.services.llm.openai_compat import OpenAICompatibleProvider
 from app.services.llm.ratelimit import RateLimiter, Unlimited
 from app.services.llm.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, RetryWait, WaitOutlastsDeadline
-from app.services.llm.types import ChatRequest, ChatResult, ProviderClient
+from app.services.llm.streaming import collect_stream
+from app.services.llm.types import (
+    ChatRequest,
+    ChatResult,
+    ProviderClient,
+    StreamingProviderClient,
+)
 from app.services.metrics import LLM_ATTEMPTS, LLM_FALLBACKS, LLM_RETRIES
 
 log = logging.getLogger("cxrelay.router")
+
+# One attempt: a provider, the request as that target takes it, a timeout and a key.
+Send = Callable[[ProviderClient, ChatRequest, float, str | None], Awaitable[ChatResult]]
 
 # The longest a request waits in a provider's outgoing rate-limit queue before falling back.
 MAX_QUEUE_SECONDS = 2.0
@@ -93,6 +102,10 @@ def build_client(spec: ProviderSpec) -> ProviderClient:
         from app.services.llm.anthropic import AnthropicProvider
 
         return AnthropicProvider(spec.name, spec.base_url, spec.auth_header)
+    if spec.transport == "websocket":
+        from app.services.llm.websocket import OpenAIWebSocketProvider
+
+        return OpenAIWebSocketProvider(spec.name, spec.base_url, spec.auth_header, spec.ws_url)
     return OpenAICompatibleProvider(spec.name, spec.base_url, spec.auth_header)
 
 
@@ -162,6 +175,13 @@ class LLMRouter:
             return Route(name, (serving[0],))
         raise UnknownModel(f"model {name!r} is not a configured route or provider model")
 
+    def model_spec(self, provider: str, model: str) -> ModelSpec | None:
+        """The configured model (prices, limits) behind an attempt, if it is still configured."""
+        runtime = self.providers.get(provider)
+        if runtime is None:
+            return None
+        return next((m for m in runtime.spec.models if m.name == model), None)
+
     def model_names(self) -> list[str]:
         names = list(self.routes)
         for provider in self.providers.values():
@@ -169,6 +189,37 @@ class LLMRouter:
         return names
 
     async def complete(self, request: ChatRequest, deadline: Deadline) -> ChatResult:
+        """The whole answer in one response from the provider."""
+        return await self._run(request, deadline, self._send_whole)
+
+    async def complete_streamed(
+        self, request: ChatRequest, deadline: Deadline, first_token_timeout: float
+    ) -> ChatResult:
+        """The answer streamed from the provider and reassembled: a slow first token or a
+        stream cut mid-way counts as a failure of that (provider, model), so the route falls
+        back instead of waiting out the deadline or passing on half an answer."""
+
+        async def send(
+            client: ProviderClient, call: ChatRequest, timeout: float, key: str | None
+        ) -> ChatResult:
+            if not isinstance(client, StreamingProviderClient):
+                return await client.complete(self._http, call, timeout, key)
+            return await collect_stream(
+                client.stream(self._http, call, timeout, key),
+                provider=client.name,
+                model=call.model,
+                first_token_timeout=min(first_token_timeout, timeout),
+                total_timeout=timeout,
+            )
+
+        return await self._run(request, deadline, send)
+
+    async def _send_whole(
+        self, client: ProviderClient, call: ChatRequest, timeout: float, key: str | None
+    ) -> ChatResult:
+        return await client.complete(self._http, call, timeout, key)
+
+    async def _run(self, request: ChatRequest, deadline: Deadline, send: Send) -> ChatResult:
         route = self.route(request.model)
         trail: list[Attempt] = []
         passes = 0
@@ -186,14 +237,19 @@ class LLMRouter:
             async for attempt in retrying:
                 with attempt:
                     passes += 1
-                    result = await self._walk(route, request, deadline, trail)
+                    result = await self._walk(route, request, deadline, trail, send)
         except UpstreamError as error:
             error.trail = tuple(trail)
             raise
         return replace(result, attempts=len(trail), trail=tuple(trail))
 
     async def _walk(
-        self, route: Route, request: ChatRequest, deadline: Deadline, trail: list[Attempt]
+        self,
+        route: Route,
+        request: ChatRequest,
+        deadline: Deadline,
+        trail: list[Attempt],
+        send: Send,
     ) -> ChatResult:
         last_error: UpstreamError = UpstreamUnavailable(
             f"route {route.name!r}: no provider could be tried", upstream=route.name
@@ -202,7 +258,7 @@ class LLMRouter:
             if deadline.remaining() < MIN_ATTEMPT_SECONDS:
                 raise UpstreamTimeout("deadline reached", upstream=target.provider.spec.name)
             try:
-                return await self._try_target(route, target, request, deadline, trail)
+                return await self._try_target(route, target, request, deadline, trail, send)
             except UpstreamRejected as error:
                 if not isinstance(error, ContextLengthExceeded) and error.status not in (401, 403):
                     raise  # the caller's own request is wrong: no other provider will take it
@@ -220,6 +276,7 @@ class LLMRouter:
         request: ChatRequest,
         deadline: Deadline,
         trail: list[Attempt],
+        send: Send,
     ) -> ChatResult:
         runtime, model = target.provider, target.model
         name = runtime.spec.name
@@ -246,7 +303,7 @@ class LLMRouter:
                     raise UpstreamTimeout("deadline reached", upstream=name)
                 started = time.perf_counter()
                 try:
-                    result = await runtime.client.complete(self._http, call, timeout, key.secret)
+                    result = await send(runtime.client, call, timeout, key.secret)
                 except UpstreamRateLimited as error:
                     self._note(
                         trail, Attempt(name, model.name, key.key_id, "rate_limited", _ms(started))

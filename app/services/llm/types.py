@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
@@ -50,6 +51,9 @@ class ChatResult:
     latency_ms: float
     attempts: int = 1
     trail: tuple[Any, ...] = ()  # router.Attempt records, oldest first
+    usage_reported: bool = True  # False: a stream ended without a usage chunk (usage is 0/0)
+    ttft_ms: float | None = None  # streamed answers: time to the first content delta
+    finish_reason: str | None = None  # streamed answers: "stop", "length", "end_turn" ...
 
 
 class ProviderClient(Protocol):
@@ -68,3 +72,34 @@ class ProviderClient(Protocol):
     ) -> ChatResult: ...
 
     async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One piece of a streamed answer: a content delta, and/or the usage, model or finish reason
+    the provider reported with it (usage usually arrives alone in the last chunk)."""
+
+    delta: str = ""
+    usage: Usage | None = None
+    model: str | None = None
+    finish_reason: str | None = None
+
+
+@runtime_checkable
+class StreamingProviderClient(ProviderClient, Protocol):
+    """A provider that can also stream one attempt.
+
+    `stream` is an async generator: it yields StreamChunks as they arrive and raises the same
+    typed errors as `complete` (an error status before the first event included). A stream that
+    ends before the provider's end marker raises UpstreamUnavailable ("stream cut"): a cut answer
+    never looks complete. `timeout` bounds each network operation (connect, each read); the
+    whole answer is bounded by the consumer (`streaming.collect_stream`). Consumers must close
+    the generator (`aclose`) when they stop early so the connection is released.
+
+    Runtime-checkable: `isinstance(client, StreamingProviderClient)` tells whether a client has
+    a `stream` method (attribute presence only, as for every runtime protocol).
+    """
+
+    def stream(
+        self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
+    ) -> AsyncIterator[StreamChunk]: ...

@@ -1,0 +1,137 @@
+"""POST /webhook/cxone: the Virtual Agent Hub custom exchange endpoint (thin: read, authenticate,
+parse, run the turn inside its deadline, log, answer in CXone's shape)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from app.deadline import Deadline
+from app.dependencies import ServicesDep
+from app.observability import request_id_var
+from app.pipelines.cxone import BotTurn
+from app.schemas.cxone import BotExchangeResponse, ExternalIntegrationBotExchangeRequest
+from app.services.body import read_limited_body
+from app.services.metrics import BOT_STATE_REJECTED, COST, TOKENS, TTFT, TURN_LATENCY, TURNS
+
+router = APIRouter(tags=["cxone"])
+log = logging.getLogger("cxrelay.cxone")
+
+JSON_TYPES = ("application/json", "text/json")
+
+
+def _is_json(content_type: str) -> bool:
+    """application/json, text/json and application/*+json, as NICE's spec lists."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _authorized(presented: str, accepted: list[bytes]) -> bool:
+    digest = hashlib.sha256(presented.encode()).digest()
+    match = False
+    for expected in accepted:  # no early exit: the time does not tell which value matched
+        match |= hmac.compare_digest(expected, digest)
+    return match
+
+
+@router.post(
+    "/webhook/cxone",
+    response_model=BotExchangeResponse,
+    response_model_exclude_none=True,
+    responses={
+        401: {
+            "description": "Authorization header missing or not one of CXONE_WEBHOOK_AUTHORIZATION"
+        },
+        413: {"description": "body over MAX_BODY_BYTES"},
+        415: {"description": "not application/json, text/json or application/*+json"},
+        422: {"description": "malformed ExternalIntegrationBotExchangeRequest"},
+    },
+)
+async def cxone_exchange(request: Request, services: ServicesDep) -> JSONResponse:
+    settings = services.settings
+    accepted = services.cxone_authorizations
+    if not accepted and not settings.allow_unauthenticated_webhooks:
+        raise HTTPException(
+            401, "the CXone webhook is disabled until CXONE_WEBHOOK_AUTHORIZATION is set"
+        )
+    if accepted and not _authorized(request.headers.get("authorization", ""), accepted):
+        log.warning(
+            "webhook authentication failed",
+            extra={
+                "route": request.url.path,
+                "reason": "authorization header not accepted",
+                "remote": request.client.host if request.client else "",
+            },
+        )
+        raise HTTPException(401, "Authorization header not accepted for this endpoint")
+    if not _is_json(request.headers.get("content-type", "")):
+        raise HTTPException(
+            415, "send the exchange as application/json, text/json or application/*+json"
+        )
+    body = await read_limited_body(request, settings.max_body_bytes)
+    try:
+        exchange = ExternalIntegrationBotExchangeRequest.model_validate_json(body)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors(include_url=False)) from None
+
+    pipeline = services.cxone_bot
+    session = pipeline.codec.decode(exchange.botSessionState)
+    if session.rejected not in ("", "missing"):
+        BOT_STATE_REJECTED.labels(session.rejected).inc()
+    deadline = Deadline.after(settings.cxone_deadline_seconds)
+    turn = BotTurn(request_id=request_id_var.get())
+    try:
+        response = await asyncio.wait_for(
+            pipeline.exchange(exchange, session, deadline, turn), timeout=deadline.remaining()
+        )
+    except asyncio.TimeoutError:
+        response = pipeline.failure(
+            session, turn, f"no answer within {settings.cxone_deadline_seconds}s"
+        )
+    _observe(turn, exchange, response, session.session_id)
+    return JSONResponse(response.wire())
+
+
+def _observe(
+    turn: BotTurn,
+    exchange: ExternalIntegrationBotExchangeRequest,
+    response: BotExchangeResponse,
+    session_id: str,
+) -> None:
+    result = turn.result
+    provider, model = (result.provider, result.model) if result else ("", "")
+    TURNS.labels("cxone", turn.outcome).inc()
+    TURN_LATENCY.labels("cxone").observe(turn.elapsed_ms() / 1000)
+    if result is not None:
+        TOKENS.labels("cxone", provider, model, "prompt").inc(turn.usage.prompt_tokens)
+        TOKENS.labels("cxone", provider, model, "completion").inc(turn.usage.completion_tokens)
+        COST.labels("cxone", provider, model).inc(turn.cost)
+        if result.ttft_ms is not None:
+            TTFT.labels(provider, model).observe(result.ttft_ms / 1000)
+    extra: dict[str, Any] = {
+        "surface": "cxone",
+        "session_id": session_id,
+        "contact_id": exchange.contact_id,
+        "input_type": exchange.input_type.value,
+        "branch": response.branchName.value,
+        "outcome": turn.outcome,
+        "provider": provider or None,
+        "model": model or None,
+        "latency_ms": turn.elapsed_ms(),
+        "ttft_ms": result.ttft_ms if result else None,
+        "prompt_tokens": turn.usage.prompt_tokens,
+        "completion_tokens": turn.usage.completion_tokens,
+        "usage_estimated": turn.usage_estimated,
+        "cost_usd": turn.cost,
+        "redactions": turn.redactions or None,
+        "reason": turn.reason or None,
+    }
+    log.info("cxone turn", extra=extra)

@@ -1,0 +1,197 @@
+"""Streamed answers: the Server-Sent Events parser both HTTP wires share, and `collect_stream`,
+which turns a provider's stream into one ChatResult under a time-to-first-token and a total limit.
+
+Why stream at all: the CXone bot webhook has a hard answer budget. Streaming lets it give up on a
+provider that has not produced its first token in time (and fall back) instead of waiting for a
+whole completion, and an explicit end marker lets it tell a complete answer from a cut one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+
+from app.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from app.services.llm.types import ChatResult, StreamChunk, Usage
+
+_END_OF_LINE = re.compile(rb"\r\n|\r|\n")
+
+
+@dataclass(frozen=True)
+class SSEEvent:
+    """One dispatched Server-Sent Event: its `event:` name ("message" by default) and its data
+    (several `data:` lines joined with newlines)."""
+
+    data: str
+    event: str = "message"
+
+
+class SSEParser:
+    """Incremental `text/event-stream` parser (WHATWG rules, minus `id`/`retry`).
+
+    Feed it the body as it arrives, in pieces of any size: a line, an event or a UTF-8 character
+    may be split across network reads. Lines end with CRLF, LF or CR; an empty line dispatches
+    the event; lines starting with ":" are comments (keep-alives); a field without a colon is a
+    field with an empty value.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+        self._event = ""
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        self._buffer += chunk
+        events: list[SSEEvent] = []
+        position = 0
+        while match := _END_OF_LINE.search(self._buffer, position):
+            if match.group() == b"\r" and match.end() == len(self._buffer):
+                break  # maybe the first half of a CRLF split across reads: wait for more
+            line = self._buffer[position : match.start()]
+            position = match.end()
+            event = self._line(line.decode("utf-8", errors="replace"))
+            if event is not None:
+                events.append(event)
+        self._buffer = self._buffer[position:]
+        return events
+
+    def close(self) -> list[SSEEvent]:
+        """The body ended. A last complete line is honoured (a lone CR included) and a pending
+        event is dispatched even without its blank line; an unterminated last line is a cut
+        mid-line and dropped."""
+        events: list[SSEEvent] = []
+        if self._buffer.endswith(b"\r"):
+            events.extend(self.feed(b"\n"))
+        self._buffer = b""
+        if self._data:
+            events.append(self._dispatch())
+        return events
+
+    def _line(self, line: str) -> SSEEvent | None:
+        if not line:
+            if self._data:
+                return self._dispatch()
+            self._event = ""  # an empty event (e.g. only an event name) is not dispatched
+            return None
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        return None
+
+    def _dispatch(self) -> SSEEvent:
+        event = SSEEvent(data="\n".join(self._data), event=self._event or "message")
+        self._data = []
+        self._event = ""
+        return event
+
+
+async def iter_sse(byte_chunks: AsyncIterable[bytes]) -> AsyncIterator[SSEEvent]:
+    """The events of a `text/event-stream` body read as raw byte chunks."""
+    parser = SSEParser()
+    async for chunk in byte_chunks:
+        for event in parser.feed(chunk):
+            yield event
+    for event in parser.close():
+        yield event
+
+
+def stream_transport_error(provider: str, exc: httpx.HTTPError, timeout: float) -> UpstreamError:
+    """Transport failures of a stream, mapped like `wire.post_json` maps them: before the
+    headers or mid-body (ReadError, RemoteProtocolError ...) alike."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(
+            f"{provider} did not answer within {timeout:.2f}s ({type(exc).__name__})",
+            upstream=provider,
+        )
+    return UpstreamUnavailable(f"{provider} stream failed: {type(exc).__name__}", upstream=provider)
+
+
+def stream_cut(provider: str, detail: str) -> UpstreamUnavailable:
+    """A stream that ended before its end marker: retryable, and never a complete answer."""
+    return UpstreamUnavailable(f"{provider} stream cut: {detail}", upstream=provider)
+
+
+async def collect_stream(
+    chunks: AsyncIterator[StreamChunk],
+    *,
+    provider: str,
+    model: str,
+    first_token_timeout: float,
+    total_timeout: float,
+) -> ChatResult:
+    """Consume a provider stream into one ChatResult.
+
+    Raises UpstreamTimeout when no content delta arrived within `first_token_timeout` of this
+    call (chunks without content, such as a role or usage chunk, are not a token) or when the
+    whole stream took longer than `total_timeout`; the provider's own typed errors (a cut stream
+    included) pass through. The iterator is always closed, so the HTTP stream or WebSocket is
+    released on every path. `usage_reported` is False when the provider sent no usage (usage is
+    then 0/0 and the caller may estimate it).
+    """
+    started = time.perf_counter()
+    first_token_deadline = started + first_token_timeout
+    total_deadline = started + total_timeout
+    parts: list[str] = []
+    usage: Usage | None = None
+    answered_model: str | None = None
+    finish_reason: str | None = None
+    ttft_ms: float | None = None
+    try:
+        while True:
+            waiting_for_first = ttft_ms is None and first_token_deadline < total_deadline
+            deadline = first_token_deadline if waiting_for_first else total_deadline
+            remaining = deadline - time.perf_counter()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                chunk = await asyncio.wait_for(anext(chunks), remaining)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                if waiting_for_first:
+                    raise UpstreamTimeout(
+                        f"{provider}: no first token within {first_token_timeout:.2f}s",
+                        upstream=provider,
+                    ) from None
+                raise UpstreamTimeout(
+                    f"{provider}: stream not complete within {total_timeout:.2f}s",
+                    upstream=provider,
+                ) from None
+            if chunk.delta:
+                if ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - started) * 1000
+                parts.append(chunk.delta)
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if chunk.model:
+                answered_model = chunk.model
+            if chunk.finish_reason:
+                finish_reason = chunk.finish_reason
+    finally:
+        await _close(chunks)
+    return ChatResult(
+        content="".join(parts),
+        model=answered_model or model,
+        provider=provider,
+        usage=usage or Usage(0, 0),
+        latency_ms=(time.perf_counter() - started) * 1000,
+        usage_reported=usage is not None,
+        ttft_ms=ttft_ms,
+        finish_reason=finish_reason,
+    )
+
+
+async def _close(chunks: AsyncIterator[StreamChunk]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()

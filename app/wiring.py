@@ -1,0 +1,77 @@
+"""Builders that turn Settings into the pipelines' options and parts (called by the lifespan)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+
+from app.config import Settings
+from app.pipelines.cxone import BotOptions, CXoneBotPipeline
+from app.services.bot_state import StateCodec
+from app.services.cxone import CXoneContextClient
+from app.services.llm.router import RouterSlot
+from app.services.prompts import PromptRenderer
+from app.services.safety import RULES_DIR, SafetyRules
+
+log = logging.getLogger("cxrelay")
+
+
+def state_secret(settings: Settings) -> bytes:
+    if settings.bot_state_secret is not None:
+        return settings.bot_state_secret.get_secret_value().encode()
+    log.warning(
+        "BOT_STATE_SECRET is not set: botSessionState is signed with a key of this process "
+        "only, so another replica (or a restart) starts CXone conversations afresh"
+    )
+    return secrets.token_bytes(32)
+
+
+def cxone_authorizations(settings: Settings) -> list[bytes]:
+    """SHA-256 digests of the accepted Authorization values: no raw credential kept around."""
+    return [
+        hashlib.sha256(v.get_secret_value().strip().encode()).digest()
+        for v in settings.cxone_webhook_authorization
+    ]
+
+
+def build_cxone_bot(
+    settings: Settings,
+    llm: RouterSlot,
+    renderer: PromptRenderer,
+    cxone: CXoneContextClient | None,
+) -> CXoneBotPipeline:
+    renderer.check(
+        settings.cxone_system_template,
+        {"channel": "chat", "handoff_marker": "[[HANDOFF]]", "greeting": True},
+    )
+    safety = SafetyRules.load(settings.safety_rules_dir or RULES_DIR)
+    safety.check_categories(settings.unsafe_output_categories)
+    return CXoneBotPipeline(
+        llm=llm,
+        renderer=renderer,
+        safety=safety,
+        codec=StateCodec(state_secret(settings), settings.cxone_state_max_bytes),
+        cxone=cxone,
+        options=BotOptions(
+            model=settings.llm_model,
+            temperature=settings.llm_temperature,
+            max_tokens=settings.llm_max_tokens,
+            first_token_timeout=settings.cxone_first_token_timeout_seconds,
+            system_template=settings.cxone_system_template,
+            greeting=settings.cxone_greeting,
+            reprompt=settings.cxone_reprompt,
+            fallback_text=settings.fallback_bot_response,
+            comfort_prompt=settings.cxone_comfort_prompt,
+            response_delay_tolerance_ms=settings.cxone_response_delay_tolerance_ms,
+            wait_for_user_ms=settings.cxone_wait_for_user_ms,
+            max_no_input=settings.cxone_max_no_input,
+            max_failures=settings.cxone_max_failures,
+            state_max_messages=settings.cxone_state_max_messages,
+            state_max_chars=settings.cxone_state_max_chars,
+            history_turns=settings.cxone_history_turns,
+            metrics_in_payload=settings.cxone_metrics_in_payload,
+            redact_input=settings.redact_pii_input,
+            unsafe_categories=tuple(settings.unsafe_output_categories),
+        ),
+    )
