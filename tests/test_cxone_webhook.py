@@ -428,3 +428,86 @@ async def test_never_a_5xx_for_an_upstream_failure(app_client: Any) -> None:
         response = await cxone_turn(client, "hello")
     assert response.status_code == 200
     assert response.json()["branchName"] == "PromptAndCollectNextResponse"
+
+
+# --- transports and route fallback -------------------------------------------------------------
+
+
+async def _with_provider_file(
+    app_client: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    providers: list[dict[str, Any]],
+) -> Any:
+    monkeypatch.setenv("SIM_KEY", "sk-sim")
+    chain = [{"provider": p["name"], "model": p["models"][0]["name"]} for p in providers]
+    path = tmp_path / "providers.json"
+    path.write_text(
+        json.dumps({"providers": providers, "routes": [{"name": "assistant", "chain": chain}]})
+    )
+    return app_client(providers_file=path, llm_model="assistant")
+
+
+async def test_answers_stream_over_a_websocket_gateway(
+    app_client: Any,
+    llm_server: Any,
+    llm_plan: FaultPlan,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    providers = [
+        {
+            "name": "wsgw",
+            "base_url": llm_server.url,
+            "transport": "websocket",
+            "api_keys": ["env:SIM_KEY"],
+            "models": [{"name": "gpt-4o-mini"}],
+        }
+    ]
+    async with await _with_provider_file(app_client, tmp_path, monkeypatch, providers) as client:
+        body = await answer(client, "hello over a socket")
+    assert body["branchName"] == "PromptAndCollectNextResponse"
+    assert "hello over a socket" in said(body)
+    assert body["customPayload"]["provider"] == "wsgw"
+    assert body["customPayload"]["usageEstimated"] is False
+    assert llm_plan.requests[0]["headers"]["authorization"] == "Bearer sk-sim"
+
+
+async def test_websocket_closed_mid_stream_falls_back_to_the_next_route_entry(
+    app_client: Any,
+    llm_plan: FaultPlan,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from app.simulator.llm import create_llm_simulator
+    from app.simulator.server import LoopbackServer
+
+    backup_plan = FaultPlan()
+    with (
+        LoopbackServer(create_llm_simulator(llm_plan)) as primary,
+        LoopbackServer(create_llm_simulator(backup_plan)) as backup,
+    ):
+        providers = [
+            {
+                "name": "wsgw",
+                "base_url": primary.url,
+                "transport": "websocket",
+                "api_keys": ["env:SIM_KEY"],
+                "models": [{"name": "gpt-4o-mini"}],
+            },
+            {
+                "name": "backup",
+                "base_url": backup.url,
+                "api_keys": ["env:SIM_KEY"],
+                "models": [{"name": "gpt-4o"}],
+            },
+        ]
+        llm_plan.push(Fault(content="this will be cut short", cut_after=1))
+        async with await _with_provider_file(
+            app_client, tmp_path, monkeypatch, providers
+        ) as client:
+            body = await answer(client, "hello")
+    assert body["branchName"] == "PromptAndCollectNextResponse"
+    assert body["customPayload"]["provider"] == "backup"
+    assert "hello" in said(body) and "cut short" not in said(body)
+    assert len(backup_plan.requests) == 1

@@ -104,6 +104,16 @@ class CXoneBotPipeline:
         text = (request.userInput or "").strip()
         if kind is UserInputType.USER_ENDED_SESSION:
             turn.outcome = "ended"
+            log.info(
+                "cxone session closed",
+                extra={
+                    "session_id": session.session_id,
+                    "turns": session.turns,
+                    "session_prompt_tokens": session.prompt_tokens,
+                    "session_completion_tokens": session.completion_tokens,
+                    "duration_s": round(time.time() - session.started_at, 1),
+                },
+            )
             return self._respond(session, turn, BotExchangeBranch.EndContact)
         if kind is UserInputType.NO_INPUT:
             return self._no_input(session, turn)
