@@ -362,6 +362,19 @@ async def test_pii_in_the_reply_is_redacted_before_the_customer_hears_it(
     assert "Order 12345678 ships today" in text  # not a card: fails Luhn
 
 
+async def test_customer_pii_is_never_echoed_back_or_kept_in_state(
+    client: httpx.AsyncClient, llm_plan: FaultPlan
+) -> None:
+    body = await answer(client, "my SSN is 123-45-6789, card 4111 1111 1111 1111")
+    assert body["intentInfo"]["lastUserUtterance"] == (
+        "my SSN is [SSN REDACTED], card [CARD REDACTED]"
+    )
+    state = json.dumps(body["botSessionState"])
+    assert "123-45-6789" not in state and "4111" not in state
+    # without REDACT_PII_INPUT the provider still gets the customer's own words
+    assert "123-45-6789" in llm_plan.requests[0]["body"]["messages"][-1]["content"]
+
+
 async def test_customer_pii_reaches_the_provider_only_redacted_when_configured(
     app_client: Any, llm_plan: FaultPlan
 ) -> None:

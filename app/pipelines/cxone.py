@@ -148,10 +148,13 @@ class CXoneBotPipeline:
     ) -> BotExchangeResponse:
         greeting = request.input_type is UserInputType.AUTOMATED_TEXT
         user_text = "" if greeting else (request.userInput or "").strip()
-        if user_text and self.options.redact_input:
-            redaction = self.safety.redact(user_text)
-            user_text = redaction.text
-            _count(turn.redactions, redaction.counts, "input")
+        # What is kept in botSessionState and echoed in intentInfo is always redacted: CXone
+        # stores both in script variables and logs. The provider sees the raw text unless
+        # REDACT_PII_INPUT is on.
+        stored = self.safety.redact(user_text)
+        if stored.changed and self.options.redact_input:
+            user_text = stored.text
+            _count(turn.redactions, stored.counts, "input")
         if session.is_new and not session.history:
             await self._seed_history(request, session, deadline)
         messages = self._messages(request, session, user_text, greeting)
@@ -175,7 +178,7 @@ class CXoneBotPipeline:
             session.failure_streak = 0
             turn.outcome = "handoff"
             turn.reason = handoff.group(1).strip()[:200] or "the assistant asked for an agent"
-            session.add_exchange(user_text, "", **self._bounds())
+            session.add_exchange(stored.text, "", **self._bounds())
             return self._respond(
                 session,
                 turn,
@@ -192,13 +195,13 @@ class CXoneBotPipeline:
             return self.failure(session, turn, "the model answered with nothing")
         session.turns += 1
         session.no_input_streak = session.failure_streak = 0
-        session.add_exchange(user_text, redaction.text, **self._bounds())
+        session.add_exchange(stored.text, redaction.text, **self._bounds())
         return self._respond(
             session,
             turn,
             BotExchangeBranch.PromptAndCollectNextResponse,
             say=redaction.text,
-            utterance=user_text,
+            utterance=stored.text,
         )
 
     def failure(self, session: BotSession, turn: BotTurn, reason: str) -> BotExchangeResponse:
@@ -358,7 +361,7 @@ class CXoneBotPipeline:
             "usageEstimated": turn.usage_estimated,
             "costUsd": turn.cost,
             "latencyMs": turn.elapsed_ms(),
-            "ttftMs": result.ttft_ms if result else None,
+            "ttftMs": round(result.ttft_ms, 1) if result and result.ttft_ms is not None else None,
             "provider": result.provider if result else None,
             "model": result.model if result else None,
         }
