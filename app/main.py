@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from app import __version__
-from app.config import Settings, load_settings
+from app.config import DEV_CXONE_AUTHORIZATION, Settings, load_settings
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
@@ -196,6 +196,15 @@ def _warn_about_development_settings(settings: Settings) -> None:
         log.warning(
             "ALLOW_UNAUTHENTICATED_WEBHOOKS=true: webhook requests WITHOUT a credential are "
             "accepted. Development only; never run like this in front of customers."
+        )
+    if any(
+        v.get_secret_value() == DEV_CXONE_AUTHORIZATION
+        for v in settings.cxone_webhook_authorization
+    ):
+        log.warning(
+            "development CXone Authorization value %r accepted (simulated mode without "
+            "CXONE_WEBHOOK_AUTHORIZATION); set your own before exposing this service",
+            DEV_CXONE_AUTHORIZATION,
         )
     if settings.using_dev_secret:
         log.warning(
