@@ -32,8 +32,9 @@ from app.services.llm.anthropic import (
 )
 from app.services.llm.openai_compat import OpenAICompatibleProvider
 from app.services.llm.types import ChatRequest, ProviderClient
+from app.simulator.answers import SIMULATED_MODEL_SUFFIX
 from app.simulator.faults import Fault, FaultPlan
-from app.simulator.llm import SIMULATED_MODEL_SUFFIX, create_llm_simulator
+from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
 
 KEY = "sk-ant-test-0123456789abcdef"

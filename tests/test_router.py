@@ -292,12 +292,14 @@ async def test_rate_limit_holds_a_burst_at_the_configured_rpm(
     http: httpx.AsyncClient, servers: tuple[str, str], plan_a: FaultPlan, plan_b: FaultPlan
 ) -> None:
     llm = router(http, config(servers, rpm_a=240))  # 4 per second, bursts of 4
+    started = time.monotonic()
     results = await asyncio.gather(*(llm.complete(request(), Deadline.after(10)) for _ in range(8)))
     assert all(r.provider == "alpha" for r in results)  # queued briefly, none fell back
     arrivals = sorted(r["at"] for r in plan_a.requests)
-    assert arrivals[-1] - arrivals[0] >= (8 - 4) * 0.25 - 0.05
-    for i in range(len(arrivals) - 4):  # never more than the burst within one interval
-        assert arrivals[i + 4] - arrivals[i] >= 0.25 - 0.05
+    # Lower bounds only (a loaded machine can delay a request, never hurry one): the k-th
+    # request beyond the burst of 4 cannot reach the provider before its slot.
+    for k in range(4, 8):
+        assert arrivals[k] - started >= (k - 3) * 0.25 - 0.02, (k, arrivals[k] - started)
     assert plan_b.requests == []
 
 

@@ -7,16 +7,8 @@ from pathlib import Path
 import pytest
 
 from app.errors import ConfigError
-from app.services.safety import (
-    RULES_DIR,
-    Redaction,
-    SafetyRules,
-    fold,
-    iban,
-    luhn,
-    phone,
-    ssn,
-)
+from app.services.safety import RULES_DIR, Redaction, SafetyRules, fold
+from app.services.safety_validators import iban, luhn, phone, ssn
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,9 @@ from app.services.llm.types import (
     Usage,
 )
 from app.services.llm.websocket import OpenAIWebSocketProvider, websocket_url
+from app.simulator.answers import SIMULATED_MODEL_SUFFIX
 from app.simulator.faults import Fault, FaultPlan
-from app.simulator.llm import SIMULATED_MODEL_SUFFIX, create_llm_simulator
+from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
 
 KEY = "sk-test-0123456789abcdef"

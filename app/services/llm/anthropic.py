@@ -24,7 +24,12 @@ from app.errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
-from app.services.llm.streaming import iter_sse, stream_cut, stream_transport_error
+from app.services.llm.streaming import (
+    iter_sse,
+    stream_cut,
+    stream_transport_error,
+    whole_as_chunk,
+)
 from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
 from app.services.llm.wire import post_json, probe_key, raise_for_status
 
@@ -184,7 +189,7 @@ class AnthropicProvider:
                 if str(response.headers.get("content-type", "")).startswith("application/json"):
                     # A gateway that ignores `stream: true` answers one whole message.
                     await response.aread()
-                    yield self._whole_as_chunk(response, request)
+                    yield whole_as_chunk(self._result(response, request, 0.0), "end_turn")
                     return
                 async for event in iter_sse(response.aiter_bytes()):
                     payload = self._decode(event.data)
@@ -280,15 +285,6 @@ class AnthropicProvider:
         except UpstreamError as typed:
             return typed
         raise AssertionError("unreachable: status >= 400 always raises")  # pragma: no cover
-
-    def _whole_as_chunk(self, response: httpx.Response, request: ChatRequest) -> StreamChunk:
-        result = self._result(response, request, 0.0)
-        return StreamChunk(
-            delta=result.content,
-            usage=result.usage if result.usage_reported else None,
-            model=result.model,
-            finish_reason=result.finish_reason or "end_turn",
-        )
 
     def _result(
         self, response: httpx.Response, request: ChatRequest, latency_ms: float

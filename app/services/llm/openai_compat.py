@@ -23,7 +23,12 @@ from app.errors import (
     UpstreamProtocolError,
     UpstreamUnavailable,
 )
-from app.services.llm.streaming import iter_sse, stream_cut, stream_transport_error
+from app.services.llm.streaming import (
+    iter_sse,
+    stream_cut,
+    stream_transport_error,
+    whole_as_chunk,
+)
 from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
 from app.services.llm.wire import post_json, probe_key, raise_for_status
 
@@ -107,7 +112,7 @@ class OpenAICompatibleProvider:
                 if _is_json(response):
                     # A gateway that ignores `stream: true` answers one whole completion.
                     await response.aread()
-                    yield self._whole_as_chunk(response, request)
+                    yield whole_as_chunk(self._result(response, request, 0.0), "stop")
                     return
                 async for event in iter_sse(response.aiter_bytes()):
                     data = event.data.strip()
@@ -126,15 +131,6 @@ class OpenAICompatibleProvider:
     async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
         return await probe_key(
             http, self.models_url, auth_headers(api_key, self._auth_header), timeout
-        )
-
-    def _whole_as_chunk(self, response: httpx.Response, request: ChatRequest) -> StreamChunk:
-        result = self._result(response, request, 0.0)
-        return StreamChunk(
-            delta=result.content,
-            usage=result.usage if result.usage_reported else None,
-            model=result.model,
-            finish_reason=result.finish_reason or "stop",
         )
 
     def _result(

@@ -7,7 +7,7 @@ on to the next (provider, model) on a timeout, 5xx, a connection error, a contex
 every key cooling, or an open circuit. A 400 that is the caller's fault ends the request: another
 provider would refuse it too. When a whole pass fails with something that may pass (rate limits,
 outages), tenacity backs off (honouring Retry-After) and walks the chain again while the
-deadline allows.
+deadline allows. Every step is recorded as an `attempts.Attempt` on the request's trail.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.services.llm.attempts import Attempt, ms, reason, rejection
 from app.services.llm.catalog import ModelSpec, ProviderConfig, ProviderSpec, resolve_key
 from app.services.llm.circuit import CircuitBreaker
 from app.services.llm.keys import KeyPool
@@ -53,25 +54,6 @@ Send = Callable[[ProviderClient, ChatRequest, float, str | None], Awaitable[Chat
 
 # The longest a request waits in a provider's outgoing rate-limit queue before falling back.
 MAX_QUEUE_SECONDS = 2.0
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One step of a request's way through its route, for the response, logs and metrics."""
-
-    provider: str
-    model: str
-    key_id: str
-    outcome: str
-    latency_ms: float = 0.0
-
-    def public(self) -> dict[str, str | float]:
-        return {
-            "provider": self.provider,
-            "model": self.model,
-            "outcome": self.outcome,
-            "latency_ms": self.latency_ms,
-        }
 
 
 @dataclass
@@ -266,7 +248,7 @@ class LLMRouter:
             except UpstreamError as error:
                 last_error = error
             if index + 1 < len(route.targets):
-                LLM_FALLBACKS.labels(route.name, _reason(last_error)).inc()
+                LLM_FALLBACKS.labels(route.name, reason(last_error)).inc()
         raise last_error
 
     async def _try_target(
@@ -306,14 +288,14 @@ class LLMRouter:
                     result = await send(runtime.client, call, timeout, key.secret)
                 except UpstreamRateLimited as error:
                     self._note(
-                        trail, Attempt(name, model.name, key.key_id, "rate_limited", _ms(started))
+                        trail, Attempt(name, model.name, key.key_id, "rate_limited", ms(started))
                     )
                     runtime.keys.mark_rate_limited(key, error.retry_after)
                     rate_limited = error
                     continue  # the next key at once
                 except UpstreamRejected as error:
-                    outcome = _rejection(error)
-                    self._note(trail, Attempt(name, model.name, key.key_id, outcome, _ms(started)))
+                    outcome = rejection(error)
+                    self._note(trail, Attempt(name, model.name, key.key_id, outcome, ms(started)))
                     if outcome == "unauthorized":
                         runtime.keys.mark_unauthorized(key, error.status)
                         continue
@@ -321,12 +303,12 @@ class LLMRouter:
                     raise
                 except (UpstreamUnavailable, UpstreamTimeout, UpstreamProtocolError) as error:
                     self._note(
-                        trail, Attempt(name, model.name, key.key_id, _reason(error), _ms(started))
+                        trail, Attempt(name, model.name, key.key_id, reason(error), ms(started))
                     )
                     runtime.breaker.record_failure()
                     raise
                 runtime.breaker.record_success()
-                self._note(trail, Attempt(name, model.name, key.key_id, "ok", _ms(started)))
+                self._note(trail, Attempt(name, model.name, key.key_id, "ok", ms(started)))
                 return result
         finally:
             runtime.breaker.release_trial()
@@ -365,32 +347,6 @@ class LLMRouter:
                     runtime.keys.restore(key)
                     restored += 1
         return restored
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 1)
-
-
-def _rejection(error: UpstreamRejected) -> str:
-    if isinstance(error, ContextLengthExceeded):
-        return "context_length"
-    return "unauthorized" if error.status in (401, 403) else "rejected"
-
-
-def _reason(error: UpstreamError) -> str:
-    if isinstance(error, UpstreamRateLimited):
-        return "rate_limited"
-    if isinstance(error, UpstreamTimeout):
-        return "timeout"
-    if isinstance(error, ContextLengthExceeded):
-        return "context_length"
-    if isinstance(error, UpstreamRejected):
-        return "unauthorized" if error.status in (401, 403) else "rejected"
-    if isinstance(error, UpstreamProtocolError):
-        return "protocol_error"
-    if "circuit open" in str(error):
-        return "circuit_open"
-    return "unavailable"
 
 
 class RouterSlot:

@@ -121,6 +121,17 @@ def stream_cut(provider: str, detail: str) -> UpstreamUnavailable:
     return UpstreamUnavailable(f"{provider} stream cut: {detail}", upstream=provider)
 
 
+def whole_as_chunk(result: ChatResult, default_finish: str) -> StreamChunk:
+    """A whole answer to a streamed request (a gateway that ignored `stream: true`) as the one
+    chunk of its stream; `default_finish` is the wire's own stop reason when none was given."""
+    return StreamChunk(
+        delta=result.content,
+        usage=result.usage if result.usage_reported else None,
+        model=result.model,
+        finish_reason=result.finish_reason or default_finish,
+    )
+
+
 async def collect_stream(
     chunks: AsyncIterator[StreamChunk],
     *,

@@ -50,7 +50,7 @@ class ChatResult:
     usage: Usage
     latency_ms: float
     attempts: int = 1
-    trail: tuple[Any, ...] = ()  # router.Attempt records, oldest first
+    trail: tuple[Any, ...] = ()  # attempts.Attempt records, oldest first
     usage_reported: bool = True  # False: a stream ended without a usage chunk (usage is 0/0)
     ttft_ms: float | None = None  # streamed answers: time to the first content delta
     finish_reason: str | None = None  # streamed answers: "stop", "length", "end_turn" ...

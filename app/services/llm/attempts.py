@@ -1,0 +1,69 @@
+"""The trail of a routed request: one Attempt per step, and the outcome names they carry.
+
+The router records an Attempt for every key tried, circuit skipped or rate limit hit; the trail
+ends up on the ChatResult (or the UpstreamError) for the response, the logs and the metrics.
+The outcome names ("ok", "rate_limited", "timeout", "unauthorized" ...) are metric labels, so
+they live here, in one place, apart from the routing logic that decides what to try next.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from app.errors import (
+    ContextLengthExceeded,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One step of a request's way through its route, for the response, logs and metrics."""
+
+    provider: str
+    model: str
+    key_id: str
+    outcome: str
+    latency_ms: float = 0.0
+
+    def public(self) -> dict[str, str | float]:
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "outcome": self.outcome,
+            "latency_ms": self.latency_ms,
+        }
+
+
+def ms(started: float) -> float:
+    """Milliseconds since `started` (a time.perf_counter() reading), to a tenth."""
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+def rejection(error: UpstreamRejected) -> str:
+    """The outcome of a refusal: the context was too long, the key was refused, or the request."""
+    if isinstance(error, ContextLengthExceeded):
+        return "context_length"
+    return "unauthorized" if error.status in (401, 403) else "rejected"
+
+
+def reason(error: UpstreamError) -> str:
+    """The outcome (and fallback reason label) an upstream error stands for."""
+    if isinstance(error, UpstreamRateLimited):
+        return "rate_limited"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, ContextLengthExceeded):
+        return "context_length"
+    if isinstance(error, UpstreamRejected):
+        return "unauthorized" if error.status in (401, 403) else "rejected"
+    if isinstance(error, UpstreamProtocolError):
+        return "protocol_error"
+    if "circuit open" in str(error):
+        return "circuit_open"
+    return "unavailable"
