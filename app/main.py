@@ -19,6 +19,7 @@ from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
 from app.routers import admin, cognigy, cxone, health, metrics
+from app.services import tokens
 from app.services.audit import AuditLog
 from app.services.cxone import CXoneContextClient, Turn
 from app.services.http import build_http_client
@@ -230,6 +231,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings, simulated = _start_simulators(app.state.settings, stack)
         _warn_about_development_settings(settings)
         audit, startup = await open_audit_log(settings, stack)
+        models = [settings.llm_model, *(m.name for p in startup.config.providers for m in p.models)]
+        await asyncio.to_thread(tokens.preload, models)  # never load an encoding per request
         services = build_services(settings, simulated, stack, audit, startup)
         app.state.services = services
         reprobe = asyncio.create_task(_reprobe_keys(services), name="key-reprobe")

@@ -287,7 +287,10 @@ class CXoneBotPipeline:
         turn.result = result
         usage = result.usage
         if not result.usage_reported:
-            usage = Usage(estimate_tokens(messages), text_tokens(result.content))
+            model = result.trail[-1].model if result.trail else self.options.model
+            usage = Usage(
+                estimate_tokens(messages, model=model), text_tokens(result.content, model=model)
+            )
             turn.usage_estimated = True
         turn.usage = usage
         last = result.trail[-1] if result.trail else None
