@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     circuit_failure_threshold: int = Field(5, ge=1, le=1000)
     circuit_reset_seconds: float = Field(30.0, gt=0.0, le=3600.0)
 
+    # --- store (budgets and the usage ledger) ----------------------------------------------------
+    store_backend: Literal["sqlite", "redis"] = "sqlite"
+    redis_url: str | None = None
+    redis_key_prefix: str = Field("cxrelay:", min_length=1, max_length=64)
+    ledger_batch_interval_ms: int = Field(200, ge=10, le=10000)
+
     # --- provisioning (admin) API ----------------------------------------------------------------
     admin_token: SecretStr | None = None
     admin_notify_urls: CommaList = Field(default_factory=list)
@@ -191,6 +197,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 "CXONE_GRANT_TYPE=password needs CXONE_ACCESS_KEY_ID and CXONE_ACCESS_KEY_SECRET"
             )
+        if self.store_backend == "redis" and not self.redis_url:
+            raise ValueError("STORE_BACKEND=redis needs REDIS_URL (e.g. redis://redis:6379/0)")
         if self.cxone_configured and not self.cxone_client_secret:
             raise ValueError("CXONE_CLIENT_ID is set but CXONE_CLIENT_SECRET is not")
         return self

@@ -12,9 +12,11 @@ from app.config import Settings
 from app.pipelines.cognigy import CognigyPipeline
 from app.pipelines.cxone import CXoneBotPipeline
 from app.services.audit import AuditLog
+from app.services.ledger import Ledger
 from app.services.llm.router import RouterSlot
 from app.services.provisioning import Provisioner
 from app.services.signatures import WebhookAuthenticator
+from app.services.store import Store
 
 
 @dataclass
@@ -28,6 +30,8 @@ class Services:
     cxone_authorizations: list[bytes]
     audit: AuditLog
     provisioner: Provisioner
+    store: Store
+    ledger: Ledger
     simulated: dict[str, bool] = field(default_factory=dict)
 
 

@@ -23,6 +23,7 @@ from app.services import tokens
 from app.services.audit import AuditLog
 from app.services.cxone import CXoneContextClient, Turn
 from app.services.http import build_http_client
+from app.services.ledger import Ledger
 from app.services.llm.bootstrap import router_options, startup_provider_config
 from app.services.llm.catalog import ProviderConfig
 from app.services.llm.router import LLMRouter, RouterSlot
@@ -30,10 +31,11 @@ from app.services.oauth import TokenCache, TokenRequest
 from app.services.prompts import PromptRenderer
 from app.services.provisioning import Provisioner
 from app.services.signatures import ReplayGuard, WebhookAuthenticator
+from app.services.store import Store
 from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
-from app.wiring import build_cxone_bot, cxone_authorizations
+from app.wiring import build_cxone_bot, cxone_authorizations, open_usage_ledger
 
 log = logging.getLogger("cxrelay")
 
@@ -138,6 +140,8 @@ def build_services(
     stack: AsyncExitStack,
     audit: AuditLog,
     startup: StartupConfig,
+    store: Store,
+    ledger: Ledger,
 ) -> Services:
     renderer = PromptRenderer()
     for template in (settings.cognigy_system_template, settings.cognigy_user_template):
@@ -188,6 +192,8 @@ def build_services(
         cxone_authorizations=cxone_authorizations(settings),
         audit=audit,
         provisioner=provisioner,
+        store=store,
+        ledger=ledger,
         simulated=simulated,
     )
 
@@ -233,7 +239,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         audit, startup = await open_audit_log(settings, stack)
         models = [settings.llm_model, *(m.name for p in startup.config.providers for m in p.models)]
         await asyncio.to_thread(tokens.preload, models)  # never load an encoding per request
-        services = build_services(settings, simulated, stack, audit, startup)
+        store, ledger = await open_usage_ledger(settings, stack)
+        services = build_services(settings, simulated, stack, audit, startup, store, ledger)
         app.state.services = services
         reprobe = asyncio.create_task(_reprobe_keys(services), name="key-reprobe")
         stack.callback(reprobe.cancel)

@@ -5,16 +5,35 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from contextlib import AsyncExitStack
 
 from app.config import Settings
 from app.pipelines.cxone import BotOptions, CXoneBotPipeline
 from app.services.bot_state import StateCodec
 from app.services.cxone import CXoneContextClient
+from app.services.ledger import Ledger
 from app.services.llm.router import RouterSlot
 from app.services.prompts import PromptRenderer
 from app.services.safety import RULES_DIR, SafetyRules
+from app.services.store import Store, open_store
 
 log = logging.getLogger("cxrelay")
+
+
+async def open_usage_ledger(settings: Settings, stack: AsyncExitStack) -> tuple[Store, Ledger]:
+    """The store (SQLite under DATA_DIR, or Redis for several replicas) and the write-behind
+    ledger in front of it; on shutdown the ledger drains before the store closes."""
+    store = await open_store(
+        settings.store_backend,
+        data_dir=settings.data_dir,
+        redis_url=settings.redis_url,
+        redis_prefix=settings.redis_key_prefix,
+    )
+    stack.push_async_callback(store.close)
+    ledger = Ledger(store, batch_interval_seconds=settings.ledger_batch_interval_ms / 1000)
+    ledger.start()
+    stack.push_async_callback(ledger.close)
+    return store, ledger
 
 
 def state_secret(settings: Settings) -> bytes:

@@ -293,14 +293,7 @@ class CXoneBotPipeline:
             )
             turn.usage_estimated = True
         turn.usage = usage
-        last = result.trail[-1] if result.trail else None
-        spec = self.llm.current.model_spec(last.provider, last.model) if last else None
-        if spec is not None:
-            turn.cost = round(
-                usage.prompt_tokens / 1000 * spec.price_per_1k_prompt
-                + usage.completion_tokens / 1000 * spec.price_per_1k_completion,
-                8,
-            )
+        turn.cost = self.llm.current.cost(result.trail, usage)
 
     def _bounds(self) -> dict[str, int]:
         return {

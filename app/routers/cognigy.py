@@ -16,6 +16,7 @@ from app.observability import request_id_var
 from app.pipelines.cognigy import TurnRecord
 from app.schemas.cognigy import CognigyResponse, CognigyTrigger
 from app.services.body import read_limited_body
+from app.services.store import UsageRecord
 
 router = APIRouter(tags=["cognigy"])
 log = logging.getLogger("cxrelay.cognigy")
@@ -70,6 +71,20 @@ async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyRe
             turn,
             "deadline_exceeded",
             f"no valid decision within {settings.cognigy_deadline_seconds}s",
+        )
+    if turn.provider is not None:  # a model answered (and was billed), valid or not
+        services.ledger.record(
+            UsageRecord(
+                tenant=principal.tenant,
+                session=trigger.conversation_id,
+                surface="cognigy",
+                provider=turn.trail[-1].provider,
+                model=turn.trail[-1].model,  # the configured name, as priced
+                prompt_tokens=turn.usage.prompt_tokens,
+                completion_tokens=turn.usage.completion_tokens,
+                cost=services.llm.current.cost(turn.trail, turn.usage),
+                latency_ms=response.latency_ms,
+            )
         )
     log.info(
         "cognigy turn",

@@ -18,9 +18,11 @@ from app.deadline import Deadline
 from app.dependencies import ServicesDep
 from app.observability import request_id_var
 from app.pipelines.cxone import BotTurn
+from app.principal import DEFAULT_TENANT
 from app.schemas.cxone import BotExchangeResponse, ExternalIntegrationBotExchangeRequest
 from app.services.body import read_limited_body
 from app.services.metrics import BOT_STATE_REJECTED, COST, TOKENS, TTFT, TURN_LATENCY, TURNS
+from app.services.store import UsageRecord
 
 router = APIRouter(tags=["cxone"])
 log = logging.getLogger("cxrelay.cxone")
@@ -97,6 +99,22 @@ async def cxone_exchange(request: Request, services: ServicesDep) -> JSONRespons
             session, turn, f"no answer within {settings.cxone_deadline_seconds}s"
         )
     _observe(turn, exchange, response, session.session_id)
+    if turn.result is not None and turn.result.trail:
+        answered = turn.result.trail[-1]
+        services.ledger.record(
+            UsageRecord(
+                tenant=DEFAULT_TENANT,
+                session=session.session_id,
+                surface="cxone",
+                provider=answered.provider,
+                model=answered.model,  # the configured name, as priced
+                prompt_tokens=turn.usage.prompt_tokens,
+                completion_tokens=turn.usage.completion_tokens,
+                cost=turn.cost,
+                latency_ms=turn.elapsed_ms(),
+                estimated=turn.usage_estimated,
+            )
+        )
     return JSONResponse(response.wire())
 
 

@@ -44,6 +44,7 @@ from app.services.llm.types import (
     ChatResult,
     ProviderClient,
     StreamingProviderClient,
+    Usage,
 )
 from app.services.metrics import LLM_ATTEMPTS, LLM_FALLBACKS, LLM_RETRIES
 
@@ -163,6 +164,18 @@ class LLMRouter:
         if runtime is None:
             return None
         return next((m for m in runtime.spec.models if m.name == model), None)
+
+    def cost(self, trail: tuple[Attempt, ...], usage: Usage) -> float:
+        """What a call cost at the provider file's prices for the (provider, model) that answered
+        (the last step of its trail); 0 when that model is no longer configured."""
+        spec = self.model_spec(trail[-1].provider, trail[-1].model) if trail else None
+        if spec is None:
+            return 0.0
+        return round(
+            usage.prompt_tokens / 1000 * spec.price_per_1k_prompt
+            + usage.completion_tokens / 1000 * spec.price_per_1k_completion,
+            8,
+        )
 
     def model_names(self) -> list[str]:
         names = list(self.routes)
