@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     redis_key_prefix: str = Field("cxrelay:", min_length=1, max_length=64)
     ledger_batch_interval_ms: int = Field(200, ge=10, le=10000)
 
+    # --- client API keys (internal tools: /budget/*, and the chat surfaces) ----------------------
+    client_api_keys: SecretList = Field(default_factory=list)  # "key:tenant" pairs
+
     # --- provisioning (admin) API ----------------------------------------------------------------
     admin_token: SecretStr | None = None
     admin_notify_urls: CommaList = Field(default_factory=list)
@@ -150,6 +153,7 @@ class Settings(BaseSettings):
         "admin_notify_urls",
         "cxone_webhook_authorization",
         "unsafe_output_categories",
+        "client_api_keys",
         mode="before",
     )(_split_commas)
 

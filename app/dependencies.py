@@ -12,6 +12,7 @@ from app.config import Settings
 from app.pipelines.cognigy import CognigyPipeline
 from app.pipelines.cxone import CXoneBotPipeline
 from app.services.audit import AuditLog
+from app.services.clients import ClientAuthenticator
 from app.services.ledger import Ledger
 from app.services.llm.router import RouterSlot
 from app.services.provisioning import Provisioner
@@ -32,6 +33,7 @@ class Services:
     provisioner: Provisioner
     store: Store
     ledger: Ledger
+    client_auth: ClientAuthenticator
     simulated: dict[str, bool] = field(default_factory=dict)
 
 

@@ -18,9 +18,10 @@ from app.config import DEV_CXONE_AUTHORIZATION, Settings, load_settings
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
-from app.routers import admin, cognigy, cxone, health, metrics
+from app.routers import admin, budget, cognigy, cxone, health, metrics
 from app.services import tokens
 from app.services.audit import AuditLog
+from app.services.clients import ClientAuthenticator
 from app.services.cxone import CXoneContextClient, Turn
 from app.services.http import build_http_client
 from app.services.ledger import Ledger
@@ -194,6 +195,10 @@ def build_services(
         provisioner=provisioner,
         store=store,
         ledger=ledger,
+        client_auth=ClientAuthenticator(
+            [k.get_secret_value() for k in settings.client_api_keys],
+            settings.admin_token.get_secret_value() if settings.admin_token else None,
+        ),
         simulated=simulated,
     )
 
@@ -266,4 +271,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(cxone.router)
     app.include_router(admin.router)
     app.include_router(metrics.router)
+    app.include_router(budget.router)
     return app

@@ -1,0 +1,87 @@
+"""Cost and usage reads: /budget/status, /budget/sessions/{id}, /budget/usage.
+
+A client key sees its own tenant only; the admin token may pick one with `?tenant=`. The tenant
+is never taken from anything else the caller sends, and another tenant's session is a 404 (not
+a 403) so session ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+
+from app.dependencies import ServicesDep
+from app.errors import AuthenticationFailed
+from app.principal import Principal
+
+router = APIRouter(prefix="/budget", tags=["budget"])
+log = logging.getLogger("cxrelay.budget")
+
+
+def caller(request: Request, services: ServicesDep) -> Principal:
+    try:
+        return services.client_auth.authenticate(request.headers)
+    except AuthenticationFailed as failure:
+        log.warning(
+            "client authentication failed",
+            extra={
+                "route": request.url.path,
+                "reason": str(failure),
+                "remote": request.client.host if request.client else "",
+            },
+        )
+        raise HTTPException(401, str(failure), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+CallerDep = Annotated[Principal, Depends(caller)]
+
+
+def tenant_of(principal: Principal, requested: str | None) -> str:
+    if requested is None or requested == principal.tenant:
+        return principal.tenant
+    if principal.role == "admin":
+        return requested
+    raise HTTPException(403, "a client key reads its own tenant only; omit ?tenant=")
+
+
+@router.get("/status")
+async def status(
+    principal: CallerDep, services: ServicesDep, tenant: str | None = None
+) -> dict[str, Any]:
+    """The tenant's totals, per-session costs and active sessions."""
+    report = await services.ledger.tenant_status(tenant_of(principal, tenant))
+    body = report.as_dict()
+    body["total_cost"] = report.totals.cost
+    body["session_costs"] = {s.session_id: s.totals.cost for s in report.sessions}
+    return body
+
+
+@router.get("/sessions/{session_id}")
+async def session(
+    session_id: str, principal: CallerDep, services: ServicesDep, tenant: str | None = None
+) -> dict[str, Any]:
+    summary = await services.ledger.session_summary(tenant_of(principal, tenant), session_id)
+    if summary is None:
+        raise HTTPException(404, f"no session {session_id!r} for this tenant")
+    return summary.as_dict()
+
+
+@router.get("/usage")
+async def usage(
+    principal: CallerDep,
+    services: ServicesDep,
+    tenant: str | None = None,
+    session: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Usage records newest first; pass `next_cursor` back as `cursor` for the next page."""
+    try:
+        page = await services.ledger.list_usage(
+            tenant_of(principal, tenant), session, limit=limit, cursor=cursor
+        )
+    except ValueError as error:
+        raise HTTPException(400, f"invalid cursor: {error}") from None
+    return {"records": [r.as_dict() for r in page.records], "next_cursor": page.next_cursor}

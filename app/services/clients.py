@@ -1,0 +1,59 @@
+"""Who is calling a client route: a client API key (`CLIENT_API_KEYS`, `key:tenant` pairs) or
+the admin token. Keys are held only as SHA-256 digests and compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
+
+from app.errors import AuthenticationFailed
+from app.principal import DEFAULT_TENANT, Principal
+from app.services.signatures import fingerprint
+
+
+def parse_client_key(entry: str) -> tuple[str, str]:
+    """`key:tenant` → (key, tenant); a bare key belongs to the default tenant."""
+    key, sep, tenant = entry.rpartition(":")
+    if not sep or not key:
+        return entry, DEFAULT_TENANT
+    return key, tenant or DEFAULT_TENANT
+
+
+class ClientAuthenticator:
+    def __init__(self, client_keys: Sequence[str], admin_token: str | None) -> None:
+        self._clients: list[tuple[bytes, Principal]] = []
+        for entry in client_keys:
+            key, tenant = parse_client_key(entry)
+            principal = Principal(tenant, fingerprint(key), "client", "api_key")
+            self._clients.append((hashlib.sha256(key.encode()).digest(), principal))
+        self._admin = (
+            (hashlib.sha256(admin_token.encode()).digest(), fingerprint(admin_token))
+            if admin_token
+            else None
+        )
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        presented = _presented(headers)
+        if presented is None:
+            raise AuthenticationFailed(
+                "missing credential: send Authorization: Bearer <client API key> or X-API-Key"
+            )
+        digest = hashlib.sha256(presented.encode()).digest()
+        match: Principal | None = None
+        for expected, principal in self._clients:  # no early exit: timing tells nothing
+            if hmac.compare_digest(expected, digest):
+                match = principal
+        if self._admin is not None and hmac.compare_digest(self._admin[0], digest):
+            match = Principal(DEFAULT_TENANT, self._admin[1], "admin", "admin_token")
+        if match is None:
+            raise AuthenticationFailed("unknown API key")
+        return match
+
+
+def _presented(headers: Mapping[str, str]) -> str | None:
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    key = headers.get("x-api-key", "").strip()
+    return key or None
