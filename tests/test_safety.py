@@ -298,7 +298,11 @@ def _rules_dir(tmp_path: Path, pii: str = GOOD_PII, unsafe: str = GOOD_UNSAFE) -
 
 def test_default_directory_is_the_shipped_package_data() -> None:
     assert RULES_DIR.name == "safety_rules"
-    assert {p.name for p in RULES_DIR.glob("*.yaml")} == {"pii.yaml", "unsafe.yaml"}
+    assert {p.name for p in RULES_DIR.glob("*.yaml")} == {
+        "pii.yaml",
+        "unsafe.yaml",
+        "injection.yaml",
+    }
 
 
 def test_custom_rules_directory_is_used(tmp_path: Path) -> None:

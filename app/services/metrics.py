@@ -69,3 +69,11 @@ BOT_STATE_REJECTED = Counter(
     "botSessionState values not trusted (tampered, oversized, malformed): a new session began",
     ["reason"],
 )
+CACHE_LOOKUPS = Counter(
+    "cxrelay_cache_lookups_total", "Intent cache lookups by result (hit, miss)", ["result"]
+)
+INJECTION_DETECTIONS = Counter(
+    "cxrelay_prompt_injection_total",
+    "User inputs matching a prompt-injection pattern, by pattern and mode",
+    ["pattern", "mode"],
+)

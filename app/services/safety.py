@@ -152,8 +152,8 @@ class SafetyRules:
         directory = Path(directory)
         pii_path, unsafe_path = directory / PII_FILE, directory / UNSAFE_FILE
         return cls(
-            _parse_pii(_read_yaml(pii_path), pii_path),
-            _parse_unsafe(_read_yaml(unsafe_path), unsafe_path),
+            _parse_pii(read_rules_yaml(pii_path), pii_path),
+            _parse_unsafe(read_rules_yaml(unsafe_path), unsafe_path),
         )
 
     def redact(self, text: str) -> Redaction:
@@ -194,7 +194,7 @@ class SafetyRules:
 _PII_KEYS = frozenset({"name", "label", "pattern", "validator", "flags"})
 
 
-def _read_yaml(path: Path) -> Any:
+def read_rules_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -234,8 +234,8 @@ def _parse_pii(raw: Any, path: Path) -> list[PiiPattern]:
                 raise ConfigError(
                     f"{where}: unknown validator {entry['validator']!r} (known: {known})"
                 )
-        flags = _flags(entry.get("flags"), where)
-        regex = _compile(entry["pattern"], flags, where)
+        flags = rule_flags(entry.get("flags"), where)
+        regex = compile_rule(entry["pattern"], flags, where)
         patterns.append(PiiPattern(name, entry["label"], regex, validator))
     return patterns
 
@@ -256,7 +256,7 @@ def _parse_unsafe(raw: Any, path: Path) -> list[UnsafeCategory]:
                 for index, entry in enumerate(entries, 1)
             ]
         )
-        categories.append(UnsafeCategory(name, _compile(source, _NO_FLAGS, where)))
+        categories.append(UnsafeCategory(name, compile_rule(source, _NO_FLAGS, where)))
     return categories
 
 
@@ -284,11 +284,11 @@ def _unsafe_entry(entry: Any, where: str) -> _Phrase | str:
             starts_word=_is_word(words[0][0]),
             ends_word=_is_word(words[-1][-1]),
         )
-        _compile(phrase.body, _NO_FLAGS, where)
+        compile_rule(phrase.body, _NO_FLAGS, where)
         return phrase
     if isinstance(entry, dict) and set(entry) == {"regex"} and isinstance(entry["regex"], str):
         source = f"(?i:{entry['regex']})"
-        _compile(source, _NO_FLAGS, where)
+        compile_rule(source, _NO_FLAGS, where)
         return source
     raise ConfigError(f"{where}: must be a phrase or {{regex: ...}}, got {entry!r}")
 
@@ -315,7 +315,7 @@ def _category_source(entries: list[_Phrase | str]) -> str:
     return "|".join(parts + regexes)
 
 
-def _flags(raw: Any, where: str) -> re.RegexFlag:
+def rule_flags(raw: Any, where: str) -> re.RegexFlag:
     if raw is None:
         return _NO_FLAGS
     if not isinstance(raw, list) or not all(isinstance(flag, str) for flag in raw):
@@ -329,7 +329,7 @@ def _flags(raw: Any, where: str) -> re.RegexFlag:
     return combined
 
 
-def _compile(source: str, flags: re.RegexFlag, where: str) -> re.Pattern[str]:
+def compile_rule(source: str, flags: re.RegexFlag, where: str) -> re.Pattern[str]:
     try:
         regex = re.compile(source, flags)
     except re.error as exc:
