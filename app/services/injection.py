@@ -33,9 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from app.errors import ConfigError
 from app.services.metrics import INJECTION_DETECTIONS
-from app.services.safety import RULES_DIR, compile_rule, read_rules_yaml, rule_flags
+from app.services.safety import (
+    RULES_DIR,
+    compile_rule,
+    read_rules_yaml,
+    rule_entries,
+    rule_flags,
+)
 
 INJECTION_FILE = "injection.yaml"
 REMOVED = "[REMOVED]"
@@ -111,26 +116,10 @@ _KEYS = frozenset({"name", "pattern", "flags"})
 
 
 def _parse(raw: Any, path: Path) -> list[InjectionPattern]:
-    if not isinstance(raw, list):
-        raise ConfigError(f"safety rules {path}: must be a list of patterns")
     patterns: list[InjectionPattern] = []
-    seen: set[str] = set()
-    for index, entry in enumerate(raw, start=1):
-        where = f"safety rules {path}, entry {index}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: must be a mapping with name and pattern")
-        if isinstance(entry.get("name"), str) and entry["name"]:
-            where += f" ({entry['name']!r})"
-        unknown = sorted(set(map(str, entry)) - _KEYS)
-        if unknown:
-            raise ConfigError(f"{where}: unknown fields {unknown}")
-        for key in ("name", "pattern"):
-            if not isinstance(entry.get(key), str) or not entry[key]:
-                raise ConfigError(f"{where}: missing or empty {key!r}")
-        name: str = entry["name"]
-        if name in seen:
-            raise ConfigError(f"{where}: duplicate name {name!r}")
-        seen.add(name)
+    for where, entry in rule_entries(raw, path, required=("name", "pattern"), allowed=_KEYS):
         flags = rule_flags(entry.get("flags"), where) | re.IGNORECASE
-        patterns.append(InjectionPattern(name, compile_rule(entry["pattern"], flags, where)))
+        patterns.append(
+            InjectionPattern(entry["name"], compile_rule(entry["pattern"], flags, where))
+        )
     return patterns

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -205,27 +205,40 @@ def read_rules_yaml(path: Path) -> Any:
         raise ConfigError(f"safety rules {path}: not valid YAML: {exc}") from None
 
 
-def _parse_pii(raw: Any, path: Path) -> list[PiiPattern]:
+def rule_entries(
+    raw: Any, path: Path, *, required: tuple[str, ...], allowed: frozenset[str]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each entry of a rules file that is a list of named patterns, with where it stands (for
+    error messages), after the checks every such file shares: a mapping, known fields only,
+    required fields non-empty strings, names unique."""
     if not isinstance(raw, list):
         raise ConfigError(f"safety rules {path}: must be a list of patterns")
-    patterns: list[PiiPattern] = []
+    fields = f"{', '.join(required[:-1])} and {required[-1]}"
     seen: set[str] = set()
     for index, entry in enumerate(raw, start=1):
         where = f"safety rules {path}, entry {index}"
         if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: must be a mapping with name, label and pattern")
+            raise ConfigError(f"{where}: must be a mapping with {fields}")
         if isinstance(entry.get("name"), str) and entry["name"]:
             where += f" ({entry['name']!r})"
-        unknown = sorted(set(map(str, entry)) - _PII_KEYS)
+        unknown = sorted(set(map(str, entry)) - allowed)
         if unknown:
             raise ConfigError(f"{where}: unknown fields {unknown}")
-        for key in ("name", "label", "pattern"):
+        for key in required:
             if not isinstance(entry.get(key), str) or not entry[key]:
                 raise ConfigError(f"{where}: missing or empty {key!r}")
+        if entry["name"] in seen:
+            raise ConfigError(f"{where}: duplicate name {entry['name']!r}")
+        seen.add(entry["name"])
+        yield where, entry
+
+
+def _parse_pii(raw: Any, path: Path) -> list[PiiPattern]:
+    patterns: list[PiiPattern] = []
+    for where, entry in rule_entries(
+        raw, path, required=("name", "label", "pattern"), allowed=_PII_KEYS
+    ):
         name: str = entry["name"]
-        if name in seen:
-            raise ConfigError(f"{where}: duplicate name {name!r}")
-        seen.add(name)
         validator: Validator | None = None
         if entry.get("validator") is not None:
             validator = VALIDATORS.get(entry["validator"])

@@ -31,7 +31,7 @@ from app.services.llm.streaming import (
     whole_as_chunk,
 )
 from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
-from app.services.llm.wire import post_json, probe_key, raise_for_status
+from app.services.llm.wire import post_json, probe_key, raise_for_status, v1_url
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -57,10 +57,7 @@ _STREAM_ERROR_STATUS = {
 
 def messages_url(base_url: str) -> str:
     """`https://host` and `https://host/v1` both mean `https://host/v1/messages`."""
-    base = base_url.rstrip("/")
-    if base.endswith("/v1/messages"):
-        return base
-    return base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+    return v1_url(base_url, "messages")
 
 
 def anthropic_headers(api_key: str | None, auth_header: str | None) -> dict[str, str]:

@@ -30,7 +30,7 @@ from app.services.llm.streaming import (
     whole_as_chunk,
 )
 from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
-from app.services.llm.wire import post_json, probe_key, raise_for_status
+from app.services.llm.wire import post_json, probe_key, raise_for_status, v1_url
 
 DONE = "[DONE]"
 
@@ -47,10 +47,7 @@ _ERROR_CODE_STATUS = {
 
 def chat_completions_url(base_url: str) -> str:
     """`https://host` and `https://host/v1` both mean `https://host/v1/chat/completions`."""
-    base = base_url.rstrip("/")
-    if base.endswith("/chat/completions"):
-        return base
-    return base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
+    return v1_url(base_url, "chat/completions")
 
 
 def auth_headers(

@@ -21,6 +21,15 @@ from app.errors import (
 _DELAY_SECONDS = re.compile(r"\d+(\.\d+)?")
 
 
+def v1_url(base_url: str, resource: str) -> str:
+    """`https://host` and `https://host/v1` both mean `https://host/v1/<resource>`; a base that
+    already names the resource is kept as it is."""
+    base = base_url.rstrip("/")
+    if base.endswith(f"/{resource}"):
+        return base
+    return base + (f"/{resource}" if base.endswith("/v1") else f"/v1/{resource}")
+
+
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
     if not value:
