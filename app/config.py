@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.errors import ConfigError
+from app.services.budget import parse_limit_map
 
 AuthScheme = Literal["hmac", "standard_webhooks", "api_key"]
 ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = ("hmac", "standard_webhooks", "api_key")
@@ -72,6 +74,37 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_key_prefix: str = Field("cxrelay:", min_length=1, max_length=64)
     ledger_batch_interval_ms: int = Field(200, ge=10, le=10000)
+
+    # --- budgets (every surface: /chat, /v1/chat/completions, /ws/chat and both webhooks) --------
+    # A session's tokens (prompt + completion); "none" is unlimited. A client key may carry its
+    # own (CLIENT_API_KEYS "key:tenant:tokens"); per tenant: "acme=8192,beta=none".
+    budget_session_tokens: int | None = Field(4096, ge=1)
+    budget_session_tokens_by_tenant: Annotated[dict[str, int | None], NoDecode] = Field(
+        default_factory=dict
+    )
+    budget_tenant_day_tokens: int | None = Field(None, ge=1)
+    budget_tenant_month_tokens: int | None = Field(None, ge=1)
+    budget_tenant_day_cost: float | None = Field(None, gt=0)
+    budget_tenant_month_cost: float | None = Field(None, gt=0)
+    budget_lightweight_threshold: int = Field(1024, ge=0)
+    budget_timezone: str = "UTC"
+    budget_reservation_ttl_seconds: float = Field(300.0, ge=5.0, le=86400.0)
+
+    # --- chat surfaces (/chat, /v1/chat/completions, /ws/chat) -----------------------------------
+    chat_system_template: str = "chat_system.j2"
+    chat_lightweight_template: str = "chat_system_lightweight.j2"
+    chat_deadline_seconds: float = Field(30.0, gt=0.0, le=600.0)
+    chat_first_token_timeout_seconds: float = Field(10.0, gt=0.0, le=120.0)
+    chat_inline_template_max_chars: int = Field(8000, ge=100, le=200000)
+    chat_fallback_response: str = Field(
+        "I'm sorry, I can't help with that right now.", min_length=1
+    )
+
+    # --- intent cache and prompt-injection sanitising (every surface) ----------------------------
+    intent_cache_enabled: bool = True
+    intent_cache_ttl_seconds: float = Field(3600.0, gt=0.0, le=7 * 86400.0)
+    intent_cache_max_entries: int = Field(10_000, ge=1, le=10_000_000)
+    prompt_injection_mode: Literal["off", "flag", "redact"] = "flag"
 
     # --- client API keys (internal tools: /budget/*, and the chat surfaces) ----------------------
     client_api_keys: SecretList = Field(default_factory=list)  # "key:tenant" pairs
@@ -156,6 +189,40 @@ class Settings(BaseSettings):
         "client_api_keys",
         mode="before",
     )(_split_commas)
+
+    @field_validator("budget_session_tokens", mode="before")
+    @classmethod
+    def _none_is_unlimited(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("none", "unlimited"):
+            return None
+        return value
+
+    @field_validator("budget_session_tokens_by_tenant", mode="before")
+    @classmethod
+    def _limit_map(cls, value: object) -> object:
+        return parse_limit_map(value) if isinstance(value, str) else value
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (an IANA name such as UTC or Europe/Berlin)"
+            ) from None
+        return value
+
+    @field_validator(
+        "budget_tenant_day_tokens",
+        "budget_tenant_month_tokens",
+        "budget_tenant_day_cost",
+        "budget_tenant_month_cost",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_no_limit(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
     @field_validator(
         "llm_gateway_base_url",

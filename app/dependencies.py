@@ -9,12 +9,14 @@ import httpx
 from fastapi import Depends, Request
 
 from app.config import Settings
+from app.pipelines.chat import ChatPipeline
 from app.pipelines.cognigy import CognigyPipeline
 from app.pipelines.cxone import CXoneBotPipeline
 from app.services.audit import AuditLog
 from app.services.clients import ClientAuthenticator
 from app.services.ledger import Ledger
 from app.services.llm.router import RouterSlot
+from app.services.metering import Metering
 from app.services.provisioning import Provisioner
 from app.services.signatures import WebhookAuthenticator
 from app.services.store import Store
@@ -28,6 +30,8 @@ class Services:
     llm: RouterSlot
     cognigy: CognigyPipeline
     cxone_bot: CXoneBotPipeline
+    chat: ChatPipeline
+    metering: Metering
     cxone_authorizations: list[bytes]
     audit: AuditLog
     provisioner: Provisioner

@@ -69,6 +69,11 @@ class UpstreamProtocolError(UpstreamError):
     retryable = True
 
 
+class StreamBroken(UpstreamError):
+    """A stream failed after part of the answer was already passed on to the caller: it is not
+    retried and does not fall back, since a second answer would be glued onto half of the first."""
+
+
 class OutputInvalid(CxRelayError):
     """The model's output does not parse or does not match the expected schema."""
 

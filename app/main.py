@@ -18,9 +18,10 @@ from app.config import DEV_CXONE_AUTHORIZATION, Settings, load_settings
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
-from app.routers import admin, budget, cognigy, cxone, health, metrics
+from app.routers import admin, budget, chat, cognigy, cxone, health, metrics
 from app.services import tokens
 from app.services.audit import AuditLog
+from app.services.budget import BudgetService
 from app.services.clients import ClientAuthenticator
 from app.services.cxone import CXoneContextClient, Turn
 from app.services.http import build_http_client
@@ -28,6 +29,7 @@ from app.services.ledger import Ledger
 from app.services.llm.bootstrap import router_options, startup_provider_config
 from app.services.llm.catalog import ProviderConfig
 from app.services.llm.router import LLMRouter, RouterSlot
+from app.services.metering import Metering
 from app.services.oauth import TokenCache, TokenRequest
 from app.services.prompts import PromptRenderer
 from app.services.provisioning import Provisioner
@@ -36,7 +38,14 @@ from app.services.store import Store
 from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
-from app.wiring import build_cxone_bot, cxone_authorizations, open_usage_ledger
+from app.wiring import (
+    budget_policy,
+    build_chat,
+    build_cxone_bot,
+    cxone_authorizations,
+    load_safety_rules,
+    open_usage_ledger,
+)
 
 log = logging.getLogger("cxrelay")
 
@@ -160,6 +169,13 @@ def build_services(
     )
     stack.push_async_callback(provisioner.aclose)  # before http.aclose: notifications use it
     cxone_client = _cxone_client(settings, http)
+    safety = load_safety_rules(settings)
+    client_auth = ClientAuthenticator(
+        [k.get_secret_value() for k in settings.client_api_keys],
+        settings.admin_token.get_secret_value() if settings.admin_token else None,
+    )
+    budget = BudgetService(store, budget_policy(settings, client_auth.session_tokens_by_key))
+    metering = Metering(budget, ledger, llm)
     pipeline = CognigyPipeline(
         llm=llm,
         renderer=renderer,
@@ -189,16 +205,15 @@ def build_services(
         webhook_auth=authenticator,
         llm=llm,
         cognigy=pipeline,
-        cxone_bot=build_cxone_bot(settings, llm, renderer, cxone_client),
+        cxone_bot=build_cxone_bot(settings, llm, renderer, cxone_client, safety),
+        chat=build_chat(settings, metering, renderer, safety),
+        metering=metering,
         cxone_authorizations=cxone_authorizations(settings),
         audit=audit,
         provisioner=provisioner,
         store=store,
         ledger=ledger,
-        client_auth=ClientAuthenticator(
-            [k.get_secret_value() for k in settings.client_api_keys],
-            settings.admin_token.get_secret_value() if settings.admin_token else None,
-        ),
+        client_auth=client_auth,
         simulated=simulated,
     )
 
@@ -272,4 +287,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(metrics.router)
     app.include_router(budget.router)
+    app.include_router(chat.router)
     return app

@@ -5,14 +5,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from zoneinfo import ZoneInfo
 
 from app.config import Settings
+from app.pipelines.chat import ChatOptions, ChatPipeline
 from app.pipelines.cxone import BotOptions, CXoneBotPipeline
 from app.services.bot_state import StateCodec
+from app.services.budget import BudgetPolicy, PeriodLimits
+from app.services.cache import IntentCache
 from app.services.cxone import CXoneContextClient
+from app.services.injection import InjectionRules
 from app.services.ledger import Ledger
 from app.services.llm.router import RouterSlot
+from app.services.metering import Metering
 from app.services.prompts import PromptRenderer
 from app.services.safety import RULES_DIR, SafetyRules
 from app.services.store import Store, open_store
@@ -28,12 +35,64 @@ async def open_usage_ledger(settings: Settings, stack: AsyncExitStack) -> tuple[
         data_dir=settings.data_dir,
         redis_url=settings.redis_url,
         redis_prefix=settings.redis_key_prefix,
+        reservation_ttl_seconds=settings.budget_reservation_ttl_seconds,
     )
     stack.push_async_callback(store.close)
     ledger = Ledger(store, batch_interval_seconds=settings.ledger_batch_interval_ms / 1000)
     ledger.start()
     stack.push_async_callback(ledger.close)
     return store, ledger
+
+
+def budget_policy(settings: Settings, key_limits: Mapping[str, int | None]) -> BudgetPolicy:
+    """Session and tenant limits from BUDGET_*; a client key's own limit (CLIENT_API_KEYS
+    `key:tenant:tokens`) beats its tenant's, which beats the default."""
+    return BudgetPolicy(
+        session_tokens=settings.budget_session_tokens,
+        session_tokens_by_tenant=settings.budget_session_tokens_by_tenant,
+        session_tokens_by_key=dict(key_limits),
+        tenant_limits=PeriodLimits(
+            day_tokens=settings.budget_tenant_day_tokens,
+            day_cost=settings.budget_tenant_day_cost,
+            month_tokens=settings.budget_tenant_month_tokens,
+            month_cost=settings.budget_tenant_month_cost,
+        ),
+        lightweight_threshold=settings.budget_lightweight_threshold,
+        period_timezone=ZoneInfo(settings.budget_timezone),
+    )
+
+
+def build_chat(
+    settings: Settings,
+    metering: Metering,
+    renderer: PromptRenderer,
+    safety: SafetyRules,
+) -> ChatPipeline:
+    for template in (settings.chat_system_template, settings.chat_lightweight_template):
+        renderer.check(template, {})
+    return ChatPipeline(
+        metering=metering,
+        renderer=renderer,
+        safety=safety,
+        injection=InjectionRules.load(settings.safety_rules_dir or RULES_DIR),
+        cache=IntentCache(
+            max_entries=settings.intent_cache_max_entries,
+            ttl_seconds=settings.intent_cache_ttl_seconds,
+        ),
+        options=ChatOptions(
+            default_model=settings.llm_model,
+            max_tokens=settings.llm_max_tokens,
+            temperature=settings.llm_temperature,
+            system_template=settings.chat_system_template,
+            lightweight_template=settings.chat_lightweight_template,
+            deadline_seconds=settings.chat_deadline_seconds,
+            first_token_timeout=settings.chat_first_token_timeout_seconds,
+            injection_mode=settings.prompt_injection_mode,
+            unsafe_categories=tuple(settings.unsafe_output_categories),
+            fallback_text=settings.chat_fallback_response,
+            cache_enabled=settings.intent_cache_enabled,
+        ),
+    )
 
 
 def state_secret(settings: Settings) -> bytes:
@@ -54,18 +113,23 @@ def cxone_authorizations(settings: Settings) -> list[bytes]:
     ]
 
 
+def load_safety_rules(settings: Settings) -> SafetyRules:
+    safety = SafetyRules.load(settings.safety_rules_dir or RULES_DIR)
+    safety.check_categories(settings.unsafe_output_categories)
+    return safety
+
+
 def build_cxone_bot(
     settings: Settings,
     llm: RouterSlot,
     renderer: PromptRenderer,
     cxone: CXoneContextClient | None,
+    safety: SafetyRules,
 ) -> CXoneBotPipeline:
     renderer.check(
         settings.cxone_system_template,
         {"channel": "chat", "handoff_marker": "[[HANDOFF]]", "greeting": True},
     )
-    safety = SafetyRules.load(settings.safety_rules_dir or RULES_DIR)
-    safety.check_categories(settings.unsafe_output_categories)
     return CXoneBotPipeline(
         llm=llm,
         renderer=renderer,

@@ -10,32 +10,14 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 
 from app.dependencies import ServicesDep
-from app.errors import AuthenticationFailed
 from app.principal import Principal
+from app.routers.caller import CallerDep
 
 router = APIRouter(prefix="/budget", tags=["budget"])
 log = logging.getLogger("cxrelay.budget")
-
-
-def caller(request: Request, services: ServicesDep) -> Principal:
-    try:
-        return services.client_auth.authenticate(request.headers)
-    except AuthenticationFailed as failure:
-        log.warning(
-            "client authentication failed",
-            extra={
-                "route": request.url.path,
-                "reason": str(failure),
-                "remote": request.client.host if request.client else "",
-            },
-        )
-        raise HTTPException(401, str(failure), headers={"WWW-Authenticate": "Bearer"}) from None
-
-
-CallerDep = Annotated[Principal, Depends(caller)]
 
 
 def tenant_of(principal: Principal, requested: str | None) -> str:

@@ -1,5 +1,6 @@
-"""Who is calling a client route: a client API key (`CLIENT_API_KEYS`, `key:tenant` pairs) or
-the admin token. Keys are held only as SHA-256 digests and compared in constant time."""
+"""Who is calling a client route: a client API key (`CLIENT_API_KEYS`: `key:tenant`, or
+`key:tenant:tokens` to give the key its own per-session token budget) or the admin token.
+Keys are held only as SHA-256 digests and compared in constant time."""
 
 from __future__ import annotations
 
@@ -12,21 +13,29 @@ from app.principal import DEFAULT_TENANT, Principal
 from app.services.signatures import fingerprint
 
 
-def parse_client_key(entry: str) -> tuple[str, str]:
-    """`key:tenant` → (key, tenant); a bare key belongs to the default tenant."""
+def parse_client_key(entry: str) -> tuple[str, str, int | None]:
+    """`key:tenant[:tokens]` → (key, tenant, session tokens or None); a bare key belongs to the
+    default tenant and the default session budget."""
+    tokens: int | None = None
+    head, sep, last = entry.rpartition(":")
+    if sep and head and last.isdigit() and ":" in head:
+        entry, tokens = head, int(last)
     key, sep, tenant = entry.rpartition(":")
     if not sep or not key:
-        return entry, DEFAULT_TENANT
-    return key, tenant or DEFAULT_TENANT
+        return entry, DEFAULT_TENANT, tokens
+    return key, tenant or DEFAULT_TENANT, tokens
 
 
 class ClientAuthenticator:
     def __init__(self, client_keys: Sequence[str], admin_token: str | None) -> None:
         self._clients: list[tuple[bytes, Principal]] = []
+        self.session_tokens_by_key: dict[str, int | None] = {}
         for entry in client_keys:
-            key, tenant = parse_client_key(entry)
+            key, tenant, tokens = parse_client_key(entry)
             principal = Principal(tenant, fingerprint(key), "client", "api_key")
             self._clients.append((hashlib.sha256(key.encode()).digest(), principal))
+            if tokens is not None:
+                self.session_tokens_by_key[principal.key_id] = tokens
         self._admin = (
             (hashlib.sha256(admin_token.encode()).digest(), fingerprint(admin_token))
             if admin_token

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from app.errors import (
     ContextLengthExceeded,
+    StreamBroken,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamRateLimited,
@@ -64,6 +65,8 @@ def reason(error: UpstreamError) -> str:
         return "unauthorized" if error.status in (401, 403) else "rejected"
     if isinstance(error, UpstreamProtocolError):
         return "protocol_error"
+    if isinstance(error, StreamBroken):
+        return "stream_broken"
     if "circuit open" in str(error):
         return "circuit_open"
     return "unavailable"

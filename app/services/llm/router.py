@@ -23,6 +23,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop
 from app.deadline import Deadline
 from app.errors import (
     ContextLengthExceeded,
+    StreamBroken,
     UnknownModel,
     UpstreamError,
     UpstreamProtocolError,
@@ -38,7 +39,7 @@ from app.services.llm.keys import KeyPool
 from app.services.llm.openai_compat import OpenAICompatibleProvider
 from app.services.llm.ratelimit import RateLimiter, Unlimited
 from app.services.llm.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, RetryWait, WaitOutlastsDeadline
-from app.services.llm.streaming import collect_stream
+from app.services.llm.streaming import OnDelta, collect_stream
 from app.services.llm.types import (
     ChatRequest,
     ChatResult,
@@ -78,6 +79,15 @@ class Route:
     targets: tuple[Target, ...]
     max_tokens: int | None = None
     temperature: float | None = None
+    context_tokens: int | None = None
+
+    @property
+    def context_window(self) -> int:
+        """The prompt + answer limit every target of the chain takes (so a fallback fits too)."""
+        windows = [t.model.max_context_tokens for t in self.targets]
+        if self.context_tokens is not None:
+            windows.append(self.context_tokens)
+        return min(windows)
 
 
 def build_client(spec: ProviderSpec) -> ProviderClient:
@@ -141,7 +151,7 @@ class LLMRouter:
                 for t in route.chain
             )
             self.routes[route.name] = Route(
-                route.name, targets, route.max_tokens, route.temperature
+                route.name, targets, route.max_tokens, route.temperature, route.context_tokens
             )
 
     def _model(self, provider: str, model: str) -> ModelSpec:
@@ -188,23 +198,34 @@ class LLMRouter:
         return await self._run(request, deadline, self._send_whole)
 
     async def complete_streamed(
-        self, request: ChatRequest, deadline: Deadline, first_token_timeout: float
+        self,
+        request: ChatRequest,
+        deadline: Deadline,
+        first_token_timeout: float,
+        on_delta: OnDelta | None = None,
     ) -> ChatResult:
         """The answer streamed from the provider and reassembled: a slow first token or a
         stream cut mid-way counts as a failure of that (provider, model), so the route falls
-        back instead of waiting out the deadline or passing on half an answer."""
+        back instead of waiting out the deadline or passing on half an answer.
+
+        With `on_delta`, each content delta is passed on as it arrives; a stream that breaks
+        after that is StreamBroken, which ends the request (no retry, no fallback)."""
 
         async def send(
             client: ProviderClient, call: ChatRequest, timeout: float, key: str | None
         ) -> ChatResult:
             if not isinstance(client, StreamingProviderClient):
-                return await client.complete(self._http, call, timeout, key)
+                result = await client.complete(self._http, call, timeout, key)
+                if on_delta is not None and result.content:
+                    await on_delta(result.content)
+                return result
             return await collect_stream(
                 client.stream(self._http, call, timeout, key),
                 provider=client.name,
                 model=call.model,
                 first_token_timeout=min(first_token_timeout, timeout),
                 total_timeout=timeout,
+                on_delta=on_delta,
             )
 
         return await self._run(request, deadline, send)
@@ -254,6 +275,8 @@ class LLMRouter:
                 raise UpstreamTimeout("deadline reached", upstream=target.provider.spec.name)
             try:
                 return await self._try_target(route, target, request, deadline, trail, send)
+            except StreamBroken:
+                raise  # half an answer is already out: nothing else may be appended to it
             except UpstreamRejected as error:
                 if not isinstance(error, ContextLengthExceeded) and error.status not in (401, 403):
                     raise  # the caller's own request is wrong: no other provider will take it
@@ -314,7 +337,12 @@ class LLMRouter:
                         continue
                     runtime.breaker.release_trial()
                     raise
-                except (UpstreamUnavailable, UpstreamTimeout, UpstreamProtocolError) as error:
+                except (
+                    UpstreamUnavailable,
+                    UpstreamTimeout,
+                    UpstreamProtocolError,
+                    StreamBroken,
+                ) as error:
                     self._note(
                         trail, Attempt(name, model.name, key.key_id, reason(error), ms(started))
                     )

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
 
-from app.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from app.errors import StreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from app.services.llm.types import ChatResult, StreamChunk, Usage
+
+OnDelta = Callable[[str], Awaitable[None]]
 
 _END_OF_LINE = re.compile(rb"\r\n|\r|\n")
 
@@ -139,8 +141,13 @@ async def collect_stream(
     model: str,
     first_token_timeout: float,
     total_timeout: float,
+    on_delta: OnDelta | None = None,
 ) -> ChatResult:
     """Consume a provider stream into one ChatResult.
+
+    `on_delta`, when given, is awaited with each content delta as it arrives (a client-facing
+    stream passes them on). Once one delta has gone out, a failure of the stream is raised as
+    StreamBroken: the caller already holds half an answer, so it must not be retried elsewhere.
 
     Raises UpstreamTimeout when no content delta arrived within `first_token_timeout` of this
     call (chunks without content, such as a role or usage chunk, are not a token) or when the
@@ -158,36 +165,46 @@ async def collect_stream(
     finish_reason: str | None = None
     ttft_ms: float | None = None
     try:
-        while True:
-            waiting_for_first = ttft_ms is None and first_token_deadline < total_deadline
-            deadline = first_token_deadline if waiting_for_first else total_deadline
-            remaining = deadline - time.perf_counter()
-            try:
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                chunk = await asyncio.wait_for(anext(chunks), remaining)
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError:
-                if waiting_for_first:
+        try:
+            while True:
+                waiting_for_first = ttft_ms is None and first_token_deadline < total_deadline
+                deadline = first_token_deadline if waiting_for_first else total_deadline
+                remaining = deadline - time.perf_counter()
+                try:
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    chunk = await asyncio.wait_for(anext(chunks), remaining)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    if waiting_for_first:
+                        raise UpstreamTimeout(
+                            f"{provider}: no first token within {first_token_timeout:.2f}s",
+                            upstream=provider,
+                        ) from None
                     raise UpstreamTimeout(
-                        f"{provider}: no first token within {first_token_timeout:.2f}s",
+                        f"{provider}: stream not complete within {total_timeout:.2f}s",
                         upstream=provider,
                     ) from None
-                raise UpstreamTimeout(
-                    f"{provider}: stream not complete within {total_timeout:.2f}s",
-                    upstream=provider,
-                ) from None
-            if chunk.delta:
-                if ttft_ms is None:
-                    ttft_ms = (time.perf_counter() - started) * 1000
-                parts.append(chunk.delta)
-            if chunk.usage is not None:
-                usage = chunk.usage
-            if chunk.model:
-                answered_model = chunk.model
-            if chunk.finish_reason:
-                finish_reason = chunk.finish_reason
+                if chunk.delta:
+                    if ttft_ms is None:
+                        ttft_ms = (time.perf_counter() - started) * 1000
+                    parts.append(chunk.delta)
+                    if on_delta is not None:
+                        await on_delta(chunk.delta)
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if chunk.model:
+                    answered_model = chunk.model
+                if chunk.finish_reason:
+                    finish_reason = chunk.finish_reason
+        except UpstreamError as error:
+            if on_delta is None or not parts:
+                raise
+            raise StreamBroken(
+                f"{provider}: stream failed after part of the answer was sent: {error}",
+                upstream=provider,
+            ) from error
     finally:
         await _close(chunks)
     return ChatResult(

@@ -1,0 +1,366 @@
+"""One chat call, shared by /chat, /v1/chat/completions and /ws/chat.
+
+sanitise input → system instruction (lightweight when the budget runs low) → intent cache →
+plan (truncate, reserve) → LLM, streamed to the caller when asked → output guard → validate
+against the caller's schema (one repair) → settle, ledger, cache. Every step that refuses raises
+a typed error the surface maps to its own wire: BudgetExhausted (429), HistoryTooLong (400),
+UnknownModel (404), BudgetUnavailable (503), UpstreamError after every model was tried (502/504),
+OutputInvalid after the repair (422).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from app.deadline import Deadline
+from app.errors import OutputInvalid, StreamBroken, UpstreamError, UpstreamRejected
+from app.principal import Principal
+from app.services.cache import CachedAnswer, IntentCache
+from app.services.injection import InjectionMode, InjectionRules
+from app.services.llm.types import ChatRequest, ChatResult, Usage
+from app.services.metering import Metering, Plan
+from app.services.metrics import COST, TOKENS, TURN_LATENCY, TURNS
+from app.services.output_guard import OutputGuard
+from app.services.prompts import PromptRenderer
+from app.services.safety import SafetyRules
+from app.services.validation import parse_json_schema_output, repair_messages
+
+log = logging.getLogger("cxrelay.chat")
+
+SafetyFilter = Literal["pii", "unsafe", "injection"]
+ALL_FILTERS: frozenset[str] = frozenset({"pii", "unsafe", "injection"})
+OnText = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    default_model: str
+    max_tokens: int
+    temperature: float
+    system_template: str
+    lightweight_template: str
+    deadline_seconds: float
+    first_token_timeout: float
+    injection_mode: InjectionMode
+    unsafe_categories: tuple[str, ...]
+    fallback_text: str
+    cache_enabled: bool
+
+
+@dataclass
+class ChatCall:
+    """What a caller asks for, already authenticated and parsed."""
+
+    principal: Principal
+    session_id: str
+    messages: list[dict[str, str]]
+    surface: str
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    fallback_models: list[str] = field(default_factory=list)
+    safety_filters: Collection[str] | None = None  # None: every filter
+    json_schema: dict[str, Any] | None = None
+    json_object: bool = False
+
+    def filters(self) -> Collection[str]:
+        return ALL_FILTERS if self.safety_filters is None else self.safety_filters
+
+
+@dataclass
+class ChatOutcome:
+    content: str
+    model: str
+    provider: str
+    usage: Usage = field(default_factory=Usage)
+    cost: float = 0.0
+    cached: bool = False
+    lightweight: bool = False
+    dropped: int = 0
+    finish_reason: str = "stop"  # "content_filter" when the guard blocked the answer
+    blocked: str | None = None
+    injection: tuple[str, ...] = ()
+    redactions: dict[str, int] = field(default_factory=dict)
+    usage_estimated: bool = False
+    parsed: dict[str, Any] | None = None  # the validated object, with a json_schema
+    latency_ms: float = 0.0
+    repaired: bool = False
+
+
+@dataclass
+class ChatPipeline:
+    metering: Metering
+    renderer: PromptRenderer
+    safety: SafetyRules
+    injection: InjectionRules
+    cache: IntentCache
+    options: ChatOptions
+
+    async def run(self, call: ChatCall, on_text: OnText | None = None) -> ChatOutcome:
+        """Answer `call`; with `on_text`, safe text is passed on as it is produced."""
+        started = time.perf_counter()
+        deadline = Deadline.after(self.options.deadline_seconds)
+        models = [call.model or self.options.default_model, *call.fallback_models]
+        for name in models:
+            self.metering.llm.current.route(name)  # UnknownModel before anything is spent
+        injection = self._sanitise(call)
+        headroom = await self.metering.headroom(call.principal, call.session_id)
+        messages = self._with_instruction(call.messages, headroom.lightweight)
+        cached = self._cached(call, models[0], messages)
+        if cached is not None:
+            outcome = ChatOutcome(
+                content=cached.content,
+                model=cached.model,
+                provider=cached.provider,
+                cached=True,
+                lightweight=headroom.lightweight,
+                injection=injection,
+            )
+            if call.json_schema is not None:
+                outcome.parsed = parse_json_schema_output(cached.content, call.json_schema)
+            if on_text is not None:
+                await on_text(cached.content)
+            return self._finish(call, outcome, started)
+        last_error: UpstreamError | None = None
+        for name in models:
+            plan = await self.metering.plan(
+                call.principal,
+                call.session_id,
+                messages,
+                route_name=name,
+                max_tokens=call.max_tokens or self.options.max_tokens,
+                remaining_tokens=headroom.remaining_tokens,
+            )
+            try:
+                outcome = await self._answer(call, plan, deadline, on_text)
+            except (StreamBroken, UpstreamRejected):
+                await self.metering.release(plan)
+                raise  # half an answer is out, or the request itself is wrong: no fallback
+            except UpstreamError as error:
+                await self.metering.release(plan)
+                last_error = error
+                continue
+            except BaseException:
+                await self.metering.release(plan)
+                raise
+            outcome.lightweight = headroom.lightweight
+            outcome.injection = injection
+            self._remember(call, models[0], messages, outcome)
+            return self._finish(call, outcome, started)
+        assert last_error is not None
+        raise last_error
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def _sanitise(self, call: ChatCall) -> tuple[str, ...]:
+        """Prompt-injection check of the caller's user turns (in place in redact mode)."""
+        mode = self.options.injection_mode if "injection" in call.filters() else "off"
+        found: list[str] = []
+        for message in call.messages:
+            if message["role"] != "user":
+                continue
+            checked = self.injection.sanitise(message["content"], mode)
+            message["content"] = checked.text
+            found += [name for name in checked.matches if name not in found]
+        return tuple(found)
+
+    def _with_instruction(
+        self, messages: list[dict[str, str]], lightweight: bool
+    ) -> list[dict[str, str]]:
+        """The caller's own system message is kept; without one, ours leads (the lightweight
+        one once the budget runs low)."""
+        if any(m["role"] == "system" for m in messages):
+            return messages
+        template = (
+            self.options.lightweight_template if lightweight else self.options.system_template
+        )
+        return [{"role": "system", "content": self.renderer.render(template, {})}, *messages]
+
+    def _cache_parts(
+        self, call: ChatCall, messages: list[dict[str, str]]
+    ) -> tuple[str, str] | None:
+        """(instruction, input) the cache is keyed on: every system message (and the caller's
+        schema), and the whole conversation after them, so history changes the key."""
+        if not self.options.cache_enabled:
+            return None
+        system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        if call.json_schema is not None:
+            system += "\n" + json.dumps(call.json_schema, sort_keys=True)
+        turns = [f"{m['role']}: {m['content']}" for m in messages if m["role"] != "system"]
+        return system, "\n".join(turns)
+
+    def _cached(
+        self, call: ChatCall, model: str, messages: list[dict[str, str]]
+    ) -> CachedAnswer | None:
+        parts = self._cache_parts(call, messages)
+        if parts is None:
+            return None
+        return self.cache.get(call.principal.tenant, model, *parts)
+
+    def _remember(
+        self, call: ChatCall, model: str, messages: list[dict[str, str]], outcome: ChatOutcome
+    ) -> None:
+        """Only a complete, safe (and, with a schema, valid) answer is cached."""
+        parts = self._cache_parts(call, messages)
+        if parts is None or outcome.blocked or outcome.finish_reason != "stop":
+            return
+        answer = CachedAnswer(
+            outcome.content,
+            outcome.provider,
+            outcome.model,
+            outcome.usage.prompt_tokens,
+            outcome.usage.completion_tokens,
+        )
+        self.cache.put(call.principal.tenant, model, *parts, answer)
+
+    async def _answer(
+        self, call: ChatCall, plan: Plan, deadline: Deadline, on_text: OnText | None
+    ) -> ChatOutcome:
+        guard = OutputGuard(
+            self.safety,
+            call.surface,
+            redact="pii" in call.filters(),
+            categories=self.options.unsafe_categories if "unsafe" in call.filters() else (),
+        )
+        result = await self._call(call, plan, plan.messages, deadline, guard, on_text)
+        if on_text is not None:
+            rest = guard.finish()
+            if rest:
+                await on_text(rest)
+            content = guard.released
+        else:
+            content = guard.check(result.content).text
+        outcome = await self._settle(call, plan, result)
+        outcome.content = content
+        outcome.redactions = dict(guard.redactions)
+        if guard.blocked is not None:
+            outcome.blocked, outcome.finish_reason = guard.blocked, "content_filter"
+            outcome.content = content if on_text is not None else self.options.fallback_text
+            return outcome
+        if result.finish_reason == "length":
+            outcome.finish_reason = "length"
+        if call.json_schema is not None:
+            await self._validate(call, plan, deadline, outcome)
+        return outcome
+
+    async def _call(
+        self,
+        call: ChatCall,
+        plan: Plan,
+        messages: list[dict[str, str]],
+        deadline: Deadline,
+        guard: OutputGuard,
+        on_text: OnText | None,
+    ) -> ChatResult:
+        request = ChatRequest(
+            messages=messages,
+            model=plan.route,
+            temperature=self.options.temperature if call.temperature is None else call.temperature,
+            max_tokens=plan.max_tokens,
+            json_output=call.json_schema is not None or call.json_object,
+        )
+        router = self.metering.llm.current
+        if on_text is None:
+            return await asyncio.wait_for(router.complete(request, deadline), deadline.remaining())
+
+        async def forward(delta: str) -> None:
+            text = guard.feed(delta)
+            if text:
+                await on_text(text)
+
+        return await asyncio.wait_for(
+            router.complete_streamed(request, deadline, self.options.first_token_timeout, forward),
+            deadline.remaining(),
+        )
+
+    async def _settle(self, call: ChatCall, plan: Plan, result: ChatResult) -> ChatOutcome:
+        spent = await self.metering.settle(
+            plan, result, surface=call.surface, latency_ms=result.latency_ms
+        )
+        return ChatOutcome(
+            content=result.content,
+            model=result.model,
+            provider=result.provider,
+            usage=spent.usage,
+            cost=spent.cost,
+            dropped=plan.dropped,
+            usage_estimated=spent.estimated,
+        )
+
+    async def _validate(
+        self, call: ChatCall, plan: Plan, deadline: Deadline, outcome: ChatOutcome
+    ) -> None:
+        """Validate against the caller's schema; one repair call (metered like any other)."""
+        assert call.json_schema is not None
+        try:
+            outcome.parsed = parse_json_schema_output(outcome.content, call.json_schema)
+            return
+        except OutputInvalid as invalid:
+            repair = repair_messages(plan.messages, invalid, call.json_schema)
+        outcome.repaired = True
+        again = await self.metering.plan(
+            call.principal,
+            call.session_id,
+            repair,
+            route_name=plan.route,
+            max_tokens=plan.max_tokens,
+            remaining_tokens=None,
+        )
+        guard = OutputGuard(self.safety, call.surface, redact="pii" in call.filters())
+        try:
+            result = await self._call(call, again, again.messages, deadline, guard, None)
+        except BaseException:
+            await self.metering.release(again)
+            raise
+        second = await self._settle(call, again, result)
+        outcome.usage = outcome.usage + second.usage
+        outcome.cost = round(outcome.cost + second.cost, 8)
+        outcome.content = guard.check(result.content).text
+        outcome.parsed = parse_json_schema_output(outcome.content, call.json_schema)
+
+    def _finish(self, call: ChatCall, outcome: ChatOutcome, started: float) -> ChatOutcome:
+        outcome.latency_ms = round((time.perf_counter() - started) * 1000, 1)
+        status = "cached" if outcome.cached else ("blocked" if outcome.blocked else "answered")
+        TURNS.labels(call.surface, status).inc()
+        TURN_LATENCY.labels(call.surface).observe(outcome.latency_ms / 1000)
+        if outcome.cached:
+            self.metering.record_cached(
+                call.principal,
+                call.session_id,
+                surface=call.surface,
+                provider=outcome.provider,
+                model=outcome.model,
+                latency_ms=outcome.latency_ms,
+            )
+        else:
+            labels = (call.surface, outcome.provider, outcome.model)
+            TOKENS.labels(*labels, "prompt").inc(outcome.usage.prompt_tokens)
+            TOKENS.labels(*labels, "completion").inc(outcome.usage.completion_tokens)
+            COST.labels(*labels).inc(outcome.cost)
+        log.info(
+            "chat turn",
+            extra={
+                "surface": call.surface,
+                "tenant": call.principal.tenant,
+                "key_id": call.principal.key_id,
+                "session_id": call.session_id,
+                "status": status,
+                "provider": outcome.provider,
+                "model": outcome.model,
+                "prompt_tokens": outcome.usage.prompt_tokens,
+                "completion_tokens": outcome.usage.completion_tokens,
+                "cost_usd": outcome.cost,
+                "lightweight": outcome.lightweight,
+                "dropped_turns": outcome.dropped,
+                "prompt_injection": list(outcome.injection) or None,
+                "blocked": outcome.blocked,
+                "latency_ms": outcome.latency_ms,
+            },
+        )
+        return outcome

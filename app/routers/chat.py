@@ -1,0 +1,167 @@
+"""POST /chat: the internal tools' chat surface, JSON or (with `stream: true`) Server-Sent Events.
+
+Thin: authenticate the client key, parse, build the call (rendering a template when one is
+given), run the chat pipeline, shape the answer. Streamed frames are the /ws/chat ones:
+`{"type": "content", "delta": ...}`, then `{"type": "complete", ...}` or `{"type": "error", ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from app.dependencies import Services, ServicesDep
+from app.errors import CxRelayError
+from app.pipelines.chat import ChatCall, ChatOutcome
+from app.principal import Principal
+from app.routers.caller import CallerDep
+from app.schemas.chat import ChatBody, ChatReply
+from app.services.body import read_limited_body
+from app.services.chat_errors import describe
+from app.services.text_stream import TextStream
+
+router = APIRouter(tags=["chat"])
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.post(
+    "/chat",
+    response_model=ChatReply,
+    responses={
+        400: {"description": "the newest message does not fit the model's context window"},
+        401: {"description": "missing or unknown client API key"},
+        404: {"description": "unknown model"},
+        413: {"description": "body over MAX_BODY_BYTES"},
+        422: {"description": "malformed request, or an answer that broke response_format"},
+        429: {"description": "a session or tenant budget is exhausted"},
+        502: {"description": "no provider could answer"},
+        504: {"description": "no answer within CHAT_DEADLINE_SECONDS"},
+    },
+)
+async def chat(request: Request, principal: CallerDep, services: ServicesDep) -> Any:
+    body = await read_limited_body(request, services.settings.max_body_bytes)
+    try:
+        parsed = ChatBody.model_validate_json(body)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors(include_url=False)) from None
+    call = build_call(parsed, principal, services)
+    if parsed.stream:
+        return await _stream(call, services)
+    try:
+        outcome = await services.chat.run(call)
+    except CxRelayError as error:
+        return failure_response(error)
+    return JSONResponse(
+        reply(call, outcome).model_dump(), headers=injection_header(outcome.injection)
+    )
+
+
+def build_call(body: ChatBody, principal: Principal, services: Services) -> ChatCall:
+    messages = [m.model_dump() for m in body.messages]
+    if body.template is not None:
+        try:
+            text = services.chat.renderer.render_request(
+                body.template, body.variables, services.settings.chat_inline_template_max_chars
+            )
+        except ValueError as error:
+            raise HTTPException(422, str(error)) from None
+        messages.append({"role": "user", "content": text})
+    rf = body.response_format
+    return ChatCall(
+        principal=principal,
+        session_id=body.session_id,
+        messages=messages,
+        surface="chat",
+        model=body.model,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        fallback_models=body.fallback_models,
+        safety_filters=body.safety_filters,
+        json_schema=body.json_schema,
+        json_object=rf is not None and rf.type == "json_object",
+    )
+
+
+def reply(call: ChatCall, outcome: ChatOutcome) -> ChatReply:
+    return ChatReply(
+        session_id=call.session_id,
+        response=outcome.content,
+        prompt_tokens=outcome.usage.prompt_tokens,
+        completion_tokens=outcome.usage.completion_tokens,
+        cost=outcome.cost,
+        lightweight_mode=outcome.lightweight,
+        cached=outcome.cached,
+        model=outcome.model,
+        provider=outcome.provider,
+        finish_reason=outcome.finish_reason,
+        output=outcome.parsed,
+        dropped_turns=outcome.dropped,
+        prompt_injection=list(outcome.injection),
+        blocked=outcome.blocked,
+        usage_estimated=outcome.usage_estimated,
+        latency_ms=outcome.latency_ms,
+    )
+
+
+def injection_header(found: tuple[str, ...]) -> dict[str, str]:
+    """Flag mode's signal to the caller: the pattern names, never the matched text."""
+    return {"X-Prompt-Injection": ",".join(found)} if found else {}
+
+
+def failure_response(error: CxRelayError) -> JSONResponse:
+    failure = describe(error)
+    if failure is None:
+        raise error
+    body = {"error": failure.code, "message": failure.message, **failure.detail}
+    return JSONResponse(body, status_code=failure.status)
+
+
+def complete_frame(call: ChatCall, outcome: ChatOutcome) -> dict[str, Any]:
+    """The last frame of a streamed answer (SSE and /ws/chat)."""
+    frame = reply(call, outcome).model_dump()
+    frame.pop("response")
+    return {
+        "type": "complete",
+        "usage": outcome.usage.as_dict(),
+        "model": outcome.model,
+        "cost": outcome.cost,
+        **frame,
+    }
+
+
+def error_frame(error: BaseException) -> dict[str, Any]:
+    failure = describe(error) if isinstance(error, Exception) else None
+    if failure is None:
+        return {"type": "error", "code": "internal_error", "message": "internal error"}
+    return {"type": "error", "code": failure.code, "message": failure.message}
+
+
+async def _stream(call: ChatCall, services: Services) -> Any:
+    stream: TextStream[ChatOutcome] = TextStream(lambda put: services.chat.run(call, put))
+    try:
+        await stream.start()
+    except CxRelayError as error:
+        return failure_response(error)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for text in stream.texts():
+                yield _sse({"type": "content", "delta": text})
+            yield _sse(complete_frame(call, await stream.result()))
+        except Exception as error:  # after the 200: the error travels as a frame
+            yield _sse(error_frame(error))
+        finally:
+            await stream.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _sse(frame: dict[str, Any]) -> str:
+    return f"data: {json.dumps(frame, ensure_ascii=False)}\n\n"

@@ -1,0 +1,54 @@
+"""What a refused or failed chat call looks like to the caller: one status, code and message per
+error type, shared by /chat, /v1/chat/completions (in OpenAI's error shape) and /ws/chat."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.errors import (
+    OutputInvalid,
+    UnknownModel,
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+)
+from app.services.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
+
+
+@dataclass(frozen=True)
+class ChatFailure:
+    status: int
+    code: str
+    message: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def describe(error: Exception) -> ChatFailure | None:
+    """The caller-facing failure for an error the pipeline raises on purpose; None otherwise."""
+    if isinstance(error, BudgetExhausted):
+        return ChatFailure(429, "budget_exhausted", error.refusal.message, error.refusal.as_dict())
+    if isinstance(error, HistoryTooLong):
+        return ChatFailure(
+            400,
+            "context_length_exceeded",
+            f"{error}: shorten the newest message or the system instruction",
+        )
+    if isinstance(error, UnknownModel):
+        return ChatFailure(404, "model_not_found", str(error))
+    if isinstance(error, BudgetUnavailable):
+        return ChatFailure(503, "budget_unavailable", f"the budget store cannot be read: {error}")
+    if isinstance(error, OutputInvalid):
+        return ChatFailure(
+            422,
+            "output_invalid",
+            "the model's answer did not match response_format after one repair: "
+            + "; ".join(error.errors[:5]),
+        )
+    if isinstance(error, UpstreamTimeout | TimeoutError):
+        return ChatFailure(504, "upstream_timeout", f"no answer in time: {error}")
+    if isinstance(error, UpstreamRejected):
+        return ChatFailure(502, "upstream_rejected", f"the provider refused the request: {error}")
+    if isinstance(error, UpstreamError):
+        return ChatFailure(502, "upstream_unavailable", f"no provider could answer: {error}")
+    return None

@@ -1,0 +1,219 @@
+"""Budget-metered LLM calls, the same on every surface: plan, reserve, call, settle or release.
+
+`plan` fits a call to what the session may still spend: it drops the oldest turns (never the
+system instruction or the newest user turn) until prompt + max_tokens fits both the remaining
+budget and the route's context window, shortening max_tokens when only that makes it fit, and
+then reserves prompt + max_tokens (and their cost at the dearest model of the route, so a
+fallback is covered) on the session and the tenant's day and month. A refusal is
+BudgetExhausted: the chat surfaces answer 429, the webhooks their fallback. `settle` counts the
+provider's real usage (our own count when it sent none) and appends the ledger record;
+`release` gives the reservation back when the call failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from app.principal import Principal
+from app.services.budget import (
+    BudgetExhausted,
+    BudgetService,
+    Grant,
+    Headroom,
+    HistoryTooLong,
+    fit_history,
+)
+from app.services.ledger import Ledger
+from app.services.llm.router import Route, RouterSlot
+from app.services.llm.types import ChatResult, Usage
+from app.services.store import Refusal, UsageRecord
+from app.services.tokens import estimate_tokens, text_tokens
+
+# Shortening max_tokens below this to squeeze a call into a budget would only buy a cut answer.
+MIN_COMPLETION_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One reserved call: the messages to send, how long the answer may be, what was dropped."""
+
+    principal: Principal
+    session_id: str
+    route: str
+    messages: list[dict[str, str]]
+    max_tokens: int
+    prompt_tokens: int  # our count of `messages`, chat framing included
+    dropped: int  # history turns left out to fit
+    grant: Grant
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What a finished call used and cost, as counted and recorded."""
+
+    usage: Usage
+    cost: float
+    estimated: bool
+
+
+class Metering:
+    """Budget reservation and usage accounting around LLM calls, shared by every surface."""
+
+    def __init__(self, budget: BudgetService, ledger: Ledger, llm: RouterSlot) -> None:
+        self.budget = budget
+        self.ledger = ledger
+        self.llm = llm
+
+    async def headroom(self, principal: Principal, session_id: str) -> Headroom:
+        return await self.budget.headroom(principal, session_id)
+
+    async def plan(
+        self,
+        principal: Principal,
+        session_id: str,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        route_name: str,
+        max_tokens: int,
+        remaining_tokens: int | None,
+    ) -> Plan:
+        """Fit and reserve. Raises UnknownModel, HistoryTooLong (the context window is too small
+        for even the kept messages) or BudgetExhausted (the budget cannot take the call)."""
+        route = self.llm.current.route(route_name)
+        max_tokens = _answer_limit(route, max_tokens)
+        counting_model = route.targets[0].model.name
+
+        def count(candidate: list[dict[str, str]]) -> int:
+            return estimate_tokens(candidate, model=counting_model)
+
+        items = [dict(m) for m in messages]
+        window = route.context_window
+        bound = window if remaining_tokens is None else min(window, remaining_tokens)
+        try:
+            fit = fit_history(items, count_tokens=count, max_prompt_tokens=bound - max_tokens)
+        except HistoryTooLong as too_long:
+            room = bound - too_long.needed
+            if room < MIN_COMPLETION_TOKENS:
+                if too_long.needed + MIN_COMPLETION_TOKENS > window:
+                    raise HistoryTooLong(too_long.needed, window - MIN_COMPLETION_TOKENS) from None
+                raise BudgetExhausted(
+                    await self._refusal(principal, session_id, too_long.needed + max_tokens)
+                ) from None
+            max_tokens = room
+            fit = fit_history(items, count_tokens=count, max_prompt_tokens=bound - max_tokens)
+        requested = fit.prompt_tokens + max_tokens
+        outcome = await self.budget.reserve_for(
+            principal, session_id, requested, _dearest_cost(route, fit.prompt_tokens, max_tokens)
+        )
+        if isinstance(outcome, Refusal):
+            raise BudgetExhausted(outcome)
+        return Plan(
+            principal,
+            session_id,
+            route_name,
+            fit.messages,
+            max_tokens,
+            fit.prompt_tokens,
+            fit.dropped,
+            outcome,
+        )
+
+    async def _refusal(self, principal: Principal, session_id: str, requested: int) -> Refusal:
+        """The store's own refusal for a call that cannot fit (it names the binding scope)."""
+        outcome = await self.budget.reserve_for(principal, session_id, requested)
+        if isinstance(outcome, Refusal):
+            return outcome
+        await self.budget.release(outcome)  # raced with a settle that freed room: still refuse
+        scope = self.budget.scopes_for(principal, session_id)[0]
+        return Refusal(scope, "tokens", outcome.remaining_tokens, None, requested, 0.0)
+
+    def spend(self, plan: Plan, result: ChatResult) -> Spend:
+        """The provider's usage (our count when a stream sent none) and its cost."""
+        usage, estimated = result.usage, False
+        if not result.usage_reported:
+            model = result.trail[-1].model if result.trail else result.model
+            usage = Usage(
+                estimate_tokens(plan.messages, model=model), text_tokens(result.content, model)
+            )
+            estimated = True
+        return Spend(usage, self.llm.current.cost(result.trail, usage), estimated)
+
+    async def settle(
+        self,
+        plan: Plan,
+        result: ChatResult,
+        *,
+        surface: str,
+        latency_ms: float,
+    ) -> Spend:
+        """Count the real usage against the budget and append the ledger record."""
+        spent = self.spend(plan, result)
+        await self.budget.settle(
+            plan.grant,
+            prompt_tokens=spent.usage.prompt_tokens,
+            completion_tokens=spent.usage.completion_tokens,
+            cost=spent.cost,
+        )
+        answered = result.trail[-1] if result.trail else None
+        self.ledger.record(
+            UsageRecord(
+                tenant=plan.principal.tenant,
+                session=plan.session_id,
+                surface=surface,
+                provider=answered.provider if answered else result.provider,
+                model=answered.model if answered else result.model,  # the configured name
+                prompt_tokens=spent.usage.prompt_tokens,
+                completion_tokens=spent.usage.completion_tokens,
+                cost=spent.cost,
+                latency_ms=latency_ms,
+                estimated=spent.estimated,
+            )
+        )
+        return spent
+
+    async def release(self, plan: Plan) -> None:
+        await self.budget.release(plan.grant)
+
+    def record_cached(
+        self,
+        principal: Principal,
+        session_id: str,
+        *,
+        surface: str,
+        provider: str,
+        model: str,
+        latency_ms: float,
+    ) -> None:
+        """A cache hit spends nothing, but finance still sees that the session was answered."""
+        self.ledger.record(
+            UsageRecord(
+                tenant=principal.tenant,
+                session=session_id,
+                surface=surface,
+                provider=provider,
+                model=model,
+                prompt_tokens=0,
+                completion_tokens=0,
+                cost=0.0,
+                cached=True,
+                latency_ms=latency_ms,
+            )
+        )
+
+
+def _answer_limit(route: Route, requested: int) -> int:
+    """The longest answer every target of the route allows."""
+    limits = [requested, *(t.model.max_tokens for t in route.targets)]
+    if route.max_tokens is not None:
+        limits.append(route.max_tokens)
+    return max(1, min(limits))
+
+
+def _dearest_cost(route: Route, prompt_tokens: int, max_tokens: int) -> float:
+    """The call's cost if the dearest model of the route answers at full length."""
+    return max(
+        prompt_tokens / 1000 * t.model.price_per_1k_prompt
+        + max_tokens / 1000 * t.model.price_per_1k_completion
+        for t in route.targets
+    )

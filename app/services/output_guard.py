@@ -1,0 +1,107 @@
+"""The output side of the safety rules for the chat surfaces: PII redaction and unsafe-output
+blocking, on a whole answer or on a stream as it passes through.
+
+A stream cannot be redacted delta by delta: a card number arrives in several deltas. The guard
+holds text back until a sentence ends (". ", "! ", "? ", a newline) and releases it redacted, so
+a match is never split across what the caller receives; a sentence that runs past
+`max_hold_chars` is released at its last space between words. Once any released text (with
+everything before it) matches an unsafe category, nothing more is released and `blocked` names
+the category: the caller ends the stream with a content-filter stop instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from app.services.metrics import SAFETY_EVENTS
+from app.services.safety import SafetyRules
+
+_SENTENCE_END = re.compile(r"(?:[.!?](?=\s)|\n)\s*")
+_WORD_SPACE = re.compile(r"(?<=[^\W\d])\s+")  # a space after a letter: never inside a number
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A whole answer after the guard: the text to give, and what was blocked or redacted."""
+
+    text: str
+    blocked: str | None
+    redactions: dict[str, int]
+
+
+@dataclass
+class OutputGuard:
+    """One answer's guard. `redact` applies the PII patterns; `categories` are the unsafe
+    categories to block (empty: none)."""
+
+    rules: SafetyRules
+    surface: str
+    redact: bool = True
+    categories: Collection[str] = ()
+    max_hold_chars: int = 400
+    blocked: str | None = None
+    redactions: dict[str, int] = field(default_factory=dict)
+    _held: str = ""
+    _released: str = ""
+
+    def check(self, text: str) -> Checked:
+        """A whole answer: redacted, or blocked (the caller substitutes its fallback text)."""
+        released = self._release(text)
+        return Checked(released if self.blocked is None else "", self.blocked, self.redactions)
+
+    def feed(self, delta: str) -> str:
+        """Text that may be passed on now (often ""), or "" for ever once blocked."""
+        if self.blocked is not None:
+            return ""
+        self._held += delta
+        cut = _last_boundary(self._held)
+        if cut == 0 and len(self._held) > self.max_hold_chars:
+            cut = _last_word_space(self._held)
+        if cut == 0:
+            return ""
+        ready, self._held = self._held[:cut], self._held[cut:]
+        return self._release(ready)
+
+    def finish(self) -> str:
+        """The stream ended: release what is still held."""
+        ready, self._held = self._held, ""
+        if self.blocked is not None or not ready:
+            return ""
+        return self._release(ready)
+
+    @property
+    def released(self) -> str:
+        """Everything passed on so far."""
+        return self._released
+
+    def _release(self, text: str) -> str:
+        if self.redact:
+            redaction = self.rules.redact(text)
+            text = redaction.text
+            for name, n in redaction.counts.items():
+                self.redactions[name] = self.redactions.get(name, 0) + n
+                SAFETY_EVENTS.labels(self.surface, f"redacted_{name}").inc(n)
+        if self.categories:
+            category = self.rules.unsafe_category(self._released + text, self.categories)
+            if category is not None:
+                self.blocked = category
+                SAFETY_EVENTS.labels(self.surface, f"unsafe_{category}").inc()
+                return ""
+        self._released += text
+        return text
+
+
+def _last_boundary(text: str) -> int:
+    end = 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+    return end
+
+
+def _last_word_space(text: str) -> int:
+    end = 0
+    for match in _WORD_SPACE.finditer(text):
+        end = match.end()
+    return end
