@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=20,
+        # a /ws/chat frame over the body limit is refused by the route; this keeps uvicorn from
+        # reading a much larger one into memory first (the route answers 1009 up to this size)
+        ws_max_size=settings.max_body_bytes + 1024,
     )
     return 0
 

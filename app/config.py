@@ -23,6 +23,7 @@ ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = ("hmac", "standard_webhooks", "api_ke
 # that the README's signed sample request works on a fresh clone. Never used otherwise.
 DEV_WEBHOOK_SECRET = "cx-relay-dev-secret"
 DEV_CXONE_AUTHORIZATION = "Bearer cx-relay-dev-token"
+DEV_CLIENT_API_KEY = "cx-relay-dev-key"
 
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
@@ -60,6 +61,11 @@ class Settings(BaseSettings):
     llm_temperature: float = Field(0.7, ge=0.0, le=2.0)
     routing_temperature: float = Field(0.2, ge=0.0, le=2.0)
     llm_max_tokens: int = Field(512, ge=16, le=32768)
+    # The LLM_GATEWAY_* provider's model: its context window and prices (USD per 1,000 tokens)
+    # for the cost ledger. A provider file states these per model instead.
+    llm_context_tokens: int = Field(128_000, ge=256, le=10_000_000)
+    llm_price_per_1k_prompt: float | None = Field(None, ge=0.0)
+    llm_price_per_1k_completion: float | None = Field(None, ge=0.0)
     llm_timeout_seconds: float = Field(5.0, gt=0.0, le=120.0)
     llm_max_attempts: int = Field(3, ge=1, le=10)
     llm_retry_initial_seconds: float = Field(0.2, ge=0.0, le=10.0)
@@ -218,6 +224,8 @@ class Settings(BaseSettings):
         "budget_tenant_month_tokens",
         "budget_tenant_day_cost",
         "budget_tenant_month_cost",
+        "llm_price_per_1k_prompt",
+        "llm_price_per_1k_completion",
         mode="before",
     )
     @classmethod
@@ -255,6 +263,8 @@ class Settings(BaseSettings):
             self.cognigy_webhook_secret = [SecretStr(DEV_WEBHOOK_SECRET)]
         if self.simulate and not self.cxone_webhook_authorization:
             self.cxone_webhook_authorization = [SecretStr(DEV_CXONE_AUTHORIZATION)]
+        if self.simulate and not self.client_api_keys:
+            self.client_api_keys = [SecretStr(DEV_CLIENT_API_KEY)]
         if not self.webhook_credentials_configured and not self.allow_unauthenticated_webhooks:
             raise ValueError(
                 "no inbound webhook credential: set COGNIGY_WEBHOOK_SECRET or COGNIGY_API_KEYS "

@@ -14,11 +14,22 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from app import __version__
-from app.config import DEV_CXONE_AUTHORIZATION, Settings, load_settings
+from app.config import DEV_CLIENT_API_KEY, DEV_CXONE_AUTHORIZATION, Settings, load_settings
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
-from app.routers import admin, budget, chat, cognigy, cxone, health, metrics
+from app.pipelines.turn_cache import TurnCache
+from app.routers import (
+    admin,
+    budget,
+    chat,
+    cognigy,
+    cxone,
+    health,
+    metrics,
+    openai_compat,
+    ws_chat,
+)
 from app.services import tokens
 from app.services.audit import AuditLog
 from app.services.budget import BudgetService
@@ -42,7 +53,9 @@ from app.wiring import (
     budget_policy,
     build_chat,
     build_cxone_bot,
+    build_intent_cache,
     cxone_authorizations,
+    load_injection_rules,
     load_safety_rules,
     open_usage_ledger,
 )
@@ -58,6 +71,10 @@ SAMPLE_PROMPT_VARIABLES = {
 }
 
 
+# gpt-4o-mini's list prices (USD per 1,000 tokens), charged for the simulated model unless set.
+SIMULATED_PRICES = {"llm_price_per_1k_prompt": 0.00015, "llm_price_per_1k_completion": 0.0006}
+
+
 def _start_simulators(
     settings: Settings, stack: AsyncExitStack
 ) -> tuple[Settings, dict[str, bool]]:
@@ -68,6 +85,11 @@ def _start_simulators(
         llm = stack.enter_context(LoopbackServer(create_llm_simulator()))
         overrides["llm_gateway_base_url"] = llm.url
         simulated["llm"] = True
+        if (
+            settings.llm_price_per_1k_prompt is None
+            and settings.llm_price_per_1k_completion is None
+        ):
+            overrides.update(SIMULATED_PRICES)  # so /budget/status shows costs in a demo
     if settings.simulate and not settings.cxone_configured:
         state = CXoneSimulatorState()
         cxone = stack.enter_context(LoopbackServer(create_cxone_simulator(state)))
@@ -176,10 +198,15 @@ def build_services(
     )
     budget = BudgetService(store, budget_policy(settings, client_auth.session_tokens_by_key))
     metering = Metering(budget, ledger, llm)
+    injection = load_injection_rules(settings)  # one of each, shared by every surface
+    intent_cache = build_intent_cache(settings)
+    turn_cache = TurnCache(intent_cache, metering, settings.intent_cache_enabled)
     pipeline = CognigyPipeline(
-        llm=llm,
+        metering=metering,
         renderer=renderer,
         cxone=cxone_client,
+        injection=injection,
+        cache=turn_cache,
         options=CognigyOptions(
             model=settings.llm_model,
             temperature=settings.routing_temperature,
@@ -189,6 +216,7 @@ def build_services(
             fallback_response=settings.cognigy_fallback_response,
             system_template=settings.cognigy_system_template,
             user_template=settings.cognigy_user_template,
+            injection_mode=settings.prompt_injection_mode,
         ),
     )
     authenticator = WebhookAuthenticator(
@@ -205,8 +233,10 @@ def build_services(
         webhook_auth=authenticator,
         llm=llm,
         cognigy=pipeline,
-        cxone_bot=build_cxone_bot(settings, llm, renderer, cxone_client, safety),
-        chat=build_chat(settings, metering, renderer, safety),
+        cxone_bot=build_cxone_bot(
+            settings, metering, renderer, cxone_client, safety, injection, turn_cache
+        ),
+        chat=build_chat(settings, metering, renderer, safety, injection, intent_cache),
         metering=metering,
         cxone_authorizations=cxone_authorizations(settings),
         audit=audit,
@@ -232,6 +262,12 @@ def _warn_about_development_settings(settings: Settings) -> None:
             "development CXone Authorization value %r accepted (simulated mode without "
             "CXONE_WEBHOOK_AUTHORIZATION); set your own before exposing this service",
             DEV_CXONE_AUTHORIZATION,
+        )
+    if any(k.get_secret_value() == DEV_CLIENT_API_KEY for k in settings.client_api_keys):
+        log.warning(
+            "development client API key %r accepted for the chat and /budget routes (simulated "
+            "mode without CLIENT_API_KEYS); set your own before exposing this service",
+            DEV_CLIENT_API_KEY,
         )
     if settings.using_dev_secret:
         log.warning(
@@ -288,4 +324,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.include_router(budget.router)
     app.include_router(chat.router)
+    app.include_router(openai_compat.router)
+    app.include_router(ws_chat.router)
     return app

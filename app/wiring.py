@@ -11,14 +11,15 @@ from zoneinfo import ZoneInfo
 
 from app.config import Settings
 from app.pipelines.chat import ChatOptions, ChatPipeline
-from app.pipelines.cxone import BotOptions, CXoneBotPipeline
+from app.pipelines.cxone import CXoneBotPipeline
+from app.pipelines.cxone_reply import BotOptions
+from app.pipelines.turn_cache import TurnCache
 from app.services.bot_state import StateCodec
 from app.services.budget import BudgetPolicy, PeriodLimits
 from app.services.cache import IntentCache
 from app.services.cxone import CXoneContextClient
 from app.services.injection import InjectionRules
 from app.services.ledger import Ledger
-from app.services.llm.router import RouterSlot
 from app.services.metering import Metering
 from app.services.prompts import PromptRenderer
 from app.services.safety import RULES_DIR, SafetyRules
@@ -62,11 +63,26 @@ def budget_policy(settings: Settings, key_limits: Mapping[str, int | None]) -> B
     )
 
 
+def load_injection_rules(settings: Settings) -> InjectionRules:
+    """Loaded once and shared by every surface (chat, Cognigy, CXone)."""
+    return InjectionRules.load(settings.safety_rules_dir or RULES_DIR)
+
+
+def build_intent_cache(settings: Settings) -> IntentCache:
+    """One cache for every surface: entries are keyed by tenant, model and the whole input."""
+    return IntentCache(
+        max_entries=settings.intent_cache_max_entries,
+        ttl_seconds=settings.intent_cache_ttl_seconds,
+    )
+
+
 def build_chat(
     settings: Settings,
     metering: Metering,
     renderer: PromptRenderer,
     safety: SafetyRules,
+    injection: InjectionRules,
+    cache: IntentCache,
 ) -> ChatPipeline:
     for template in (settings.chat_system_template, settings.chat_lightweight_template):
         renderer.check(template, {})
@@ -74,11 +90,8 @@ def build_chat(
         metering=metering,
         renderer=renderer,
         safety=safety,
-        injection=InjectionRules.load(settings.safety_rules_dir or RULES_DIR),
-        cache=IntentCache(
-            max_entries=settings.intent_cache_max_entries,
-            ttl_seconds=settings.intent_cache_ttl_seconds,
-        ),
+        injection=injection,
+        cache=cache,
         options=ChatOptions(
             default_model=settings.llm_model,
             max_tokens=settings.llm_max_tokens,
@@ -121,19 +134,23 @@ def load_safety_rules(settings: Settings) -> SafetyRules:
 
 def build_cxone_bot(
     settings: Settings,
-    llm: RouterSlot,
+    metering: Metering,
     renderer: PromptRenderer,
     cxone: CXoneContextClient | None,
     safety: SafetyRules,
+    injection: InjectionRules,
+    cache: TurnCache,
 ) -> CXoneBotPipeline:
     renderer.check(
         settings.cxone_system_template,
         {"channel": "chat", "handoff_marker": "[[HANDOFF]]", "greeting": True},
     )
     return CXoneBotPipeline(
-        llm=llm,
+        metering=metering,
         renderer=renderer,
         safety=safety,
+        injection=injection,
+        cache=cache,
         codec=StateCodec(state_secret(settings), settings.cxone_state_max_bytes),
         cxone=cxone,
         options=BotOptions(
@@ -156,5 +173,6 @@ def build_cxone_bot(
             metrics_in_payload=settings.cxone_metrics_in_payload,
             redact_input=settings.redact_pii_input,
             unsafe_categories=tuple(settings.unsafe_output_categories),
+            injection_mode=settings.prompt_injection_mode,
         ),
     )

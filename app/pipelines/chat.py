@@ -68,6 +68,9 @@ class ChatCall:
     safety_filters: Collection[str] | None = None  # None: every filter
     json_schema: dict[str, Any] | None = None
     json_object: bool = False
+    # set by the pipeline once the input is checked, before any text: the prompt-injection
+    # pattern names found, so a streaming surface can put them in its response headers
+    injection: tuple[str, ...] = ()
 
     def filters(self) -> Collection[str]:
         return ALL_FILTERS if self.safety_filters is None else self.safety_filters
@@ -113,6 +116,12 @@ class ChatPipeline:
         headroom = await self.metering.headroom(call.principal, call.session_id)
         messages = self._with_instruction(call.messages, headroom.lightweight)
         cached = self._cached(call, models[0], messages)
+        if cached is None and headroom.lightweight:
+            # A hit costs nothing, so the lightweight instruction saves nothing on it: an answer
+            # cached under the standard one (before the budget ran low) is served too.
+            standard = self._with_instruction(call.messages, lightweight=False)
+            if standard != messages:
+                cached = self._cached(call, models[0], standard)
         if cached is not None:
             outcome = ChatOutcome(
                 content=cached.content,
@@ -168,7 +177,8 @@ class ChatPipeline:
             checked = self.injection.sanitise(message["content"], mode)
             message["content"] = checked.text
             found += [name for name in checked.matches if name not in found]
-        return tuple(found)
+        call.injection = tuple(found)
+        return call.injection
 
     def _with_instruction(
         self, messages: list[dict[str, str]], lightweight: bool
@@ -185,11 +195,16 @@ class ChatPipeline:
     def _cache_parts(
         self, call: ChatCall, messages: list[dict[str, str]]
     ) -> tuple[str, str] | None:
-        """(instruction, input) the cache is keyed on: every system message (and the caller's
-        schema), and the whole conversation after them, so history changes the key."""
+        """(instruction, input) the cache is keyed on: every system message (with the output
+        filters and the caller's schema), and the whole conversation after them, so history
+        changes the key."""
         if not self.options.cache_enabled:
             return None
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        # an answer kept from a caller that turned an output filter off is never served to one
+        # that did not: the output filters are part of the key
+        output_filters = sorted(f for f in call.filters() if f != "injection")
+        system += "\n[output filters: " + ",".join(output_filters) + "]"
         if call.json_schema is not None:
             system += "\n" + json.dumps(call.json_schema, sort_keys=True)
         turns = [f"{m['role']}: {m['content']}" for m in messages if m["role"] != "system"]
@@ -222,12 +237,7 @@ class ChatPipeline:
     async def _answer(
         self, call: ChatCall, plan: Plan, deadline: Deadline, on_text: OnText | None
     ) -> ChatOutcome:
-        guard = OutputGuard(
-            self.safety,
-            call.surface,
-            redact="pii" in call.filters(),
-            categories=self.options.unsafe_categories if "unsafe" in call.filters() else (),
-        )
+        guard = self._guard(call)
         result = await self._call(call, plan, plan.messages, deadline, guard, on_text)
         if on_text is not None:
             rest = guard.finish()
@@ -248,6 +258,14 @@ class ChatPipeline:
         if call.json_schema is not None:
             await self._validate(call, plan, deadline, outcome)
         return outcome
+
+    def _guard(self, call: ChatCall) -> OutputGuard:
+        return OutputGuard(
+            self.safety,
+            call.surface,
+            redact="pii" in call.filters(),
+            categories=self.options.unsafe_categories if "unsafe" in call.filters() else (),
+        )
 
     async def _call(
         self,
@@ -312,7 +330,7 @@ class ChatPipeline:
             max_tokens=plan.max_tokens,
             remaining_tokens=None,
         )
-        guard = OutputGuard(self.safety, call.surface, redact="pii" in call.filters())
+        guard = self._guard(call)  # the repaired answer is checked like the first one
         try:
             result = await self._call(call, again, again.messages, deadline, guard, None)
         except BaseException:
@@ -321,7 +339,14 @@ class ChatPipeline:
         second = await self._settle(call, again, result)
         outcome.usage = outcome.usage + second.usage
         outcome.cost = round(outcome.cost + second.cost, 8)
-        outcome.content = guard.check(result.content).text
+        checked = guard.check(result.content)
+        for name, n in checked.redactions.items():
+            outcome.redactions[name] = outcome.redactions.get(name, 0) + n
+        if checked.blocked is not None:
+            outcome.blocked, outcome.finish_reason = checked.blocked, "content_filter"
+            outcome.content = self.options.fallback_text
+            return
+        outcome.content = checked.text
         outcome.parsed = parse_json_schema_output(outcome.content, call.json_schema)
 
     def _finish(self, call: ChatCall, outcome: ChatOutcome, started: float) -> ChatOutcome:

@@ -1,21 +1,24 @@
 """One Cognigy fallback turn, as one straight line of service calls.
 
-context → prompt → LLM (retries inside the deadline) → validate (repair once) → response.
-Any step that fails degrades the answer instead of failing the webhook: no history means
-`context: "unavailable"`; no valid decision means the deterministic route-to-human fallback.
-The router bounds the whole of `decide` by the deadline, so even a step that hangs cannot
-keep Cognigy waiting.
+sanitise → context → prompt → intent cache → plan (reserve) → LLM (retries inside the deadline)
+→ settle → validate (repair once, metered the same way) → response. Any step that fails degrades
+the answer instead of failing the webhook: no history means `context: "unavailable"`; no valid
+decision, an exhausted budget or a budget store that cannot be asked (nothing is spent
+unmetered) means the deterministic route-to-human fallback. The router bounds the whole of
+`decide` by the deadline, so even a step that hangs cannot keep Cognigy waiting.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from app.deadline import Deadline
-from app.errors import OutputInvalid, UpstreamError
+from app.errors import OutputInvalid, UnknownModel, UpstreamError
+from app.pipelines.turn_cache import TurnCache
+from app.principal import Principal
 from app.schemas.cognigy import (
     CognigyResponse,
     CognigyTrigger,
@@ -24,9 +27,12 @@ from app.schemas.cognigy import (
     UsageOut,
 )
 from app.schemas.routing import RoutingDecision
+from app.services.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
+from app.services.cache import CachedAnswer
 from app.services.cxone import CXoneContextClient, Turn
-from app.services.llm.router import RouterSlot
+from app.services.injection import InjectionMode, InjectionRules
 from app.services.llm.types import ChatRequest, ChatResult, Usage
+from app.services.metering import Metering, Spend
 from app.services.prompts import PromptRenderer
 from app.services.validation import parse_output, repair_messages
 
@@ -43,23 +49,53 @@ class CognigyOptions:
     fallback_response: str
     system_template: str
     user_template: str
+    injection_mode: InjectionMode = "flag"
+
+
+SURFACE = "cognigy"
 
 
 @dataclass
 class CognigyPipeline:
-    llm: RouterSlot
+    metering: Metering
     renderer: PromptRenderer
     cxone: CXoneContextClient | None
+    injection: InjectionRules
+    cache: TurnCache
     options: CognigyOptions
 
     async def decide(
-        self, trigger: CognigyTrigger, deadline: Deadline, turn: TurnRecord
+        self, trigger: CognigyTrigger, principal: Principal, deadline: Deadline, turn: TurnRecord
     ) -> CognigyResponse:
+        last_message = self._sanitise(trigger.last_message, turn)
         history, turn.context = await self._history(trigger, deadline)
-        messages = self._messages(trigger, history)
-        request = self._request(messages)
+        history = self._clean_history(history, trigger.last_message, last_message, turn)
+        messages = self._messages(trigger, last_message, history)
+        cached = self.cache.get(principal.tenant, self.options.model, messages)
+        if cached is not None:
+            return self._from_cache(trigger, principal, turn, cached)
         try:
-            result = await self._complete(request, deadline, turn)
+            return await self._decide(trigger, principal, messages, deadline, turn)
+        except BudgetExhausted as exhausted:
+            return self.fallback(trigger, turn, "budget_exhausted", str(exhausted))
+        except BudgetUnavailable as down:
+            return self.fallback(
+                trigger, turn, "budget_unavailable", f"the budget store cannot be asked: {down}"
+            )
+        except (HistoryTooLong, UnknownModel) as error:
+            return self.fallback(trigger, turn, "llm_unavailable", str(error))
+
+    async def _decide(
+        self,
+        trigger: CognigyTrigger,
+        principal: Principal,
+        messages: list[dict[str, str]],
+        deadline: Deadline,
+        turn: TurnRecord,
+    ) -> CognigyResponse:
+        session = trigger.conversation_id
+        try:
+            result = await self._complete(principal, session, messages, deadline, turn)
         except UpstreamError as error:
             return self.fallback(trigger, turn, "llm_unavailable", str(error))
         try:
@@ -68,14 +104,39 @@ class CognigyPipeline:
             if deadline.remaining() < self.options.repair_min_seconds:
                 return self.fallback(trigger, turn, "schema_validation_failed", _why(invalid))
             turn.repaired = True
-            repair = self._request(repair_messages(messages, invalid, RoutingDecision))
+            repair = repair_messages(messages, invalid, RoutingDecision)
             try:
-                result = await self._complete(repair, deadline, turn)
+                result = await self._complete(principal, session, repair, deadline, turn)
                 decision = parse_output(result.content, RoutingDecision)
             except OutputInvalid as still_invalid:
                 return self.fallback(trigger, turn, "schema_validation_failed", _why(still_invalid))
             except UpstreamError as error:
                 return self.fallback(trigger, turn, "schema_validation_failed", str(error))
+        answer = CachedAnswer(
+            decision.model_dump_json(),
+            result.provider,
+            result.model,
+            turn.usage.prompt_tokens,
+            turn.usage.completion_tokens,
+        )
+        self.cache.put(principal.tenant, self.options.model, messages, answer)  # validated only
+        return _response(trigger, turn, "success", decision)
+
+    def _from_cache(
+        self, trigger: CognigyTrigger, principal: Principal, turn: TurnRecord, cached: CachedAnswer
+    ) -> CognigyResponse:
+        """A decision validated for exactly this input before: no call, no tokens, no cost."""
+        turn.cached = True
+        turn.provider, turn.model = cached.provider, cached.model
+        decision = parse_output(cached.content, RoutingDecision)
+        self.metering.record_cached(
+            principal,
+            trigger.conversation_id,
+            surface=SURFACE,
+            provider=cached.provider,
+            model=cached.model,
+            latency_ms=turn.elapsed_ms(),
+        )
         return _response(trigger, turn, "success", decision)
 
     def fallback(
@@ -117,12 +178,38 @@ class CognigyPipeline:
             return [], "unavailable"
         return history, "available"
 
-    def _messages(self, trigger: CognigyTrigger, history: list[Turn]) -> list[dict[str, str]]:
+    def _sanitise(self, text: str, turn: TurnRecord) -> str:
+        """Prompt-injection check (flag: reported only; redact: the phrase is cut out)."""
+        checked = self.injection.sanitise(text, self.options.injection_mode)
+        turn.injection += tuple(n for n in checked.matches if n not in turn.injection)
+        return checked.text
+
+    def _clean_history(
+        self, history: list[Turn], original: str, cleaned: str, turn: TurnRecord
+    ) -> list[Turn]:
+        """In redact mode the customer's history lines are cleaned too (the newest is usually
+        this very message, so the phrase must not slip in through it). In flag mode they pass
+        as they are and are not checked: an old line would be reported again on every turn."""
+        if self.options.injection_mode != "redact":
+            return history
+        seen = {original: cleaned}
+        kept: list[Turn] = []
+        for line in history:
+            if line.role == "customer":
+                if line.text not in seen:
+                    seen[line.text] = self._sanitise(line.text, turn)
+                line = replace(line, text=seen[line.text])
+            kept.append(line)
+        return kept
+
+    def _messages(
+        self, trigger: CognigyTrigger, last_message: str, history: list[Turn]
+    ) -> list[dict[str, str]]:
         variables = {
             "history": history,
             "detected_intent": trigger.detected_intent,
             "confidence": trigger.confidence_score,
-            "last_message": trigger.last_message,
+            "last_message": last_message,
             "metadata": trigger.metadata,
         }
         return [
@@ -136,24 +223,40 @@ class CognigyPipeline:
             },
         ]
 
-    def _request(self, messages: list[dict[str, str]]) -> ChatRequest:
-        return ChatRequest(
-            messages=messages,
-            model=self.options.model,
-            temperature=self.options.temperature,
+    async def _complete(
+        self,
+        principal: Principal,
+        session: str,
+        messages: list[dict[str, str]],
+        deadline: Deadline,
+        turn: TurnRecord,
+    ) -> ChatResult:
+        """One metered call: reserved before it goes out, settled (and recorded in the ledger)
+        after, released when it fails. A decision needs its whole max_tokens, so the call is
+        refused rather than squeezed when the budget cannot hold it."""
+        plan = await self.metering.plan(
+            principal,
+            session,
+            messages,
+            route_name=self.options.model,
             max_tokens=self.options.max_tokens,
+            remaining_tokens=None,
+        )
+        request = ChatRequest(
+            messages=plan.messages,
+            model=plan.route,
+            temperature=self.options.temperature,
+            max_tokens=plan.max_tokens,
             json_output=True,
         )
-
-    async def _complete(
-        self, request: ChatRequest, deadline: Deadline, turn: TurnRecord
-    ) -> ChatResult:
         try:
-            result = await self.llm.current.complete(request, deadline)
+            result, spent = await self.metering.run(
+                plan, lambda: self.metering.llm.current.complete(request, deadline), surface=SURFACE
+            )
         except UpstreamError as error:
             turn.trail += error.trail
             raise
-        turn.record(result)
+        turn.record(result, spent)
         return result
 
 
@@ -169,14 +272,18 @@ class TurnRecord:
     usage: Usage = field(default_factory=Usage)
     trail: tuple[Any, ...] = ()
     repaired: bool = False
+    cached: bool = False
+    cost: float = 0.0
+    injection: tuple[str, ...] = ()  # prompt-injection pattern names found in the input
 
     @classmethod
     def start(cls, request_id: str) -> TurnRecord:
         return cls(request_id=request_id, started=time.perf_counter())
 
-    def record(self, result: ChatResult) -> None:
+    def record(self, result: ChatResult, spent: Spend) -> None:
         self.provider, self.model = result.provider, result.model
-        self.usage = self.usage + result.usage
+        self.usage = self.usage + spent.usage
+        self.cost = round(self.cost + spent.cost, 8)
         self.trail += result.trail
 
     @property
@@ -205,6 +312,7 @@ def _response(
         latency_ms=turn.elapsed_ms(),
         request_id=turn.request_id,
         attempts=[a.public() for a in turn.trail],
+        cached=turn.cached,
         **fallback_fields,
     )
 

@@ -1,8 +1,15 @@
 """One CXone bot turn: decide by `userInputType`, ask the LLM when the turn needs it, make the
 reply safe, and answer in the branch CXone Studio acts on.
 
+The customer's words pass the prompt-injection sanitiser first; a turn whose whole conversation
+was answered before is served from the intent cache at no cost; otherwise the call is metered
+like every other surface: the oldest history is dropped until it fits what the session may still
+spend (and the context window), reserved, then settled into the budget and the ledger.
+
 Failures never become an HTTP error for CXone: the configured fallback is prompted, and after
 `CXONE_MAX_FAILURES` in a row control returns to the script with the reason in `errorDetails`.
+An exhausted budget returns control at once (`handoffReason: "budget_exhausted"`): asking
+again cannot help.
 """
 
 from __future__ import annotations
@@ -10,85 +17,48 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from app.deadline import Deadline
-from app.errors import UpstreamError
+from app.errors import UnknownModel, UpstreamError
+from app.pipelines.cxone_reply import BotOptions, BotTurn, reply
+from app.pipelines.turn_cache import TurnCache
+from app.principal import Principal
 from app.schemas.cxone import (
     BotErrorDetails,
     BotExchangeBranch,
     BotExchangeResponse,
     BotLoopErrorBehavior,
     ExternalIntegrationBotExchangeRequest,
-    IntentInfo,
-    PromptBehaviors,
-    PromptSequence,
-    SilenceRules,
     UserInputType,
 )
 from app.services.bot_state import BotSession, StateCodec
+from app.services.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
+from app.services.cache import CachedAnswer
 from app.services.cxone import CXoneContextClient
-from app.services.llm.router import RouterSlot
-from app.services.llm.types import ChatRequest, ChatResult, Usage
+from app.services.injection import InjectionRules
+from app.services.llm.types import ChatRequest, ChatResult
+from app.services.metering import Metering
 from app.services.metrics import SAFETY_EVENTS
 from app.services.prompts import PromptRenderer
 from app.services.safety import SafetyRules
-from app.services.tokens import estimate_tokens, text_tokens
 
 log = logging.getLogger("cxrelay.cxone")
 
 HANDOFF_MARKER = "[[HANDOFF]]"
 _HANDOFF = re.compile(r"\[\[HANDOFF\]\]\s*:?\s*(.*)", re.DOTALL)
 _VOICE = re.compile(r"voice|phone|audio|call", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class BotOptions:
-    model: str
-    temperature: float
-    max_tokens: int
-    first_token_timeout: float
-    system_template: str
-    greeting: str
-    reprompt: str
-    fallback_text: str
-    comfort_prompt: str
-    response_delay_tolerance_ms: int
-    wait_for_user_ms: int
-    max_no_input: int
-    max_failures: int
-    state_max_messages: int
-    state_max_chars: int
-    history_turns: int
-    metrics_in_payload: bool
-    redact_input: bool
-    unsafe_categories: tuple[str, ...]
-
-
-@dataclass
-class BotTurn:
-    """What one turn did, for the response's customPayload, the log line and the metrics."""
-
-    request_id: str
-    started: float = field(default_factory=time.perf_counter)
-    outcome: str = "answered"
-    result: ChatResult | None = None
-    usage: Usage = field(default_factory=Usage)
-    usage_estimated: bool = False
-    cost: float = 0.0
-    redactions: dict[str, int] = field(default_factory=dict)
-    reason: str = ""
-
-    def elapsed_ms(self) -> float:
-        return round((time.perf_counter() - self.started) * 1000, 1)
+SURFACE = "cxone"
 
 
 @dataclass
 class CXoneBotPipeline:
-    llm: RouterSlot
+    metering: Metering
     renderer: PromptRenderer
     safety: SafetyRules
+    injection: InjectionRules
+    cache: TurnCache
     codec: StateCodec
     cxone: CXoneContextClient | None
     options: BotOptions
@@ -97,6 +67,7 @@ class CXoneBotPipeline:
         self,
         request: ExternalIntegrationBotExchangeRequest,
         session: BotSession,
+        principal: Principal,
         deadline: Deadline,
         turn: BotTurn,
     ) -> BotExchangeResponse:
@@ -137,17 +108,18 @@ class CXoneBotPipeline:
             )
         if not text and kind is not UserInputType.AUTOMATED_TEXT:
             return self._no_input(session, turn)
-        return await self._answer(request, session, deadline, turn)
+        return await self._answer(request, session, principal, deadline, turn)
 
     async def _answer(
         self,
         request: ExternalIntegrationBotExchangeRequest,
         session: BotSession,
+        principal: Principal,
         deadline: Deadline,
         turn: BotTurn,
     ) -> BotExchangeResponse:
         greeting = request.input_type is UserInputType.AUTOMATED_TEXT
-        user_text = "" if greeting else (request.userInput or "").strip()
+        user_text = self._sanitise("" if greeting else (request.userInput or "").strip(), turn)
         # What is kept in botSessionState and echoed in intentInfo is always redacted: CXone
         # stores both in script variables and logs. The provider sees the raw text unless
         # REDACT_PII_INPUT is on.
@@ -156,24 +128,23 @@ class CXoneBotPipeline:
             user_text = stored.text
             _count(turn.redactions, stored.counts, "input")
         if session.is_new and not session.history:
-            await self._seed_history(request, session, deadline)
+            await self._seed_history(request, session, deadline, turn)
         messages = self._messages(request, session, user_text, greeting)
+        cached = self.cache.get(principal.tenant, self.options.model, messages)
+        if cached is not None:
+            return self._from_cache(session, principal, turn, stored.text, cached)
         try:
-            result = await self.llm.current.complete_streamed(
-                ChatRequest(
-                    messages=messages,
-                    model=self.options.model,
-                    temperature=self.options.temperature,
-                    max_tokens=self.options.max_tokens,
-                ),
-                deadline,
-                self.options.first_token_timeout,
-            )
+            result = await self._complete(principal, session, messages, deadline, turn)
+        except BudgetExhausted as exhausted:
+            return self._exhausted(session, turn, stored.text, exhausted)
+        except BudgetUnavailable as down:
+            return self.failure(session, turn, f"the budget store cannot be asked: {down}")
+        except (HistoryTooLong, UnknownModel) as error:
+            return self.failure(session, turn, str(error))
         except UpstreamError as error:
             return self.failure(session, turn, f"LLM unavailable: {error}")
-        self._account(turn, messages, result)
-        reply = result.content.strip()
-        handoff = _HANDOFF.search(reply)
+        text = result.content.strip()
+        handoff = _HANDOFF.search(text)
         if handoff:
             session.failure_streak = 0
             turn.outcome = "handoff"
@@ -185,7 +156,7 @@ class CXoneBotPipeline:
                 BotExchangeBranch.ReturnControlToScript,
                 payload={"handoffReason": turn.reason},
             )
-        redaction = self.safety.redact(reply)
+        redaction = self.safety.redact(text)
         _count(turn.redactions, redaction.counts, "output")
         category = self.safety.unsafe_category(redaction.text, self.options.unsafe_categories)
         if category is not None:
@@ -193,15 +164,67 @@ class CXoneBotPipeline:
             return self.failure(session, turn, f"reply blocked by the {category} filter")
         if not redaction.text:
             return self.failure(session, turn, "the model answered with nothing")
+        answer = CachedAnswer(
+            redaction.text,
+            result.provider,
+            result.model,
+            turn.usage.prompt_tokens,
+            turn.usage.completion_tokens,
+        )
+        self.cache.put(principal.tenant, self.options.model, messages, answer)  # safe ones only
+        return self._answered(session, turn, stored.text, redaction.text)
+
+    def _answered(
+        self, session: BotSession, turn: BotTurn, utterance: str, text: str
+    ) -> BotExchangeResponse:
         session.turns += 1
         session.no_input_streak = session.failure_streak = 0
-        session.add_exchange(stored.text, redaction.text, **self._bounds())
+        session.add_exchange(utterance, text, **self._bounds())
         return self._respond(
             session,
             turn,
             BotExchangeBranch.PromptAndCollectNextResponse,
-            say=redaction.text,
-            utterance=stored.text,
+            say=text,
+            utterance=utterance,
+        )
+
+    def _from_cache(
+        self,
+        session: BotSession,
+        principal: Principal,
+        turn: BotTurn,
+        utterance: str,
+        cached: CachedAnswer,
+    ) -> BotExchangeResponse:
+        """An answer given to exactly this conversation before: no call, no tokens, no cost."""
+        turn.cached = True
+        turn.provider, turn.model = cached.provider, cached.model
+        self.metering.record_cached(
+            principal,
+            session.session_id,
+            surface=SURFACE,
+            provider=cached.provider,
+            model=cached.model,
+            latency_ms=turn.elapsed_ms(),
+        )
+        return self._answered(session, turn, utterance, cached.content)
+
+    def _exhausted(
+        self, session: BotSession, turn: BotTurn, utterance: str, exhausted: BudgetExhausted
+    ) -> BotExchangeResponse:
+        """The budget cannot take another call: asking again cannot help, the script takes over."""
+        turn.outcome = "budget_exhausted"
+        turn.reason = str(exhausted)[:300]
+        session.add_exchange(utterance, "", **self._bounds())
+        return self._respond(
+            session,
+            turn,
+            BotExchangeBranch.ReturnControlToScript,
+            error=BotErrorDetails(
+                errorBehavior=BotLoopErrorBehavior.ReturnControlToScriptThroughErrorBranch,
+                systemErrorMessage=f"budget_exhausted: {turn.reason}",
+            ),
+            payload={"handoffReason": "budget_exhausted"},
         )
 
     def failure(self, session: BotSession, turn: BotTurn, reason: str) -> BotExchangeResponse:
@@ -250,8 +273,10 @@ class CXoneBotPipeline:
         request: ExternalIntegrationBotExchangeRequest,
         session: BotSession,
         deadline: Deadline,
+        turn: BotTurn,
     ) -> None:
-        """A digital contact without state (a new replica, a lost state) reads its history."""
+        """A digital contact without state (a new replica, a lost state) reads its history; the
+        customer's lines pass the injection check once here, as they then live in the state."""
         contact = request.contact_id
         if self.cxone is None or contact is None or _VOICE.search(request.mediaType or ""):
             return
@@ -261,8 +286,10 @@ class CXoneBotPipeline:
             log.info("no CXone history for a new bot session", extra={"error": str(error)})
             return
         for t in turns[:-1] if turns else []:  # the last inbound turn is this one's userInput
-            role = "user" if t.role == "customer" else "assistant"
-            session.history.append({"role": role, "content": t.text})
+            if t.role == "customer":
+                session.history.append({"role": "user", "content": self._sanitise(t.text, turn)})
+            else:
+                session.history.append({"role": "assistant", "content": t.text})
 
     def _messages(
         self,
@@ -283,17 +310,50 @@ class CXoneBotPipeline:
             messages.append({"role": "user", "content": "(the customer has just connected)"})
         return messages
 
-    def _account(self, turn: BotTurn, messages: list[dict[str, str]], result: ChatResult) -> None:
-        turn.result = result
-        usage = result.usage
-        if not result.usage_reported:
-            model = result.trail[-1].model if result.trail else self.options.model
-            usage = Usage(
-                estimate_tokens(messages, model=model), text_tokens(result.content, model=model)
-            )
-            turn.usage_estimated = True
-        turn.usage = usage
-        turn.cost = self.llm.current.cost(result.trail, usage)
+    def _sanitise(self, text: str, turn: BotTurn) -> str:
+        """Prompt-injection check (flag: reported only; redact: the phrase is cut out, also from
+        what is kept in the state, so it never reaches a later turn's prompt either)."""
+        if not text:
+            return text
+        checked = self.injection.sanitise(text, self.options.injection_mode)
+        turn.injection += tuple(n for n in checked.matches if n not in turn.injection)
+        return checked.text
+
+    async def _complete(
+        self,
+        principal: Principal,
+        session: BotSession,
+        messages: list[dict[str, str]],
+        deadline: Deadline,
+        turn: BotTurn,
+    ) -> ChatResult:
+        """Plan (drop the oldest turns to fit, reserve), stream the answer, settle or release."""
+        headroom = await self.metering.headroom(principal, session.session_id)
+        plan = await self.metering.plan(
+            principal,
+            session.session_id,
+            messages,
+            route_name=self.options.model,
+            max_tokens=self.options.max_tokens,
+            remaining_tokens=headroom.remaining_tokens,
+        )
+        turn.dropped = plan.dropped
+        request = ChatRequest(
+            messages=plan.messages,
+            model=plan.route,
+            temperature=self.options.temperature,
+            max_tokens=plan.max_tokens,
+        )
+        result, spent = await self.metering.run(
+            plan,
+            lambda: self.metering.llm.current.complete_streamed(
+                request, deadline, self.options.first_token_timeout
+            ),
+            surface=SURFACE,
+        )
+        turn.result, turn.provider, turn.model = result, result.provider, result.model
+        turn.usage, turn.usage_estimated, turn.cost = spent.usage, spent.estimated, spent.cost
+        return result
 
     def _bounds(self) -> dict[str, int]:
         return {
@@ -312,55 +372,17 @@ class CXoneBotPipeline:
         error: BotErrorDetails | None = None,
         payload: dict[str, Any] | None = None,
     ) -> BotExchangeResponse:
-        session.prompt_tokens += turn.usage.prompt_tokens
-        session.completion_tokens += turn.usage.completion_tokens
-        custom = dict(payload or {})
-        if self.options.metrics_in_payload:
-            custom.update(self._metrics(session, turn))
-        return BotExchangeResponse(
-            branchName=branch,
-            nextPromptSequence=PromptSequence.say(say) if say else None,
-            intentInfo=IntentInfo(
-                intent=turn.outcome,
-                context=session.session_id,
-                intentConfidence=1.0,
-                lastUserUtterance=utterance,
-            ),
-            nextPromptBehaviors=self._behaviors() if say else None,
-            customPayload=custom or None,
-            errorDetails=error,
-            botSessionState=self.codec.encode(session),
+        return reply(
+            self.options,
+            self.codec,
+            session,
+            turn,
+            branch,
+            say=say,
+            utterance=utterance,
+            error=error,
+            payload=payload,
         )
-
-    def _behaviors(self) -> PromptBehaviors:
-        """Comfort prompt after the delay tolerance, so a voice caller is not left in silence."""
-        return PromptBehaviors(
-            silenceRules=SilenceRules(
-                engageComfortSequence=bool(self.options.comfort_prompt),
-                botResponseDelayTolerance=self.options.response_delay_tolerance_ms,
-                comfortPromptSequence=PromptSequence.say(self.options.comfort_prompt)
-                if self.options.comfort_prompt
-                else None,
-                millisecondsToWaitForUserResponse=self.options.wait_for_user_ms,
-            )
-        )
-
-    @staticmethod
-    def _metrics(session: BotSession, turn: BotTurn) -> dict[str, Any]:
-        """Flat script variables (NICE recommends against nesting in customPayload)."""
-        result = turn.result
-        return {
-            "sessionId": session.session_id,
-            "outcome": turn.outcome,
-            "promptTokens": turn.usage.prompt_tokens,
-            "completionTokens": turn.usage.completion_tokens,
-            "usageEstimated": turn.usage_estimated,
-            "costUsd": turn.cost,
-            "latencyMs": turn.elapsed_ms(),
-            "ttftMs": round(result.ttft_ms, 1) if result and result.ttft_ms is not None else None,
-            "provider": result.provider if result else None,
-            "model": result.model if result else None,
-        }
 
 
 def _count(into: dict[str, int], counts: dict[str, int], direction: str) -> None:

@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app.dependencies import Services, ServicesDep
-from app.errors import CxRelayError
 from app.pipelines.chat import ChatCall, ChatOutcome
 from app.principal import Principal
 from app.routers.caller import CallerDep
@@ -56,7 +55,7 @@ async def chat(request: Request, principal: CallerDep, services: ServicesDep) ->
         return await _stream(call, services)
     try:
         outcome = await services.chat.run(call)
-    except CxRelayError as error:
+    except Exception as error:  # the deadline's TimeoutError too: a 504, not a 500
         return failure_response(error)
     return JSONResponse(
         reply(call, outcome).model_dump(), headers=injection_header(outcome.injection)
@@ -115,7 +114,8 @@ def injection_header(found: tuple[str, ...]) -> dict[str, str]:
     return {"X-Prompt-Injection": ",".join(found)} if found else {}
 
 
-def failure_response(error: CxRelayError) -> JSONResponse:
+def failure_response(error: Exception) -> JSONResponse:
+    """The error's status and body; an error the pipeline does not raise on purpose is re-raised."""
     failure = describe(error)
     if failure is None:
         raise error
@@ -147,8 +147,11 @@ async def _stream(call: ChatCall, services: Services) -> Any:
     stream: TextStream[ChatOutcome] = TextStream(lambda put: services.chat.run(call, put))
     try:
         await stream.start()
-    except CxRelayError as error:
+    except Exception as error:
         return failure_response(error)
+    except BaseException:  # cancelled (the client went away): stop the call too
+        await stream.cancel()
+        raise
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -160,7 +163,9 @@ async def _stream(call: ChatCall, services: Services) -> Any:
         finally:
             await stream.cancel()
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    # the input was checked before the first text: flag mode's header goes out with the stream
+    headers = {**SSE_HEADERS, **injection_header(call.injection)}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 def _sse(frame: dict[str, Any]) -> str:

@@ -1,4 +1,6 @@
-"""POST /webhook/cognigy/fallback: thin — read, authenticate, parse, call the pipeline, log."""
+"""POST /webhook/cognigy/fallback: thin — read, authenticate, parse, call the pipeline, log.
+
+The pipeline meters every call (budget and ledger) itself; the router only logs the turn."""
 
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from app.observability import request_id_var
 from app.pipelines.cognigy import TurnRecord
 from app.schemas.cognigy import CognigyResponse, CognigyTrigger
 from app.services.body import read_limited_body
-from app.services.store import UsageRecord
 
 router = APIRouter(tags=["cognigy"])
 log = logging.getLogger("cxrelay.cognigy")
@@ -63,7 +64,8 @@ async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyRe
     turn = TurnRecord.start(request_id_var.get())
     try:
         response = await asyncio.wait_for(
-            services.cognigy.decide(trigger, deadline, turn), timeout=deadline.remaining()
+            services.cognigy.decide(trigger, principal, deadline, turn),
+            timeout=deadline.remaining(),
         )
     except asyncio.TimeoutError:
         response = services.cognigy.fallback(
@@ -71,20 +73,6 @@ async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyRe
             turn,
             "deadline_exceeded",
             f"no valid decision within {settings.cognigy_deadline_seconds}s",
-        )
-    if turn.provider is not None:  # a model answered (and was billed), valid or not
-        services.ledger.record(
-            UsageRecord(
-                tenant=principal.tenant,
-                session=trigger.conversation_id,
-                surface="cognigy",
-                provider=turn.trail[-1].provider,
-                model=turn.trail[-1].model,  # the configured name, as priced
-                prompt_tokens=turn.usage.prompt_tokens,
-                completion_tokens=turn.usage.completion_tokens,
-                cost=services.llm.current.cost(turn.trail, turn.usage),
-                latency_ms=response.latency_ms,
-            )
         )
     log.info(
         "cognigy turn",
@@ -99,6 +87,9 @@ async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyRe
             "model": response.model,
             "attempts": turn.attempts,
             "repaired": turn.repaired,
+            "cached": turn.cached,
+            "prompt_injection": list(turn.injection) or None,  # pattern names, never the text
+            "cost_usd": turn.cost,
             "latency_ms": response.latency_ms,
             "prompt_tokens": response.usage.prompt_tokens,
             "completion_tokens": response.usage.completion_tokens,

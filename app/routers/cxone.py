@@ -1,5 +1,6 @@
 """POST /webhook/cxone: the Virtual Agent Hub custom exchange endpoint (thin: read, authenticate,
-parse, run the turn inside its deadline, log, answer in CXone's shape)."""
+parse, run the turn inside its deadline, log, answer in CXone's shape). The pipeline meters every
+call (budget and ledger) itself."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from pydantic import ValidationError
 from app.deadline import Deadline
 from app.dependencies import ServicesDep
 from app.observability import request_id_var
-from app.pipelines.cxone import BotTurn
-from app.principal import DEFAULT_TENANT
+from app.pipelines.cxone_reply import BotTurn
+from app.principal import DEFAULT_TENANT, Principal
 from app.schemas.cxone import BotExchangeResponse, ExternalIntegrationBotExchangeRequest
 from app.services.body import read_limited_body
 from app.services.metrics import BOT_STATE_REJECTED, COST, TOKENS, TTFT, TURN_LATENCY, TURNS
-from app.services.store import UsageRecord
+from app.services.signatures import fingerprint
 
 router = APIRouter(tags=["cxone"])
 log = logging.getLogger("cxrelay.cxone")
@@ -42,6 +43,13 @@ def _authorized(presented: str, accepted: list[bytes]) -> bool:
     for expected in accepted:  # no early exit: the time does not tell which value matched
         match |= hmac.compare_digest(expected, digest)
     return match
+
+
+def _principal(presented: str, authenticated: bool) -> Principal:
+    """CXone's Authorization names no tenant: budgets, cache and ledger use the default one."""
+    if not authenticated:
+        return Principal(DEFAULT_TENANT, "unauthenticated", "anonymous", "none")
+    return Principal(DEFAULT_TENANT, fingerprint(presented), "webhook", "authorization")
 
 
 @router.post(
@@ -64,7 +72,8 @@ async def cxone_exchange(request: Request, services: ServicesDep) -> JSONRespons
         raise HTTPException(
             401, "the CXone webhook is disabled until CXONE_WEBHOOK_AUTHORIZATION is set"
         )
-    if accepted and not _authorized(request.headers.get("authorization", ""), accepted):
+    presented = request.headers.get("authorization", "")
+    if accepted and not _authorized(presented, accepted):
         log.warning(
             "webhook authentication failed",
             extra={
@@ -85,6 +94,7 @@ async def cxone_exchange(request: Request, services: ServicesDep) -> JSONRespons
         raise RequestValidationError(error.errors(include_url=False)) from None
 
     pipeline = services.cxone_bot
+    principal = _principal(presented, bool(accepted))
     session = pipeline.codec.decode(exchange.botSessionState)
     if session.rejected not in ("", "missing"):
         BOT_STATE_REJECTED.labels(session.rejected).inc()
@@ -92,29 +102,14 @@ async def cxone_exchange(request: Request, services: ServicesDep) -> JSONRespons
     turn = BotTurn(request_id=request_id_var.get())
     try:
         response = await asyncio.wait_for(
-            pipeline.exchange(exchange, session, deadline, turn), timeout=deadline.remaining()
+            pipeline.exchange(exchange, session, principal, deadline, turn),
+            timeout=deadline.remaining(),
         )
     except asyncio.TimeoutError:
         response = pipeline.failure(
             session, turn, f"no answer within {settings.cxone_deadline_seconds}s"
         )
     _observe(turn, exchange, response, session.session_id)
-    if turn.result is not None and turn.result.trail:
-        answered = turn.result.trail[-1]
-        services.ledger.record(
-            UsageRecord(
-                tenant=DEFAULT_TENANT,
-                session=session.session_id,
-                surface="cxone",
-                provider=answered.provider,
-                model=answered.model,  # the configured name, as priced
-                prompt_tokens=turn.usage.prompt_tokens,
-                completion_tokens=turn.usage.completion_tokens,
-                cost=turn.cost,
-                latency_ms=turn.elapsed_ms(),
-                estimated=turn.usage_estimated,
-            )
-        )
     return JSONResponse(response.wire())
 
 
@@ -125,7 +120,7 @@ def _observe(
     session_id: str,
 ) -> None:
     result = turn.result
-    provider, model = (result.provider, result.model) if result else ("", "")
+    provider, model = turn.provider or "", turn.model or ""
     TURNS.labels("cxone", turn.outcome).inc()
     TURN_LATENCY.labels("cxone").observe(turn.elapsed_ms() / 1000)
     if result is not None:
@@ -149,6 +144,9 @@ def _observe(
         "completion_tokens": turn.usage.completion_tokens,
         "usage_estimated": turn.usage_estimated,
         "cost_usd": turn.cost,
+        "cached": turn.cached,
+        "dropped_turns": turn.dropped,
+        "prompt_injection": list(turn.injection) or None,  # pattern names, never the text
         "redactions": turn.redactions or None,
         "reason": turn.reason or None,
     }

@@ -14,7 +14,13 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from app.schemas.routing import RoutingDecision
 
 ContextState = Literal["available", "unavailable", "not_configured"]
-FallbackStatus = Literal["schema_validation_failed", "llm_unavailable", "deadline_exceeded"]
+FallbackStatus = Literal[
+    "schema_validation_failed",
+    "llm_unavailable",
+    "deadline_exceeded",
+    "budget_exhausted",  # the session's or tenant's budget cannot take the call
+    "budget_unavailable",  # the budget store cannot be asked: nothing is spent unmetered
+]
 
 
 class CognigyTrigger(BaseModel):
@@ -79,3 +85,4 @@ class CognigyResponse(BaseModel):
     latency_ms: float
     request_id: str = ""
     attempts: list[dict[str, Any]] = []  # each provider/model tried, with its outcome
+    cached: bool = False  # answered from the intent cache: no model call, usage 0

@@ -12,7 +12,7 @@ provider's real usage (our own count when it sent none) and appends the ledger r
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from app.principal import Principal
@@ -174,6 +174,27 @@ class Metering:
 
     async def release(self, plan: Plan) -> None:
         await self.budget.release(plan.grant)
+
+    async def run(
+        self, plan: Plan, send: Callable[[], Awaitable[ChatResult]], *, surface: str
+    ) -> tuple[ChatResult, Spend]:
+        """Make the planned call and settle it; any failure (a cancelled deadline included)
+        gives the reservation back, so a call that was not answered costs nothing."""
+        try:
+            result = await send()
+        except BaseException:
+            await self.release(plan)
+            raise
+        return result, await self.settle(
+            plan, result, surface=surface, latency_ms=result.latency_ms
+        )
+
+    def answerers(self, route_name: str) -> str:
+        """The route with the (provider, model) chain behind it: the intent cache keys on this,
+        so an answer from one provider configuration is not served once the chain changes."""
+        route = self.llm.current.route(route_name)
+        chain = ",".join(f"{t.provider.spec.name}/{t.model.name}" for t in route.targets)
+        return f"{route.name}={chain}"
 
     def record_cached(
         self,

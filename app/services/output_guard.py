@@ -20,6 +20,7 @@ from app.services.safety import SafetyRules
 
 _SENTENCE_END = re.compile(r"(?:[.!?](?=\s)|\n)\s*")
 _WORD_SPACE = re.compile(r"(?<=[^\W\d])\s+")  # a space after a letter: never inside a number
+_DIGIT = re.compile(r"\d")
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,11 @@ def _last_boundary(text: str) -> int:
 
 
 def _last_word_space(text: str) -> int:
-    end = 0
-    for match in _WORD_SPACE.finditer(text):
-        end = match.end()
-    return end
+    """The end of the last space after a word that cannot be part of a value being redacted:
+    neither that word nor the one before it holds a digit. A space after letters alone is not
+    enough: an IBAN's bank code ("GB82 WEST 1234 ...") is a group of letters after digits, and
+    cutting there would release half the IBAN unredacted."""
+    for match in reversed(list(_WORD_SPACE.finditer(text))):
+        if not _DIGIT.search(" ".join(text[: match.start()].rsplit(None, 2)[-2:])):
+            return match.end()
+    return 0

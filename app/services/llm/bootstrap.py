@@ -38,7 +38,15 @@ def provider_config_from_env(settings: Settings) -> ProviderConfig:
                 base_url=settings.llm_gateway_base_url or "",
                 api_keys=[f"literal:{k.get_secret_value()}" for k in settings.llm_gateway_api_key],
                 timeout_seconds=settings.llm_timeout_seconds,
-                models=[ModelSpec(name=model, max_tokens=max(settings.llm_max_tokens, 4096))],
+                models=[
+                    ModelSpec(
+                        name=model,
+                        max_tokens=max(settings.llm_max_tokens, 4096),
+                        max_context_tokens=settings.llm_context_tokens,
+                        price_per_1k_prompt=settings.llm_price_per_1k_prompt or 0.0,
+                        price_per_1k_completion=settings.llm_price_per_1k_completion or 0.0,
+                    )
+                ],
             )
         ],
         routes=[RouteSpec(name=model, chain=[RouteTarget(provider=ENV_PROVIDER, model=model)])],

@@ -1,0 +1,322 @@
+"""POST /v1/chat/completions and GET /v1/models for the official OpenAI clients.
+
+The same chat pipeline and client keys as /chat, on OpenAI's wire: `chat.completion` objects,
+`chat.completion.chunk` Server-Sent Events ending in `data: [DONE]`, and every failure (the key
+check, request validation and the 413 included) in OpenAI's `{"error": {...}}` shape with the
+status that makes the client raise the matching exception class. What cx-relay did (cost, cache,
+session) travels in a top-level `cx_relay` field the clients ignore.
+
+Session: the `X-Session-Id` header, else the request's `user`, else a fresh id per request (so
+the session budget then bounds a single call).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from app.dependencies import Services, ServicesDep
+from app.pipelines.chat import ChatCall, ChatOutcome
+from app.principal import Principal
+from app.routers.caller import CallerDep
+from app.routers.chat import SSE_HEADERS, injection_header
+from app.schemas.openai_chat import (
+    SESSION_ID_RULE,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionUsage,
+    CxRelayExtras,
+    ErrorBody,
+    ErrorDetail,
+    ModelCard,
+    ModelList,
+    valid_session_id,
+)
+from app.services.body import read_limited_body
+from app.services.chat_errors import ChatFailure, describe
+from app.services.text_stream import TextStream
+
+log = logging.getLogger("cxrelay.openai")
+
+NO_RETRY = {"x-should-retry": "false"}  # the official clients honour it: retrying cannot help
+
+
+class OpenAIError(Exception):
+    """A failure already in OpenAI's terms; the route class turns it into the response."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(message=message, type=type, code=code, param=param, **extra or {})
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = ErrorBody(error=self.detail).model_dump(mode="json")
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def from_http(error: HTTPException) -> OpenAIError:
+    """The key check (401) and the body limit (413) raise FastAPI's HTTPException."""
+    codes = {401: "invalid_api_key", 413: "request_too_large"}
+    kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+    return OpenAIError(
+        error.status_code,
+        str(error.detail),
+        type=kind,
+        code=codes.get(error.status_code),
+        headers=dict(error.headers or {}),
+    )
+
+
+def from_validation(errors: Sequence[Any]) -> OpenAIError:
+    """OpenAI answers an invalid request with 400 naming the first offending parameter."""
+    if not errors:
+        return OpenAIError(400, "invalid request")
+    first = errors[0]
+    kind = str(first.get("type", ""))
+    if kind == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "")
+        return OpenAIError(400, f"the request body is not valid JSON: {reason}")
+    loc = [part for part in first.get("loc", ()) if part != "body"]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param is not None:
+        message = f"Invalid '{param}': {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    if kind == "missing":
+        code = "missing_required_parameter"
+    elif kind.endswith(("_type", "_parsing")):
+        code = "invalid_type"
+    else:
+        code = "invalid_value"
+    return OpenAIError(400, message, code=code, param=param)
+
+
+def from_failure(failure: ChatFailure) -> OpenAIError:
+    """The chat pipeline's refusals (app.services.chat_errors) on OpenAI's wire."""
+    if failure.code == "budget_exhausted":
+        budget = {k: v for k, v in failure.detail.items() if k not in ("error", "message")}
+        return OpenAIError(
+            429,
+            failure.message,
+            type="insufficient_quota",
+            code=failure.code,
+            extra={"budget": budget},
+            headers=NO_RETRY,
+        )
+    params = {"context_length_exceeded": "messages", "model_not_found": "model"}
+    kind = "invalid_request_error" if failure.status < 422 else "server_error"
+    return OpenAIError(
+        failure.status,
+        failure.message,
+        type=kind,
+        code=failure.code,
+        param=params.get(failure.code),
+        headers=NO_RETRY if failure.code == "upstream_rejected" else None,
+    )
+
+
+def to_openai(error: Exception) -> OpenAIError:
+    if isinstance(error, OpenAIError):
+        return error
+    if isinstance(error, HTTPException):
+        return from_http(error)
+    if isinstance(error, RequestValidationError):
+        return from_validation(error.errors())
+    failure = describe(error)
+    if failure is not None:
+        return from_failure(failure)
+    log.error("unexpected error on the OpenAI surface", exc_info=error)
+    return OpenAIError(500, "internal error", type="server_error", code="internal_error")
+
+
+class OpenAIRoute(APIRoute):
+    """Failures leave these routes in OpenAI's shape, including the CallerDep's 401 and FastAPI's
+    own validation, which would otherwise get the app-wide `{"detail": ...}` body."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as error:
+                return to_openai(error).response()
+
+        return guarded
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "invalid request, or the newest message does not fit the context window",
+        401: "missing or unknown client API key",
+        404: "unknown model",
+        413: "body over MAX_BODY_BYTES",
+        422: "an answer that broke response_format after one repair",
+        429: "a session or tenant budget is exhausted (type insufficient_quota)",
+        502: "no provider could answer",
+        503: "the budget store cannot be read",
+        504: "no answer within CHAT_DEADLINE_SECONDS",
+    }.items()
+}
+
+
+@router.get("/models", response_model=ModelList, responses={401: ERRORS[401]})
+async def models(principal: CallerDep, services: ServicesDep) -> ModelList:
+    """Every route and provider model the gateway can be asked for."""
+    return ModelList(data=[ModelCard(id=name) for name in services.llm.current.model_names()])
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+async def chat_completions(request: Request, principal: CallerDep, services: ServicesDep) -> Any:
+    raw = await read_limited_body(request, services.settings.max_body_bytes)
+    try:
+        body = ChatCompletionRequest.model_validate_json(raw)
+    except ValidationError as error:
+        raise from_validation(error.errors(include_url=False)) from None
+    call = build_call(body, principal, session_of(request, body))
+    if body.stream:
+        return await _stream(call, body, services)
+    outcome = await services.chat.run(call)
+    completion = ChatCompletion(
+        id=completion_id(),
+        created=int(time.time()),
+        model=outcome.model,
+        choices=[
+            Choice(
+                message=AssistantMessage(content=outcome.content),
+                finish_reason=outcome.finish_reason,
+            )
+        ],
+        usage=usage_of(outcome),
+        cx_relay=extras(call, outcome),
+    )
+    return JSONResponse(
+        completion.model_dump(mode="json"), headers=injection_header(outcome.injection)
+    )
+
+
+def session_of(request: Request, body: ChatCompletionRequest) -> str:
+    header = request.headers.get("x-session-id")
+    if header is not None:
+        if not valid_session_id(header):
+            raise OpenAIError(400, f"X-Session-Id must be {SESSION_ID_RULE}", param="X-Session-Id")
+        return header
+    return body.user or f"oai-{uuid.uuid4().hex}"
+
+
+def build_call(body: ChatCompletionRequest, principal: Principal, session_id: str) -> ChatCall:
+    rf = body.response_format
+    return ChatCall(
+        principal=principal,
+        session_id=session_id,
+        messages=[{"role": m.role, "content": m.content} for m in body.messages],
+        surface="openai",
+        model=body.model,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+        fallback_models=body.fallback_models,
+        json_schema=body.json_schema,
+        json_object=rf is not None and rf.type == "json_object",
+    )
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def usage_of(outcome: ChatOutcome) -> CompletionUsage:
+    usage = outcome.usage
+    return CompletionUsage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+    )
+
+
+def extras(call: ChatCall, outcome: ChatOutcome) -> CxRelayExtras:
+    return CxRelayExtras(
+        session_id=call.session_id,
+        cost=outcome.cost,
+        cached=outcome.cached,
+        lightweight_mode=outcome.lightweight,
+        provider=outcome.provider,
+        model=outcome.model,
+        prompt_injection=list(outcome.injection),
+        blocked=outcome.blocked,
+        dropped_turns=outcome.dropped,
+        usage_estimated=outcome.usage_estimated,
+        latency_ms=outcome.latency_ms,
+        output=outcome.parsed,
+    )
+
+
+async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Services) -> Any:
+    """Nothing is sent until the first text (or the end): a refusal before it is still a
+    proper HTTP error; after it, an SSE `{"error": ...}` event ends the stream. Chunks carry
+    the requested model name: the one that answered is only known at the end (cx_relay)."""
+    stream: TextStream[ChatOutcome] = TextStream(lambda put: services.chat.run(call, put))
+    try:
+        await stream.start()
+    except BaseException:
+        await stream.cancel()
+        raise
+    cid, created = completion_id(), int(time.time())
+
+    def chunk(choices: list[ChunkChoice], **fields: Any) -> str:
+        frame = ChatCompletionChunk(
+            id=cid, created=created, model=body.model, choices=choices, **fields
+        )
+        return _sse(frame.wire())
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            yield chunk([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))])
+            async for text in stream.texts():
+                yield chunk([ChunkChoice(delta=ChunkDelta(content=text))])
+            outcome = await stream.result()
+            finish = ChunkChoice(finish_reason=outcome.finish_reason)
+            yield chunk([finish], cx_relay=extras(call, outcome))
+            if body.include_usage:
+                yield chunk([], usage=usage_of(outcome))
+            yield "data: [DONE]\n\n"
+        except Exception as error:  # after the 200: the error travels as an event
+            yield _sse(ErrorBody(error=to_openai(error).detail).model_dump(mode="json"))
+        finally:
+            await stream.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _sse(frame: dict[str, Any]) -> str:
+    return f"data: {json.dumps(frame, ensure_ascii=False)}\n\n"

@@ -1,0 +1,285 @@
+"""/ws/chat: the /chat surface over one WebSocket, for tools that keep a socket per conversation.
+
+Frames are JSON text. The client sends a request frame shaped like the /chat body (`"type":
+"request"` is optional); the server answers `{"type": "content", "delta": ...}` frames, then one
+`{"type": "complete", ...}` (the SSE stream's last frame) or one `{"type": "error", "code": ...,
+"message": ...}`. Choices, and why:
+
+- Authentication: browsers cannot set headers on a WebSocket, so the key comes either on the
+  handshake (`Authorization: Bearer` / `X-API-Key`, for servers) or in a first frame
+  `{"type": "auth", "api_key": ...}` sent within AUTH_FRAME_SECONDS. Never a query parameter: URLs
+  end up in access logs. A failure is an error frame (code `unauthorized`), then close 1008. No
+  frame acknowledges success: the client simply sends its first request.
+- One socket carries many requests, answered one at a time. A frame that arrives while an answer
+  is running is refused at once with an error frame of code `busy` (the running answer goes on
+  and still ends with its own complete/error frame). Not queued: a conversation's next turn needs
+  the previous answer in its history, so an overlapping request is a client bug to show, not hide.
+- A bad frame (binary, not JSON, not an object, unknown type, fails ChatBody) gets an error frame
+  of code `invalid_request` and the socket stays open; so does any refused call (budget exhausted,
+  with the refusal under `detail`; unknown model; upstream failure). A frame over MAX_BODY_BYTES
+  gets an error frame and close 1009: the limit protects memory, so the sender is cut off.
+- `stream` in a request is ignored: a socket always streams. A response_format json_schema answer
+  is validated whole (and maybe repaired), so it goes out as one content frame after validation.
+- The client leaving mid-answer cancels the call, which releases its budget reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+from starlette.types import Message
+
+from app.dependencies import Services
+from app.errors import AuthenticationFailed
+from app.pipelines.chat import ChatCall, ChatOutcome
+from app.principal import Principal
+from app.routers.chat import build_call, complete_frame, error_frame
+from app.schemas.chat import ChatBody
+from app.services.chat_errors import describe
+from app.services.text_stream import TextStream
+
+router = APIRouter(tags=["chat"])
+log = logging.getLogger("cxrelay.ws_chat")
+
+AUTH_FRAME_SECONDS = 5.0
+SURFACE = "ws_chat"
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+
+
+class FrameRefused(Exception):
+    """A frame the server will not act on: answered with an error frame, maybe then a close."""
+
+    def __init__(self, code: str, message: str, close: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.close = close
+
+    def frame(self) -> dict[str, Any]:
+        return {"type": "error", "code": self.code, "message": str(self)}
+
+
+def read_frame(message: Message, limit: int) -> dict[str, Any]:
+    """The JSON object a received message carries; the size is checked before anything parses."""
+    text: str | None = message.get("text")
+    data: bytes | None = message.get("bytes")
+    size = len(text.encode()) if text is not None else len(data or b"")
+    if size > limit:
+        raise FrameRefused(
+            "request_too_large", f"frame exceeds the {limit}-byte limit", MESSAGE_TOO_BIG
+        )
+    if text is None:
+        raise FrameRefused("invalid_request", "send each frame as JSON text, not binary")
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        raise FrameRefused("invalid_request", "frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise FrameRefused("invalid_request", "a frame is a JSON object")
+    return frame
+
+
+def parse_request(frame: dict[str, Any]) -> ChatBody:
+    kind = frame.pop("type", "request")
+    if kind == "auth":
+        raise FrameRefused("invalid_request", "already authenticated")
+    if kind != "request":
+        raise FrameRefused(
+            "invalid_request", f"unknown frame type {kind!r}: send a request (the /chat body)"
+        )
+    frame.pop("stream", None)  # a socket always streams; keeps json_schema requests valid
+    try:
+        return ChatBody.model_validate(frame)
+    except ValidationError as error:
+        raise FrameRefused("invalid_request", summarise(error)) from None
+
+
+def summarise(error: ValidationError, limit: int = 5) -> str:
+    """Pydantic's errors as one line: `where: what`, the first few."""
+    parts = []
+    for item in error.errors(include_url=False)[:limit]:
+        where = ".".join(str(part) for part in item["loc"]) or "request"
+        parts.append(f"{where}: {item['msg']}")
+    more = error.error_count() - limit
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def failure_frame(error: BaseException) -> dict[str, Any]:
+    """A failed call's error frame, with a refusal's detail (scope, what is left)."""
+    frame = error_frame(error)
+    failure = describe(error) if isinstance(error, Exception) else None
+    if failure is not None and failure.detail:
+        frame["detail"] = {k: v for k, v in failure.detail.items() if k not in ("error", "message")}
+    return frame
+
+
+def has_header_credential(headers: Mapping[str, str]) -> bool:
+    """Whether the handshake offers a client key (a browser's Basic credential is no offer)."""
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    bearer = scheme.lower() == "bearer" and bool(value.strip())
+    return bearer or bool(headers.get("x-api-key", "").strip())
+
+
+@router.websocket("/ws/chat")
+async def ws_chat(websocket: WebSocket) -> None:
+    services: Services = websocket.app.state.services
+    await websocket.accept()
+    connection = Connection(websocket, services)
+    with contextlib.suppress(WebSocketDisconnect):
+        if await connection.authenticate():
+            await connection.serve()
+
+
+class Connection:
+    """One socket: authenticate it, then answer its requests in turn."""
+
+    def __init__(self, websocket: WebSocket, services: Services) -> None:
+        self.websocket = websocket
+        self.services = services
+        self.limit = services.settings.max_body_bytes
+        self.principal: Principal | None = None
+        self._send_lock = asyncio.Lock()
+
+    async def send(self, frame: dict[str, Any], close: int | None = None) -> None:
+        """One frame, maybe then the close; locked, as busy replies and an answer share the
+        socket (nothing slips in between a refusal and its close)."""
+        async with self._send_lock:
+            await self.websocket.send_text(json.dumps(frame, ensure_ascii=False))
+            if close is not None:
+                await self.websocket.close(close)
+
+    async def refuse(self, refused: FrameRefused) -> None:
+        await self.send(refused.frame(), refused.close)
+
+    async def authenticate(self) -> bool:
+        """From the handshake headers, else from a first `auth` frame; False once closed."""
+        try:
+            self.principal = self.services.client_auth.authenticate(await self._credential())
+            return True
+        except AuthenticationFailed as failure:
+            refused = FrameRefused("unauthorized", str(failure), POLICY_VIOLATION)
+        except FrameRefused as frame_refused:
+            refused = frame_refused
+        except TimeoutError:
+            refused = FrameRefused(
+                "unauthorized",
+                f"no credential: send an auth frame within {AUTH_FRAME_SECONDS:g} seconds",
+                POLICY_VIOLATION,
+            )
+        if refused.close == POLICY_VIOLATION:
+            client = self.websocket.client
+            log.warning(
+                "client authentication failed",
+                extra={
+                    "route": "/ws/chat",
+                    "reason": str(refused),
+                    "remote": client.host if client else "",
+                },
+            )
+        await self.refuse(refused)
+        return False
+
+    async def _credential(self) -> Mapping[str, str]:
+        if has_header_credential(self.websocket.headers):
+            return self.websocket.headers
+        message = await asyncio.wait_for(self.websocket.receive(), AUTH_FRAME_SECONDS)
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000))
+        try:
+            frame = read_frame(message, self.limit)
+        except FrameRefused as bad:
+            if bad.close is not None:
+                raise
+            frame = {}  # not even a frame: refused below like any other first frame
+        key = frame.get("api_key")
+        if frame.get("type") != "auth" or not isinstance(key, str):
+            raise FrameRefused(
+                "unauthorized",
+                "authenticate first: send Authorization: Bearer or X-API-Key on the handshake, "
+                'or {"type": "auth", "api_key": "..."} as the first frame',
+                POLICY_VIOLATION,
+            )
+        return {"x-api-key": key}
+
+    async def serve(self) -> None:
+        """Read, answer, repeat, until the client leaves or a frame closes the socket."""
+        assert self.principal is not None
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            try:
+                body = parse_request(read_frame(message, self.limit))
+                call = build_call(body, self.principal, self.services)
+            except FrameRefused as refused:
+                await self.refuse(refused)
+                if refused.close is not None:
+                    return
+                continue
+            except HTTPException as error:  # the template could not be rendered
+                await self.send(FrameRefused("invalid_request", str(error.detail)).frame())
+                continue
+            call = dataclasses.replace(call, surface=SURFACE)
+            if not await self.answer(call, whole=call.json_schema is not None):
+                return
+
+    async def answer(self, call: ChatCall, *, whole: bool) -> bool:
+        """Run one call while watching the socket; False when the socket is done (client gone,
+        or closed for an oversize frame). The call is cancelled whenever it is left unfinished."""
+        stream: TextStream[ChatOutcome] = TextStream(
+            lambda put: self.services.chat.run(call, None if whole else put)
+        )
+        pump = asyncio.create_task(self._pump(call, stream, whole))
+        watch = asyncio.create_task(self._watch())
+        try:
+            done, _ = await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if watch in done:
+                return False
+            pump.result()  # raises if a send failed: the client is gone
+            return True
+        finally:
+            pump.cancel()
+            watch.cancel()
+            await stream.cancel()
+            await asyncio.gather(pump, watch, return_exceptions=True)
+
+    async def _pump(self, call: ChatCall, stream: TextStream[ChatOutcome], whole: bool) -> None:
+        try:
+            async for text in stream.texts():
+                await self.send({"type": "content", "delta": text})
+            outcome = await stream.result()
+        except WebSocketDisconnect:
+            raise
+        except Exception as error:
+            if describe(error) is None:
+                log.exception("ws chat call failed", extra={"session_id": call.session_id})
+            await self.send(failure_frame(error))
+            return
+        if whole and outcome.content:
+            await self.send({"type": "content", "delta": outcome.content})
+        await self.send(complete_frame(call, outcome))
+
+    async def _watch(self) -> None:
+        """Frames that arrive mid-answer are refused as `busy` (close 1009 if oversize); returns
+        once the socket is done."""
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            try:
+                read_frame(message, self.limit)
+            except FrameRefused as bad:
+                if bad.close is not None:
+                    await self.refuse(bad)
+                    return
+            await self.send(
+                FrameRefused("busy", "an answer is still running on this socket").frame()
+            )
