@@ -13,6 +13,7 @@ from app.pipelines.chat import ChatPipeline
 from app.pipelines.cognigy import CognigyPipeline
 from app.pipelines.cxone import CXoneBotPipeline
 from app.services.audit import AuditLog
+from app.services.caller_templates import CallerTemplates
 from app.services.clients import ClientAuthenticator
 from app.services.ledger import Ledger
 from app.services.llm.router import RouterSlot
@@ -31,6 +32,7 @@ class Services:
     cognigy: CognigyPipeline
     cxone_bot: CXoneBotPipeline
     chat: ChatPipeline
+    caller_templates: CallerTemplates
     metering: Metering
     cxone_authorizations: list[bytes]
     audit: AuditLog

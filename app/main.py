@@ -33,6 +33,7 @@ from app.routers import (
 from app.services import tokens
 from app.services.audit import AuditLog
 from app.services.budget import BudgetService
+from app.services.caller_templates import CallerTemplates
 from app.services.clients import ClientAuthenticator
 from app.services.cxone import CXoneContextClient, Turn
 from app.services.http import build_http_client
@@ -236,7 +237,10 @@ def build_services(
         cxone_bot=build_cxone_bot(
             settings, metering, renderer, cxone_client, safety, injection, turn_cache
         ),
-        chat=build_chat(settings, metering, renderer, safety, injection, intent_cache),
+        caller_templates=CallerTemplates(
+            settings.chat_inline_template_max_chars, max_output_chars=settings.max_body_bytes
+        ),
+        chat=build_chat(settings, metering, renderer, safety, injection, turn_cache),
         metering=metering,
         cxone_authorizations=cxone_authorizations(settings),
         audit=audit,

@@ -82,7 +82,7 @@ def build_chat(
     renderer: PromptRenderer,
     safety: SafetyRules,
     injection: InjectionRules,
-    cache: IntentCache,
+    cache: TurnCache,
 ) -> ChatPipeline:
     for template in (settings.chat_system_template, settings.chat_lightweight_template):
         renderer.check(template, {})
@@ -103,7 +103,6 @@ def build_chat(
             injection_mode=settings.prompt_injection_mode,
             unsafe_categories=tuple(settings.unsafe_output_categories),
             fallback_text=settings.chat_fallback_response,
-            cache_enabled=settings.intent_cache_enabled,
         ),
     )
 

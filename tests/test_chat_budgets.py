@@ -28,6 +28,7 @@ from pydantic import SecretStr
 
 from app.principal import Principal
 from app.services.budget import BudgetExhausted, BudgetService, Grant
+from app.services.metering import MIN_COMPLETION_TOKENS
 from app.services.prompts import PromptRenderer
 from app.services.store import ScopeUsage
 from app.services.tokens import estimate_tokens
@@ -398,7 +399,8 @@ async def test_an_exhausted_session_is_429_with_the_numbers(
         assert body["error"] == "budget_exhausted"
         assert (body["scope"], body["scope_id"], body["limit"]) == ("session", "spent", "tokens")
         assert body["remaining_tokens"] == floor + 15
-        assert body["requested_tokens"] == floor + 100
+        # what the shortest answer allowed would need, not the full max_tokens
+        assert body["requested_tokens"] == floor + MIN_COMPLETION_TOKENS
         assert "session token budget exhausted" in body["message"]
 
         await r.leave("empty", 0)
@@ -408,7 +410,7 @@ async def test_an_exhausted_session_is_429_with_the_numbers(
             "session",
             0,
         )
-        assert empty["requested_tokens"] == floor + 512  # LLM_MAX_TOKENS
+        assert empty["requested_tokens"] == floor + MIN_COMPLETION_TOKENS
         assert llm_plan.requests == []  # nothing reached the provider
         for session in ("spent", "empty"):
             assert (await r.session(session)).reserved_tokens == 0
@@ -438,7 +440,7 @@ async def test_a_spent_tenant_day_refuses_every_session_of_that_tenant_only(
             )
             assert (body["remaining_tokens"], body["requested_tokens"]) == (
                 10,
-                count([system(), HELLO]) + 100,
+                count([system(), HELLO]) + MIN_COMPLETION_TOKENS,
             )
         assert len(llm_plan.requests) == 1
 
@@ -720,6 +722,6 @@ async def test_plan_refuses_an_exhausted_session_with_the_store_refusal(
         assert (refusal.scope.kind, refusal.remaining_tokens, refusal.requested_tokens) == (
             "session",
             floor + 15,
-            floor + 64,
+            floor + MIN_COMPLETION_TOKENS,
         )
         assert (await r.session("unit-spent")).reserved_tokens == 0

@@ -17,6 +17,7 @@ import pytest
 from pydantic import SecretStr
 
 from app.services.llm.catalog import canonical_json
+from app.services.tokens import estimate_tokens, text_tokens
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.server import LoopbackServer
 
@@ -250,6 +251,28 @@ async def test_stream_cut_after_text_went_out_ends_with_an_error_frame(
     assert reserved == 0
 
 
+async def test_a_cut_stream_is_charged_for_what_the_provider_streamed(
+    app_client: Any, llm_plan: FaultPlan
+) -> None:
+    """The provider bills the part it produced, so a cut (or a caller leaving) is not free: the
+    prompt and the text received are counted, marked estimated, and recorded in the ledger."""
+    chunks = ["Your parcel left. ", "It is on ", "the van ", "right now."]
+    running_app = running(app_client)
+    async with running_app as client:
+        llm_plan.push(Fault(chunks=chunks, cut_after=2))
+        await post(client, stream=True)
+        reserved, used = await reserved_tokens(running_app.app)
+        ledger = running_app.app.state.services.ledger
+        await ledger.flush()
+        page = await ledger.list_usage("acme", session=SESSION)
+    prompt = estimate_tokens(upstream_messages(llm_plan), model="gpt-4o-mini")
+    streamed = text_tokens("".join(chunks[:2]), model="gpt-4o-mini")
+    assert (reserved, used) == (0, prompt + streamed)
+    [record] = page.records
+    assert record.estimated
+    assert (record.prompt_tokens, record.completion_tokens) == (prompt, streamed)
+
+
 async def test_stream_failure_before_any_text_is_a_proper_status(
     app_client: Any, llm_plan: FaultPlan
 ) -> None:
@@ -417,6 +440,21 @@ async def test_stream_with_json_schema_is_422(chat: httpx.AsyncClient, llm_plan:
 
 
 # --- fallback models ---------------------------------------------------------------------------
+
+
+async def test_a_failed_repair_call_is_422_and_does_not_start_over(
+    app_client: Any, llm_plan: FaultPlan
+) -> None:
+    """The first (invalid) answer was paid for: a repair that cannot be made ends the request
+    as output_invalid, not as a new attempt on the fallback models."""
+    async with running(app_client, llm_max_attempts=1) as client:
+        llm_plan.push(Fault(content='{"intent":"weather"}'), Fault(status=500))
+        response = await post(client, response_format=JSON_SCHEMA_FORMAT)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["error"] == "output_invalid"
+    assert "repair call failed" in body["message"]
+    assert len(llm_plan.requests) == 2
 
 
 async def test_fallback_model_answers_when_the_first_fails(

@@ -296,7 +296,7 @@ def test_json_schema_answer_is_one_validated_content_frame(running: Running) -> 
 # --- the client leaving -----------------------------------------------------------------------
 
 
-def test_disconnect_mid_answer_cancels_the_call_and_its_reservation(
+def test_disconnect_mid_answer_cancels_the_call_and_charges_only_what_was_streamed(
     running: Running, llm_plan: FaultPlan
 ) -> None:
     llm_plan.push(Fault(chunks=SENTENCES, chunk_delay=0.5))  # about two seconds in all
@@ -304,7 +304,8 @@ def test_disconnect_mid_answer_cancels_the_call_and_its_reservation(
         with tc.websocket_connect("/ws/chat", headers=BEARER) as ws:
             ws.send_json(ask())
             assert ws.receive_json()["type"] == "content"
-            assert session_usage(tc, "conv-1").reserved_tokens > 0
+            reserved = session_usage(tc, "conv-1").reserved_tokens
+            assert reserved > 0
             ws.close()
             deadline = time.monotonic() + 1.0
             while (usage := session_usage(tc, "conv-1")).reserved_tokens and (
@@ -312,4 +313,6 @@ def test_disconnect_mid_answer_cancels_the_call_and_its_reservation(
             ):
                 time.sleep(0.02)
         assert usage.reserved_tokens == 0
-        assert usage.used_tokens == 0  # released unfinished, not answered to the end and settled
+        # the prompt and what was streamed before the client left are counted (leaving is not
+        # free); the rest of the answer, never produced, is not
+        assert 0 < usage.used_tokens < reserved

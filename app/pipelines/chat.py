@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 from app.deadline import Deadline
 from app.errors import OutputInvalid, StreamBroken, UpstreamError, UpstreamRejected
+from app.pipelines.turn_cache import TurnCache
 from app.principal import Principal
-from app.services.cache import CachedAnswer, IntentCache
+from app.services.cache import CachedAnswer
 from app.services.injection import InjectionMode, InjectionRules
 from app.services.llm.types import ChatRequest, ChatResult, Usage
 from app.services.metering import Metering, Plan
@@ -50,7 +51,6 @@ class ChatOptions:
     injection_mode: InjectionMode
     unsafe_categories: tuple[str, ...]
     fallback_text: str
-    cache_enabled: bool
 
 
 @dataclass
@@ -102,7 +102,7 @@ class ChatPipeline:
     renderer: PromptRenderer
     safety: SafetyRules
     injection: InjectionRules
-    cache: IntentCache
+    cache: TurnCache
     options: ChatOptions
 
     async def run(self, call: ChatCall, on_text: OnText | None = None) -> ChatOutcome:
@@ -149,15 +149,10 @@ class ChatPipeline:
             try:
                 outcome = await self._answer(call, plan, deadline, on_text)
             except (StreamBroken, UpstreamRejected):
-                await self.metering.release(plan)
                 raise  # half an answer is out, or the request itself is wrong: no fallback
             except UpstreamError as error:
-                await self.metering.release(plan)
                 last_error = error
                 continue
-            except BaseException:
-                await self.metering.release(plan)
-                raise
             outcome.lightweight = headroom.lightweight
             outcome.injection = injection
             self._remember(call, models[0], messages, outcome)
@@ -192,38 +187,27 @@ class ChatPipeline:
         )
         return [{"role": "system", "content": self.renderer.render(template, {})}, *messages]
 
-    def _cache_parts(
-        self, call: ChatCall, messages: list[dict[str, str]]
-    ) -> tuple[str, str] | None:
-        """(instruction, input) the cache is keyed on: every system message (with the output
-        filters and the caller's schema), and the whole conversation after them, so history
-        changes the key."""
-        if not self.options.cache_enabled:
-            return None
-        system = "\n".join(m["content"] for m in messages if m["role"] == "system")
-        # an answer kept from a caller that turned an output filter off is never served to one
-        # that did not: the output filters are part of the key
+    @staticmethod
+    def _cache_qualifier(call: ChatCall) -> str:
+        """What besides the conversation shapes the answer: an answer kept for a caller that
+        turned an output filter off is never served to one that did not, nor one validated
+        against another schema."""
         output_filters = sorted(f for f in call.filters() if f != "injection")
-        system += "\n[output filters: " + ",".join(output_filters) + "]"
+        qualifier = "[output filters: " + ",".join(output_filters) + "]"
         if call.json_schema is not None:
-            system += "\n" + json.dumps(call.json_schema, sort_keys=True)
-        turns = [f"{m['role']}: {m['content']}" for m in messages if m["role"] != "system"]
-        return system, "\n".join(turns)
+            qualifier += "\n" + json.dumps(call.json_schema, sort_keys=True)
+        return qualifier
 
     def _cached(
         self, call: ChatCall, model: str, messages: list[dict[str, str]]
     ) -> CachedAnswer | None:
-        parts = self._cache_parts(call, messages)
-        if parts is None:
-            return None
-        return self.cache.get(call.principal.tenant, model, *parts)
+        return self.cache.get(call.principal.tenant, model, messages, self._cache_qualifier(call))
 
     def _remember(
         self, call: ChatCall, model: str, messages: list[dict[str, str]], outcome: ChatOutcome
     ) -> None:
         """Only a complete, safe (and, with a schema, valid) answer is cached."""
-        parts = self._cache_parts(call, messages)
-        if parts is None or outcome.blocked or outcome.finish_reason != "stop":
+        if outcome.blocked or outcome.finish_reason != "stop":
             return
         answer = CachedAnswer(
             outcome.content,
@@ -232,13 +216,18 @@ class ChatPipeline:
             outcome.usage.prompt_tokens,
             outcome.usage.completion_tokens,
         )
-        self.cache.put(call.principal.tenant, model, *parts, answer)
+        self.cache.put(call.principal.tenant, model, messages, answer, self._cache_qualifier(call))
 
     async def _answer(
         self, call: ChatCall, plan: Plan, deadline: Deadline, on_text: OnText | None
     ) -> ChatOutcome:
         guard = self._guard(call)
-        result = await self._call(call, plan, plan.messages, deadline, guard, on_text)
+        received: list[str] = []  # what the provider streamed, passed on or held by the guard
+        try:
+            result = await self._call(call, plan, plan.messages, deadline, guard, on_text, received)
+        except BaseException as error:
+            await self._abandon(call, plan, received, error)
+            raise
         if on_text is not None:
             rest = guard.finish()
             if rest:
@@ -259,6 +248,20 @@ class ChatPipeline:
             await self._validate(call, plan, deadline, outcome)
         return outcome
 
+    async def _abandon(
+        self, call: ChatCall, plan: Plan, received: list[str], error: BaseException
+    ) -> None:
+        """A call that ended without an answer: release its reservation, unless the provider
+        had already streamed part of one (a stream cut, the client gone), which it bills: that
+        part is counted, estimated, so leaving mid-answer is never free."""
+        if not received:
+            await self.metering.release(plan)
+            return
+        provider = error.upstream if isinstance(error, UpstreamError) else ""
+        await self.metering.settle_partial(
+            plan, "".join(received), surface=call.surface, provider=provider
+        )
+
     def _guard(self, call: ChatCall) -> OutputGuard:
         return OutputGuard(
             self.safety,
@@ -275,6 +278,7 @@ class ChatPipeline:
         deadline: Deadline,
         guard: OutputGuard,
         on_text: OnText | None,
+        received: list[str] | None = None,
     ) -> ChatResult:
         request = ChatRequest(
             messages=messages,
@@ -288,6 +292,8 @@ class ChatPipeline:
             return await asyncio.wait_for(router.complete(request, deadline), deadline.remaining())
 
         async def forward(delta: str) -> None:
+            if received is not None:
+                received.append(delta)
             text = guard.feed(delta)
             if text:
                 await on_text(text)
@@ -319,7 +325,8 @@ class ChatPipeline:
         try:
             outcome.parsed = parse_json_schema_output(outcome.content, call.json_schema)
             return
-        except OutputInvalid as invalid:
+        except OutputInvalid as first_invalid:
+            invalid = first_invalid
             repair = repair_messages(plan.messages, invalid, call.json_schema)
         outcome.repaired = True
         again = await self.metering.plan(
@@ -333,8 +340,14 @@ class ChatPipeline:
         guard = self._guard(call)  # the repaired answer is checked like the first one
         try:
             result = await self._call(call, again, again.messages, deadline, guard, None)
-        except BaseException:
+        except BaseException as error:
             await self.metering.release(again)
+            if isinstance(error, UpstreamError):  # the first answer stands, and it is invalid
+                raise OutputInvalid(
+                    "the repair call failed",
+                    raw=outcome.content,
+                    errors=[*invalid.errors, f"repair call failed: {error}"],
+                ) from error
             raise
         second = await self._settle(call, again, result)
         outcome.usage = outcome.usage + second.usage

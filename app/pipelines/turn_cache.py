@@ -15,9 +15,14 @@ from app.services.cache import CachedAnswer, IntentCache
 from app.services.metering import Metering
 
 
-def conversation_parts(messages: Sequence[Mapping[str, str]]) -> tuple[str, str]:
-    """(instruction, input): every system message, then the whole conversation after them."""
+def conversation_parts(
+    messages: Sequence[Mapping[str, str]], qualifier: str = ""
+) -> tuple[str, str]:
+    """(instruction, input): every system message (and what else shapes the answer, such as a
+    caller's output filters and schema), then the whole conversation after them."""
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    if qualifier:
+        system += "\n" + qualifier
     turns = "\n".join(f"{m['role']}: {m['content']}" for m in messages if m["role"] != "system")
     return system, turns
 
@@ -37,12 +42,16 @@ class TurnCache:
             return None  # the call itself reports it
 
     def get(
-        self, tenant: str, route: str, messages: Sequence[Mapping[str, str]]
+        self,
+        tenant: str,
+        route: str,
+        messages: Sequence[Mapping[str, str]],
+        qualifier: str = "",
     ) -> CachedAnswer | None:
         model = self._model(route) if self.enabled else None
         if model is None:
             return None
-        return self.cache.get(tenant, model, *conversation_parts(messages))
+        return self.cache.get(tenant, model, *conversation_parts(messages, qualifier))
 
     def put(
         self,
@@ -50,8 +59,9 @@ class TurnCache:
         route: str,
         messages: Sequence[Mapping[str, str]],
         answer: CachedAnswer,
+        qualifier: str = "",
     ) -> None:
         """Callers put only answers that passed validation and the safety checks."""
         model = self._model(route) if self.enabled else None
         if model is not None:
-            self.cache.put(tenant, model, *conversation_parts(messages), answer)
+            self.cache.put(tenant, model, *conversation_parts(messages, qualifier), answer)

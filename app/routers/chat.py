@@ -62,13 +62,13 @@ async def chat(request: Request, principal: CallerDep, services: ServicesDep) ->
     )
 
 
-def build_call(body: ChatBody, principal: Principal, services: Services) -> ChatCall:
+def build_call(
+    body: ChatBody, principal: Principal, services: Services, surface: str = "chat"
+) -> ChatCall:
     messages = [m.model_dump() for m in body.messages]
     if body.template is not None:
         try:
-            text = services.chat.renderer.render_request(
-                body.template, body.variables, services.settings.chat_inline_template_max_chars
-            )
+            text = services.caller_templates.render(body.template, body.variables)
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
         messages.append({"role": "user", "content": text})
@@ -77,7 +77,7 @@ def build_call(body: ChatBody, principal: Principal, services: Services) -> Chat
         principal=principal,
         session_id=body.session_id,
         messages=messages,
-        surface="chat",
+        surface=surface,
         model=body.model,
         max_tokens=body.max_tokens,
         temperature=body.temperature,

@@ -315,7 +315,9 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
         finally:
             await stream.cancel()
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+    # the input was checked before the first text: flag mode's header goes out with the stream
+    headers = {**SSE_HEADERS, **injection_header(call.injection)}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 def _sse(frame: dict[str, Any]) -> str:

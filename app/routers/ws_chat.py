@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -218,7 +217,7 @@ class Connection:
                 return
             try:
                 body = parse_request(read_frame(message, self.limit))
-                call = build_call(body, self.principal, self.services)
+                call = build_call(body, self.principal, self.services, SURFACE)
             except FrameRefused as refused:
                 await self.refuse(refused)
                 if refused.close is not None:
@@ -227,7 +226,6 @@ class Connection:
             except HTTPException as error:  # the template could not be rendered
                 await self.send(FrameRefused("invalid_request", str(error.detail)).frame())
                 continue
-            call = dataclasses.replace(call, surface=SURFACE)
             if not await self.answer(call, whole=call.json_schema is not None):
                 return
 

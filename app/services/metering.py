@@ -97,9 +97,8 @@ class Metering:
             if room < MIN_COMPLETION_TOKENS:
                 if too_long.needed + MIN_COMPLETION_TOKENS > window:
                     raise HistoryTooLong(too_long.needed, window - MIN_COMPLETION_TOKENS) from None
-                raise BudgetExhausted(
-                    await self._refusal(principal, session_id, too_long.needed + max_tokens)
-                ) from None
+                minimum = too_long.needed + MIN_COMPLETION_TOKENS
+                raise BudgetExhausted(await self._refusal(principal, session_id, minimum)) from None
             max_tokens = room
             fit = fit_history(items, count_tokens=count, max_prompt_tokens=bound - max_tokens)
         requested = fit.prompt_tokens + max_tokens
@@ -149,20 +148,51 @@ class Metering:
     ) -> Spend:
         """Count the real usage against the budget and append the ledger record."""
         spent = self.spend(plan, result)
-        await self.budget.settle(
-            plan.grant,
-            prompt_tokens=spent.usage.prompt_tokens,
-            completion_tokens=spent.usage.completion_tokens,
-            cost=spent.cost,
-        )
         answered = result.trail[-1] if result.trail else None
+        provider = answered.provider if answered else result.provider
+        model = answered.model if answered else result.model  # the configured name, as priced
+        await self._account(plan, spent, surface, provider, model, latency_ms)
+        return spent
+
+    async def settle_partial(
+        self, plan: Plan, text: str, *, surface: str, provider: str = ""
+    ) -> Spend:
+        """A streamed answer that never completed (cut, or the caller left): the provider bills
+        what it produced, so the prompt and the text received so far are counted, estimated, at
+        the prices of the provider that streamed it (the route's first when unknown)."""
+        route = self.llm.current.route(plan.route)
+        target = next(
+            (t for t in route.targets if t.provider.spec.name == provider), route.targets[0]
+        )
+        model = target.model
+        usage = Usage(plan.prompt_tokens, text_tokens(text, model.name))
+        cost = round(
+            usage.prompt_tokens / 1000 * model.price_per_1k_prompt
+            + usage.completion_tokens / 1000 * model.price_per_1k_completion,
+            8,
+        )
+        spent = Spend(usage, cost, estimated=True)
+        await self._account(plan, spent, surface, target.provider.spec.name, model.name, 0.0)
+        return spent
+
+    async def _account(
+        self,
+        plan: Plan,
+        spent: Spend,
+        surface: str,
+        provider: str,
+        model: str,
+        latency_ms: float,
+    ) -> None:
+        # the ledger row first: it is a queue append, so a cancellation arriving during the
+        # (shielded) settle below cannot lose it
         self.ledger.record(
             UsageRecord(
                 tenant=plan.principal.tenant,
                 session=plan.session_id,
                 surface=surface,
-                provider=answered.provider if answered else result.provider,
-                model=answered.model if answered else result.model,  # the configured name
+                provider=provider,
+                model=model,
                 prompt_tokens=spent.usage.prompt_tokens,
                 completion_tokens=spent.usage.completion_tokens,
                 cost=spent.cost,
@@ -170,7 +200,12 @@ class Metering:
                 estimated=spent.estimated,
             )
         )
-        return spent
+        await self.budget.settle(
+            plan.grant,
+            prompt_tokens=spent.usage.prompt_tokens,
+            completion_tokens=spent.usage.completion_tokens,
+            cost=spent.cost,
+        )
 
     async def release(self, plan: Plan) -> None:
         await self.budget.release(plan.grant)

@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound
-from jinja2.exceptions import SecurityError
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
 from app.errors import ConfigError
@@ -34,28 +33,6 @@ class PromptRenderer:
 
     def render(self, name: str, variables: dict[str, Any]) -> str:
         return self._env.get_template(name).render(**variables).strip()
-
-    def render_request(self, template: str, variables: dict[str, Any], max_chars: int) -> str:
-        """A caller's template: the name of a `.j2` file here, or inline source of at most
-        `max_chars`, rendered in the sandbox. Raises ValueError with a message for the caller."""
-        try:
-            if template.endswith(".j2") and "\n" not in template:
-                rendered = self._env.get_template(template).render(**variables)
-            elif len(template) > max_chars:
-                raise ValueError(
-                    f"inline template is {len(template)} characters; the limit is {max_chars}"
-                )
-            else:
-                rendered = self._env.from_string(template).render(**variables)
-        except TemplateNotFound:
-            raise ValueError(f"template {template!r} is not a file under app/templates/") from None
-        except SecurityError as exc:
-            raise ValueError(f"template refused by the sandbox: {exc}") from None
-        except TemplateError as exc:
-            raise ValueError(f"template does not render: {exc}") from None
-        if not rendered.strip():
-            raise ValueError("template renders to an empty message")
-        return rendered.strip()
 
     def check(self, name: str, sample: dict[str, Any]) -> None:
         """Render once at start-up; a broken template stops start-up with its name and reason."""

@@ -5,7 +5,6 @@ a proper 4xx, and only failures after the first text become an in-stream error f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -58,5 +57,8 @@ class TextStream(Generic[T]):
         """Stop the call (the client went away); its budget reservation is released."""
         if not self._task.done():
             self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
+        # wait for the call to wind down (its release runs then); only the call's own outcome
+        # is swallowed: a cancellation of the caller itself still propagates
+        await asyncio.wait([self._task])
+        if not self._task.cancelled():
+            self._task.exception()  # retrieved, so asyncio does not log it as never seen
