@@ -17,7 +17,6 @@ from app import __version__
 from app.config import DEV_CLIENT_API_KEY, DEV_CXONE_AUTHORIZATION, Settings, load_settings
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
-from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
 from app.pipelines.turn_cache import TurnCache
 from app.routers import (
     admin,
@@ -35,7 +34,7 @@ from app.services.audit import AuditLog
 from app.services.budget import BudgetService
 from app.services.caller_templates import CallerTemplates
 from app.services.clients import ClientAuthenticator
-from app.services.cxone import CXoneContextClient, Turn
+from app.services.cxone import CXoneContextClient
 from app.services.http import build_http_client
 from app.services.ledger import Ledger
 from app.services.llm.bootstrap import router_options, startup_provider_config
@@ -53,6 +52,7 @@ from app.simulator.server import LoopbackServer
 from app.wiring import (
     budget_policy,
     build_chat,
+    build_cognigy,
     build_cxone_bot,
     build_intent_cache,
     cxone_authorizations,
@@ -62,14 +62,6 @@ from app.wiring import (
 )
 
 log = logging.getLogger("cxrelay")
-
-SAMPLE_PROMPT_VARIABLES = {
-    "history": [Turn("customer", "Hello"), Turn("agent", "Hi, how can I help?")],
-    "detected_intent": "billing",
-    "confidence": 0.42,
-    "last_message": "Why was I charged twice?",
-    "metadata": {"channel": "chat"},
-}
 
 
 # gpt-4o-mini's list prices (USD per 1,000 tokens), charged for the simulated model unless set.
@@ -177,8 +169,6 @@ def build_services(
     ledger: Ledger,
 ) -> Services:
     renderer = PromptRenderer()
-    for template in (settings.cognigy_system_template, settings.cognigy_user_template):
-        renderer.check(template, SAMPLE_PROMPT_VARIABLES)
     http = build_http_client(settings)
     stack.push_async_callback(http.aclose)
     llm = RouterSlot(LLMRouter(http, startup.config, router_options(settings)))
@@ -202,24 +192,6 @@ def build_services(
     injection = load_injection_rules(settings)  # one of each, shared by every surface
     intent_cache = build_intent_cache(settings)
     turn_cache = TurnCache(intent_cache, metering, settings.intent_cache_enabled)
-    pipeline = CognigyPipeline(
-        metering=metering,
-        renderer=renderer,
-        cxone=cxone_client,
-        injection=injection,
-        cache=turn_cache,
-        options=CognigyOptions(
-            model=settings.llm_model,
-            temperature=settings.routing_temperature,
-            max_tokens=settings.llm_max_tokens,
-            history_turns=settings.cxone_history_turns,
-            repair_min_seconds=settings.cognigy_repair_min_seconds,
-            fallback_response=settings.cognigy_fallback_response,
-            system_template=settings.cognigy_system_template,
-            user_template=settings.cognigy_user_template,
-            injection_mode=settings.prompt_injection_mode,
-        ),
-    )
     authenticator = WebhookAuthenticator(
         secrets=[s.get_secret_value() for s in settings.cognigy_webhook_secret],
         api_keys=[k.get_secret_value() for k in settings.cognigy_api_keys],
@@ -233,7 +205,7 @@ def build_services(
         http=http,
         webhook_auth=authenticator,
         llm=llm,
-        cognigy=pipeline,
+        cognigy=build_cognigy(settings, metering, renderer, cxone_client, injection, turn_cache),
         cxone_bot=build_cxone_bot(
             settings, metering, renderer, cxone_client, safety, injection, turn_cache
         ),

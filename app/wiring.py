@@ -10,14 +10,16 @@ from contextlib import AsyncExitStack
 from zoneinfo import ZoneInfo
 
 from app.config import Settings
-from app.pipelines.chat import ChatOptions, ChatPipeline
+from app.pipelines.chat import ChatPipeline
+from app.pipelines.chat_call import ChatOptions
+from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
 from app.pipelines.cxone import CXoneBotPipeline
 from app.pipelines.cxone_reply import BotOptions
 from app.pipelines.turn_cache import TurnCache
 from app.services.bot_state import StateCodec
 from app.services.budget import BudgetPolicy, PeriodLimits
 from app.services.cache import IntentCache
-from app.services.cxone import CXoneContextClient
+from app.services.cxone import CXoneContextClient, Turn
 from app.services.injection import InjectionRules
 from app.services.ledger import Ledger
 from app.services.metering import Metering
@@ -26,6 +28,15 @@ from app.services.safety import RULES_DIR, SafetyRules
 from app.services.store import Store, open_store
 
 log = logging.getLogger("cxrelay")
+
+# What the Cognigy templates are rendered with once at start-up, to fail early.
+SAMPLE_PROMPT_VARIABLES = {
+    "history": [Turn("customer", "Hello"), Turn("agent", "Hi, how can I help?")],
+    "detected_intent": "billing",
+    "confidence": 0.42,
+    "last_message": "Why was I charged twice?",
+    "metadata": {"channel": "chat"},
+}
 
 
 async def open_usage_ledger(settings: Settings, stack: AsyncExitStack) -> tuple[Store, Ledger]:
@@ -73,6 +84,36 @@ def build_intent_cache(settings: Settings) -> IntentCache:
     return IntentCache(
         max_entries=settings.intent_cache_max_entries,
         ttl_seconds=settings.intent_cache_ttl_seconds,
+    )
+
+
+def build_cognigy(
+    settings: Settings,
+    metering: Metering,
+    renderer: PromptRenderer,
+    cxone: CXoneContextClient | None,
+    injection: InjectionRules,
+    cache: TurnCache,
+) -> CognigyPipeline:
+    for template in (settings.cognigy_system_template, settings.cognigy_user_template):
+        renderer.check(template, SAMPLE_PROMPT_VARIABLES)
+    return CognigyPipeline(
+        metering=metering,
+        renderer=renderer,
+        cxone=cxone,
+        injection=injection,
+        cache=cache,
+        options=CognigyOptions(
+            model=settings.llm_model,
+            temperature=settings.routing_temperature,
+            max_tokens=settings.llm_max_tokens,
+            history_turns=settings.cxone_history_turns,
+            repair_min_seconds=settings.cognigy_repair_min_seconds,
+            fallback_response=settings.cognigy_fallback_response,
+            system_template=settings.cognigy_system_template,
+            user_template=settings.cognigy_user_template,
+            injection_mode=settings.prompt_injection_mode,
+        ),
     )
 
 

@@ -14,17 +14,15 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
 
 from app.deadline import Deadline
 from app.errors import OutputInvalid, StreamBroken, UpstreamError, UpstreamRejected
+from app.pipelines.chat_call import ChatCall, ChatOptions, ChatOutcome, OnText
 from app.pipelines.turn_cache import TurnCache
-from app.principal import Principal
 from app.services.cache import CachedAnswer
-from app.services.injection import InjectionMode, InjectionRules
-from app.services.llm.types import ChatRequest, ChatResult, Usage
+from app.services.injection import InjectionRules
+from app.services.llm.types import ChatRequest, ChatResult
 from app.services.metering import Metering, Plan
 from app.services.metrics import COST, TOKENS, TURN_LATENCY, TURNS
 from app.services.output_guard import OutputGuard
@@ -33,67 +31,6 @@ from app.services.safety import SafetyRules
 from app.services.validation import parse_json_schema_output, repair_messages
 
 log = logging.getLogger("cxrelay.chat")
-
-SafetyFilter = Literal["pii", "unsafe", "injection"]
-ALL_FILTERS: frozenset[str] = frozenset({"pii", "unsafe", "injection"})
-OnText = Callable[[str], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class ChatOptions:
-    default_model: str
-    max_tokens: int
-    temperature: float
-    system_template: str
-    lightweight_template: str
-    deadline_seconds: float
-    first_token_timeout: float
-    injection_mode: InjectionMode
-    unsafe_categories: tuple[str, ...]
-    fallback_text: str
-
-
-@dataclass
-class ChatCall:
-    """What a caller asks for, already authenticated and parsed."""
-
-    principal: Principal
-    session_id: str
-    messages: list[dict[str, str]]
-    surface: str
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    fallback_models: list[str] = field(default_factory=list)
-    safety_filters: Collection[str] | None = None  # None: every filter
-    json_schema: dict[str, Any] | None = None
-    json_object: bool = False
-    # set by the pipeline once the input is checked, before any text: the prompt-injection
-    # pattern names found, so a streaming surface can put them in its response headers
-    injection: tuple[str, ...] = ()
-
-    def filters(self) -> Collection[str]:
-        return ALL_FILTERS if self.safety_filters is None else self.safety_filters
-
-
-@dataclass
-class ChatOutcome:
-    content: str
-    model: str
-    provider: str
-    usage: Usage = field(default_factory=Usage)
-    cost: float = 0.0
-    cached: bool = False
-    lightweight: bool = False
-    dropped: int = 0
-    finish_reason: str = "stop"  # "content_filter" when the guard blocked the answer
-    blocked: str | None = None
-    injection: tuple[str, ...] = ()
-    redactions: dict[str, int] = field(default_factory=dict)
-    usage_estimated: bool = False
-    parsed: dict[str, Any] | None = None  # the validated object, with a json_schema
-    latency_ms: float = 0.0
-    repaired: bool = False
 
 
 @dataclass

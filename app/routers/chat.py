@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app.dependencies import Services, ServicesDep
-from app.pipelines.chat import ChatCall, ChatOutcome
+from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.principal import Principal
 from app.routers.caller import CallerDep
 from app.schemas.chat import ChatBody, ChatReply
@@ -156,17 +156,22 @@ async def _stream(call: ChatCall, services: Services) -> Any:
     async def events() -> AsyncIterator[str]:
         try:
             async for text in stream.texts():
-                yield _sse({"type": "content", "delta": text})
-            yield _sse(complete_frame(call, await stream.result()))
+                yield sse({"type": "content", "delta": text})
+            yield sse(complete_frame(call, await stream.result()))
         except Exception as error:  # after the 200: the error travels as a frame
-            yield _sse(error_frame(error))
+            yield sse(error_frame(error))
         finally:
             await stream.cancel()
 
-    # the input was checked before the first text: flag mode's header goes out with the stream
+    return event_stream(events(), call)
+
+
+def event_stream(events: AsyncIterator[str], call: ChatCall) -> StreamingResponse:
+    """The text/event-stream response; the input was checked before the first text, so flag
+    mode's X-Prompt-Injection header goes out with it."""
     headers = {**SSE_HEADERS, **injection_header(call.injection)}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
-def _sse(frame: dict[str, Any]) -> str:
+def sse(frame: dict[str, Any]) -> str:
     return f"data: {json.dumps(frame, ensure_ascii=False)}\n\n"

@@ -12,7 +12,6 @@ the session budget then bounds a single call).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -21,16 +20,16 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from app.dependencies import Services, ServicesDep
-from app.pipelines.chat import ChatCall, ChatOutcome
+from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.principal import Principal
 from app.routers.caller import CallerDep
-from app.routers.chat import SSE_HEADERS, injection_header
+from app.routers.chat import event_stream, injection_header, sse
 from app.schemas.openai_chat import (
     SESSION_ID_RULE,
     AssistantMessage,
@@ -297,7 +296,7 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
         frame = ChatCompletionChunk(
             id=cid, created=created, model=body.model, choices=choices, **fields
         )
-        return _sse(frame.wire())
+        return sse(frame.wire())
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -311,14 +310,8 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
                 yield chunk([], usage=usage_of(outcome))
             yield "data: [DONE]\n\n"
         except Exception as error:  # after the 200: the error travels as an event
-            yield _sse(ErrorBody(error=to_openai(error).detail).model_dump(mode="json"))
+            yield sse(ErrorBody(error=to_openai(error).detail).model_dump(mode="json"))
         finally:
             await stream.cancel()
 
-    # the input was checked before the first text: flag mode's header goes out with the stream
-    headers = {**SSE_HEADERS, **injection_header(call.injection)}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-
-def _sse(frame: dict[str, Any]) -> str:
-    return f"data: {json.dumps(frame, ensure_ascii=False)}\n\n"
+    return event_stream(events(), call)

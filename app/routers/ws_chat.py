@@ -38,7 +38,7 @@ from starlette.types import Message
 
 from app.dependencies import Services
 from app.errors import AuthenticationFailed
-from app.pipelines.chat import ChatCall, ChatOutcome
+from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.principal import Principal
 from app.routers.chat import build_call, complete_frame, error_frame
 from app.schemas.chat import ChatBody
