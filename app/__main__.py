@@ -1,6 +1,6 @@
 """Command line.
 
-python -m app serve [--simulate] [--host H] [--port P]   the service
+python -m app serve [--simulate] [--host H] [--port P]   the service (WORKERS processes)
 python -m app simulator [--host H] [--port P]            the simulated LLM provider and CXone
 """
 
@@ -14,8 +14,8 @@ import uvicorn
 
 from app.config import load_settings
 from app.errors import ConfigError
-from app.main import create_app
 from app.observability import configure_logging
+from app.serving import serve as run_service
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,23 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cx-relay: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    try:
-        app = create_app(settings)
-    except ConfigError as error:
-        print(f"cx-relay: {error}", file=sys.stderr)
-        return 2
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=20,
-        # a /ws/chat frame over the body limit is refused by the route; this keeps uvicorn from
-        # reading a much larger one into memory first (the route answers 1009 up to this size)
-        ws_max_size=settings.max_body_bytes + 1024,
-    )
-    return 0
+    return run_service(settings, overrides)
 
 
 def check_config(path: Path) -> int:

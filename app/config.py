@@ -46,9 +46,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # On SIGTERM: seconds the requests in flight get to finish (new connections are refused at
+    # once); then they are cancelled and the service stops. Keep it under the orchestrator's own
+    # limit (Kubernetes terminationGracePeriodSeconds, 30 by default; `docker stop -t`, 10).
+    shutdown_grace_seconds: int = Field(20, ge=1, le=600)
     data_dir: Path = Path("./data")
     max_body_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
     simulate: bool = False
+    # Worker processes (uvicorn workers); over 1, /metrics adds up every worker's collectors
+    # through PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory when it is not set).
+    workers: int = Field(1, ge=1, le=64)
 
     # --- LLM providers ---------------------------------------------------------------------------
     # PROVIDERS_FILE describes several providers, keys and routes; without it, the LLM_GATEWAY_*
@@ -178,6 +185,12 @@ class Settings(BaseSettings):
     cxone_history_turns: int = Field(10, ge=0, le=200)
     cxone_timeout_seconds: float = Field(2.0, gt=0.0, le=30.0)
     cxone_token_refresh_margin_seconds: float = Field(60.0, ge=0.0, le=3600.0)
+
+    # --- health probes (/health, /health/ready) --------------------------------------------------
+    # Provider probes are reused this long and shared by concurrent requests (no upstream storm).
+    health_cache_seconds: float = Field(5.0, ge=0.0, le=300.0)
+    health_probe_timeout_seconds: float = Field(2.0, gt=0.0, le=30.0)  # one provider probe
+    health_store_timeout_seconds: float = Field(1.0, gt=0.0, le=30.0)  # the store ping
 
     # --- shared HTTP client --------------------------------------------------------------------
     http_max_connections: int = Field(200, ge=1, le=10000)

@@ -18,6 +18,7 @@ from app.config import DEV_CLIENT_API_KEY, DEV_CXONE_AUTHORIZATION, Settings, lo
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.turn_cache import TurnCache
+from app.request_metrics import RequestMetricsMiddleware
 from app.routers import (
     admin,
     budget,
@@ -292,6 +293,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings or load_settings()
+    app.add_middleware(RequestMetricsMiddleware)  # inner: the request id is set when it counts
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)
     app.include_router(cognigy.router)

@@ -865,3 +865,37 @@ def fragmented_app(pieces: list[bytes]) -> Any:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     return app
+
+
+# --- provider error messages never carry a credential -----------------------------------------
+
+
+def test_quoted_provider_messages_redact_the_key_and_any_bearer_value() -> None:
+    from app.services.llm.wire import quote_provider_message
+
+    quoted = quote_provider_message(
+        "bad key sk-live-123 (Authorization: Bearer sk-other-999) " + "x" * 300, "sk-live-123"
+    )
+    assert "sk-live-123" not in quoted and "sk-other-999" not in quoted
+    assert quoted.startswith("bad key [redacted] (Authorization: Bearer [redacted] xxx")
+    assert len(quoted) == 200
+
+
+async def test_an_echoed_key_in_an_upstream_error_never_reaches_the_caller(
+    app_client: Any, llm_plan: FaultPlan
+) -> None:
+    from pydantic import SecretStr
+
+    echo = {
+        "error": {"message": "bad request from Bearer sk-test-provider-key: sk-test-provider-key"}
+    }
+    async with app_client(client_api_keys=[SecretStr("ck-1:acme")], llm_max_attempts=1) as client:
+        llm_plan.push(Fault(status=500, json_body=echo))
+        response = await client.post(
+            "/chat",
+            headers={"Authorization": "Bearer ck-1"},
+            json={"session_id": "s-1", "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert response.status_code == 502
+    assert "sk-test-provider-key" not in response.text
+    assert "[redacted]" in response.text

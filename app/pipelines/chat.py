@@ -20,11 +20,13 @@ from app.deadline import Deadline
 from app.errors import OutputInvalid, StreamBroken, UpstreamError, UpstreamRejected
 from app.pipelines.chat_call import ChatCall, ChatOptions, ChatOutcome, OnText
 from app.pipelines.turn_cache import TurnCache
+from app.request_metrics import note_outcome
+from app.services.budget import BudgetExhausted
 from app.services.cache import CachedAnswer
 from app.services.injection import InjectionRules
 from app.services.llm.types import ChatRequest, ChatResult
 from app.services.metering import Metering, Plan
-from app.services.metrics import COST, TOKENS, TURN_LATENCY, TURNS
+from app.services.metrics import BUDGET_EXHAUSTED, TURNS
 from app.services.output_guard import OutputGuard
 from app.services.prompts import PromptRenderer
 from app.services.safety import SafetyRules
@@ -44,6 +46,13 @@ class ChatPipeline:
 
     async def run(self, call: ChatCall, on_text: OnText | None = None) -> ChatOutcome:
         """Answer `call`; with `on_text`, safe text is passed on as it is produced."""
+        try:
+            return await self._run(call, on_text)
+        except BudgetExhausted as exhausted:
+            BUDGET_EXHAUSTED.labels(call.surface, exhausted.refusal.scope.kind).inc()
+            raise
+
+    async def _run(self, call: ChatCall, on_text: OnText | None) -> ChatOutcome:
         started = time.perf_counter()
         deadline = Deadline.after(self.options.deadline_seconds)
         models = [call.model or self.options.default_model, *call.fallback_models]
@@ -303,7 +312,9 @@ class ChatPipeline:
         outcome.latency_ms = round((time.perf_counter() - started) * 1000, 1)
         status = "cached" if outcome.cached else ("blocked" if outcome.blocked else "answered")
         TURNS.labels(call.surface, status).inc()
-        TURN_LATENCY.labels(call.surface).observe(outcome.latency_ms / 1000)
+        # a blocked answer is replaced (or cut off): the caller got a 200, not what it asked for
+        blocked = outcome.blocked is not None
+        note_outcome("fallback" if blocked else "success", "content_filter" if blocked else "")
         if outcome.cached:
             self.metering.record_cached(
                 call.principal,
@@ -313,11 +324,6 @@ class ChatPipeline:
                 model=outcome.model,
                 latency_ms=outcome.latency_ms,
             )
-        else:
-            labels = (call.surface, outcome.provider, outcome.model)
-            TOKENS.labels(*labels, "prompt").inc(outcome.usage.prompt_tokens)
-            TOKENS.labels(*labels, "completion").inc(outcome.usage.completion_tokens)
-            COST.labels(*labels).inc(outcome.cost)
         log.info(
             "chat turn",
             extra={

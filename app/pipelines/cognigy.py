@@ -33,6 +33,7 @@ from app.services.cxone import CXoneContextClient, Turn
 from app.services.injection import InjectionMode, InjectionRules
 from app.services.llm.types import ChatRequest, ChatResult, Usage
 from app.services.metering import Metering, Spend
+from app.services.metrics import BUDGET_EXHAUSTED
 from app.services.prompts import PromptRenderer
 from app.services.validation import parse_output, repair_messages
 
@@ -77,6 +78,7 @@ class CognigyPipeline:
         try:
             return await self._decide(trigger, principal, messages, deadline, turn)
         except BudgetExhausted as exhausted:
+            BUDGET_EXHAUSTED.labels(SURFACE, exhausted.refusal.scope.kind).inc()
             return self.fallback(trigger, turn, "budget_exhausted", str(exhausted))
         except BudgetUnavailable as down:
             return self.fallback(

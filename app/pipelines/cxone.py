@@ -40,7 +40,7 @@ from app.services.cxone import CXoneContextClient
 from app.services.injection import InjectionRules
 from app.services.llm.types import ChatRequest, ChatResult
 from app.services.metering import Metering
-from app.services.metrics import SAFETY_EVENTS
+from app.services.metrics import BUDGET_EXHAUSTED, SAFETY_EVENTS
 from app.services.prompts import PromptRenderer
 from app.services.safety import SafetyRules
 
@@ -214,6 +214,7 @@ class CXoneBotPipeline:
     ) -> BotExchangeResponse:
         """The budget cannot take another call: asking again cannot help, the script takes over."""
         turn.outcome = "budget_exhausted"
+        BUDGET_EXHAUSTED.labels(SURFACE, exhausted.refusal.scope.kind).inc()
         turn.reason = str(exhausted)[:300]
         session.add_exchange(utterance, "", **self._bounds())
         return self._respond(

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from app.dependencies import Services, ServicesDep
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.principal import Principal
+from app.request_metrics import note_failure
 from app.routers.caller import CallerDep
 from app.schemas.chat import ChatBody, ChatReply
 from app.services.body import read_limited_body
@@ -159,6 +160,7 @@ async def _stream(call: ChatCall, services: Services) -> Any:
                 yield sse({"type": "content", "delta": text})
             yield sse(complete_frame(call, await stream.result()))
         except Exception as error:  # after the 200: the error travels as a frame
+            note_failure(error)
             yield sse(error_frame(error))
         finally:
             await stream.cancel()

@@ -16,8 +16,10 @@ from app.dependencies import ServicesDep
 from app.errors import AuthenticationFailed
 from app.observability import request_id_var
 from app.pipelines.cognigy import TurnRecord
+from app.request_metrics import note_outcome
 from app.schemas.cognigy import CognigyResponse, CognigyTrigger
 from app.services.body import read_limited_body
+from app.services.metrics import TURNS
 
 router = APIRouter(tags=["cognigy"])
 log = logging.getLogger("cxrelay.cognigy")
@@ -74,6 +76,12 @@ async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyRe
             "deadline_exceeded",
             f"no valid decision within {settings.cognigy_deadline_seconds}s",
         )
+    if response.status == "success":
+        note_outcome("success")
+        TURNS.labels("cognigy", "cached" if turn.cached else "answered").inc()
+    else:  # the route-to-human fallback, still a 200
+        note_outcome("fallback", response.status)
+        TURNS.labels("cognigy", response.status).inc()
     log.info(
         "cognigy turn",
         extra={

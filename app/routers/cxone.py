@@ -20,15 +20,18 @@ from app.dependencies import ServicesDep
 from app.observability import request_id_var
 from app.pipelines.cxone_reply import BotTurn
 from app.principal import DEFAULT_TENANT, Principal
+from app.request_metrics import note_outcome
 from app.schemas.cxone import BotExchangeResponse, ExternalIntegrationBotExchangeRequest
 from app.services.body import read_limited_body
-from app.services.metrics import BOT_STATE_REJECTED, COST, TOKENS, TTFT, TURN_LATENCY, TURNS
+from app.services.metrics import BOT_STATE_REJECTED, TURNS
 from app.services.signatures import fingerprint
 
 router = APIRouter(tags=["cxone"])
 log = logging.getLogger("cxrelay.cxone")
 
 JSON_TYPES = ("application/json", "text/json")
+# Turn outcomes where the bot could not answer (a 200 all the same: CXone gets a valid branch).
+FALLBACKS = frozenset({"fallback", "fallback_escalated", "budget_exhausted"})
 
 
 def _is_json(content_type: str) -> bool:
@@ -121,20 +124,19 @@ def _observe(
 ) -> None:
     result = turn.result
     provider, model = turn.provider or "", turn.model or ""
-    TURNS.labels("cxone", turn.outcome).inc()
-    TURN_LATENCY.labels("cxone").observe(turn.elapsed_ms() / 1000)
-    if result is not None:
-        TOKENS.labels("cxone", provider, model, "prompt").inc(turn.usage.prompt_tokens)
-        TOKENS.labels("cxone", provider, model, "completion").inc(turn.usage.completion_tokens)
-        COST.labels("cxone", provider, model).inc(turn.cost)
-        if result.ttft_ms is not None:
-            TTFT.labels(provider, model).observe(result.ttft_ms / 1000)
+    TURNS.labels("cxone", turn.outcome).inc()  # tokens, cost and TTFT: metering and the router
+    if turn.outcome in FALLBACKS:
+        note_outcome("fallback", turn.outcome)
+    else:  # a handoff or a reprompt is the bot doing its job
+        note_outcome("success")
     extra: dict[str, Any] = {
         "surface": "cxone",
+        "tenant": DEFAULT_TENANT,  # CXone's Authorization names no tenant (see _principal)
         "session_id": session_id,
         "contact_id": exchange.contact_id,
         "input_type": exchange.input_type.value,
         "branch": response.branchName.value,
+        "status": turn.outcome,  # named as on the other surfaces' turn lines
         "outcome": turn.outcome,
         "provider": provider or None,
         "model": model or None,

@@ -1,15 +1,30 @@
-"""Probes. Liveness has no dependencies; `/health` says what the service runs against."""
+"""Probes. Liveness has no dependencies (a restart cures nothing a dependency breaks); readiness
+takes the replica out of rotation while it cannot serve; `/health` is the operator's detail."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
-from app import __version__
 from app.dependencies import ServicesDep
+from app.services.health import health_report, readiness
+from app.services.health_probes import ProviderProbes
 
 router = APIRouter(tags=["health"])
+
+
+def get_probes(request: Request, services: ServicesDep) -> ProviderProbes:
+    """One probe cache per app, made on first use (no await in between: no race)."""
+    probes: ProviderProbes | None = getattr(request.app.state, "health_probes", None)
+    if probes is None:
+        settings = services.settings
+        probes = ProviderProbes(
+            settings.health_cache_seconds, settings.health_probe_timeout_seconds
+        )
+        request.app.state.health_probes = probes
+    return probes
 
 
 @router.get("/health/live")
@@ -17,15 +32,25 @@ async def live() -> dict[str, str]:
     return {"status": "alive"}
 
 
+@router.get("/health/ready")
+async def ready(services: ServicesDep) -> JSONResponse:
+    ok, body = await readiness(
+        services.llm.current, services.store, services.settings, services.provisioner.source
+    )
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
 @router.get("/health")
-async def health(services: ServicesDep) -> dict[str, Any]:
-    simulated = {name: on for name, on in services.simulated.items() if on}
-    return {
-        "status": "healthy",
-        "version": __version__,
-        "simulated": simulated,
-        "warnings": [
-            f"the {name} upstream is SIMULATED: answers are not from a real service"
-            for name in simulated
-        ],
-    }
+async def health(
+    services: ServicesDep, probes: Annotated[ProviderProbes, Depends(get_probes)]
+) -> JSONResponse:
+    body: dict[str, Any] = await health_report(
+        services.llm.current,
+        services.store,
+        services.settings,
+        services.provisioner.source,
+        services.http,
+        probes,
+        services.simulated,
+    )
+    return JSONResponse(body, status_code=503 if body["status"] == "unhealthy" else 200)

@@ -1,14 +1,19 @@
-"""GET /metrics: the Prometheus text exposition of every cxrelay_* collector."""
+"""GET /metrics: the Prometheus text exposition of every cxrelay_* collector (every worker's,
+added up, when there are several)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.services.metrics import exposition
 
 router = APIRouter(tags=["operations"])
 
 
 @router.get("/metrics", response_class=Response)
 async def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    body, content_type = await asyncio.to_thread(exposition)  # reads every worker's file
+    return Response(body, media_type=content_type)

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from app.dependencies import Services, ServicesDep
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.principal import Principal
+from app.request_metrics import note_status
 from app.routers.caller import CallerDep
 from app.routers.chat import event_stream, injection_header, sse
 from app.schemas.openai_chat import (
@@ -310,7 +311,9 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
                 yield chunk([], usage=usage_of(outcome))
             yield "data: [DONE]\n\n"
         except Exception as error:  # after the 200: the error travels as an event
-            yield sse(ErrorBody(error=to_openai(error).detail).model_dump(mode="json"))
+            failure = to_openai(error)
+            note_status(failure.status)
+            yield sse(ErrorBody(error=failure.detail).model_dump(mode="json"))
         finally:
             await stream.cancel()
 

@@ -38,8 +38,10 @@ from starlette.types import Message
 
 from app.dependencies import Services
 from app.errors import AuthenticationFailed
+from app.observability import new_request_id, request_id_var
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.principal import Principal
+from app.request_metrics import count_status, counted, note_failure
 from app.routers.chat import build_call, complete_frame, error_frame
 from app.schemas.chat import ChatBody
 from app.services.chat_errors import describe
@@ -52,6 +54,8 @@ AUTH_FRAME_SECONDS = 5.0
 SURFACE = "ws_chat"
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
+# A refused frame in cxrelay_requests_total: the status the same refusal has over HTTP.
+FRAME_STATUS = {"unauthorized": 401, "invalid_request": 400, "request_too_large": 413, "busy": 409}
 
 
 class FrameRefused(Exception):
@@ -146,6 +150,10 @@ class Connection:
         self.limit = services.settings.max_body_bytes
         self.principal: Principal | None = None
         self._send_lock = asyncio.Lock()
+        # the socket's id (from the handshake); each request frame gets `<this>.<n>`, so one
+        # answer's log lines (turn, upstream attempts) share an id, and a socket's share a prefix
+        self.request_id = request_id_var.get() or new_request_id()
+        self.frames = 0
 
     async def send(self, frame: dict[str, Any], close: int | None = None) -> None:
         """One frame, maybe then the close; locked, as busy replies and an answer share the
@@ -156,6 +164,7 @@ class Connection:
                 await self.websocket.close(close)
 
     async def refuse(self, refused: FrameRefused) -> None:
+        count_status(SURFACE, FRAME_STATUS.get(refused.code, 400))
         await self.send(refused.frame(), refused.close)
 
     async def authenticate(self) -> bool:
@@ -215,6 +224,8 @@ class Connection:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
+            self.frames += 1
+            request_id_var.set(f"{self.request_id}.{self.frames}")  # the middleware resets it
             try:
                 body = parse_request(read_frame(message, self.limit))
                 call = build_call(body, self.principal, self.services, SURFACE)
@@ -224,9 +235,11 @@ class Connection:
                     return
                 continue
             except HTTPException as error:  # the template could not be rendered
-                await self.send(FrameRefused("invalid_request", str(error.detail)).frame())
+                await self.refuse(FrameRefused("invalid_request", str(error.detail)))
                 continue
-            if not await self.answer(call, whole=call.json_schema is not None):
+            with counted(SURFACE):  # one request: the pipeline notes how it went
+                still_open = await self.answer(call, whole=call.json_schema is not None)
+            if not still_open:
                 return
 
     async def answer(self, call: ChatCall, *, whole: bool) -> bool:
@@ -257,6 +270,7 @@ class Connection:
         except WebSocketDisconnect:
             raise
         except Exception as error:
+            note_failure(error)
             if describe(error) is None:
                 log.exception("ws chat call failed", extra={"session_id": call.session_id})
             await self.send(failure_frame(error))
@@ -278,6 +292,4 @@ class Connection:
                 if bad.close is not None:
                     await self.refuse(bad)
                     return
-            await self.send(
-                FrameRefused("busy", "an answer is still running on this socket").frame()
-            )
+            await self.refuse(FrameRefused("busy", "an answer is still running on this socket"))

@@ -27,6 +27,7 @@ from app.services.budget import (
 from app.services.ledger import Ledger
 from app.services.llm.router import Route, RouterSlot
 from app.services.llm.types import ChatResult, Usage
+from app.services.metrics import COST, TOKENS
 from app.services.store import Refusal, UsageRecord
 from app.services.tokens import estimate_tokens, text_tokens
 
@@ -150,7 +151,7 @@ class Metering:
         spent = self.spend(plan, result)
         answered = result.trail[-1] if result.trail else None
         provider = answered.provider if answered else result.provider
-        model = answered.model if answered else result.model  # the configured name, as priced
+        model = answered.model if answered else plan.route  # configured names only, as priced
         await self._account(plan, spent, surface, provider, model, latency_ms)
         return spent
 
@@ -200,6 +201,11 @@ class Metering:
                 estimated=spent.estimated,
             )
         )
+        # the metrics count exactly what the ledger does: every metered call, every surface
+        labels = (surface, plan.principal.tenant, provider, model)
+        TOKENS.labels(*labels, "prompt").inc(spent.usage.prompt_tokens)
+        TOKENS.labels(*labels, "completion").inc(spent.usage.completion_tokens)
+        COST.labels(*labels).inc(spent.cost)
         await self.budget.settle(
             plan.grant,
             prompt_tokens=spent.usage.prompt_tokens,

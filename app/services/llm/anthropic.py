@@ -31,7 +31,13 @@ from app.services.llm.streaming import (
     whole_as_chunk,
 )
 from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
-from app.services.llm.wire import post_json, probe_key, raise_for_status, v1_url
+from app.services.llm.wire import (
+    post_json,
+    probe_key,
+    quote_provider_message,
+    raise_for_status,
+    v1_url,
+)
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -268,9 +274,9 @@ class AnthropicProvider:
     def _stream_error(self, error: Any, api_key: str | None) -> UpstreamError:
         fields = error if isinstance(error, dict) else {}
         error_type = str(fields.get("type") or "")
-        message = str(fields.get("message") or error_type or "error")
-        if api_key:
-            message = message.replace(api_key, "[redacted]")
+        message = quote_provider_message(
+            str(fields.get("message") or error_type or "error"), api_key
+        )
         status = _STREAM_ERROR_STATUS.get(error_type)
         if status is None:
             return UpstreamProtocolError(
@@ -339,7 +345,5 @@ def _error_detail(response: httpx.Response, api_key: str | None) -> tuple[str | 
     if not isinstance(error, dict):
         return None, fallback
     error_type = error.get("type")
-    message = str(error.get("message") or "")
-    if api_key:
-        message = message.replace(api_key, "[redacted]")
-    return (str(error_type) if error_type else None), (message[:200] or fallback)
+    message = quote_provider_message(str(error.get("message") or ""), api_key)
+    return (str(error_type) if error_type else None), (message or fallback)

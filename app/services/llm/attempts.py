@@ -20,6 +20,10 @@ from app.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
+from app.services.metrics import LLM_ATTEMPTS, UPSTREAM_LATENCY
+
+# Outcomes recorded without a call going out: nothing upstream to time.
+NOT_SENT = frozenset({"circuit_open", "local_rate_limit"})
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,15 @@ class Attempt:
             "outcome": self.outcome,
             "latency_ms": self.latency_ms,
         }
+
+
+def observe(attempt: Attempt) -> None:
+    """The attempt in the metrics: counted, and timed when a call went out."""
+    LLM_ATTEMPTS.labels(attempt.provider, attempt.model, attempt.outcome).inc()
+    if attempt.outcome not in NOT_SENT:
+        UPSTREAM_LATENCY.labels(attempt.provider, attempt.model, attempt.outcome).observe(
+            attempt.latency_ms / 1000
+        )
 
 
 def ms(started: float) -> float:

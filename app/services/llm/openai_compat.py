@@ -30,7 +30,13 @@ from app.services.llm.streaming import (
     whole_as_chunk,
 )
 from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
-from app.services.llm.wire import post_json, probe_key, raise_for_status, v1_url
+from app.services.llm.wire import (
+    post_json,
+    probe_key,
+    quote_provider_message,
+    raise_for_status,
+    v1_url,
+)
 
 DONE = "[DONE]"
 
@@ -85,7 +91,7 @@ class OpenAICompatibleProvider:
             http, self.name, self.url, self.payload(request), headers, timeout
         )
         latency_ms = (time.perf_counter() - started) * 1000
-        detail = _error_message(response)
+        detail = _error_message(response, api_key)
         raise_for_status(
             self.name, response, detail, context_length=_is_context_length_error(response, detail)
         )
@@ -105,7 +111,7 @@ class OpenAICompatibleProvider:
             ) as response:
                 if response.status_code >= 400:
                     await response.aread()  # the error body names the cause
-                    raise_for_error(self.name, response)
+                    raise_for_error(self.name, response, api_key)
                 if _is_json(response):
                     # A gateway that ignores `stream: true` answers one whole completion.
                     await response.aread()
@@ -156,12 +162,12 @@ class OpenAICompatibleProvider:
         )
 
 
-def raise_for_error(provider: str, response: httpx.Response) -> None:
+def raise_for_error(provider: str, response: httpx.Response, api_key: str | None) -> None:
     """Nothing for a success; else the typed error of `wire.raise_for_status`, quoting the
     provider's own message (OpenAI's error shape) and spotting a context-length refusal."""
     if response.status_code < 400:
         return
-    detail = _error_message(response)
+    detail = _error_message(response, api_key)
     raise_for_status(
         provider, response, detail, context_length=_is_context_length_error(response, detail)
     )
@@ -257,10 +263,7 @@ def stream_error(provider: str, error: Any, api_key: str | None) -> UpstreamErro
         status = _ERROR_CODE_STATUS.get(str(code)) or _ERROR_CODE_STATUS.get(
             str(fields.get("type"))
         )
-    message = str(fields.get("message") or "error")
-    if api_key:
-        message = message.replace(api_key, "[redacted]")
-    message = message[:200]
+    message = quote_provider_message(str(fields.get("message") or "error"), api_key)
     if status is None or status < 400:
         return UpstreamUnavailable(f"{provider} failed mid-stream: {message}", upstream=provider)
     headers = {}
@@ -305,11 +308,13 @@ def _is_context_length_error(response: httpx.Response, detail: str) -> bool:
     return code == "context_length_exceeded" or "maximum context length" in detail.lower()
 
 
-def _error_message(response: httpx.Response) -> str:
-    """The provider's own error message when it sends OpenAI's error shape (never a key)."""
+def _error_message(response: httpx.Response, api_key: str | None) -> str:
+    """The provider's own error message when it sends OpenAI's error shape, key redacted."""
     try:
         body = response.json()
         message = body.get("error", {}).get("message") if isinstance(body, dict) else None
     except ValueError:
         message = None
-    return str(message)[:200] if message else response.reason_phrase or "error"
+    if not message:
+        return response.reason_phrase or "error"
+    return quote_provider_message(str(message), api_key)

@@ -32,7 +32,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from app.services.llm.attempts import Attempt, ms, reason, rejection
+from app.services.llm.attempts import Attempt, ms, observe, reason, rejection
 from app.services.llm.catalog import ModelSpec, ProviderConfig, ProviderSpec, resolve_key
 from app.services.llm.circuit import CircuitBreaker
 from app.services.llm.keys import KeyPool
@@ -47,7 +47,7 @@ from app.services.llm.types import (
     StreamingProviderClient,
     Usage,
 )
-from app.services.metrics import LLM_ATTEMPTS, LLM_FALLBACKS, LLM_RETRIES
+from app.services.metrics import LLM_FALLBACKS, LLM_RETRIES, TTFT
 
 log = logging.getLogger("cxrelay.router")
 
@@ -228,7 +228,11 @@ class LLMRouter:
                 on_delta=on_delta,
             )
 
-        return await self._run(request, deadline, send)
+        result = await self._run(request, deadline, send)
+        if result.ttft_ms is not None and result.trail:
+            answered = result.trail[-1]  # the configured names, not what the provider echoed
+            TTFT.labels(answered.provider, answered.model).observe(result.ttft_ms / 1000)
+        return result
 
     async def _send_whole(
         self, client: ProviderClient, call: ChatRequest, timeout: float, key: str | None
@@ -376,7 +380,7 @@ class LLMRouter:
     @staticmethod
     def _note(trail: list[Attempt], attempt: Attempt) -> None:
         trail.append(attempt)
-        LLM_ATTEMPTS.labels(attempt.provider, attempt.model, attempt.outcome).inc()
+        observe(attempt)
         log.info("llm attempt", extra=attempt.public() | {"key_id": attempt.key_id})
 
     async def probe_unhealthy_keys(self, timeout: float = 5.0) -> int:

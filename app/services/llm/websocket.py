@@ -115,7 +115,7 @@ class OpenAIWebSocketProvider:
                     finished = finished or chunk.finish_reason is not None
                     yield chunk
         except InvalidStatus as exc:
-            raise self._refused(exc) from exc
+            raise self._refused(exc, api_key) from exc
         except ConnectionClosed as exc:
             if not finished:
                 raise stream_cut(self.name, f"the connection closed before [DONE] ({exc})") from exc
@@ -145,7 +145,7 @@ class OpenAIWebSocketProvider:
             ping_interval=None,  # one short exchange: the receive timeout is the liveness check
         )
 
-    def _refused(self, exc: InvalidStatus) -> UpstreamError:
+    def _refused(self, exc: InvalidStatus, api_key: str | None) -> UpstreamError:
         """A handshake answered with an HTTP status: typed exactly as on the HTTP wire."""
         refusal = exc.response
         response = httpx.Response(
@@ -154,7 +154,7 @@ class OpenAIWebSocketProvider:
             content=bytes(refusal.body or b""),
         )
         try:
-            raise_for_error(self.name, response)
+            raise_for_error(self.name, response, api_key)
         except UpstreamError as typed:
             return typed
         return UpstreamUnavailable(  # a 1xx/2xx/3xx that is not 101: no WebSocket here

@@ -76,6 +76,17 @@ async def probe_key(
     return response.status_code == 200
 
 
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+\S+")
+
+
+def quote_provider_message(message: str, api_key: str | None, limit: int = 200) -> str:
+    """A provider's own error message, safe to log and to pass on to our caller: some gateways
+    echo the credential they refused, so the key and any `Bearer ...` value are redacted."""
+    if api_key:
+        message = message.replace(api_key, "[redacted]")
+    return _BEARER.sub(lambda m: f"{m.group(1)} [redacted]", message)[:limit]
+
+
 def raise_for_status(
     provider: str, response: httpx.Response, detail: str, *, context_length: bool
 ) -> None:
