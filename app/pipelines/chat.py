@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass
 
 from app.deadline import Deadline
-from app.errors import OutputInvalid, StreamBroken, UpstreamError, UpstreamRejected
+from app.errors import CxRelayError, OutputInvalid, StreamBroken, UpstreamError, UpstreamRejected
 from app.pipelines.chat_call import ChatCall, ChatOptions, ChatOutcome, OnText
 from app.pipelines.turn_cache import TurnCache
 from app.request_metrics import note_outcome
 from app.services.budget import BudgetExhausted
 from app.services.cache import CachedAnswer
+from app.services.chat_errors import describe
 from app.services.injection import InjectionRules
 from app.services.llm.types import ChatRequest, ChatResult
 from app.services.metering import Metering, Plan
@@ -46,10 +47,15 @@ class ChatPipeline:
 
     async def run(self, call: ChatCall, on_text: OnText | None = None) -> ChatOutcome:
         """Answer `call`; with `on_text`, safe text is passed on as it is produced."""
+        started = time.perf_counter()
         try:
             return await self._run(call, on_text)
         except BudgetExhausted as exhausted:
             BUDGET_EXHAUSTED.labels(call.surface, exhausted.refusal.scope.kind).inc()
+            _log_failure(call, exhausted, started)
+            raise
+        except CxRelayError as error:
+            _log_failure(call, error, started)
             raise
 
     async def _run(self, call: ChatCall, on_text: OnText | None) -> ChatOutcome:
@@ -345,3 +351,22 @@ class ChatPipeline:
             },
         )
         return outcome
+
+
+def _log_failure(call: ChatCall, error: CxRelayError, started: float) -> None:
+    """A call that ended without an answer still gets its turn line (the attempt lines and the
+    access line alone would not say which session or tenant it was). Only the error's code is
+    logged: an upstream's message may quote the customer's words."""
+    failure = describe(error)
+    log.info(
+        "chat turn failed",
+        extra={
+            "surface": call.surface,
+            "tenant": call.principal.tenant,
+            "key_id": call.principal.key_id,
+            "session_id": call.session_id,
+            "status": "failed",
+            "error": failure.code if failure else type(error).__name__,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+        },
+    )
