@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install
+.PHONY: run test lint install bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check app tests
 	$(PY) -m mypy
+
+# Overhead and throughput against a fast fake upstream (needs wrk: apt-get install wrk);
+# writes bench/results/latest.{json,md,png}. `make bench BENCH_ARGS=--quick` for a smoke run.
+bench: $(STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
