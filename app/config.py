@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_key_prefix: str = Field("cxrelay:", min_length=1, max_length=64)
     ledger_batch_interval_ms: int = Field(200, ge=10, le=10000)
+    # normal: WAL without an fsync per commit (a process crash loses nothing committed, a power
+    # cut may lose the last moments); full: every commit is on disk before it returns.
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
 
     # --- budgets (every surface: /chat, /v1/chat/completions, /ws/chat and both webhooks) --------
     # A session's tokens (prompt + completion); "none" is unlimited. A client key may carry its
@@ -196,6 +199,7 @@ class Settings(BaseSettings):
     http_max_connections: int = Field(200, ge=1, le=10000)
     http_max_keepalive_connections: int = Field(100, ge=0, le=10000)
     http_connect_timeout_seconds: float = Field(2.0, gt=0.0, le=60.0)
+    http_transport: Literal["aiohttp", "httpx"] = "aiohttp"
 
     _split = field_validator(
         "cognigy_webhook_secret",

@@ -48,6 +48,10 @@ async def open_usage_ledger(settings: Settings, stack: AsyncExitStack) -> tuple[
         redis_url=settings.redis_url,
         redis_prefix=settings.redis_key_prefix,
         reservation_ttl_seconds=settings.budget_reservation_ttl_seconds,
+        sqlite_synchronous="FULL" if settings.sqlite_synchronous == "full" else "NORMAL",
+        # statements on the event loop only when commits do not fsync and no other worker
+        # contends for the write lock (measured faster; see docs/PERFORMANCE.md)
+        sqlite_inline=settings.sqlite_synchronous == "normal" and settings.workers == 1,
     )
     stack.push_async_callback(store.close)
     ledger = Ledger(store, batch_interval_seconds=settings.ledger_batch_interval_ms / 1000)

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.deadline import Deadline
 from app.errors import CxRelayError, OutputInvalid, StreamBroken, UpstreamError, UpstreamRejected
@@ -44,6 +44,7 @@ class ChatPipeline:
     injection: InjectionRules
     cache: TurnCache
     options: ChatOptions
+    _rendered: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     async def run(self, call: ChatCall, on_text: OnText | None = None) -> ChatOutcome:
         """Answer `call`; with `on_text`, safe text is passed on as it is produced."""
@@ -137,7 +138,14 @@ class ChatPipeline:
         template = (
             self.options.lightweight_template if lightweight else self.options.system_template
         )
-        return [{"role": "system", "content": self.renderer.render(template, {})}, *messages]
+        return [{"role": "system", "content": self._instruction(template)}, *messages]
+
+    def _instruction(self, template: str) -> str:
+        """The instructions take no variables: each is rendered once, not per call."""
+        text = self._rendered.get(template)
+        if text is None:
+            text = self._rendered[template] = self.renderer.render(template, {})
+        return text
 
     @staticmethod
     def _cache_qualifier(call: ChatCall) -> str:

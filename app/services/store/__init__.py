@@ -69,10 +69,17 @@ async def open_store(
     redis_url: str | None = None,
     redis_prefix: str = DEFAULT_PREFIX,
     reservation_ttl_seconds: float = DEFAULT_RESERVATION_TTL_SECONDS,
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL",
+    sqlite_inline: bool = False,
 ) -> Store:
     """The configured store, opened and reachable (raises StoreUnavailable otherwise)."""
     if backend == "sqlite":
-        return await SQLiteStore.open(data_dir, reservation_ttl_seconds=reservation_ttl_seconds)
+        return await SQLiteStore.open(
+            data_dir,
+            reservation_ttl_seconds=reservation_ttl_seconds,
+            synchronous=sqlite_synchronous,
+            inline=sqlite_inline,
+        )
     if backend == "redis":
         if not redis_url:
             raise ValueError("the redis store needs REDIS_URL")

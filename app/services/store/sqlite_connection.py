@@ -4,8 +4,12 @@ It exists so that opening, locking, threading and transactions are written once:
 (`sqlite_budget`, `sqlite_ledger`) subclass `SQLiteConnection` and only ever touch the database
 through `_run`.
 
-One connection guarded by a lock, every statement in a worker thread (asyncio.to_thread), so the
-event loop never waits on the disk; the same approach as `app.services.audit`. Each write is one
+One connection guarded by a lock. By default every statement runs in a worker thread
+(asyncio.to_thread), so the event loop never waits on the disk. With `inline=True` statements run
+on the event loop itself: measured (docs/PERFORMANCE.md), a thread hop and the GIL hand-off cost
+more than the statement when commits do not fsync (synchronous=NORMAL in WAL mode writes the WAL
+to the page cache) and no other process contends for the write lock (one worker). The lifespan
+chooses inline only then. Each write is one
 `BEGIN IMMEDIATE` transaction: it takes SQLite's write lock before reading, so a check and the
 write that follows are atomic even between processes sharing the file (several uvicorn workers,
 or a new instance started before the old one is gone).
@@ -41,6 +45,7 @@ class SQLiteConnection:
         self._lock = threading.Lock()
         self._clock = clock
         self._closed = False
+        self.inline = False  # see the module docstring
 
     async def close(self) -> None:
         if self._closed:
@@ -77,7 +82,7 @@ class SQLiteConnection:
                 return result
 
         try:
-            return await asyncio.to_thread(locked)
+            return locked() if self.inline else await asyncio.to_thread(locked)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store error: {exc}") from exc
 

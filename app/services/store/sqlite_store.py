@@ -6,8 +6,10 @@
 * `sqlite_budget`: budget counters and reservations (`budget_*` tables)
 * `sqlite_ledger`: the usage ledger and its totals (`usage_*` tables)
 
-`synchronous=FULL` by default: a committed ledger row or settled budget survives a power cut, not
-only a crash.
+`synchronous=FULL` by default here: a committed ledger row or settled budget survives a power cut,
+not only a crash. The service opens it with SQLITE_SYNCHRONOUS (`normal` by default: a crash of
+the process loses nothing committed, a power cut may lose the last moments), and runs statements
+on the event loop when that is faster (`inline`, see sqlite_connection).
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ class SQLiteStore(SQLiteBudget, SQLiteLedger):
         filename: str = DB_FILENAME,
         reservation_ttl_seconds: float = DEFAULT_RESERVATION_TTL_SECONDS,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        inline: bool = False,
     ) -> SQLiteStore:
         path = Path(data_dir) / filename
         try:
             connection = await asyncio.to_thread(connect, path, synchronous, _SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the SQLite store at {path}: {exc}") from exc
-        return cls(connection, path, reservation_ttl_seconds=reservation_ttl_seconds)
+        store = cls(connection, path, reservation_ttl_seconds=reservation_ttl_seconds)
+        store.inline = inline
+        return store
