@@ -215,7 +215,7 @@ class BrokenStore:
     async def reserve(self, *args: Any, **kwargs: Any) -> Any:
         raise StoreUnavailable("down")
 
-    settle = release = usage = reserve
+    settle = release = usage = usages = reserve
 
 
 async def test_store_failures(clock: Clock, caplog: pytest.LogCaptureFixture) -> None:

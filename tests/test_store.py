@@ -143,6 +143,20 @@ async def test_reserve_settle_release_arithmetic(store: Store) -> None:
     assert (usage.used_tokens, usage.reserved_tokens) == (250, 0)
 
 
+async def test_usages_reads_several_scopes_at_once_like_usage(store: Store) -> None:
+    session = session_scope(1000)
+    day = BudgetScope("tenant_day", "acme", "2026-11-25", limit_tokens=5000)
+    untouched = BudgetScope("tenant_month", "acme", "2026-11")
+    held = await store.reserve([session, day], 300)
+    assert isinstance(held, Reservation)
+    assert await store.settle(held, 120)
+    assert isinstance(await store.reserve([session], 50), Reservation)
+    together = await store.usages([session, day, untouched])
+    assert together == [await store.usage(s) for s in (session, day, untouched)]
+    assert [(u.used_tokens, u.reserved_tokens) for u in together] == [(120, 50), (120, 0), (0, 0)]
+    assert [u.remaining_tokens for u in together] == [830, 4880, None]
+
+
 async def test_refusal_names_the_scope_and_what_is_left_and_reserves_nothing(store: Store) -> None:
     session = session_scope(500)
     day = BudgetScope("tenant_day", "acme", "2026-11-25")  # counted, unlimited

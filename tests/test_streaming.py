@@ -712,7 +712,9 @@ async def test_total_timeout_bounds_a_slow_stream(
     started = time.perf_counter()
     with pytest.raises(UpstreamTimeout, match=r"not complete within 0\.40s"):
         await collect(provider, http, first_token_timeout=0.3, total_timeout=0.4)
-    assert time.perf_counter() - started < 0.7
+    # the timeout itself proves the stream was cut before its ~0.8 s end; this only checks it
+    # did not wait for anything much longer (generous: the machines running this are shared)
+    assert time.perf_counter() - started < 2.0
 
 
 async def test_cut_stream_is_never_a_result(

@@ -205,7 +205,7 @@ class BudgetService:
     async def headroom(self, principal: Principal, session_id: str) -> Headroom:
         """The tightest remaining amounts over the session and the tenant's periods."""
         try:
-            usages = [await self.store.usage(s) for s in self.scopes_for(principal, session_id)]
+            usages = await self.store.usages(self.scopes_for(principal, session_id))
         except StoreUnavailable as exc:
             raise BudgetUnavailable(str(exc)) from exc
         tokens = _smallest([u.remaining_tokens for u in usages])

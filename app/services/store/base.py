@@ -71,6 +71,11 @@ class Store(Protocol):
 
     async def usage(self, scope: BudgetScope) -> ScopeUsage: ...
 
+    async def usages(self, scopes: Sequence[BudgetScope]) -> list[ScopeUsage]:
+        """usage() of several scopes in one round trip (one transaction where the store has
+        them): a call's headroom reads the session and the tenant's day and month at once."""
+        ...
+
     async def remaining(self, scope: BudgetScope) -> tuple[int | None, float | None]:
         """(tokens_left, cost_left) under the scope's limits; None where it has no limit."""
         ...

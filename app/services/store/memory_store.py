@@ -180,6 +180,10 @@ class MemoryStore:
         self._expire()
         return self._usage(scope)
 
+    async def usages(self, scopes: Sequence[BudgetScope]) -> list[ScopeUsage]:
+        self._expire()
+        return [self._usage(scope) for scope in scopes]
+
     async def remaining(self, scope: BudgetScope) -> tuple[int | None, float | None]:
         return remaining_of(await self.usage(scope))
 

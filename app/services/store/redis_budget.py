@@ -278,5 +278,10 @@ class RedisBudget(RedisConnection):
         used_tokens, used_cost, reserved_tokens, reserved_cost = (int(v) for v in out)
         return ScopeUsage(scope, used_tokens, used_cost, reserved_tokens, reserved_cost)
 
+    async def usages(self, scopes: Sequence[BudgetScope]) -> list[ScopeUsage]:
+        # a tenant's scopes share one hash slot, but each read is its own short script: the
+        # three are not one snapshot, which a headroom (a planning estimate) does not need
+        return [await self.usage(scope) for scope in scopes]
+
     async def remaining(self, scope: BudgetScope) -> tuple[int | None, float | None]:
         return remaining_of(await self.usage(scope))

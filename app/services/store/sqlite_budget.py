@@ -196,6 +196,13 @@ class SQLiteBudget(SQLiteConnection):
 
         return await self._run(work)
 
+    async def usages(self, scopes: Sequence[BudgetScope]) -> list[ScopeUsage]:
+        def work(db: sqlite3.Connection) -> list[ScopeUsage]:
+            self._expire_due(db, self._now_us())
+            return [_read(db, scope) for scope in scopes]
+
+        return await self._run(work)
+
     async def remaining(self, scope: BudgetScope) -> tuple[int | None, float | None]:
         return remaining_of(await self.usage(scope))
 
