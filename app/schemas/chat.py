@@ -55,6 +55,13 @@ class ResponseFormat(BaseModel):
             raise ValueError('response_format type "json_schema" needs json_schema.schema')
         return self
 
+    @property
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema the answer must match, when the type asks for one."""
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.schema_
+        return None
+
 
 class ChatBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -87,10 +94,7 @@ class ChatBody(BaseModel):
 
     @property
     def json_schema(self) -> dict[str, Any] | None:
-        rf = self.response_format
-        return (
-            rf.json_schema.schema_ if rf and rf.json_schema and rf.type == "json_schema" else None
-        )
+        return self.response_format.answer_schema if self.response_format else None
 
 
 class ChatUsage(BaseModel):

@@ -112,10 +112,7 @@ class ChatCompletionRequest(BaseModel):
 
     @property
     def json_schema(self) -> dict[str, Any] | None:
-        rf = self.response_format
-        return (
-            rf.json_schema.schema_ if rf and rf.json_schema and rf.type == "json_schema" else None
-        )
+        return self.response_format.answer_schema if self.response_format else None
 
     @property
     def include_usage(self) -> bool:
