@@ -18,7 +18,8 @@ from app import __version__
 from app.config import Settings
 from app.errors import UnknownModel
 from app.services.health_probes import Probe, ProviderProbes
-from app.services.llm.router import LLMRouter, ProviderRuntime, Route
+from app.services.llm.router import LLMRouter
+from app.services.llm.routes import ProviderRuntime, Route
 from app.services.store import Store
 
 # What each provider kind takes; the Anthropic client clamps anything above 1 to 1.

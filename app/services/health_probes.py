@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from app.services.llm.router import LLMRouter, ProviderRuntime
+from app.services.llm.router import LLMRouter
+from app.services.llm.routes import ProviderRuntime
 
 log = logging.getLogger("cxrelay.health")
 

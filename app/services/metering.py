@@ -25,7 +25,8 @@ from app.services.budget import (
     fit_history,
 )
 from app.services.ledger import Ledger
-from app.services.llm.router import Route, RouterSlot
+from app.services.llm.router import RouterSlot
+from app.services.llm.routes import Route
 from app.services.llm.types import ChatResult, Usage
 from app.services.metrics import COST, TOKENS
 from app.services.store import Refusal, UsageRecord

@@ -42,7 +42,8 @@ from app.services.llm.catalog import (
     canonical_json,
     resolve_key,
 )
-from app.services.llm.router import LLMRouter, RouterSlot, build_client
+from app.services.llm.router import LLMRouter, RouterSlot
+from app.services.llm.routes import build_client
 from app.services.notifications import ChangeNotifier, public_url
 
 log = logging.getLogger("cxrelay.provisioning")

@@ -33,12 +33,12 @@ from app.errors import (
     UpstreamUnavailable,
 )
 from app.services.llm.attempts import Attempt, ms, observe, reason, rejection
-from app.services.llm.catalog import ModelSpec, ProviderConfig, ProviderSpec, resolve_key
+from app.services.llm.catalog import ModelSpec, ProviderConfig, resolve_key
 from app.services.llm.circuit import CircuitBreaker
 from app.services.llm.keys import KeyPool
-from app.services.llm.openai_compat import OpenAICompatibleProvider
 from app.services.llm.ratelimit import RateLimiter, Unlimited
 from app.services.llm.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, RetryWait, WaitOutlastsDeadline
+from app.services.llm.routes import ProviderRuntime, Route, Target, build_client
 from app.services.llm.streaming import OnDelta, collect_stream
 from app.services.llm.types import (
     ChatRequest,
@@ -56,50 +56,6 @@ Send = Callable[[ProviderClient, ChatRequest, float, str | None], Awaitable[Chat
 
 # The longest a request waits in a provider's outgoing rate-limit queue before falling back.
 MAX_QUEUE_SECONDS = 2.0
-
-
-@dataclass
-class ProviderRuntime:
-    spec: ProviderSpec
-    client: ProviderClient
-    keys: KeyPool
-    breaker: CircuitBreaker
-    limiter: RateLimiter | Unlimited
-
-
-@dataclass(frozen=True)
-class Target:
-    provider: ProviderRuntime
-    model: ModelSpec
-
-
-@dataclass(frozen=True)
-class Route:
-    name: str
-    targets: tuple[Target, ...]
-    max_tokens: int | None = None
-    temperature: float | None = None
-    context_tokens: int | None = None
-
-    @property
-    def context_window(self) -> int:
-        """The prompt + answer limit every target of the chain takes (so a fallback fits too)."""
-        windows = [t.model.max_context_tokens for t in self.targets]
-        if self.context_tokens is not None:
-            windows.append(self.context_tokens)
-        return min(windows)
-
-
-def build_client(spec: ProviderSpec) -> ProviderClient:
-    if spec.kind == "anthropic":
-        from app.services.llm.anthropic import AnthropicProvider
-
-        return AnthropicProvider(spec.name, spec.base_url, spec.auth_header)
-    if spec.transport == "websocket":
-        from app.services.llm.websocket import OpenAIWebSocketProvider
-
-        return OpenAIWebSocketProvider(spec.name, spec.base_url, spec.auth_header, spec.ws_url)
-    return OpenAICompatibleProvider(spec.name, spec.base_url, spec.auth_header)
 
 
 @dataclass(frozen=True)
