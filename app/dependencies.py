@@ -43,7 +43,7 @@ class Services:
     simulated: dict[str, bool] = field(default_factory=dict)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 

@@ -69,7 +69,7 @@ def _unauthorized(request: Request, reason: str, message: str) -> HTTPException:
     return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_admin(request: Request, services: ServicesDep) -> Admin:
+async def require_admin(request: Request, services: ServicesDep) -> Admin:
     """Authorization: Bearer <ADMIN_TOKEN>, compared in constant time over SHA-256 digests (so
     neither content nor length leaks through timing)."""
     token = services.settings.admin_token

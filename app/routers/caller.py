@@ -14,7 +14,7 @@ from app.principal import Principal
 log = logging.getLogger("cxrelay.clients")
 
 
-def caller(request: Request, services: ServicesDep) -> Principal:
+async def caller(request: Request, services: ServicesDep) -> Principal:
     try:
         return services.client_auth.authenticate(request.headers)
     except AuthenticationFailed as failure:

@@ -15,7 +15,7 @@ from app.services.health_probes import ProviderProbes
 router = APIRouter(tags=["health"])
 
 
-def get_probes(request: Request, services: ServicesDep) -> ProviderProbes:
+async def get_probes(request: Request, services: ServicesDep) -> ProviderProbes:
     """One probe cache per app, made on first use (no await in between: no race)."""
     probes: ProviderProbes | None = getattr(request.app.state, "health_probes", None)
     if probes is None:
