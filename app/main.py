@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -271,6 +273,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _warn_about_development_settings(settings)
         audit, startup = await open_audit_log(settings, stack)
         models = [settings.llm_model, *(m.name for p in startup.config.providers for m in p.models)]
+        tokens.use_exact_counting(settings.token_counting == "exact")
+        stack.callback(tokens.use_exact_counting, True)  # process-wide: back to the default
         await asyncio.to_thread(tokens.preload, models)  # never load an encoding per request
         store, ledger = await open_usage_ledger(settings, stack)
         services = build_services(settings, simulated, stack, audit, startup, store, ledger)
@@ -285,12 +289,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("cx-relay stopping")
 
 
+def _without_native_telemetry() -> dict[str, Any]:
+    """FastAPI's built-in OpenTelemetry hooks (newer releases) look up the global providers on
+    every request (~5% of a request's CPU, measured); the service has its own Prometheus metrics
+    and JSON logs and configures no OpenTelemetry, so they are switched off where they exist."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="cx-relay",
         version=__version__,
         description="LLM webhook gateway for NICE Cognigy.AI and NICE CXone virtual agents",
         lifespan=lifespan,
+        **_without_native_telemetry(),
     )
     app.state.settings = settings or load_settings()
     app.add_middleware(RequestMetricsMiddleware)  # inner: the request id is set when it counts

@@ -219,9 +219,9 @@ class Bench:
         )
         return env
 
-    def start_service(self) -> None:
-        (self.tmp / "data").mkdir()
-        self.service_log = self.tmp / "service.log"
+    def start_service(self, extra_env: dict[str, str] | None = None, name: str = "service") -> None:
+        (self.tmp / "data").mkdir(exist_ok=True)
+        self.service_log = self.tmp / f"{name}.log"
         with self.service_log.open("wb") as out:
             # cwd is the temporary directory, so a developer's .env cannot leak into the run
             self.service = subprocess.Popen(
@@ -237,7 +237,7 @@ class Bench:
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=self.service_env(),
+                env={**self.service_env(), **(extra_env or {})},
                 cwd=self.tmp,
             )
         self.procs.append(self.service)
@@ -497,6 +497,17 @@ class Bench:
         run_wrk(f"{base}/webhook/cxone", "cxone.lua", 10, secs, ["7"], env)
         log("warmed up")
 
+    def memory_without_tokenizer(self) -> None:
+        """Peak RSS of a second service with TOKEN_COUNTING=estimate (no o200k tables) after
+        the same warm-up: what the exact tokenizer costs in memory."""
+        self.service.send_signal(signal.SIGTERM)
+        self.service.wait(timeout=25)
+        self.start_service({"TOKEN_COUNTING": "estimate"}, name="service-estimate")
+        self.warm_up()
+        status = proc_status(self.service.pid)
+        self.results["service_memory"]["estimate_peak_rss_kib"] = status["VmHWM"]
+        log(f"TOKEN_COUNTING=estimate: peak RSS {status['VmHWM'] / 1024:.1f} MiB")
+
     def run(self) -> None:
         started = time.monotonic()
         self.start_upstream()
@@ -516,6 +527,7 @@ class Bench:
             "rss_at_start_kib": self.rss_at_start,
         }
         log(f"service peak RSS (VmHWM) {status['VmHWM'] / 1024:.1f} MiB")
+        self.memory_without_tokenizer()
         self.results["meta"] = meta(self, time.monotonic() - started)
 
 
@@ -644,6 +656,14 @@ def markdown(r: dict[str, Any]) -> str:
             else ""
         )
         + ")",
+        *(
+            [
+                f"- With `TOKEN_COUNTING=estimate` (no tokenizer tables), after the same warm-up: "
+                f"**{mem['estimate_peak_rss_kib'] / 1024:.1f} MiB** peak"
+            ]
+            if "estimate_peak_rss_kib" in mem
+            else []
+        ),
         f"- Per session: **{s['bytes_per_session']:.0f} bytes** "
         f"(RSS {s['rss_before_kib'] / 1024:.1f} → {s['rss_after_kib'] / 1024:.1f} MiB over "
         f"{s['sessions']} sessions; method: {s['method']}). {s.get('note', '')}",

@@ -429,3 +429,27 @@ async def test_models_lists_the_configured_model(app_client: Callable[..., Any])
     ids = [m.id for m in page.data]
     assert "gpt-4o-mini" in ids and ids == expected
     assert all(m.object == "model" for m in page.data)
+
+
+async def test_estimate_counting_answers_without_a_tokenizer(
+    app_client: Callable[..., Any], llm_plan: FaultPlan
+) -> None:
+    from app.services import tokens
+
+    text = "Where is my order? It has been a week."
+    llm_plan.push(Fault(content="It ships today.", omit_usage=True))
+    async with gateway(app_client, token_counting="estimate") as (client, _, _):
+        assert tokens.load_counter("gpt-4o-mini").estimated
+        completion = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=asking(text)
+        )
+    assert completion.choices[0].message.content == "It ships today."
+    assert completion.usage is not None  # our own count, by characters, with the chat framing
+    sent = llm_plan.requests[-1]["body"]["messages"]
+    by_characters = 3 + sum(
+        tokens.char_estimate(m["role"]) + tokens.char_estimate(m["content"]) + 3 for m in sent
+    )
+    assert completion.usage.prompt_tokens == by_characters
+    assert (completion.model_extra or {})["cx_relay"]["usage_estimated"] is True
+    assert completion.usage.completion_tokens == tokens.char_estimate("It ships today.")
+    assert not tokens.load_counter("gpt-4o-mini").estimated  # shutdown restored exact counting

@@ -365,6 +365,23 @@ def test_a_tokenizer_that_cannot_load_falls_back_loudly(caplog: pytest.LogCaptur
     assert "TOKENIZER UNAVAILABLE" in errors[0].getMessage()
 
 
+def test_estimate_mode_counts_characters_without_a_tokenizer_or_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    try:
+        with caplog.at_level(logging.INFO, logger="cxrelay.tokens"):
+            tokens.use_exact_counting(False)
+            counter = tokens.load_counter("gpt-4o")
+        assert counter.estimated
+        assert counter.encoding == FALLBACK_ENCODING
+        assert counter.count_text("hello world") == 3
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        tokens.use_exact_counting(True)
+    exact = tokens.load_counter("gpt-4o")
+    assert not exact.estimated and exact.count_text("hello world") == 2
+
+
 def test_a_tokenizer_with_wrong_ids_is_not_trusted(caplog: pytest.LogCaptureFixture) -> None:
     class Wrong:
         def encode_ordinary(self, text: str) -> list[int]:

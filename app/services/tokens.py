@@ -16,6 +16,9 @@ Rust tokenizer. Nothing is fetched at run time, and its token ids equal tiktoken
   off the event loop, so that no request ever loads one. `load_counter()` is cheap after that.
 - If the tokenizer cannot load, counting falls back to ~4 characters a token, logged at ERROR,
   with every such counter marked estimated.
+- `use_exact_counting(False)` (TOKEN_COUNTING=estimate) counts by characters on purpose: the o200k
+  tables cost ~140 MiB of memory, which a small container may rather not spend on estimates that
+  only plan a prompt (billing still takes the provider's `usage`).
 """
 
 from __future__ import annotations
@@ -192,8 +195,8 @@ class TokenCounter:
 class TokenCounters:
     """The loaded encodings of a process: each loaded at most once, whichever thread asks first."""
 
-    def __init__(self, loader: EncoderLoader = _load_bpe_openai) -> None:
-        self._loader = loader
+    def __init__(self, loader: EncoderLoader | None = _load_bpe_openai) -> None:
+        self._loader = loader  # None: count by characters on purpose (no tokenizer, no error)
         self._encoders: dict[str, Encoder | None] = {}
         self._lock = threading.Lock()
 
@@ -218,6 +221,8 @@ class TokenCounters:
             return self._encoders[encoding]
 
     def _load(self, encoding: str) -> Encoder | None:
+        if self._loader is None:
+            return None
         started = time.perf_counter()
         try:
             encoder = self._loader(encoding)
@@ -236,7 +241,16 @@ class TokenCounters:
         return encoder
 
 
-_counters = TokenCounters()
+_exact_counters = TokenCounters()
+_character_counters = TokenCounters(loader=None)
+_counters = _exact_counters
+
+
+def use_exact_counting(exact: bool) -> None:
+    """True: OpenAI's encodings (the default); False: ~4 characters a token, marked estimated.
+    Process-wide; an encoding already loaded stays loaded for when it is switched back."""
+    global _counters
+    _counters = _exact_counters if exact else _character_counters
 
 
 def preload(models: Iterable[str | None] = ()) -> None:
