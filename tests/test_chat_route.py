@@ -243,7 +243,7 @@ async def test_stream_cut_after_text_went_out_ends_with_an_error_frame(
         llm_plan.push(Fault(chunks=chunks, cut_after=2))
         frames = sse_frames(await post(client, stream=True))
         reserved, _ = await reserved_tokens(running_app.app)
-    assert deltas(frames) == ["Your parcel left. "]  # the held half-sentence is never sent
+    assert deltas(frames) == ["Your parcel left. ", "It is on "]  # what went out before the cut
     assert frames[-1]["type"] == "error"
     assert frames[-1]["code"] == "upstream_unavailable"
     assert not any(f["type"] == "complete" for f in frames)
@@ -517,6 +517,20 @@ async def test_pii_split_across_chunks_never_appears_in_a_frame(
         assert digits not in response.text
 
 
+async def test_an_ssn_in_three_chunks_is_redacted_and_other_text_flows_at_once(
+    chat: httpx.AsyncClient, llm_plan: FaultPlan
+) -> None:
+    chunks = ["Thanks for waiting, your SSN 123", "-45-", "6789 is on file and ", "all is well."]
+    llm_plan.push(Fault(chunks=chunks))
+    response = await post(chat, stream=True)
+    pieces = deltas(sse_frames(response))
+    assert pieces[0] == "Thanks for waiting, your SSN "  # no wait for the sentence to end
+    assert (
+        "".join(pieces) == "Thanks for waiting, your SSN [SSN REDACTED] is on file and all is well."
+    )
+    assert not any(digit in piece for piece in pieces for digit in "123456789")
+
+
 async def test_pii_filter_can_be_turned_off(chat: httpx.AsyncClient, llm_plan: FaultPlan) -> None:
     llm_plan.push(Fault(content=f"Card {CARD}."))
     body = (await post(chat, safety_filters=["unsafe", "injection"])).json()
@@ -537,13 +551,13 @@ async def test_unsafe_answer_is_replaced_by_the_fallback(
     assert unfiltered["response"] == "Honestly, you should kill yourself."
 
 
-async def test_unsafe_stream_stops_before_the_unsafe_sentence(
+async def test_unsafe_stream_stops_before_the_unsafe_phrase(
     chat: httpx.AsyncClient, llm_plan: FaultPlan
 ) -> None:
     llm_plan.push(Fault(chunks=["Let me check. ", "Honestly, ", "you should kill ", "yourself."]))
     response = await post(chat, stream=True)
     frames = sse_frames(response)
-    assert deltas(frames) == ["Let me check. "]
+    assert deltas(frames) == ["Let me check. ", "Honestly, ", "you should "]
     assert frames[-1]["type"] == "complete"
     assert frames[-1]["finish_reason"] == "content_filter"
     assert frames[-1]["blocked"] == "self_harm"

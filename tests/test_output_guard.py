@@ -1,4 +1,4 @@
-"""OutputGuard on its own, with the shipped safety rules: sentence buffering of a stream, PII
+"""OutputGuard on its own, with the shipped safety rules: the hold-back window of a stream, PII
 redaction that a split value cannot escape, unsafe blocking, and whole-answer checks."""
 
 from __future__ import annotations
@@ -28,32 +28,41 @@ def stream(g: OutputGuard, pieces: list[str]) -> list[str]:
     return [g.feed(piece) for piece in pieces] + [g.finish()]
 
 
-def test_a_partial_sentence_is_held(rules: SafetyRules) -> None:
+def test_ordinary_text_is_released_at_once_up_to_the_word_being_written(
+    rules: SafetyRules,
+) -> None:
+    g = guard(rules, categories=UNSAFE)
+    assert g.feed("Hello, thanks") == "Hello, "  # "thanks" may still grow
+    assert g.feed(" for waiting") == "thanks for "
+    assert g.feed(". Your parcel left the depot.\n") == "waiting. Your parcel left the depot.\n"
+    assert g.finish() == ""
+    assert g.released == "Hello, thanks for waiting. Your parcel left the depot.\n"
+
+
+def test_an_ssn_in_three_chunks_never_appears_in_any_piece(rules: SafetyRules) -> None:
     g = guard(rules)
-    assert g.feed("Your parcel") == ""
-    assert g.feed(" left the depot") == ""
-    assert g.released == ""
+    out = stream(g, ["Your SSN is 123", "-45-", "6789, as asked. Bye"])
+    assert out[0] == "Your SSN is "  # released at once: nothing in it can start an SSN
+    assert "".join(out) == "Your SSN is [SSN REDACTED], as asked. Bye"
+    assert not any(digit in piece for piece in out for digit in "0123456789")
 
 
-@pytest.mark.parametrize("end", [". ", "! ", "? ", "\n"])
-def test_a_sentence_end_releases_what_is_held(rules: SafetyRules, end: str) -> None:
+def test_a_number_that_is_no_pii_is_released_once_it_ends(rules: SafetyRules) -> None:
     g = guard(rules)
-    assert g.feed("Your parcel left") == ""
-    assert g.feed(f" the depot{end}It will") == f"Your parcel left the depot{end}"
-    assert g.finish() == "It will"
-    assert g.released == f"Your parcel left the depot{end}It will"
+    assert g.feed("Order 1234") == "Order "
+    assert g.feed("5 ships today") == "12345 ships "
 
 
-def test_a_full_stop_without_a_following_space_is_not_an_end(rules: SafetyRules) -> None:
-    g = guard(rules)
-    assert g.feed("Version 2.5 of the app.") == ""  # "2.5" and the final "." wait for more
-    assert g.feed(" Next") == "Version 2.5 of the app. "
-
-
-def test_several_sentences_are_released_up_to_the_last_end(rules: SafetyRules) -> None:
-    g = guard(rules)
-    assert g.feed("One. Two! Three? Fou") == "One. Two! Three? "
-    assert g.finish() == "Fou"
+def test_the_start_of_an_unsafe_phrase_is_held_until_it_is_decided(rules: SafetyRules) -> None:
+    g = guard(rules, categories=UNSAFE)
+    assert g.feed("You could kill") == "You could "
+    assert g.feed(" time ") == "kill time "  # not "kill yourself": released
+    assert g.feed("or kill ") == "or "
+    assert g.feed("yourself") == ""  # still held: "yourselves" would be something else
+    assert g.blocked is None
+    assert g.feed(" now") == ""  # decided: blocked, and nothing of it went out
+    assert g.blocked == "self_harm"
+    assert "kill" not in g.released.replace("kill time", "")
 
 
 def test_a_card_split_over_many_deltas_is_redacted(rules: SafetyRules) -> None:
@@ -77,10 +86,8 @@ def test_max_hold_releases_at_a_word_space_never_inside_a_number(rules: SafetyRu
     words = "word " * 10  # 50 characters without a sentence end
     out = g.feed(words + "card 4111 1111")
     assert out == words + "card "  # released at the last space after a letter
-    assert g.feed(" 1111 1111 is yours") == ""
-    rest = g.finish()
-    assert rest == "[CARD REDACTED] is yours"
-    assert "".join([out, rest]).count("[CARD REDACTED]") == 1
+    assert g.feed(" 1111 1111 is yours") == "[CARD REDACTED] is "  # complete: released
+    assert g.finish() == "yours"
 
 
 def test_max_hold_never_splits_an_iban_with_a_letter_group(rules: SafetyRules) -> None:
@@ -91,10 +98,11 @@ def test_max_hold_never_splits_an_iban_with_a_letter_group(rules: SafetyRules) -
     assert not any("WEST" in piece or "GB82" in piece for piece in out)
 
 
-def test_below_max_hold_nothing_is_released_without_a_sentence_end(rules: SafetyRules) -> None:
-    g = guard(rules, max_hold_chars=400)
-    assert g.feed("word " * 50) == ""  # 250 characters: still held
-    assert g.feed("word " * 40) != ""  # past 400: released at a word space
+def test_below_max_hold_a_possible_match_stays_held(rules: SafetyRules) -> None:
+    g = guard(rules, max_hold_chars=40)
+    assert g.feed("4111 1111 1111") == ""  # could still become a card
+    assert g.feed(" 1111") == ""
+    assert g.feed(" ok") == "[CARD REDACTED] "
 
 
 def test_a_long_run_without_word_spaces_is_held_to_the_end(rules: SafetyRules) -> None:
@@ -105,8 +113,8 @@ def test_a_long_run_without_word_spaces_is_held_to_the_end(rules: SafetyRules) -
 
 def test_finish_releases_the_remainder_once(rules: SafetyRules) -> None:
     g = guard(rules)
-    g.feed("No end here")
-    assert g.finish() == "No end here"
+    assert g.feed("No end here") == "No end "
+    assert g.finish() == "here"
     assert g.finish() == ""
     assert g.released == "No end here"
 
@@ -121,11 +129,12 @@ def test_once_blocked_nothing_more_is_released(rules: SafetyRules) -> None:
     assert g.released == "Let me check. "
 
 
-def test_unsafe_phrase_across_two_released_pieces_is_caught(rules: SafetyRules) -> None:
+def test_unsafe_phrase_across_two_pieces_is_caught(rules: SafetyRules) -> None:
     g = guard(rules, categories=UNSAFE)
-    assert g.feed("Go and kill\n") == "Go and kill\n"
-    assert g.feed("yourself. ") == ""  # checked together with what went before
+    assert g.feed("Go and kill\n") == "Go and "  # "kill" may start a phrase: held
+    assert g.feed("yourself. ") == ""
     assert g.blocked == "self_harm"
+    assert g.released == "Go and "
 
 
 def test_no_categories_means_no_blocking(rules: SafetyRules) -> None:

@@ -26,7 +26,7 @@ from app.simulator.faults import Fault, FaultPlan
 KEY = "ws-client-key-0123456789"
 BEARER = {"Authorization": f"Bearer {KEY}"}
 ANSWER = "(simulated) You said: hello there"
-SENTENCES = ["One. ", "Two. ", "Three. ", "Four. ", "Five."]  # the guard releases whole sentences
+SENTENCES = ["One. ", "Two. ", "Three. ", "Four. ", "Five."]
 SCHEMA = {
     "type": "object",
     "properties": {"classified_intent": {"type": "string"}},
@@ -103,6 +103,21 @@ def test_header_key_streams_content_then_a_complete_frame(
     )
     assert frame["cost"] > 0 and frame["cached"] is False
     assert "response" not in frame
+
+
+def test_an_ssn_in_three_chunks_never_reaches_a_frame(
+    running: Running, llm_plan: FaultPlan
+) -> None:
+    llm_plan.push(Fault(chunks=["Hello there, your SSN is 123", "-45-", "6789, noted."]))
+    with running() as tc, tc.websocket_connect("/ws/chat", headers=BEARER) as ws:
+        ws.send_json(ask())
+        deltas = []
+        while (frame := ws.receive_json())["type"] == "content":
+            deltas.append(frame["delta"])
+    assert deltas[0] == "Hello there, your SSN is "  # ordinary text is not held back
+    assert "".join(deltas) == "Hello there, your SSN is [SSN REDACTED], noted."
+    assert not any(digit in delta for delta in deltas for digit in "123456789")
+    assert frame["type"] == "complete"
 
 
 def test_first_frame_auth_for_browsers(running: Running) -> None:

@@ -2,23 +2,27 @@
 blocking, on a whole answer or on a stream as it passes through.
 
 A stream cannot be redacted delta by delta: a card number arrives in several deltas. The guard
-holds text back until a sentence ends (". ", "! ", "? ", a newline) and releases it redacted, so
-a match is never split across what the caller receives; a sentence that runs past
-`max_hold_chars` is released at its last space between words. Once any released text (with
-everything before it) matches an unsafe category, nothing more is released and `blocked` names
-the category: the caller ends the stream with a content-filter stop instead.
+releases each delta's text at once up to the last space, except from where a PII pattern or an
+unsafe phrase may be under way (`stream_hold`: partial matching), so a match is never split
+across what the caller receives while ordinary text is not held back; the word still being
+written waits for its end. Held text that runs past `max_hold_chars` is released at its last
+space between words. Once any released text (with everything before it) matches an unsafe
+category, nothing more is released and `blocked` names the category: the caller ends the stream
+with a content-filter stop instead.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from app.services.metrics import SAFETY_EVENTS
 from app.services.safety import SafetyRules
+from app.services.stream_hold import StreamHold
 
-_SENTENCE_END = re.compile(r"(?:[.!?](?=\s)|\n)\s*")
+_SPACE = re.compile(r"\s+")
 _WORD_SPACE = re.compile(r"(?<=[^\W\d])\s+")  # a space after a letter: never inside a number
 _DIGIT = re.compile(r"\d")
 
@@ -57,7 +61,7 @@ class OutputGuard:
         if self.blocked is not None:
             return ""
         self._held += delta
-        cut = _last_boundary(self._held)
+        cut = self._cut(self._held, _last_space_end(self._held))
         if cut == 0 and len(self._held) > self.max_hold_chars:
             cut = _last_word_space(self._held)
         if cut == 0:
@@ -77,6 +81,12 @@ class OutputGuard:
         """Everything passed on so far."""
         return self._released
 
+    def _cut(self, text: str, limit: int) -> int:
+        if limit == 0 or (not self.redact and not self.categories):
+            return limit
+        hold = _stream_hold(self.rules)
+        return hold.cut(text, limit, pii=self.redact, categories=self.categories)
+
     def _release(self, text: str) -> str:
         if self.redact:
             redaction = self.rules.redact(text)
@@ -94,9 +104,16 @@ class OutputGuard:
         return text
 
 
-def _last_boundary(text: str) -> int:
+@functools.lru_cache(maxsize=8)
+def _stream_hold(rules: SafetyRules) -> StreamHold:
+    """Compiled once per rule set (the service loads one), not per answer."""
+    return StreamHold(rules)
+
+
+def _last_space_end(text: str) -> int:
+    """The end of the last run of whitespace: what follows is a word still being written."""
     end = 0
-    for match in _SENTENCE_END.finditer(text):
+    for match in _SPACE.finditer(text):
         end = match.end()
     return end
 
