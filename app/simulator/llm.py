@@ -4,8 +4,9 @@ It speaks the real OpenAI `/v1/chat/completions` and Anthropic `/v1/messages` wi
 driven by the same FaultPlan. Asked for JSON (`response_format: json_object`, or a system prompt
 mentioning JSON on the Anthropic route) it answers a routing decision from keyword rules over the
 customer's message; otherwise a short conversational reply. Everything it answers is marked as
-simulated in the model name. `GET /v1/models` refuses keys starting with "revoked" so key probes
-can be exercised.
+simulated in the model name. A key starting with "revoked" is refused with 401 (chat completions
+and `GET /v1/models`), as a provider refuses a revoked key, so key pools and probes can be
+exercised.
 
 Asked to stream (`"stream": true`) both routes answer `text/event-stream` the way the real APIs
 do: OpenAI `data: {chat.completion.chunk}` events (a role chunk, the content word by word, a
@@ -152,6 +153,15 @@ def _retry_after(headers: dict[str, str]) -> float | None:
     return None
 
 
+_KEY_REFUSAL = {
+    "error": {
+        "message": "Incorrect API key provided",
+        "type": "invalid_request_error",
+        "code": "invalid_api_key",
+    }
+}
+
+
 def _key_revoked(request: HTTPConnection) -> bool:
     """A bearer token or x-api-key starting with "revoked" stands for a key the provider refuses."""
     authorization = request.headers.get("authorization", "")
@@ -185,6 +195,8 @@ def create_llm_simulator(plan: FaultPlan | None = None) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         body = await request.json()
         plan.record({"body": body, "headers": dict(request.headers)})
+        if _key_revoked(request):  # refused before anything else: no fault is played
+            return JSONResponse(_KEY_REFUSAL, 401)
         fault = plan.next() or Fault()
         if fault.delay:
             await asyncio.sleep(fault.delay)
@@ -212,14 +224,7 @@ def create_llm_simulator(plan: FaultPlan | None = None) -> FastAPI:
         """The chat completion stream over a WebSocket (see app.services.llm.websocket)."""
         headers = dict(websocket.headers)
         if _key_revoked(websocket):
-            refusal = {
-                "error": {
-                    "message": "Incorrect API key provided",
-                    "type": "invalid_request_error",
-                    "code": "invalid_api_key",
-                }
-            }
-            await websocket.send_denial_response(JSONResponse(refusal, 401))
+            await websocket.send_denial_response(JSONResponse(_KEY_REFUSAL, 401))
             return
         fault = plan.next() or Fault()
         if fault.delay:
@@ -276,8 +281,7 @@ def create_llm_simulator(plan: FaultPlan | None = None) -> FastAPI:
                 return JSONResponse(
                     anthropic_sim.anthropic_error_body(401, "invalid x-api-key"), 401
                 )
-            error = {"message": "Incorrect API key provided", "type": "invalid_request_error"}
-            return JSONResponse({"error": {**error, "code": "invalid_api_key"}}, 401)
+            return JSONResponse(_KEY_REFUSAL, 401)
         return JSONResponse({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
 
     return app
