@@ -62,12 +62,13 @@ class Settings(BaseSettings):
     # variables describe one OpenAI-compatible provider whose key pool is LLM_GATEWAY_API_KEY.
     providers_file: Path | None = None
     llm_gateway_base_url: str | None = None
+    llm_gateway_url: str | None = None  # the gateway tutorial's name for LLM_GATEWAY_BASE_URL
     llm_gateway_api_key: SecretList = Field(default_factory=list)
     llm_model: str = Field("gpt-4o-mini", min_length=1)
     # Conversational surfaces (CXone bot turns, /chat); the Cognigy routing decision has its own.
     llm_temperature: float = Field(0.7, ge=0.0, le=2.0)
     routing_temperature: float = Field(0.2, ge=0.0, le=2.0)
-    llm_max_tokens: int = Field(512, ge=16, le=32768)
+    llm_max_tokens: int = Field(1024, ge=16, le=32768)
     # The LLM_GATEWAY_* provider's model: its context window and prices (USD per 1,000 tokens)
     # for the cost ledger. A provider file states these per model instead.
     llm_context_tokens: int = Field(128_000, ge=256, le=10_000_000)
@@ -132,6 +133,8 @@ class Settings(BaseSettings):
 
     # --- Cognigy fallback webhook --------------------------------------------------------------
     cognigy_webhook_secret: SecretList = Field(default_factory=list)
+    # The tutorial's single key: one more entry of COGNIGY_API_KEYS.
+    cognigy_api_key: SecretStr | None = None
     cognigy_api_keys: SecretList = Field(default_factory=list)
     cognigy_auth_schemes: Annotated[list[AuthScheme], NoDecode] = Field(
         default_factory=lambda: list(ALL_AUTH_SCHEMES)
@@ -251,6 +254,8 @@ class Settings(BaseSettings):
         return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
     @field_validator(
+        "llm_gateway_url",
+        "cognigy_api_key",
         "llm_gateway_base_url",
         "cxone_api_base_url",
         "providers_file",
@@ -262,12 +267,33 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("llm_gateway_base_url", "cxone_api_base_url", "cxone_token_url")
+    @field_validator(
+        "llm_gateway_base_url", "llm_gateway_url", "cxone_api_base_url", "cxone_token_url"
+    )
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/") if value else value
+    @model_validator(mode="after")
+    def _tutorial_aliases(self) -> Settings:
+        """The tutorials' names for two settings. Both names set to different values is a
+        mistake nobody should find out about from which one happened to win."""
+        if self.llm_gateway_url is not None:
+            if self.llm_gateway_base_url not in (None, self.llm_gateway_url):
+                raise ValueError(
+                    "LLM_GATEWAY_URL and LLM_GATEWAY_BASE_URL are both set, to different URLs "
+                    f"({self.llm_gateway_url} and {self.llm_gateway_base_url}): they name the "
+                    "same setting, keep one"
+                )
+            self.llm_gateway_base_url = self.llm_gateway_url
+        key = self.cognigy_api_key
+        if key is not None and key.get_secret_value() not in (
+            k.get_secret_value() for k in self.cognigy_api_keys
+        ):
+            self.cognigy_api_keys = [*self.cognigy_api_keys, key]
+        return self
+
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:

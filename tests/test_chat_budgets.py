@@ -324,7 +324,7 @@ async def test_the_context_window_truncates_even_an_unlimited_budget(
         assert response.status_code == 200, response.text
         body = sent(llm_plan)
         assert body["model"] == MODEL
-        assert body["max_tokens"] == model_max_tokens  # LLM_MAX_TOKENS 512, capped by the model
+        assert body["max_tokens"] == model_max_tokens  # LLM_MAX_TOKENS 1024, capped by the model
         dropped = assert_fits_minimally(conversation, body["messages"], model_max_tokens, window)
         assert response.json()["dropped_turns"] == dropped
         usage = await r.session("windowed")

@@ -65,6 +65,29 @@ def test_invalid_value_names_the_environment_variable(
     assert variable in _config_error()
 
 
+def test_tutorial_names_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An .env copied from the gateway and Cognigy tutorials works unchanged."""
+    monkeypatch.setenv("LLM_GATEWAY_URL", "https://gateway.example.test/v1/")
+    monkeypatch.setenv("COGNIGY_API_KEY", "tutorial-key")
+    monkeypatch.setenv("COGNIGY_API_KEYS", "key-one")
+    settings = load_settings()
+    assert settings.llm_gateway_base_url == "https://gateway.example.test/v1"
+    assert [k.get_secret_value() for k in settings.cognigy_api_keys] == ["key-one", "tutorial-key"]
+    assert settings.llm_max_tokens == 1024
+
+
+def test_an_alias_agreeing_with_its_canonical_name_is_fine(valid_env: pytest.MonkeyPatch) -> None:
+    valid_env.setenv("LLM_GATEWAY_URL", BASE_URL)
+    assert load_settings().llm_gateway_base_url == BASE_URL
+
+
+def test_an_alias_conflict_stops_start_up_naming_both(valid_env: pytest.MonkeyPatch) -> None:
+    valid_env.setenv("LLM_GATEWAY_URL", "https://other.example.test")
+    message = _config_error()
+    assert "LLM_GATEWAY_URL" in message and "LLM_GATEWAY_BASE_URL" in message
+    assert "https://other.example.test" in message
+
+
 def test_invalid_value_message_has_one_line_per_problem(valid_env: pytest.MonkeyPatch) -> None:
     valid_env.setenv("LLM_TEMPERATURE", "5")
     valid_env.setenv("PORT", "abc")
