@@ -273,6 +273,14 @@ async def test_health_details_a_reachable_provider(app_client: Callable[..., Any
     assert body["version"]
     assert body["store"]["ok"] is True
     assert body["routes"] == {"gpt-4o-mini": {"usable": True, "chain": ["default/gpt-4o-mini"]}}
+    assert body["config_checks"] == {  # the integration tutorial's shape
+        "ok": True,
+        "source": "env",
+        "default_model": "gpt-4o-mini",
+        "temperature_ok": True,
+        "max_tokens_ok": True,
+        "key_format_ok": True,
+    }
     default = body["providers"]["default"]
     assert {k: v for k, v in default.items() if k not in ("probe_latency_ms", "models")} == {
         "kind": "openai",
@@ -406,6 +414,9 @@ async def test_limits_and_key_shapes_are_checked_per_provider_kind(
     assert claude["models"][0]["max_tokens_ok"] is False
     assert (status, body["status"]) == (200, "degraded")
     assert "claude: LLM_TEMPERATURE 1.5 is outside anthropic's 0-1" in body["warnings"]
+    checks = body["config_checks"]
+    assert checks["ok"] is False and checks["temperature_ok"] is False
+    assert checks["key_format_ok"] is False and checks["max_tokens_ok"] is False
 
 
 async def test_concurrent_health_calls_share_one_probe_per_provider_and_reuse_it(

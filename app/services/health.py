@@ -76,6 +76,16 @@ def check_config(router: LLMRouter, settings: Settings, source: str) -> dict[str
     return check
 
 
+def config_checks(config: dict[str, Any], providers: dict[str, Any]) -> dict[str, Any]:
+    """The integration tutorial's `config_checks`: the start-up validation plus, over every
+    provider, whether the configured temperature, max_tokens and key format are within bounds."""
+    checks = {
+        name: all(p[name] for p in providers.values())
+        for name in ("temperature_ok", "max_tokens_ok", "key_format_ok")
+    }
+    return {**config, **checks, "ok": config["ok"] and all(checks.values())}
+
+
 def check_providers(router: LLMRouter) -> dict[str, Any]:
     routes = {
         name: any(provider_usable(t.provider) for t in route.targets)
@@ -228,7 +238,7 @@ async def health_report(
         "simulated": {name: True for name in on},
         "warnings": warnings,
         "store": store_check,
-        "config": config,
+        "config_checks": config_checks(config, providers),
         "routes": {
             name: {
                 "usable": usable[name],
