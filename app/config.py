@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     chat_fallback_response: str = Field(
         "I'm sorry, I can't help with that right now.", min_length=1
     )
+    # /ws/chat liveness (the tutorial's values): uvicorn pings every WS_PING_INTERVAL_SECONDS
+    # (0 turns pings off) and drops a socket whose pong is WS_PONG_TIMEOUT_SECONDS late; the
+    # route closes a socket with no request and no answer running for WS_IDLE_TIMEOUT_SECONDS.
+    ws_ping_interval_seconds: float = Field(20.0, ge=0.0, le=3600.0)
+    ws_pong_timeout_seconds: float = Field(10.0, gt=0.0, le=3600.0)
+    ws_idle_timeout_seconds: float = Field(30.0, gt=0.0, le=86400.0)
 
     # --- intent cache and prompt-injection sanitising (every surface) ----------------------------
     intent_cache_enabled: bool = True
@@ -133,9 +139,9 @@ class Settings(BaseSettings):
 
     # --- Cognigy fallback webhook --------------------------------------------------------------
     cognigy_webhook_secret: SecretList = Field(default_factory=list)
+    cognigy_api_keys: SecretList = Field(default_factory=list)
     # The tutorial's single key: one more entry of COGNIGY_API_KEYS.
     cognigy_api_key: SecretStr | None = None
-    cognigy_api_keys: SecretList = Field(default_factory=list)
     cognigy_auth_schemes: Annotated[list[AuthScheme], NoDecode] = Field(
         default_factory=lambda: list(ALL_AUTH_SCHEMES)
     )
@@ -254,9 +260,9 @@ class Settings(BaseSettings):
         return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
     @field_validator(
+        "llm_gateway_base_url",
         "llm_gateway_url",
         "cognigy_api_key",
-        "llm_gateway_base_url",
         "cxone_api_base_url",
         "providers_file",
         "safety_rules_dir",
@@ -275,6 +281,7 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/") if value else value
+
     @model_validator(mode="after")
     def _tutorial_aliases(self) -> Settings:
         """The tutorials' names for two settings. Both names set to different values is a
@@ -293,7 +300,6 @@ class Settings(BaseSettings):
         ):
             self.cognigy_api_keys = [*self.cognigy_api_keys, key]
         return self
-
 
     @model_validator(mode="after")
     def _coherent(self) -> Settings:

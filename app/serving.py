@@ -82,6 +82,9 @@ def serve(settings: Settings, overrides: Mapping[str, object]) -> int:
         # a /ws/chat frame over the body limit is refused by the route; this keeps uvicorn from
         # reading a much larger one into memory first (the route answers 1009 up to this size)
         "ws_max_size": settings.max_body_bytes + 1024,
+        # ASGI has no ping message: uvicorn pings, and closes with 1011 on a late pong
+        "ws_ping_interval": settings.ws_ping_interval_seconds or None,
+        "ws_ping_timeout": settings.ws_pong_timeout_seconds,
     }
     metrics_dir, temporary = prepare_metrics_dir(settings.workers)
     try:

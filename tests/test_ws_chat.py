@@ -2,27 +2,43 @@
 
 The app runs its real lifespan in Starlette's TestClient against the simulated LLM on loopback, so
 answers are really streamed, budgets really reserved and released, and faults really injected.
+Pings are uvicorn's (ASGI has no ping message), so those tests run the real service
+(`python -m app serve --simulate`, a subprocess) and talk to it over a plain socket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import SecretStr
 from starlette.testclient import TestClient, WebSocketTestSession
 from starlette.websockets import WebSocketDisconnect
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from app.config import Settings
 from app.main import create_app
 from app.routers import ws_chat
+from app.services.metrics import MULTIPROC_ENV
 from app.services.store import ScopeUsage
 from app.simulator.faults import Fault, FaultPlan
 
+REPO = Path(__file__).resolve().parents[1]
 KEY = "ws-client-key-0123456789"
 BEARER = {"Authorization": f"Bearer {KEY}"}
 ANSWER = "(simulated) You said: hello there"
@@ -74,9 +90,11 @@ def session_usage(tc: TestClient, session: str) -> ScopeUsage:
     return usage
 
 
-def closed_with(ws: WebSocketTestSession) -> int:
+def closed_with(ws: WebSocketTestSession, reason: str | None = None) -> int:
     with pytest.raises(WebSocketDisconnect) as closed:
         ws.receive_json()
+    if reason is not None:
+        assert closed.value.reason == reason
     return closed.value.code
 
 
@@ -144,7 +162,7 @@ def test_x_api_key_header_is_accepted(running: Running) -> None:
         ({"Authorization": "Basic dXNlcjpwYXNz"}, json.dumps(ask())),  # Basic is not a key
     ],
 )
-def test_unauthenticated_gets_an_error_frame_then_1008(
+def test_unauthenticated_gets_an_error_frame_then_4401(
     running: Running, llm_plan: FaultPlan, headers: dict[str, str], first: str | None
 ) -> None:
     with running() as tc, tc.websocket_connect("/ws/chat", headers=headers) as ws:
@@ -153,18 +171,18 @@ def test_unauthenticated_gets_an_error_frame_then_1008(
         frame = ws.receive_json()
         assert frame["type"] == "error" and frame["code"] == "unauthorized"
         assert KEY not in frame["message"]
-        assert closed_with(ws) == 1008
+        assert closed_with(ws, "unauthenticated") == 4401
     assert llm_plan.requests == []
 
 
-def test_no_auth_frame_in_time_closes_1008(
+def test_no_auth_frame_in_time_closes_4401(
     running: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ws_chat, "AUTH_FRAME_SECONDS", 0.1)
     with running() as tc, tc.websocket_connect("/ws/chat") as ws:
         frame = ws.receive_json()
         assert frame["code"] == "unauthorized" and "auth frame" in frame["message"]
-        assert closed_with(ws) == 1008
+        assert closed_with(ws) == 4401
 
 
 # --- one socket, many requests ----------------------------------------------------------------
@@ -225,7 +243,7 @@ def test_oversize_frame_closes_1009(running: Running, llm_plan: FaultPlan) -> No
         ws.send_json(ask("x" * 2000))
         frame = ws.receive_json()
         assert frame["code"] == "request_too_large" and "1024" in frame["message"]
-        assert closed_with(ws) == 1009
+        assert closed_with(ws, "frame too large") == 1009
     assert llm_plan.requests == []
 
 
@@ -331,3 +349,278 @@ def test_disconnect_mid_answer_cancels_the_call_and_charges_only_what_was_stream
         # the prompt and what was streamed before the client left are counted (leaving is not
         # free); the rest of the answer, never produced, is not
         assert 0 < usage.used_tokens < reserved
+
+
+# --- the complete frame -----------------------------------------------------------------------
+
+
+def test_complete_frame_carries_the_calls_latency_ms(running: Running, llm_plan: FaultPlan) -> None:
+    llm_plan.push(Fault(chunks=["One. ", "Two. ", "Three."], chunk_delay=0.15))
+    with running() as tc, tc.websocket_connect("/ws/chat", headers=BEARER) as ws:
+        sent = time.monotonic()
+        ws.send_json(ask())
+        end = answer(ws)[1]
+        elapsed_ms = (time.monotonic() - sent) * 1000
+        ws.send_json(ask("where is my parcel", session="conv-2"))
+        second = answer(ws)[1]
+    assert end["type"] == second["type"] == "complete"
+    latency = end["latency_ms"]
+    assert isinstance(latency, float)
+    assert 300 <= latency <= elapsed_ms  # the two pauses between chunks are in it
+    assert isinstance(second["latency_ms"], float) and second["latency_ms"] > 0
+
+
+# --- liveness: idle sockets (the route's clock) -----------------------------------------------
+
+
+def test_an_idle_socket_is_closed_4408(running: Running) -> None:
+    with (
+        running(ws_idle_timeout_seconds=0.3) as tc,
+        tc.websocket_connect("/ws/chat", headers=BEARER) as ws,
+    ):
+        opened = time.monotonic()
+        assert closed_with(ws, "idle timeout") == 4408
+        waited = time.monotonic() - opened
+    assert 0.25 <= waited < 2.0
+
+
+def test_the_idle_clock_counts_from_auth_frame_and_pauses_while_an_answer_runs(
+    running: Running, llm_plan: FaultPlan
+) -> None:
+    llm_plan.push(Fault(chunks=SENTENCES, chunk_delay=0.25))  # about 1 s: over the idle timeout
+    with running(ws_idle_timeout_seconds=0.6) as tc, tc.websocket_connect("/ws/chat") as ws:
+        ws.send_json({"type": "auth", "api_key": KEY})
+        ws.send_json(ask())
+        text, end = answer(ws)
+        assert text == "".join(SENTENCES) and end["type"] == "complete"  # not cut
+        time.sleep(0.3)  # under the timeout since the answer ended, over it since the request
+        ws.send_json(ask("where is my parcel"))
+        assert answer(ws)[1]["type"] == "complete"
+        answered = time.monotonic()
+        assert closed_with(ws, "idle timeout") == 4408
+        assert time.monotonic() - answered >= 0.5
+
+
+def test_refused_frames_do_not_keep_an_idle_socket_open(running: Running) -> None:
+    refused = 0
+    with (
+        running(ws_idle_timeout_seconds=0.5) as tc,
+        tc.websocket_connect("/ws/chat", headers=BEARER) as ws,
+    ):
+        opened = time.monotonic()
+        with pytest.raises(WebSocketDisconnect) as closed:
+            while time.monotonic() - opened < 3.0:
+                ws.send_text("not json")
+                assert ws.receive_json()["code"] == "invalid_request"
+                refused += 1
+                time.sleep(0.1)
+    assert closed.value.code == 4408
+    assert refused >= 2  # answered all along, and closed all the same
+
+
+# --- internal errors --------------------------------------------------------------------------
+
+
+def test_an_unexpected_failure_is_an_internal_error_frame_then_1011(
+    running: Running, monkeypatch: pytest.MonkeyPatch, llm_plan: FaultPlan
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug, not a refusal")
+
+    monkeypatch.setattr(ws_chat, "build_call", broken)  # no request path fails like this today
+    with running() as tc, tc.websocket_connect("/ws/chat", headers=BEARER) as ws:
+        ws.send_json(ask())
+        frame = ws.receive_json()
+        assert frame == {"type": "error", "code": "internal_error", "message": "internal error"}
+        assert closed_with(ws, "internal error") == 1011
+    assert llm_plan.requests == []
+
+
+def test_the_readme_lists_every_close_code() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### WebSocket: `/ws/chat`", 1)[1].split("\n## ", 1)[0]
+    codes = [
+        ws_chat.MESSAGE_TOO_BIG,
+        ws_chat.INTERNAL_ERROR,
+        ws_chat.UNAUTHENTICATED,
+        ws_chat.IDLE_TIMEOUT,
+        ws_chat.LIMITED,
+    ]
+    for code in codes:
+        assert f"| `{code}` |" in section, code
+    assert "1008" not in section
+
+
+# --- liveness: pings (uvicorn's, through the real service) ------------------------------------
+
+PING_INTERVAL = 0.2
+PONG_TIMEOUT = 0.4
+SERVICE_IDLE = 1.5
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def service_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """`python -m app serve --simulate` with short liveness settings: app/serving.py hands them to
+    uvicorn, whose default WebSocket implementation (websockets, sans-I/O) sends the pings."""
+    home = tmp_path_factory.mktemp("ws-service")
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in Settings.model_fields and k != MULTIPROC_ENV
+    }
+    env.update(
+        PYTHONPATH=str(REPO),
+        HOST="127.0.0.1",
+        PORT=str(port),
+        DATA_DIR=str(home),
+        CLIENT_API_KEYS=f"{KEY}:acme",
+        WS_PING_INTERVAL_SECONDS=str(PING_INTERVAL),
+        WS_PONG_TIMEOUT_SECONDS=str(PONG_TIMEOUT),
+        WS_IDLE_TIMEOUT_SECONDS=str(SERVICE_IDLE),
+    )
+    log_path = home / "service.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--simulate"],
+            cwd=home,  # no stray .env
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert process.poll() is None, log_path.read_text()
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"http://127.0.0.1:{port}/health/live").status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "the service did not start"
+                time.sleep(0.05)
+            yield port
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+class RawSocket:
+    """A /ws/chat client on a plain socket, speaking through websockets' sans-I/O protocol so that
+    the test decides whether pongs go out: websockets' own clients answer every ping (RFC 6455
+    5.5.2 makes it a MUST) and have no setting to stop. Pings are recorded, not returned."""
+
+    def __init__(self, port: int, *, answer_pings: bool) -> None:
+        self.answer_pings = answer_pings
+        self.pings: list[float] = []
+        self.frames: deque[Frame] = deque()
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/ws/chat"))
+        request = self.protocol.connect()
+        request.headers["Authorization"] = f"Bearer {KEY}"
+        self.protocol.send_request(request)
+        self._write(self.protocol.data_to_send())
+        deadline = time.monotonic() + 5
+        while self.protocol.state is State.CONNECTING:
+            self._read(deadline)
+        assert self.protocol.state is State.OPEN, self.protocol.handshake_exc
+        self.opened = time.monotonic()
+
+    def _write(self, chunks: list[bytes]) -> None:
+        with contextlib.suppress(OSError):  # the server may have closed already
+            for chunk in chunks:
+                if chunk:
+                    self.sock.sendall(chunk)
+
+    def _read(self, deadline: float) -> None:
+        self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        data = self.sock.recv(65536)  # TimeoutError when nothing comes by the deadline
+        if data:
+            self.protocol.receive_data(data)
+        else:
+            self.protocol.receive_eof()
+        for event in self.protocol.events_received():
+            if isinstance(event, Frame) and event.opcode is Opcode.PING:
+                self.pings.append(time.monotonic())
+            elif isinstance(event, Frame) and event.opcode is not Opcode.PONG:
+                self.frames.append(event)
+        outgoing = self.protocol.data_to_send()  # pongs, and the close's echo
+        if self.answer_pings:
+            self._write(outgoing)
+        if not data and not self.frames:
+            raise AssertionError("the connection was cut without a close frame")
+
+    def send_json(self, frame: dict[str, Any]) -> None:
+        self.protocol.send_text(json.dumps(frame).encode())
+        self._write(self.protocol.data_to_send())
+
+    def next_frame(self, timeout: float) -> Frame:
+        deadline = time.monotonic() + timeout
+        while not self.frames:
+            self._read(deadline)
+        return self.frames.popleft()
+
+    def next_json(self, timeout: float) -> Any:
+        frame = self.next_frame(timeout)
+        assert frame.opcode is Opcode.TEXT, frame
+        return json.loads(bytes(frame.data))
+
+    def stays_quiet(self, seconds: float) -> bool:
+        """True when no frame (pings aside) comes for this long."""
+        deadline = time.monotonic() + seconds
+        with contextlib.suppress(TimeoutError):
+            while not self.frames:
+                self._read(deadline)
+        return not self.frames
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_service_closes_a_socket_that_stops_answering_pings_1011(service_port: int) -> None:
+    client = RawSocket(service_port, answer_pings=False)
+    try:
+        frame = client.next_frame(timeout=PING_INTERVAL + PONG_TIMEOUT + 3)
+        closed = time.monotonic()
+    finally:
+        client.close()
+    assert frame.opcode is Opcode.CLOSE
+    assert client.protocol.close_rcvd is not None
+    assert client.protocol.close_rcvd.code == 1011
+    assert client.protocol.close_rcvd.reason == "keepalive ping timeout"
+    assert len(client.pings) == 1  # one ping, never answered, then the close
+    assert client.pings[0] - client.opened < PING_INTERVAL + 0.5
+    assert PONG_TIMEOUT - 0.05 <= closed - client.pings[0] < PONG_TIMEOUT + 1.0
+
+
+def test_service_keeps_a_socket_that_answers_pings_until_it_idles_4408(
+    service_port: int,
+) -> None:
+    client = RawSocket(service_port, answer_pings=True)
+    try:
+        # silent for several ping intervals, each far past the pong timeout: the pongs keep it open
+        assert client.stays_quiet(2 * PING_INTERVAL + PONG_TIMEOUT + 0.1)
+        assert len(client.pings) >= 3
+        client.send_json(ask())
+        while (complete := client.next_json(timeout=5))["type"] == "content":
+            pass
+        answered = time.monotonic()
+        assert complete["type"] == "complete" and complete["latency_ms"] > 0
+        close = client.next_frame(timeout=SERVICE_IDLE + 3)  # answering pings is not activity
+        idled = time.monotonic() - answered
+    finally:
+        client.close()
+    assert close.opcode is Opcode.CLOSE
+    assert client.protocol.close_rcvd is not None
+    assert client.protocol.close_rcvd.code == 4408
+    assert client.protocol.close_rcvd.reason == "idle timeout"
+    assert SERVICE_IDLE - 0.1 <= idled < SERVICE_IDLE + 1.5

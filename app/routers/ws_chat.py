@@ -8,8 +8,9 @@ Frames are JSON text. The client sends a request frame shaped like the /chat bod
 - Authentication: browsers cannot set headers on a WebSocket, so the key comes either on the
   handshake (`Authorization: Bearer` / `X-API-Key`, for servers) or in a first frame
   `{"type": "auth", "api_key": ...}` sent within AUTH_FRAME_SECONDS. Never a query parameter: URLs
-  end up in access logs. A failure is an error frame (code `unauthorized`), then close 1008. No
-  frame acknowledges success: the client simply sends its first request.
+  end up in access logs. A failure is an error frame (code `unauthorized`), then close 4401 (the
+  4000s are the application's; 4xxx mirrors the HTTP status, as 4408 and 4429 below). No frame
+  acknowledges success: the client simply sends its first request.
 - One socket carries many requests, answered one at a time. A frame that arrives while an answer
   is running is refused at once with an error frame of code `busy` (the running answer goes on
   and still ends with its own complete/error frame). Not queued: a conversation's next turn needs
@@ -21,6 +22,16 @@ Frames are JSON text. The client sends a request frame shaped like the /chat bod
 - `stream` in a request is ignored: a socket always streams. A response_format json_schema answer
   is validated whole (and maybe repaired), so it goes out as one content frame after validation.
 - The client leaving mid-answer cancels the call, which releases its budget reservation.
+- Liveness is two clocks. A dead peer: ASGI has no ping message, so uvicorn pings every
+  WS_PING_INTERVAL_SECONDS and closes with 1011 when the pong is WS_PONG_TIMEOUT_SECONDS late
+  (app/serving.py passes both); the route then sees a disconnect and cancels any running call. A
+  live but idle peer: with no answer running, a socket that sends no request frame within
+  WS_IDLE_TIMEOUT_SECONDS (counted from authentication or from the end of the last answer) is
+  closed with 4408 (not 1000/1001: the client should be able to tell "you went quiet" from a
+  normal close or a server going away). Refused frames do not restart that clock: a socket that
+  only sends frames the server cannot act on is as idle as a silent one.
+- An unexpected failure (a bug, not a refused call) gets an `internal_error` frame and close 1011,
+  instead of a dropped connection (1006) the client cannot tell from a network cut.
 """
 
 from __future__ import annotations
@@ -52,8 +63,20 @@ log = logging.getLogger("cxrelay.ws_chat")
 
 AUTH_FRAME_SECONDS = 5.0
 SURFACE = "ws_chat"
-POLICY_VIOLATION = 1008
+# Close codes (the README's table)
 MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011  # also uvicorn's code for a missing pong
+UNAUTHENTICATED = 4401
+IDLE_TIMEOUT = 4408
+LIMITED = 4429  # reserved for the inbound limits (issue 11): nothing closes with it yet
+CLOSE_REASONS = {
+    MESSAGE_TOO_BIG: "frame too large",
+    INTERNAL_ERROR: "internal error",
+    UNAUTHENTICATED: "unauthenticated",
+    IDLE_TIMEOUT: "idle timeout",
+    LIMITED: "limited",
+}
+INTERNAL_ERROR_FRAME = {"type": "error", "code": "internal_error", "message": "internal error"}
 # A refused frame in cxrelay_requests_total: the status the same refusal has over HTTP.
 FRAME_STATUS = {"unauthorized": 401, "invalid_request": 400, "request_too_large": 413, "busy": 409}
 
@@ -137,8 +160,16 @@ async def ws_chat(websocket: WebSocket) -> None:
     await websocket.accept()
     connection = Connection(websocket, services)
     with contextlib.suppress(WebSocketDisconnect):
-        if await connection.authenticate():
-            await connection.serve()
+        try:
+            if await connection.authenticate():
+                await connection.serve()
+        except WebSocketDisconnect:
+            raise
+        except Exception:
+            log.exception("ws chat connection failed")
+            count_status(SURFACE, 500)
+            with contextlib.suppress(Exception):  # the socket may be gone already
+                await connection.send(INTERNAL_ERROR_FRAME, INTERNAL_ERROR)
 
 
 class Connection:
@@ -161,7 +192,7 @@ class Connection:
         async with self._send_lock:
             await self.websocket.send_text(json.dumps(frame, ensure_ascii=False))
             if close is not None:
-                await self.websocket.close(close)
+                await self.websocket.close(close, CLOSE_REASONS.get(close))
 
     async def refuse(self, refused: FrameRefused) -> None:
         count_status(SURFACE, FRAME_STATUS.get(refused.code, 400))
@@ -173,16 +204,16 @@ class Connection:
             self.principal = self.services.client_auth.authenticate(await self._credential())
             return True
         except AuthenticationFailed as failure:
-            refused = FrameRefused("unauthorized", str(failure), POLICY_VIOLATION)
+            refused = FrameRefused("unauthorized", str(failure), UNAUTHENTICATED)
         except FrameRefused as frame_refused:
             refused = frame_refused
         except TimeoutError:
             refused = FrameRefused(
                 "unauthorized",
                 f"no credential: send an auth frame within {AUTH_FRAME_SECONDS:g} seconds",
-                POLICY_VIOLATION,
+                UNAUTHENTICATED,
             )
-        if refused.close == POLICY_VIOLATION:
+        if refused.close == UNAUTHENTICATED:
             client = self.websocket.client
             log.warning(
                 "client authentication failed",
@@ -213,15 +244,25 @@ class Connection:
                 "unauthorized",
                 "authenticate first: send Authorization: Bearer or X-API-Key on the handshake, "
                 'or {"type": "auth", "api_key": "..."} as the first frame',
-                POLICY_VIOLATION,
+                UNAUTHENTICATED,
             )
         return {"x-api-key": key}
 
     async def serve(self) -> None:
-        """Read, answer, repeat, until the client leaves or a frame closes the socket."""
+        """Read, answer, repeat, until the client leaves, a frame closes the socket, or no request
+        comes within the idle timeout (the clock restarts when an answer ends)."""
         assert self.principal is not None
+        idle = self.services.settings.ws_idle_timeout_seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + idle
         while True:
-            message = await self.websocket.receive()
+            try:
+                message = await asyncio.wait_for(self.websocket.receive(), deadline - loop.time())
+            except TimeoutError:
+                log.info("ws chat socket closed: idle", extra={"route": "/ws/chat"})
+                async with self._send_lock:
+                    await self.websocket.close(IDLE_TIMEOUT, CLOSE_REASONS[IDLE_TIMEOUT])
+                return
             if message["type"] == "websocket.disconnect":
                 return
             self.frames += 1
@@ -241,6 +282,7 @@ class Connection:
                 still_open = await self.answer(call, whole=call.json_schema is not None)
             if not still_open:
                 return
+            deadline = loop.time() + idle
 
     async def answer(self, call: ChatCall, *, whole: bool) -> bool:
         """Run one call while watching the socket; False when the socket is done (client gone,
