@@ -16,6 +16,10 @@ WebSocket protocol of `app.services.llm.websocket` (it refuses the handshake wit
 "revoked" key). The FaultPlan's streaming knobs slow the first token, pace the chunks, fix the
 chunks or cut the stream without its end marker.
 
+Given a TokenIssuer, it also plays a provider behind OAuth2: `POST /oauth/token` answers the
+client-credentials grant (client authenticated by HTTP Basic or by form fields), and every other
+route then takes only a bearer token it issued, unexpired and not revoked (else 401).
+
 This module speaks the OpenAI wire (HTTP and WebSocket) and builds the app serving both routes;
 the Anthropic wire lives in `anthropic_sim.py`, and what both answer in `answers.py`.
 """
@@ -23,11 +27,15 @@ the Anthropic wire lives in `anthropic_sim.py`, and what both answer in `answers
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -162,12 +170,61 @@ _KEY_REFUSAL = {
 }
 
 
+def _bearer(request: HTTPConnection) -> str:
+    authorization = request.headers.get("authorization", "")
+    return authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
+
+
 def _key_revoked(request: HTTPConnection) -> bool:
     """A bearer token or x-api-key starting with "revoked" stands for a key the provider refuses."""
-    authorization = request.headers.get("authorization", "")
-    bearer = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
-    presented = (bearer, request.headers.get("x-api-key", ""))
+    presented = (_bearer(request), request.headers.get("x-api-key", ""))
     return any(key.startswith(REVOKED_KEY_PREFIX) for key in presented)
+
+
+@dataclass
+class TokenIssuer:
+    """The simulated provider's OAuth2 authorization server. `plan` scripts the token endpoint's
+    faults and records each token request (form fields and headers)."""
+
+    client_id: str = "sim-llm-client"
+    client_secret: str = "sim-llm-client-secret"
+    expires_in: float = 3600.0
+    plan: FaultPlan = field(default_factory=FaultPlan)
+    issued: dict[str, float] = field(default_factory=dict)  # token -> expiry (monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def valid(self, token: str) -> bool:
+        with self._lock:
+            return time.monotonic() < self.issued.get(token, 0.0)
+
+    def revoke_all(self) -> None:
+        with self._lock:
+            self.issued.clear()
+
+    async def token(self, request: Request) -> Response:
+        form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
+        self.plan.record({"form": form, "headers": dict(request.headers)})
+        fault = self.plan.next() or Fault()
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.status >= 400:
+            return JSONResponse(
+                fault.json_body or {"error": "temporarily_unavailable"}, fault.status
+            )
+        basic = request.headers.get("authorization", "")
+        if basic.lower().startswith("basic "):
+            client_id, _, secret = base64.b64decode(basic[6:]).decode().partition(":")
+        else:
+            client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        if (client_id, secret) != (self.client_id, self.client_secret):
+            return JSONResponse({"error": "invalid_client"}, 401)
+        if form.get("grant_type") != "client_credentials":
+            return JSONResponse({"error": "unsupported_grant_type"}, 400)
+        value = f"sim-at-{uuid.uuid4().hex}"
+        with self._lock:
+            self.issued[value] = time.monotonic() + self.expires_in
+        answer = {"access_token": value, "token_type": "Bearer", "expires_in": self.expires_in}
+        return JSONResponse(answer | ({"scope": form["scope"]} if "scope" in form else {}))
 
 
 def _openai_answer(body: dict[str, Any], fault: Fault) -> tuple[str, str, str]:
@@ -186,16 +243,26 @@ def _openai_answer(body: dict[str, Any], fault: Fault) -> tuple[str, str, str]:
     return model, content, prompt_text
 
 
-def create_llm_simulator(plan: FaultPlan | None = None) -> FastAPI:
+def create_llm_simulator(
+    plan: FaultPlan | None = None, oauth: TokenIssuer | None = None
+) -> FastAPI:
     plan = plan or FaultPlan()
     app = FastAPI(title="cx-relay simulated LLM provider", openapi_url=None)
     app.state.plan = plan
+
+    def refused(request: HTTPConnection) -> bool:
+        """A revoked key, or (behind OAuth) a bearer token this provider did not issue or that
+        expired."""
+        return _key_revoked(request) or (oauth is not None and not oauth.valid(_bearer(request)))
+
+    if oauth is not None:
+        app.post("/oauth/token")(oauth.token)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await request.json()
         plan.record({"body": body, "headers": dict(request.headers)})
-        if _key_revoked(request):  # refused before anything else: no fault is played
+        if refused(request):  # refused before anything else: no fault is played
             return JSONResponse(_KEY_REFUSAL, 401)
         fault = plan.next() or Fault()
         if fault.delay:
@@ -223,7 +290,7 @@ def create_llm_simulator(plan: FaultPlan | None = None) -> FastAPI:
     async def chat_completions_ws(websocket: WebSocket) -> None:
         """The chat completion stream over a WebSocket (see app.services.llm.websocket)."""
         headers = dict(websocket.headers)
-        if _key_revoked(websocket):
+        if refused(websocket):
             await websocket.send_denial_response(JSONResponse(_KEY_REFUSAL, 401))
             return
         fault = plan.next() or Fault()
@@ -272,11 +339,15 @@ def create_llm_simulator(plan: FaultPlan | None = None) -> FastAPI:
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
+        if oauth is not None and refused(request):
+            return JSONResponse(
+                anthropic_sim.anthropic_error_body(401, "invalid bearer token"), 401
+            )
         return await anthropic_sim.messages(plan, request)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        if _key_revoked(request):
+        if refused(request):
             if "x-api-key" in request.headers:
                 return JSONResponse(
                     anthropic_sim.anthropic_error_body(401, "invalid x-api-key"), 401

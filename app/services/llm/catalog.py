@@ -36,11 +36,26 @@ class ModelSpec(_Strict):
     price_per_1k_completion: float = 0.0
 
 
+class OAuthSpec(_Strict):
+    """OAuth2 client credentials (RFC 6749 4.4) instead of static keys: a token from `token_url`,
+    cached, sent as `Authorization: Bearer`. `client_secret` is a key directive, as api_keys."""
+
+    token_url: str
+    client_id: str = Field(min_length=1)
+    client_secret: Any  # env:VAR or file:/path; checked like api_keys
+    scope: str | list[str] | None = None  # a list is sent space-separated (RFC 6749 section 3.3)
+    audience: str | None = None
+    client_auth: Literal["basic", "body"] = "basic"  # HTTP Basic (the RFC's default) or the form
+    refresh_margin_seconds: float = Field(default=60.0, ge=0)  # refresh before expires_in ends
+    timeout_seconds: float = Field(default=10.0, gt=0)  # the token request's own limit
+
+
 class ProviderSpec(_Strict):
     name: str = Field(min_length=1)
     kind: ProviderKind = "openai"
     base_url: str
     api_keys: list[Any] = Field(default_factory=list)  # directives; checked one by one
+    oauth: OAuthSpec | None = None  # client credentials instead of api_keys
     timeout_seconds: float = 30.0
     rpm: int | None = None
     auth_header: str | None = None
@@ -127,6 +142,32 @@ def _not_a_directive(value: object) -> str:
     return f"not a key directive: expected a string like env:VAR, got {type(value).__name__}"
 
 
+def _directive_problem(directive: object, allow_literal: bool, env: Mapping[str, str]) -> str:
+    """Why a key directive cannot be used ("" when it can)."""
+    if not isinstance(directive, str):
+        return _not_a_directive(directive)
+    try:
+        resolve_key(directive, allow_literal=allow_literal, env=env)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def _oauth_problems(
+    at: str, provider: ProviderSpec, oauth: OAuthSpec, literal: bool, env: Mapping[str, str]
+) -> list[Problem]:
+    problems: list[Problem] = []
+    if provider.api_keys:
+        problems.append(Problem(f"{at}.oauth", "use api_keys or oauth, not both"))
+    if provider.auth_header is not None and provider.auth_header.lower() != "authorization":
+        problems.append(Problem(f"{at}.auth_header", "oauth sends Authorization: Bearer <token>"))
+    if not oauth.token_url.startswith(("http://", "https://")):
+        problems.append(Problem(f"{at}.oauth.token_url", "must be an http:// or https:// URL"))
+    if reason := _directive_problem(oauth.client_secret, literal, env):
+        problems.append(Problem(f"{at}.oauth.client_secret", reason))
+    return problems
+
+
 def _duplicates(names: list[str]) -> set[str]:
     return {name for name in names if names.count(name) > 1}
 
@@ -163,13 +204,10 @@ def _semantic_problems(
         if provider.timeout_seconds <= 0:
             problems.append(Problem(f"{at}.timeout_seconds", "must be above 0"))
         for k, directive in enumerate(provider.api_keys):
-            if not isinstance(directive, str):
-                problems.append(Problem(f"{at}.api_keys[{k}]", _not_a_directive(directive)))
-                continue
-            try:
-                resolve_key(directive, allow_literal=config.allow_literal_keys, env=env)
-            except ValueError as error:
-                problems.append(Problem(f"{at}.api_keys[{k}]", str(error)))
+            if reason := _directive_problem(directive, config.allow_literal_keys, env):
+                problems.append(Problem(f"{at}.api_keys[{k}]", reason))
+        if (oauth := provider.oauth) is not None:
+            problems += _oauth_problems(at, provider, oauth, config.allow_literal_keys, env)
         for name in sorted(_duplicates([m.name for m in provider.models])):
             problems.append(Problem(f"{at}.models", f"duplicate model name {name!r}"))
         for m, model in enumerate(provider.models):

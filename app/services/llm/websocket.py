@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from websockets.asyncio.client import connect
@@ -49,6 +51,20 @@ WS_PATH = "/chat/completions/ws"
 
 # How long closing waits for the server's close frame: the answer is complete by then.
 CLOSE_TIMEOUT = 1.0
+
+
+class _NoDebugLogger(logging.LoggerAdapter[logging.Logger]):
+    """websockets logs every handshake header (`Authorization: Bearer <key or token>`) and every
+    frame (the prompt) at DEBUG; with this logger it never does, whatever the level."""
+
+    def isEnabledFor(self, level: int) -> bool:
+        return level > logging.DEBUG and self.logger.isEnabledFor(level)
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return msg, kwargs
+
+
+_WS_LOG = _NoDebugLogger(logging.getLogger("websockets.client"))
 
 
 def websocket_url(base_url: str) -> str:
@@ -143,6 +159,7 @@ class OpenAIWebSocketProvider:
             open_timeout=timeout,
             close_timeout=CLOSE_TIMEOUT,
             ping_interval=None,  # one short exchange: the receive timeout is the liveness check
+            logger=_WS_LOG,
         )
 
     def _refused(self, exc: InvalidStatus, api_key: str | None) -> UpstreamError:
