@@ -208,7 +208,7 @@ async def test_cxone_long_history_is_truncated_to_fit_the_session_budget(
 ) -> None:
     state = _state_with_history(16)
     history = state["state"]["history"]
-    running = app_client(budget_session_tokens=1000)
+    running = app_client(budget_session_tokens=1000, llm_max_tokens=512)
     async with running as client:
         body = await answer(client, "And the newest question?", state=state)
         usage = await _session(running, state["state"]["sid"])
