@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install bench
+.PHONY: run test lint install bench reliability
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,16 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check app tests
+	$(PY) -m ruff check app tests reliability
 	$(PY) -m mypy
 
 # Overhead and throughput against a fast fake upstream (needs wrk: apt-get install wrk);
 # writes bench/results/latest.{json,md,png}. `make bench BENCH_ARGS=--quick` for a smoke run.
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Fault injection (tests/reliability/), SIGKILL crash consistency on SQLite and on two Redis
+# replicas, a 10-minute soak, then docs/RELIABILITY.md (needs redis-server); ~12 min.
+# `make reliability RELIABILITY_ARGS=--quick` (3 kills, a 60 s soak) for a try.
+reliability: $(STAMP)
+	$(PY) -m reliability.run $(RELIABILITY_ARGS)

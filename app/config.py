@@ -88,7 +88,6 @@ class Settings(BaseSettings):
     store_backend: Literal["sqlite", "redis"] = "sqlite"
     redis_url: str | None = None
     redis_key_prefix: str = Field("cxrelay:", min_length=1, max_length=64)
-    ledger_batch_interval_ms: int = Field(200, ge=10, le=10000)
     # normal: WAL without an fsync per commit (a process crash loses nothing committed, a power
     # cut may lose the last moments); full: every commit is on disk before it returns.
     sqlite_synchronous: Literal["normal", "full"] = "normal"

@@ -40,8 +40,9 @@ SAMPLE_PROMPT_VARIABLES = {
 
 
 async def open_usage_ledger(settings: Settings, stack: AsyncExitStack) -> tuple[Store, Ledger]:
-    """The store (SQLite under DATA_DIR, or Redis for several replicas) and the write-behind
-    ledger in front of it; on shutdown the ledger drains before the store closes."""
+    """The store (SQLite under DATA_DIR, or Redis for several replicas) and the ledger that
+    writes each call's record with its budget settlement; on shutdown the ledger finishes its
+    writes (and any backlog of a store outage) before the store closes."""
     store = await open_store(
         settings.store_backend,
         data_dir=settings.data_dir,
@@ -54,8 +55,7 @@ async def open_usage_ledger(settings: Settings, stack: AsyncExitStack) -> tuple[
         sqlite_inline=settings.sqlite_synchronous == "normal" and settings.workers == 1,
     )
     stack.push_async_callback(store.close)
-    ledger = Ledger(store, batch_interval_seconds=settings.ledger_batch_interval_ms / 1000)
-    ledger.start()
+    ledger = Ledger(store)
     stack.push_async_callback(ledger.close)
     return store, ledger
 

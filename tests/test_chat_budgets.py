@@ -129,7 +129,7 @@ class Relay:
         """Count `tokens` against the session (and the tenant's day and month) as a call would."""
         grant = await self.budget.reserve_for(self.principal(key), session, tokens, cost)
         assert isinstance(grant, Grant), grant
-        await self.budget.settle(grant, prompt_tokens=tokens, completion_tokens=0, cost=cost)
+        await self.budget.store.settle(grant.reservation, tokens, cost)
 
     async def leave(self, session: str, remaining: int, key: str = KEY) -> None:
         """Spend so that exactly `remaining` tokens of the session's budget are left."""

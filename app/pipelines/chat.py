@@ -88,7 +88,7 @@ class ChatPipeline:
                 outcome.parsed = parse_json_schema_output(cached.content, call.json_schema)
             if on_text is not None:
                 await on_text(cached.content)
-            return self._finish(call, outcome, started)
+            return await self._finish(call, outcome, started)
         last_error: UpstreamError | None = None
         for name in models:
             plan = await self.metering.plan(
@@ -109,7 +109,7 @@ class ChatPipeline:
             outcome.lightweight = headroom.lightweight
             outcome.injection = injection
             self._remember(call, models[0], messages, outcome)
-            return self._finish(call, outcome, started)
+            return await self._finish(call, outcome, started)
         assert last_error is not None
         raise last_error
 
@@ -322,7 +322,7 @@ class ChatPipeline:
         outcome.content = checked.text
         outcome.parsed = parse_json_schema_output(outcome.content, call.json_schema)
 
-    def _finish(self, call: ChatCall, outcome: ChatOutcome, started: float) -> ChatOutcome:
+    async def _finish(self, call: ChatCall, outcome: ChatOutcome, started: float) -> ChatOutcome:
         outcome.latency_ms = round((time.perf_counter() - started) * 1000, 1)
         status = "cached" if outcome.cached else ("blocked" if outcome.blocked else "answered")
         TURNS.labels(call.surface, status).inc()
@@ -330,7 +330,7 @@ class ChatPipeline:
         blocked = outcome.blocked is not None
         note_outcome("fallback" if blocked else "success", "content_filter" if blocked else "")
         if outcome.cached:
-            self.metering.record_cached(
+            await self.metering.record_cached(
                 call.principal,
                 call.session_id,
                 surface=call.surface,

@@ -74,7 +74,7 @@ class CognigyPipeline:
         messages = self._messages(trigger, last_message, history)
         cached = self.cache.get(principal.tenant, self.options.model, messages)
         if cached is not None:
-            return self._from_cache(trigger, principal, turn, cached)
+            return await self._from_cache(trigger, principal, turn, cached)
         try:
             return await self._decide(trigger, principal, messages, deadline, turn)
         except BudgetExhausted as exhausted:
@@ -124,14 +124,14 @@ class CognigyPipeline:
         self.cache.put(principal.tenant, self.options.model, messages, answer)  # validated only
         return _response(trigger, turn, "success", decision)
 
-    def _from_cache(
+    async def _from_cache(
         self, trigger: CognigyTrigger, principal: Principal, turn: TurnRecord, cached: CachedAnswer
     ) -> CognigyResponse:
         """A decision validated for exactly this input before: no call, no tokens, no cost."""
         turn.cached = True
         turn.provider, turn.model = cached.provider, cached.model
         decision = parse_output(cached.content, RoutingDecision)
-        self.metering.record_cached(
+        await self.metering.record_cached(
             principal,
             trigger.conversation_id,
             surface=SURFACE,

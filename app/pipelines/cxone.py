@@ -132,7 +132,7 @@ class CXoneBotPipeline:
         messages = self._messages(request, session, user_text, greeting)
         cached = self.cache.get(principal.tenant, self.options.model, messages)
         if cached is not None:
-            return self._from_cache(session, principal, turn, stored.text, cached)
+            return await self._from_cache(session, principal, turn, stored.text, cached)
         try:
             result = await self._complete(principal, session, messages, deadline, turn)
         except BudgetExhausted as exhausted:
@@ -188,7 +188,7 @@ class CXoneBotPipeline:
             utterance=utterance,
         )
 
-    def _from_cache(
+    async def _from_cache(
         self,
         session: BotSession,
         principal: Principal,
@@ -199,7 +199,7 @@ class CXoneBotPipeline:
         """An answer given to exactly this conversation before: no call, no tokens, no cost."""
         turn.cached = True
         turn.provider, turn.model = cached.provider, cached.model
-        self.metering.record_cached(
+        await self.metering.record_cached(
             principal,
             session.session_id,
             surface=SURFACE,

@@ -1,7 +1,8 @@
 """Token and money budgets: per session, and per tenant per day and per month.
 
 A call reserves before it goes upstream (prompt + max_tokens, and its estimated cost) on every
-scope at once, settles with the provider's real usage after it, and releases on failure, so
+scope at once, settles with the provider's real usage after it (together with its ledger record,
+in one store write: app.services.ledger), and releases on failure, so
 concurrent calls, on one replica or several, cannot together spend more than a budget holds: an
 exhausted budget is a Refusal (a 429 with a clear body), never a silent overspend. The only way
 past a limit is a settle whose real usage exceeds its own reservation (see app.services.store).
@@ -181,7 +182,8 @@ class Headroom:
 
 
 class BudgetService:
-    """Reserve before a call, settle after it, release on failure; all scoped by the Principal."""
+    """Reserve before a call, release on failure (the settle is the ledger's, with the record);
+    all scoped by the Principal."""
 
     def __init__(
         self,
@@ -241,16 +243,6 @@ class BudgetService:
         cost = _smallest([left for _, left in outcome.remaining_before])
         return Grant(outcome, tokens, cost, self._lightweight(tokens))
 
-    async def settle(
-        self, grant: Grant, *, prompt_tokens: int, completion_tokens: int, cost: float
-    ) -> None:
-        """Count the real usage. Never raises: the answer is already made (a failure is logged)."""
-        await _finish(
-            self.store.settle(grant.reservation, prompt_tokens + completion_tokens, cost),
-            "settle",
-            grant.reservation,
-        )
-
     async def release(self, grant: Grant) -> None:
         """Give the reservation back (the call failed). Never raises; the TTL is the backstop."""
         await _finish(self.store.release(grant.reservation), "release", grant.reservation)
@@ -272,8 +264,8 @@ class BudgetService:
 
 
 async def _finish(work: Awaitable[bool], what: str, reservation: Reservation) -> None:
-    """Run a settle/release to completion even if the request is cancelled (deadline, client gone):
-    a cancelled settle would leave the reservation to its TTL and lose the usage."""
+    """Run a release to completion even if the request is cancelled (deadline, client gone): a
+    cancelled release would hold the budget until the reservation's TTL."""
     task = asyncio.ensure_future(work)
 
     def report(done: asyncio.Future[bool]) -> None:

@@ -1,34 +1,42 @@
-"""Usage and cost accounting: each completed call appends a UsageRecord, written behind the answer.
+"""Usage and cost accounting: each answered call's UsageRecord, written before the answer goes out.
 
-`Ledger.record()` only appends to an in-memory queue, so accounting never delays a webhook's
-answer; one background task writes the queue to the Store in batches (at most `max_batch`
-records, at most `batch_interval_seconds` after the first one waits, at once when a batch is full
-or someone flushes). `flush()` and `close()` drain everything; the lifespan closes the ledger on
-shutdown, after the server has stopped taking requests and before it closes the store.
+`Ledger.commit(record, reservation)` settles the call's budget reservation with the record's
+tokens and cost AND appends the record, in one atomic store write (`Store.settle_and_record`:
+one SQLite transaction, one Redis Lua script), and returns once it is stored. So the budgets
+always equal the sum of the ledger, and a crash (SIGKILL, OOM, power cut with
+SQLITE_SYNCHRONOUS=full) at any moment loses no record of an answer that went out: the answer
+is only sent after its write committed. A cache hit has no reservation; its (zero-cost) record is
+appended the same way. The write costs about what the settle alone did (one more INSERT in the
+same transaction, or in the same script), so nothing is batched behind the answer any more.
 
-A failed write is retried with exponential backoff and the batch stays at the head of the queue:
-records are never dropped silently. Writes are idempotent on the record id, so a batch that
-failed half-way (Redis pipeline, network cut after the commit) is simply written again.
+The write is not lost if the request is cancelled mid-way (the deadline fired, the client left):
+it is idempotent (on the reservation; a cache hit's on the record id), so a cancelled write is
+simply written again in a task the ledger keeps, and a clean shutdown waits for it.
 
-Crash window: records still queued are lost if the process is killed without a shutdown (SIGKILL,
-OOM, power cut). That is at most the last `batch_interval_seconds` (200 ms by default) plus one
-write's latency of records in normal operation, and everything queued since a store outage began
-if the store is down. If the store is still failing when `close()` gives up, each unwritten record
-is logged at ERROR as JSON, so it can be replayed from the logs.
+When the store refuses the write (down, unreachable), the answer still goes out — the provider
+has already been paid — and the entry joins a backlog retried in the background with exponential
+backoff (the write is idempotent on the reservation and the record id, so an ambiguous failure
+is simply written again). `flush()` and `close()` drain the backlog; the lifespan closes the
+ledger on shutdown, after the server stopped taking requests and before it closes the store. If
+the store is still failing when `close()` gives up, each unwritten record is logged at ERROR as
+JSON (with its reservation id), so it can be replayed from the logs. Only that backlog — records
+of a store outage — is lost by a crash.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from collections import deque
+from dataclasses import dataclass
 
 from app.services.store import (
     DEFAULT_ACTIVE_WINDOW_SECONDS,
+    Reservation,
     SessionSummary,
     Store,
+    StoreUnavailable,
     TenantStatus,
     UsagePage,
     UsageRecord,
@@ -38,36 +46,30 @@ __all__ = ["Ledger", "UsageRecord"]
 
 log = logging.getLogger("cxrelay.ledger")
 
-DEFAULT_BATCH_INTERVAL_SECONDS = 0.2
-DEFAULT_MAX_BATCH = 200
+
+@dataclass(frozen=True)
+class _Entry:
+    record: UsageRecord
+    reservation: Reservation | None  # None: nothing to settle (a cache hit)
 
 
 class Ledger:
-    """A write-behind queue in front of the Store's ledger; reads go straight to the Store."""
+    """Writes each call's record with its settlement; reads go straight to the Store."""
 
     def __init__(
         self,
         store: Store,
         *,
-        batch_interval_seconds: float = DEFAULT_BATCH_INTERVAL_SECONDS,
-        max_batch: int = DEFAULT_MAX_BATCH,
         retry_initial_seconds: float = 0.2,
         retry_max_seconds: float = 30.0,
         backlog_warning: int = 10_000,
     ) -> None:
-        if max_batch < 1 or batch_interval_seconds < 0:
-            raise ValueError("max_batch must be positive and the batch interval not negative")
         self.store = store
-        self._interval = batch_interval_seconds
-        self._max_batch = max_batch
         self._retry_initial = retry_initial_seconds
         self._retry_max = retry_max_seconds
         self._backlog_warning = backlog_warning
-        self._queue: deque[UsageRecord] = deque()
-        self._has_work = asyncio.Event()
-        self._urgent = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._backlog: deque[_Entry] = deque()
+        self._writing: set[asyncio.Task[bool]] = set()  # writes finished behind a cancellation
         self._retry_now = asyncio.Event()  # a flush or close cuts a backoff short
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
@@ -77,114 +79,143 @@ class Ledger:
 
     @property
     def pending(self) -> int:
-        """Records accepted but not yet written (including the batch being written)."""
-        return len(self._queue)
+        """Records accepted but not yet stored (writes behind a cancellation, the backlog)."""
+        return len(self._writing) + len(self._backlog)
 
-    def start(self) -> None:
-        """Start the writer (optional: the first `record()` starts it too). Needs a running loop."""
+    async def commit(self, record: UsageRecord, reservation: Reservation | None = None) -> bool:
+        """Store the record (and settle `reservation` with its usage) in one write; True once
+        stored. Never raises for the store: False means it failed and the entry waits in the
+        backlog. A cancellation propagates, and the write is finished behind the caller."""
+        entry = _Entry(record, reservation)
         if self._closing:
-            raise RuntimeError("the ledger is closed")
+            self._lost(entry, "ledger record after close, not written")
+            return False
+        try:
+            return await self._commit(entry)
+        except asyncio.CancelledError:
+            # cancelled mid-write: it may or may not have been applied, and it is idempotent,
+            # so it is written again behind the caller (cheaper than shielding every write)
+            task = asyncio.get_running_loop().create_task(self._commit(entry))
+            self._writing.add(task)
+            task.add_done_callback(self._writing.discard)
+            raise
+
+    async def _commit(self, entry: _Entry) -> bool:
+        try:
+            await self._write(entry)
+        except StoreUnavailable as exc:
+            self.write_failures_total += 1
+            log.error(
+                "ledger write failed, kept for retry: %s",
+                exc,
+                extra={"tenant": entry.record.tenant, "session_id": entry.record.session},
+            )
+            self._defer(entry)
+            return False
+        except Exception:  # a bug, not an outage: retrying would not help
+            log.exception("ledger write failed")
+            self._lost(entry, "ledger record not written")
+            return False
+        self.written_total += 1
+        return True
+
+    async def _write(self, entry: _Entry) -> None:
+        if entry.reservation is None:
+            await self.store.append_usage(entry.record)
+        else:
+            await self.store.settle_and_record(entry.reservation, entry.record)
+
+    def _defer(self, entry: _Entry) -> None:
+        self._backlog.append(entry)
+        if len(self._backlog) >= self._backlog_warning and not self._warned_backlog:
+            self._warned_backlog = True
+            log.warning("ledger backlog: %d records waiting to be written", len(self._backlog))
+        self._start_retries()
+
+    def _start_retries(self) -> asyncio.Task[None]:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(
-                self._run(), name="cxrelay-ledger-writer"
+                self._drain(), name="cxrelay-ledger-retry"
             )
+        return self._worker
 
-    def record(self, record: UsageRecord) -> None:
-        """Accept a record for writing; returns at once, never awaits I/O."""
-        if self._closing:
-            log.error("ledger record after close, not written: %s", record.to_json())
-            return
-        self._queue.append(record)
-        self._idle.clear()
-        self._has_work.set()
-        if len(self._queue) >= self._max_batch:
-            self._urgent.set()  # a full batch need not wait out the interval
-        if len(self._queue) >= self._backlog_warning and not self._warned_backlog:
-            self._warned_backlog = True
-            log.warning("ledger backlog: %d records waiting to be written", len(self._queue))
-        self.start()
+    async def _drain(self) -> None:
+        """Retry the backlog, oldest first, until the store takes all of it."""
+        failures = 0
+        while self._backlog:
+            entry = self._backlog[0]
+            try:
+                await self._write(entry)
+            except StoreUnavailable as exc:
+                failures += 1
+                self.write_failures_total += 1
+                delay = min(self._retry_max, self._retry_initial * 2 ** min(failures - 1, 16))
+                if self._closing:  # closing: retry soon, not in 30 s
+                    delay = min(delay, self._retry_initial)
+                log.error(
+                    "ledger retry of %d waiting records failed (attempt %d), next in %.1fs: %s",
+                    len(self._backlog),
+                    failures,
+                    delay,
+                    exc,
+                )
+                self._retry_now.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._retry_now.wait(), delay)
+                continue
+            except Exception:
+                log.exception("ledger write failed")
+                self._lost(self._backlog.popleft(), "ledger record not written")
+                continue
+            self._backlog.popleft()
+            self.written_total += 1
+        if failures:
+            log.warning("ledger writes recovered after %d failed attempts", failures)
+        self._warned_backlog = False
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Write everything queued so far; False if `timeout` passed first (store failing)."""
-        if not self._queue:
-            return True
-        self.start()
-        self._urgent.set()
-        self._retry_now.set()
+        """Wait for the writes in progress and the backlog; False if `timeout` passed first."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._settled(), timeout)
         except asyncio.TimeoutError:
             return False
         return True
 
+    async def _settled(self) -> None:
+        while self._writing or self._backlog:
+            if self._writing:
+                await asyncio.wait(set(self._writing))
+            if self._backlog:
+                worker = self._start_retries()
+                self._retry_now.set()
+                await asyncio.wait({worker}, timeout=self._retry_initial)
+
     async def close(self, timeout: float = 10.0) -> None:
-        """Drain the queue (up to `timeout`), stop the writer, log any record left unwritten."""
+        """Drain (up to `timeout`), stop the retries, log any record left unwritten."""
         if self._closing and self._worker is None:
             return
         self._closing = True
-        worker = self._worker
+        self._retry_now.set()
+        await self.flush(timeout)
+        worker, self._worker = self._worker, None
         if worker is not None and not worker.done():
-            self._urgent.set()
-            self._retry_now.set()
-            self._has_work.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(worker), timeout)
-            except asyncio.TimeoutError:
-                worker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker
-        self._worker = None
-        if self._queue:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        if self._backlog:
             log.error(
                 "ledger closed with %d records not written (store failing); logged below as JSON",
-                len(self._queue),
+                len(self._backlog),
             )
-            while self._queue:
-                log.error("ledger record not written: %s", self._queue.popleft().to_json())
+            while self._backlog:
+                self._lost(self._backlog.popleft(), "ledger record not written")
 
-    async def _run(self) -> None:
-        failures = 0
-        while True:
-            await self._has_work.wait()
-            if not self._urgent.is_set():  # let a batch gather, unless someone is waiting
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._urgent.wait(), self._interval)
-            while self._queue:
-                batch = list(itertools.islice(self._queue, self._max_batch))
-                try:
-                    await self.store.append_usages(batch)
-                except Exception as exc:
-                    failures += 1
-                    self.write_failures_total += 1
-                    delay = min(self._retry_max, self._retry_initial * 2 ** min(failures - 1, 16))
-                    if self._urgent.is_set():  # flushing or closing: retry soon, not in 30 s
-                        delay = min(delay, self._retry_initial)
-                    log.error(
-                        "ledger write of %d records failed (attempt %d), retrying in %.1fs: %s",
-                        len(batch),
-                        failures,
-                        delay,
-                        exc,
-                        exc_info=failures == 1,
-                    )
-                    self._retry_now.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._retry_now.wait(), delay)
-                    continue
-                if failures:
-                    log.warning("ledger writes recovered after %d failed attempts", failures)
-                failures = 0
-                for _ in batch:
-                    self._queue.popleft()
-                self.written_total += len(batch)
-            self._warned_backlog = False
-            self._has_work.clear()
-            self._urgent.clear()
-            self._idle.set()
-            if self._closing:
-                return
+    @staticmethod
+    def _lost(entry: _Entry, why: str) -> None:
+        reservation = entry.reservation.id if entry.reservation is not None else None
+        log.error("%s: %s", why, entry.record.to_json(), extra={"reservation": reservation})
 
-    # --- reads (scoped by tenant; they do not see records still queued) -------------------------
+    # --- reads (scoped by tenant) ------------------------------------------------------------
 
     async def list_usage(
         self, tenant: str, session: str | None = None, *, limit: int = 50, cursor: str | None = None

@@ -6,8 +6,10 @@ budget and the route's context window, shortening max_tokens when only that make
 then reserves prompt + max_tokens (and their cost at the dearest model of the route, so a
 fallback is covered) on the session and the tenant's day and month. A refusal is
 BudgetExhausted: the chat surfaces answer 429, the webhooks their fallback. `settle` counts the
-provider's real usage (our own count when it sent none) and appends the ledger record;
-`release` gives the reservation back when the call failed.
+provider's real usage (our own count when it sent none) and writes it to the budget and the
+ledger in one atomic store write that completes before the caller can answer (see
+app.services.ledger), so a crash never leaves an answered call unrecorded or the budgets apart
+from the ledger; `release` gives the reservation back when the call failed.
 """
 
 from __future__ import annotations
@@ -186,33 +188,25 @@ class Metering:
         model: str,
         latency_ms: float,
     ) -> None:
-        # the ledger row first: it is a queue append, so a cancellation arriving during the
-        # (shielded) settle below cannot lose it
-        self.ledger.record(
-            UsageRecord(
-                tenant=plan.principal.tenant,
-                session=plan.session_id,
-                surface=surface,
-                provider=provider,
-                model=model,
-                prompt_tokens=spent.usage.prompt_tokens,
-                completion_tokens=spent.usage.completion_tokens,
-                cost=spent.cost,
-                latency_ms=latency_ms,
-                estimated=spent.estimated,
-            )
+        record = UsageRecord(
+            tenant=plan.principal.tenant,
+            session=plan.session_id,
+            surface=surface,
+            provider=provider,
+            model=model,
+            prompt_tokens=spent.usage.prompt_tokens,
+            completion_tokens=spent.usage.completion_tokens,
+            cost=spent.cost,
+            latency_ms=latency_ms,
+            estimated=spent.estimated,
         )
         # the metrics count exactly what the ledger does: every metered call, every surface
         labels = (surface, plan.principal.tenant, provider, model)
         TOKENS.labels(*labels, "prompt").inc(spent.usage.prompt_tokens)
         TOKENS.labels(*labels, "completion").inc(spent.usage.completion_tokens)
         COST.labels(*labels).inc(spent.cost)
-        await self.budget.settle(
-            plan.grant,
-            prompt_tokens=spent.usage.prompt_tokens,
-            completion_tokens=spent.usage.completion_tokens,
-            cost=spent.cost,
-        )
+        # the settle and the record in one write, finished even if the request is cancelled
+        await self.ledger.commit(record, plan.grant.reservation)
 
     async def release(self, plan: Plan) -> None:
         await self.budget.release(plan.grant)
@@ -238,7 +232,7 @@ class Metering:
         chain = ",".join(f"{t.provider.spec.name}/{t.model.name}" for t in route.targets)
         return f"{route.name}={chain}"
 
-    def record_cached(
+    async def record_cached(
         self,
         principal: Principal,
         session_id: str,
@@ -249,7 +243,7 @@ class Metering:
         latency_ms: float,
     ) -> None:
         """A cache hit spends nothing, but finance still sees that the session was answered."""
-        self.ledger.record(
+        await self.ledger.commit(
             UsageRecord(
                 tenant=principal.tenant,
                 session=session_id,

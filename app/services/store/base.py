@@ -17,6 +17,10 @@ Budget arithmetic, the same in every store:
   max_tokens). Settling twice counts once.
 * `release` gives the held amount back (the call failed); releasing twice, or after a settle, does
   nothing.
+* `settle_and_record` is what a finished call does: the settle (with the record's tokens and cost)
+  and the ledger record in ONE atomic write, both or neither, so a crash at any moment leaves the
+  budgets equal to the sum of the ledger. It is idempotent on the reservation (a retried write
+  after an ambiguous failure writes nothing twice) and completes before the answer goes out.
 * A reservation neither settled nor released within the store's reservation TTL is released by the
   store (lazily, on the next operation on that scope), so a replica that dies mid-call cannot hold
   budget forever. A late settle of such a reservation still adds its actual usage.
@@ -67,6 +71,12 @@ class Store(Protocol):
 
     async def release(self, reservation: Reservation) -> bool:
         """True if budget was given back by this call."""
+        ...
+
+    async def settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
+        """settle(reservation, record.total_tokens, record.cost) and append_usage(record) as one
+        atomic write. True if this call counted them; False if the reservation was already
+        settled, and then nothing is written (a retry of a write that had committed)."""
         ...
 
     async def usage(self, scope: BudgetScope) -> ScopeUsage: ...
@@ -134,6 +144,11 @@ def check_reserve_args(scopes: Sequence[BudgetScope], tokens: int, cost: float) 
     keys = [(scope.kind, scope.id) for scope in scopes]
     if len(set(keys)) != len(keys):
         raise ValueError("a scope appears twice in one reservation")
+
+
+def check_settle_args(reservation: Reservation, record: UsageRecord) -> None:
+    if record.tenant != reservation.tenant:
+        raise ValueError("a usage record is settled against a reservation of its own tenant")
 
 
 def check_page_args(limit: int) -> None:

@@ -16,6 +16,7 @@ from app.services.store.base import (
     DEFAULT_RESERVATION_TTL_SECONDS,
     check_page_args,
     check_reserve_args,
+    check_settle_args,
     decide,
     remaining_of,
 )
@@ -166,6 +167,14 @@ class MemoryStore:
             counters = self._counters.setdefault(_key(scope), _Counters())
             counters.used_tokens += actual_tokens
             counters.used_cost += cost_micros
+        return True
+
+    async def settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
+        check_settle_args(reservation, record)
+        # neither awaits anything, so nothing runs in between: one atomic step on the loop
+        if not await self.settle(reservation, record.total_tokens, record.cost):
+            return False
+        await self.append_usages([record])
         return True
 
     async def release(self, reservation: Reservation) -> bool:

@@ -115,26 +115,30 @@ return out
 """
 )
 
-# KEYS as for reserve. ARGV: member, actual_tokens, actual_cost, key_ttl, state_ttl,
+# settle(n, a): n scopes at KEYS[1..2n] (counters hash, held zset), the reservation's state hash at
+# KEYS[2n+1]; ARGV[a+1..a+7]: member, actual_tokens, actual_cost, key_ttl, state_ttl,
 # reserved_tokens, reserved_cost. Returns 1 if the usage was recorded, 0 if already settled.
-_SETTLE = """
-local state = KEYS[#KEYS]
-if redis.call('HGET', state, 'state') == 'settled' then return 0 end
-local n = (#KEYS - 1) / 2
-for i = 1, n do
-  local h, z = KEYS[2 * i - 1], KEYS[2 * i]
-  if redis.call('ZREM', z, ARGV[1]) == 1 then
-    redis.call('HINCRBY', h, 'reserved_tokens', 0 - tonumber(ARGV[6]))
-    redis.call('HINCRBY', h, 'reserved_cost', 0 - tonumber(ARGV[7]))
+# A function, so that settle_and_record (redis_store) runs the same lines before the ledger's.
+SETTLE_FUNCTION = """
+local function settle(n, a)
+  local state = KEYS[2 * n + 1]
+  if redis.call('HGET', state, 'state') == 'settled' then return 0 end
+  for i = 1, n do
+    local h, z = KEYS[2 * i - 1], KEYS[2 * i]
+    if redis.call('ZREM', z, ARGV[a + 1]) == 1 then
+      redis.call('HINCRBY', h, 'reserved_tokens', 0 - tonumber(ARGV[a + 6]))
+      redis.call('HINCRBY', h, 'reserved_cost', 0 - tonumber(ARGV[a + 7]))
+    end
+    redis.call('HINCRBY', h, 'used_tokens', ARGV[a + 2])
+    redis.call('HINCRBY', h, 'used_cost', ARGV[a + 3])
+    redis.call('EXPIRE', h, ARGV[a + 4])
   end
-  redis.call('HINCRBY', h, 'used_tokens', ARGV[2])
-  redis.call('HINCRBY', h, 'used_cost', ARGV[3])
-  redis.call('EXPIRE', h, ARGV[4])
+  redis.call('HSET', state, 'state', 'settled')
+  redis.call('EXPIRE', state, ARGV[a + 5])
+  return 1
 end
-redis.call('HSET', state, 'state', 'settled')
-redis.call('EXPIRE', state, ARGV[5])
-return 1
 """
+_SETTLE = SETTLE_FUNCTION + "return settle((#KEYS - 1) / 2, 0)\n"
 
 # KEYS as for reserve. ARGV: member, reserved_tokens, reserved_cost, state_ttl.
 _RELEASE = """
@@ -251,17 +255,23 @@ class RedisBudget(RedisConnection):
     ) -> bool:
         if actual_tokens < 0 or actual_cost < 0:
             raise ValueError("actual usage cannot be negative")
-        args: list[str | int] = [
+        args = self._settle_args(reservation, actual_tokens, to_micros(actual_cost))
+        out = await self._call(self._settle, self._reservation_keys(reservation), args)
+        return int(out) == 1
+
+    def _settle_args(
+        self, reservation: Reservation, actual_tokens: int, cost_micros: int
+    ) -> list[str | int]:
+        """ARGV of SETTLE_FUNCTION."""
+        return [
             self._member(reservation),
             actual_tokens,
-            to_micros(actual_cost),
+            cost_micros,
             self._key_ttl,
             self._state_ttl,
             reservation.tokens,
             reservation.cost_micros,
         ]
-        out = await self._call(self._settle, self._reservation_keys(reservation), args)
-        return int(out) == 1
 
     async def release(self, reservation: Reservation) -> bool:
         args: list[str | int] = [

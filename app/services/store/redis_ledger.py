@@ -43,28 +43,50 @@ from app.services.store.models import (
 )
 from app.services.store.redis_connection import DEFAULT_PREFIX, RedisConnection, q
 
-# KEYS: records, idx, session idx, session totals, sessions, tenant totals.
-# ARGV: id, json, sort key, time_us, session, prompt, completion, cost, cached, estimated.
-_APPEND = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('ZADD', KEYS[2], 0, ARGV[3])
-redis.call('ZADD', KEYS[3], 0, ARGV[3])
-local t = tonumber(ARGV[4])
-for _, key in ipairs({KEYS[4], KEYS[6]}) do
-  redis.call('HINCRBY', key, 'calls', 1)
-  redis.call('HINCRBY', key, 'prompt_tokens', ARGV[6])
-  redis.call('HINCRBY', key, 'completion_tokens', ARGV[7])
-  redis.call('HINCRBY', key, 'cost_micros', ARGV[8])
-  redis.call('HINCRBY', key, 'cached_calls', ARGV[9])
-  redis.call('HINCRBY', key, 'estimated_calls', ARGV[10])
+# append(k, a): KEYS[k+1..k+6] records, idx, session idx, session totals, sessions, tenant totals;
+# ARGV[a+1..a+10] id, json, sort key, time_us, session, prompt, completion, cost, cached,
+# estimated. Returns 1 if written, 0 if the id was there. A function, so that settle_and_record
+# (redis_store) runs the same lines after the budget's.
+APPEND_FUNCTION = """
+local function append(k, a)
+  if redis.call('HSETNX', KEYS[k + 1], ARGV[a + 1], ARGV[a + 2]) == 0 then return 0 end
+  redis.call('ZADD', KEYS[k + 2], 0, ARGV[a + 3])
+  redis.call('ZADD', KEYS[k + 3], 0, ARGV[a + 3])
+  local t = tonumber(ARGV[a + 4])
+  for _, key in ipairs({KEYS[k + 4], KEYS[k + 6]}) do
+    redis.call('HINCRBY', key, 'calls', 1)
+    redis.call('HINCRBY', key, 'prompt_tokens', ARGV[a + 6])
+    redis.call('HINCRBY', key, 'completion_tokens', ARGV[a + 7])
+    redis.call('HINCRBY', key, 'cost_micros', ARGV[a + 8])
+    redis.call('HINCRBY', key, 'cached_calls', ARGV[a + 9])
+    redis.call('HINCRBY', key, 'estimated_calls', ARGV[a + 10])
+  end
+  local first = tonumber(redis.call('HGET', KEYS[k + 4], 'first_us'))
+  if first == nil or t < first then redis.call('HSET', KEYS[k + 4], 'first_us', ARGV[a + 4]) end
+  local last = tonumber(redis.call('HGET', KEYS[k + 4], 'last_us'))
+  if last == nil or t > last then redis.call('HSET', KEYS[k + 4], 'last_us', ARGV[a + 4]) end
+  redis.call('ZADD', KEYS[k + 5], 'GT', ARGV[a + 4], ARGV[a + 5])
+  return 1
 end
-local first = tonumber(redis.call('HGET', KEYS[4], 'first_us'))
-if first == nil or t < first then redis.call('HSET', KEYS[4], 'first_us', ARGV[4]) end
-local last = tonumber(redis.call('HGET', KEYS[4], 'last_us'))
-if last == nil or t > last then redis.call('HSET', KEYS[4], 'last_us', ARGV[4]) end
-redis.call('ZADD', KEYS[5], 'GT', ARGV[4], ARGV[5])
-return 1
 """
+_APPEND = APPEND_FUNCTION + "return append(0, 0)\n"
+
+
+def append_args(r: UsageRecord) -> list[str | int]:
+    """ARGV of APPEND_FUNCTION."""
+    return [
+        r.id,
+        r.to_json(),
+        r.sort_key,
+        r.time_us,
+        r.session,
+        r.prompt_tokens,
+        r.completion_tokens,
+        r.cost_micros,
+        int(r.cached),
+        int(r.estimated),
+    ]
+
 
 _TOTAL_FIELDS = (
     "calls",
@@ -114,19 +136,7 @@ class RedisLedger(RedisConnection):
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for r in records:
-                    args: list[str | int] = [
-                        r.id,
-                        r.to_json(),
-                        r.sort_key,
-                        r.time_us,
-                        r.session,
-                        r.prompt_tokens,
-                        r.completion_tokens,
-                        r.cost_micros,
-                        int(r.cached),
-                        int(r.estimated),
-                    ]
-                    await self._append(keys=self._ledger_keys(r), args=args, client=pipe)
+                    await self._append(keys=self._ledger_keys(r), args=append_args(r), client=pipe)
                 results = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"Redis store error: {exc}") from exc

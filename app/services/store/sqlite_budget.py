@@ -140,32 +140,9 @@ class SQLiteBudget(SQLiteConnection):
         cost_micros = to_micros(actual_cost)
 
         def work(db: sqlite3.Connection) -> bool:
-            now_us = self._now_us()
-            row = db.execute(
-                "SELECT tenant, scopes, tokens, cost_micros, state FROM budget_reservations "
-                "WHERE id = ?",
-                (reservation.id,),
-            ).fetchone()
-            if row is not None and row[4] == "settled":
-                return False
-            if row is not None and row[4] == "reserved":
-                for kind, scope_id in json.loads(row[1]):
-                    _bump(db, row[0], kind, scope_id, now_us, reserved=(-row[2], -row[3]))
-            for s in reservation.scopes:
-                _bump(db, s.tenant, s.kind, s.id, now_us, used=(actual_tokens, cost_micros))
-            if row is None:  # forgotten (pruned): record it was settled, so a retry is a no-op
-                db.execute(
-                    "INSERT INTO budget_reservations "
-                    "(id, tenant, scopes, tokens, cost_micros, expires_us, state) "
-                    "VALUES (?, ?, '[]', 0, 0, ?, 'settled')",
-                    (reservation.id, reservation.tenant, now_us + self._ttl_us),
-                )
-            else:
-                db.execute(
-                    "UPDATE budget_reservations SET state = 'settled' WHERE id = ?",
-                    (reservation.id,),
-                )
-            return True
+            return settle_rows(
+                db, reservation, actual_tokens, cost_micros, self._now_us(), self._ttl_us
+            )
 
         return await self._run(work)
 
@@ -205,6 +182,40 @@ class SQLiteBudget(SQLiteConnection):
 
     async def remaining(self, scope: BudgetScope) -> tuple[int | None, float | None]:
         return remaining_of(await self.usage(scope))
+
+
+def settle_rows(
+    db: sqlite3.Connection,
+    reservation: Reservation,
+    actual_tokens: int,
+    cost_micros: int,
+    now_us: int,
+    ttl_us: int,
+) -> bool:
+    """The settle, inside the caller's transaction (alone, or with the ledger record's insert)."""
+    row = db.execute(
+        "SELECT tenant, scopes, tokens, cost_micros, state FROM budget_reservations WHERE id = ?",
+        (reservation.id,),
+    ).fetchone()
+    if row is not None and row[4] == "settled":
+        return False
+    if row is not None and row[4] == "reserved":
+        for kind, scope_id in json.loads(row[1]):
+            _bump(db, row[0], kind, scope_id, now_us, reserved=(-row[2], -row[3]))
+    for s in reservation.scopes:
+        _bump(db, s.tenant, s.kind, s.id, now_us, used=(actual_tokens, cost_micros))
+    if row is None:  # forgotten (pruned): record it was settled, so a retry is a no-op
+        db.execute(
+            "INSERT INTO budget_reservations "
+            "(id, tenant, scopes, tokens, cost_micros, expires_us, state) "
+            "VALUES (?, ?, '[]', 0, 0, ?, 'settled')",
+            (reservation.id, reservation.tenant, now_us + ttl_us),
+        )
+    else:
+        db.execute(
+            "UPDATE budget_reservations SET state = 'settled' WHERE id = ?", (reservation.id,)
+        )
+    return True
 
 
 def _read(db: sqlite3.Connection, scope: BudgetScope) -> ScopeUsage:

@@ -97,72 +97,7 @@ class SQLiteLedger(SQLiteConnection):
         records = list(records)
         if not records:
             return 0
-
-        def work(db: sqlite3.Connection) -> int:
-            written = 0
-            for r in records:
-                cursor = db.execute(
-                    "INSERT OR IGNORE INTO usage_records (tenant, id, time, time_us, session, "
-                    "surface, provider, model, prompt_tokens, completion_tokens, cost, "
-                    "cost_micros, cached, latency_ms, estimated) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        r.tenant,
-                        r.id,
-                        r.time_iso,
-                        r.time_us,
-                        r.session,
-                        r.surface,
-                        r.provider,
-                        r.model,
-                        r.prompt_tokens,
-                        r.completion_tokens,
-                        r.cost,
-                        r.cost_micros,
-                        int(r.cached),
-                        r.latency_ms,
-                        int(r.estimated),
-                    ),
-                )
-                if cursor.rowcount != 1:
-                    continue  # already written: a retried batch
-                written += 1
-                totals = (
-                    r.prompt_tokens,
-                    r.completion_tokens,
-                    r.cost_micros,
-                    int(r.cached),
-                    int(r.estimated),
-                )
-                db.execute(
-                    f"INSERT INTO usage_sessions (tenant, session, {_TOTALS_COLUMNS}, first_us, "
-                    "last_us) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (tenant, session) DO UPDATE SET "
-                    "calls = calls + 1, "
-                    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                    "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                    "cost_micros = cost_micros + excluded.cost_micros, "
-                    "cached_calls = cached_calls + excluded.cached_calls, "
-                    "estimated_calls = estimated_calls + excluded.estimated_calls, "
-                    "first_us = min(first_us, excluded.first_us), "
-                    "last_us = max(last_us, excluded.last_us)",
-                    (r.tenant, r.session, *totals, r.time_us, r.time_us),
-                )
-                db.execute(
-                    f"INSERT INTO usage_tenants (tenant, {_TOTALS_COLUMNS}) "
-                    "VALUES (?, 1, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (tenant) DO UPDATE SET "
-                    "calls = calls + 1, "
-                    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                    "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                    "cost_micros = cost_micros + excluded.cost_micros, "
-                    "cached_calls = cached_calls + excluded.cached_calls, "
-                    "estimated_calls = estimated_calls + excluded.estimated_calls",
-                    (r.tenant, *totals),
-                )
-            return written
-
-        return await self._run(work)
+        return await self._run(lambda db: insert_records(db, records))
 
     async def list_usage(
         self,
@@ -247,6 +182,72 @@ class SQLiteLedger(SQLiteConnection):
             )
 
         return await self._run(work, transaction=False)
+
+
+def insert_records(db: sqlite3.Connection, records: Sequence[UsageRecord]) -> int:
+    """Idempotent inserts and their totals, inside the caller's transaction; how many were new."""
+    written = 0
+    for r in records:
+        cursor = db.execute(
+            "INSERT OR IGNORE INTO usage_records (tenant, id, time, time_us, session, "
+            "surface, provider, model, prompt_tokens, completion_tokens, cost, "
+            "cost_micros, cached, latency_ms, estimated) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.tenant,
+                r.id,
+                r.time_iso,
+                r.time_us,
+                r.session,
+                r.surface,
+                r.provider,
+                r.model,
+                r.prompt_tokens,
+                r.completion_tokens,
+                r.cost,
+                r.cost_micros,
+                int(r.cached),
+                r.latency_ms,
+                int(r.estimated),
+            ),
+        )
+        if cursor.rowcount != 1:
+            continue  # already written: a retried batch
+        written += 1
+        totals = (
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.cost_micros,
+            int(r.cached),
+            int(r.estimated),
+        )
+        db.execute(
+            f"INSERT INTO usage_sessions (tenant, session, {_TOTALS_COLUMNS}, first_us, "
+            "last_us) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (tenant, session) DO UPDATE SET "
+            "calls = calls + 1, "
+            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+            "cost_micros = cost_micros + excluded.cost_micros, "
+            "cached_calls = cached_calls + excluded.cached_calls, "
+            "estimated_calls = estimated_calls + excluded.estimated_calls, "
+            "first_us = min(first_us, excluded.first_us), "
+            "last_us = max(last_us, excluded.last_us)",
+            (r.tenant, r.session, *totals, r.time_us, r.time_us),
+        )
+        db.execute(
+            f"INSERT INTO usage_tenants (tenant, {_TOTALS_COLUMNS}) "
+            "VALUES (?, 1, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (tenant) DO UPDATE SET "
+            "calls = calls + 1, "
+            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+            "completion_tokens = completion_tokens + excluded.completion_tokens, "
+            "cost_micros = cost_micros + excluded.cost_micros, "
+            "cached_calls = cached_calls + excluded.cached_calls, "
+            "estimated_calls = estimated_calls + excluded.estimated_calls",
+            (r.tenant, *totals),
+        )
+    return written
 
 
 _RECORD_NAMES = [name.strip() for name in _RECORD_COLUMNS.split(",")]

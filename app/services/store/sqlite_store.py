@@ -6,6 +6,9 @@
 * `sqlite_budget`: budget counters and reservations (`budget_*` tables)
 * `sqlite_ledger`: the usage ledger and its totals (`usage_*` tables)
 
+and `settle_and_record`, which needs both: a finished call's settle and its ledger record are one
+`BEGIN IMMEDIATE` transaction (one commit, so no more costly than the settle alone was).
+
 `synchronous=FULL` by default here: a committed ledger row or settled budget survives a power cut,
 not only a crash. The service opens it with SQLITE_SYNCHRONOUS (`normal` by default: a crash of
 the process loses nothing committed, a power cut may lose the last moments), and runs statements
@@ -20,10 +23,15 @@ from pathlib import Path
 from typing import Literal
 
 from app.services.audit import DB_FILENAME
-from app.services.store.base import DEFAULT_RESERVATION_TTL_SECONDS, StoreUnavailable
-from app.services.store.sqlite_budget import BUDGET_SCHEMA, SQLiteBudget
+from app.services.store.base import (
+    DEFAULT_RESERVATION_TTL_SECONDS,
+    StoreUnavailable,
+    check_settle_args,
+)
+from app.services.store.models import Reservation, UsageRecord
+from app.services.store.sqlite_budget import BUDGET_SCHEMA, SQLiteBudget, settle_rows
 from app.services.store.sqlite_connection import connect
-from app.services.store.sqlite_ledger import LEDGER_SCHEMA, SQLiteLedger
+from app.services.store.sqlite_ledger import LEDGER_SCHEMA, SQLiteLedger, insert_records
 
 _SCHEMA = BUDGET_SCHEMA + LEDGER_SCHEMA
 
@@ -49,3 +57,16 @@ class SQLiteStore(SQLiteBudget, SQLiteLedger):
         store = cls(connection, path, reservation_ttl_seconds=reservation_ttl_seconds)
         store.inline = inline
         return store
+
+    async def settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
+        check_settle_args(reservation, record)
+
+        def work(db: sqlite3.Connection) -> bool:
+            now_us = self._now_us()
+            tokens, cost = record.total_tokens, record.cost_micros
+            if not settle_rows(db, reservation, tokens, cost, now_us, self._ttl_us):
+                return False
+            insert_records(db, [record])
+            return True
+
+        return await self._run(work)
