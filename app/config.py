@@ -10,11 +10,19 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.errors import ConfigError
 from app.services.budget import parse_limit_map
+from app.services.clients import parse_client_key, split_tenant
 
 AuthScheme = Literal["hmac", "standard_webhooks", "api_key"]
 ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = ("hmac", "standard_webhooks", "api_key")
@@ -116,6 +124,9 @@ class Settings(BaseSettings):
     chat_fallback_response: str = Field(
         "I'm sorry, I can't help with that right now.", min_length=1
     )
+    # A /chat answer that still broke the caller's schema after the repair: its 422 body carries
+    # the model's text too (`raw_output`, after the output guard). For debugging only.
+    debug_failed_output: bool = False
     # /ws/chat liveness (the tutorial's values): uvicorn pings every WS_PING_INTERVAL_SECONDS
     # (0 turns pings off) and drops a socket whose pong is WS_PONG_TIMEOUT_SECONDS late; the
     # route closes a socket with no request and no answer running for WS_IDLE_TIMEOUT_SECONDS.
@@ -135,6 +146,9 @@ class Settings(BaseSettings):
     # --- provisioning (admin) API ----------------------------------------------------------------
     admin_token: SecretStr | None = None
     admin_notify_urls: CommaList = Field(default_factory=list)
+
+    # --- /metrics: open (Prometheus' convention) unless a bearer token is set ---------------------
+    metrics_token: SecretStr | None = None
 
     # --- Cognigy fallback webhook --------------------------------------------------------------
     cognigy_webhook_secret: SecretList = Field(default_factory=list)
@@ -222,6 +236,33 @@ class Settings(BaseSettings):
         mode="before",
     )(_split_commas)
 
+    @field_validator(
+        "client_api_keys",
+        "cognigy_webhook_secret",
+        "cognigy_api_keys",
+        "cxone_webhook_authorization",
+    )
+    @classmethod
+    def _one_tenant_per_credential(
+        cls, values: list[SecretStr], info: ValidationInfo
+    ) -> list[SecretStr]:
+        """`value:tenant` entries: one value under two tenants would leave which one pays to
+        chance, so it stops start-up (naming the tenants, never the value)."""
+        tenants: dict[str, set[str]] = {}
+        for entry in values:
+            if info.field_name == "client_api_keys":
+                value, tenant, _ = parse_client_key(entry.get_secret_value())
+            else:
+                value, tenant = split_tenant(entry.get_secret_value())
+            tenants.setdefault(value, set()).add(tenant)
+        for names in tenants.values():
+            if len(names) > 1:
+                raise ValueError(
+                    f"one credential is listed for several tenants ({', '.join(sorted(names))}): "
+                    "give each tenant its own"
+                )
+        return values
+
     @field_validator("budget_session_tokens", mode="before")
     @classmethod
     def _none_is_unlimited(cls, value: object) -> object:
@@ -266,6 +307,7 @@ class Settings(BaseSettings):
         "providers_file",
         "safety_rules_dir",
         "bot_state_secret",
+        "metrics_token",
         mode="before",
     )
     @classmethod

@@ -19,7 +19,7 @@ from app.services.ledger import Ledger
 from app.services.llm.router import RouterSlot
 from app.services.metering import Metering
 from app.services.provisioning import Provisioner
-from app.services.signatures import WebhookAuthenticator
+from app.services.signatures import AuthorizationAuthenticator, WebhookAuthenticator
 from app.services.store import Store
 
 
@@ -34,7 +34,7 @@ class Services:
     chat: ChatPipeline
     caller_templates: CallerTemplates
     metering: Metering
-    cxone_authorizations: list[bytes]
+    cxone_authorizations: AuthorizationAuthenticator
     audit: AuditLog
     provisioner: Provisioner
     store: Store

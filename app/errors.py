@@ -16,7 +16,15 @@ class ConfigError(CxRelayError):
 
 
 class AuthenticationFailed(CxRelayError):
-    """The caller's credential is missing or wrong (always answered with 401)."""
+    """The caller's credential is missing or wrong (always answered with 401).
+
+    `reason` is one word of a fixed vocabulary (AUTH_FAILURE_REASONS in app/services/metrics.py:
+    missing, invalid, malformed, expired, replayed, disabled), safe as a metric label; the
+    message says more, for the caller, and never repeats the presented credential."""
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class UpstreamError(CxRelayError):

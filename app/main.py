@@ -36,7 +36,7 @@ from app.services import tokens
 from app.services.audit import AuditLog
 from app.services.budget import BudgetService
 from app.services.caller_templates import CallerTemplates
-from app.services.clients import ClientAuthenticator
+from app.services.clients import ClientAuthenticator, split_tenant
 from app.services.cxone import CXoneContextClient
 from app.services.http import build_http_client
 from app.services.ledger import Ledger
@@ -196,8 +196,9 @@ def build_services(
     intent_cache = build_intent_cache(settings)
     turn_cache = TurnCache(intent_cache, metering, settings.intent_cache_enabled)
     authenticator = WebhookAuthenticator(
-        secrets=[s.get_secret_value() for s in settings.cognigy_webhook_secret],
-        api_keys=[k.get_secret_value() for k in settings.cognigy_api_keys],
+        # `value:tenant` (split_tenant): the verified credential's tenant is the turn's
+        secrets=[split_tenant(s.get_secret_value()) for s in settings.cognigy_webhook_secret],
+        api_keys=[split_tenant(k.get_secret_value()) for k in settings.cognigy_api_keys],
         schemes=settings.cognigy_auth_schemes,
         tolerance_seconds=settings.webhook_timestamp_tolerance_seconds,
         replay_guard=ReplayGuard(ttl_seconds=2 * settings.webhook_timestamp_tolerance_seconds),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from collections.abc import Mapping
@@ -19,12 +18,14 @@ from app.pipelines.turn_cache import TurnCache
 from app.services.bot_state import StateCodec
 from app.services.budget import BudgetPolicy, PeriodLimits
 from app.services.cache import IntentCache
+from app.services.clients import split_tenant
 from app.services.cxone import CXoneContextClient, Turn
 from app.services.injection import InjectionRules
 from app.services.ledger import Ledger
 from app.services.metering import Metering
 from app.services.prompts import PromptRenderer
 from app.services.safety import RULES_DIR, SafetyRules
+from app.services.signatures import AuthorizationAuthenticator
 from app.services.store import Store, open_store
 
 log = logging.getLogger("cxrelay")
@@ -162,12 +163,12 @@ def state_secret(settings: Settings) -> bytes:
     return secrets.token_bytes(32)
 
 
-def cxone_authorizations(settings: Settings) -> list[bytes]:
-    """SHA-256 digests of the accepted Authorization values: no raw credential kept around."""
-    return [
-        hashlib.sha256(v.get_secret_value().strip().encode()).digest()
-        for v in settings.cxone_webhook_authorization
-    ]
+def cxone_authorizations(settings: Settings) -> AuthorizationAuthenticator:
+    """The accepted Authorization values (`value:tenant`, as every credential setting), held as
+    SHA-256 digests: no raw credential kept around."""
+    return AuthorizationAuthenticator(
+        [split_tenant(v.get_secret_value().strip()) for v in settings.cxone_webhook_authorization]
+    )
 
 
 def load_safety_rules(settings: Settings) -> SafetyRules:

@@ -5,7 +5,8 @@ plan (truncate, reserve) → LLM, streamed to the caller when asked → output g
 against the caller's schema (one repair) → settle, ledger, cache. Every step that refuses raises
 a typed error the surface maps to its own wire: BudgetExhausted (429), HistoryTooLong (400),
 UnknownModel (404), BudgetUnavailable (503), UpstreamError after every model was tried (502/504),
-OutputInvalid after the repair (422).
+OutputInvalid after the repair (422); a caller schema that is not JSON Schema is SchemaInvalid
+(400) before anything else.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from app.services.metrics import BUDGET_EXHAUSTED, TURNS
 from app.services.output_guard import OutputGuard
 from app.services.prompts import PromptRenderer
 from app.services.safety import SafetyRules
-from app.services.validation import parse_json_schema_output, repair_messages
+from app.services.validation import (
+    OutputMismatch,
+    check_json_schema,
+    output_problems,
+    parse_json_schema_output,
+    repair_messages,
+)
 
 log = logging.getLogger("cxrelay.chat")
 
@@ -61,6 +68,8 @@ class ChatPipeline:
 
     async def _run(self, call: ChatCall, on_text: OnText | None) -> ChatOutcome:
         started = time.perf_counter()
+        if call.json_schema is not None:
+            check_json_schema(call.json_schema)  # SchemaInvalid: the caller's fault, nothing spent
         deadline = Deadline.after(self.options.deadline_seconds)
         models = [call.model or self.options.default_model, *call.fallback_models]
         for name in models:
@@ -80,6 +89,7 @@ class ChatPipeline:
                 content=cached.content,
                 model=cached.model,
                 provider=cached.provider,
+                model_used=cached.model_used or cached.model,
                 cached=True,
                 lightweight=headroom.lightweight,
                 injection=injection,
@@ -175,6 +185,7 @@ class ChatPipeline:
             outcome.model,
             outcome.usage.prompt_tokens,
             outcome.usage.completion_tokens,
+            model_used=outcome.model_used,
         )
         self.cache.put(call.principal.tenant, model, messages, answer, self._cache_qualifier(call))
 
@@ -227,7 +238,7 @@ class ChatPipeline:
             self.safety,
             call.surface,
             redact="pii" in call.filters(),
-            categories=self.options.unsafe_categories if "unsafe" in call.filters() else (),
+            categories=call.unsafe_categories(self.options.unsafe_categories),
         )
 
     async def _call(
@@ -275,6 +286,8 @@ class ChatPipeline:
             cost=spent.cost,
             dropped=plan.dropped,
             usage_estimated=spent.estimated,
+            # the trail names the configured model; the provider may echo a dated variant
+            model_used=str(result.trail[-1].model) if result.trail else result.model,
         )
 
     async def _validate(
@@ -303,10 +316,11 @@ class ChatPipeline:
         except BaseException as error:
             await self.metering.release(again)
             if isinstance(error, UpstreamError):  # the first answer stands, and it is invalid
-                raise OutputInvalid(
+                failed = {"path": "$", "message": f"repair call failed: {error}"}
+                raise OutputMismatch(
                     "the repair call failed",
                     raw=outcome.content,
-                    errors=[*invalid.errors, f"repair call failed: {error}"],
+                    problems=[*output_problems(invalid), failed],
                 ) from error
             raise
         second = await self._settle(call, again, result)

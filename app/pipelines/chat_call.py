@@ -11,8 +11,10 @@ from app.principal import Principal
 from app.services.injection import InjectionMode
 from app.services.llm.types import Usage
 
-SafetyFilter = Literal["pii", "unsafe", "injection"]
+SafetyFilter = Literal["pii", "unsafe", "injection", "profanity", "self_harm"]
 ALL_FILTERS: frozenset[str] = frozenset({"pii", "unsafe", "injection"})
+# The tutorial's filter names that are one unsafe-output category each (app/safety_rules).
+CATEGORY_FILTERS: tuple[str, ...] = ("self_harm", "profanity")
 OnText = Callable[[str], Awaitable[None]]
 
 
@@ -52,6 +54,14 @@ class ChatCall:
     def filters(self) -> Collection[str]:
         return ALL_FILTERS if self.safety_filters is None else self.safety_filters
 
+    def unsafe_categories(self, configured: tuple[str, ...]) -> tuple[str, ...]:
+        """The unsafe-output categories checked for this call: `unsafe` means every configured
+        one; `profanity` and `self_harm` add their own category, configured or not."""
+        filters = self.filters()
+        chosen = list(configured) if "unsafe" in filters else []
+        chosen += [name for name in CATEGORY_FILTERS if name in filters and name not in chosen]
+        return tuple(chosen)
+
 
 @dataclass
 class ChatOutcome:
@@ -71,3 +81,4 @@ class ChatOutcome:
     parsed: dict[str, Any] | None = None  # the validated object, with a json_schema
     latency_ms: float = 0.0
     repaired: bool = False
+    model_used: str = ""  # the configured model that answered (the provider may echo another)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from app.dependencies import ServicesDep
 from app.principal import DEFAULT_TENANT, Principal
+from app.routers.caller import record_auth_failure
 from app.schemas.admin import (
     ApplyResponse,
     AuditPage,
@@ -25,6 +26,7 @@ from app.schemas.admin import (
     ProvidersResponse,
     ValidateResponse,
 )
+from app.schemas.openapi import HTTPError, error_response
 from app.services.audit import AuditAction
 from app.services.body import read_limited_body
 from app.services.llm.catalog import Problem, ProviderConfigInvalid, parse_provider_text
@@ -36,19 +38,28 @@ log = logging.getLogger("cxrelay.admin")
 JSON_TYPES = frozenset({"application/json"})
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
 MAX_ACTOR_CHARS = 64
+SQLITE_MAX_INT = 2**63 - 1  # the audit log's OFFSET: beyond it SQLite cannot take the number
 
-_CHANGE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "no ADMIN_TOKEN configured, or a missing or wrong bearer token"},
-    413: {"description": "body over MAX_BODY_BYTES"},
-    415: {"description": "body is neither application/json nor YAML"},
+_UNAUTHORIZED = error_response(
+    "no ADMIN_TOKEN configured, or a missing or wrong bearer token", HTTPError
+)
+_BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: error_response("body over MAX_BODY_BYTES", HTTPError),
+    415: error_response("body is neither application/json nor YAML", HTTPError),
+}
+_REVERT_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": ProblemsResponse, "description": "invalid or unparsable; nothing changed"},
     424: {"model": ProblemsResponse, "description": "a provider failed its health check"},
     500: {"model": ProblemsResponse, "description": "the change failed; nothing changed"},
 }
+_CHANGE_RESPONSES = {**_BODY_RESPONSES, **_REVERT_RESPONSES}
+_VALIDATE_RESPONSES = {**_BODY_RESPONSES, 422: _REVERT_RESPONSES[422]}
 
-_VALIDATE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    k: v for k, v in _CHANGE_RESPONSES.items() if k in (401, 413, 415, 422)
-}
+
+def _provider_file_body(json_schema: dict[str, Any]) -> dict[str, Any]:
+    """The provider file (README "Providers"), as JSON or as the YAML text an operator writes."""
+    content = {"application/json": {"schema": json_schema}, "application/yaml": {"schema": {}}}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 @dataclass(frozen=True)
@@ -58,14 +69,7 @@ class Admin:
 
 
 def _unauthorized(request: Request, reason: str, message: str) -> HTTPException:
-    log.warning(
-        "admin authentication failed",
-        extra={
-            "route": request.url.path,
-            "remote": request.client.host if request.client else "",
-            "reason": reason,
-        },
-    )
+    record_auth_failure(log, "admin authentication failed", request, reason, message)
     return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -77,7 +81,7 @@ async def require_admin(request: Request, services: ServicesDep) -> Admin:
     if not secret:
         raise _unauthorized(
             request,
-            "admin API disabled",
+            "disabled",
             "the admin API is disabled until ADMIN_TOKEN is set",
         )
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
@@ -85,12 +89,12 @@ async def require_admin(request: Request, services: ServicesDep) -> Admin:
     if scheme.lower() != "bearer" or not presented:
         raise _unauthorized(
             request,
-            "missing bearer token",
+            "missing",
             "missing admin credential: send Authorization: Bearer <ADMIN_TOKEN>",
         )
     expected = hashlib.sha256(secret.encode()).digest()
     if not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected):
-        raise _unauthorized(request, "wrong admin token", "invalid admin token")
+        raise _unauthorized(request, "invalid", "invalid admin token")
     key_id = fingerprint(secret)
     return Admin(
         Principal(DEFAULT_TENANT, key_id, "admin", "bearer"),
@@ -111,7 +115,12 @@ def actor_name(header: str | None, key_id: str) -> str:
 
 
 AdminDep = Annotated[Admin, Depends(require_admin)]
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses={401: _UNAUTHORIZED},
+)
 
 
 class _Unparsable(Exception):
@@ -168,7 +177,12 @@ async def providers(services: ServicesDep) -> dict[str, Any]:
     return services.provisioner.describe()
 
 
-@router.post("/config/validate", response_model=ValidateResponse, responses=_VALIDATE_RESPONSES)
+@router.post(
+    "/config/validate",
+    response_model=ValidateResponse,
+    responses=_VALIDATE_RESPONSES,
+    openapi_extra=_provider_file_body({}),  # any document: the answer lists its problems
+)
 async def validate(
     request: Request, services: ServicesDep, admin: AdminDep
 ) -> ValidateResponse | JSONResponse:
@@ -181,7 +195,12 @@ async def validate(
     return ValidateResponse(valid=not problems, problems=[ProblemOut.of(p) for p in problems])
 
 
-@router.put("/config", response_model=ApplyResponse, responses=_CHANGE_RESPONSES)
+@router.put(
+    "/config",
+    response_model=ApplyResponse,
+    responses=_CHANGE_RESPONSES,
+    openapi_extra=_provider_file_body({"type": "object"}),
+)
 async def apply(
     request: Request, services: ServicesDep, admin: AdminDep
 ) -> ApplyResponse | JSONResponse:
@@ -193,7 +212,7 @@ async def apply(
     return _outcome(result, "the provider configuration is invalid; nothing changed")
 
 
-@router.delete("/config/applied", response_model=ApplyResponse, responses=_CHANGE_RESPONSES)
+@router.delete("/config/applied", response_model=ApplyResponse, responses=_REVERT_RESPONSES)
 async def revert(services: ServicesDep, admin: AdminDep) -> ApplyResponse | JSONResponse:
     """Back to PROVIDERS_FILE (or the LLM_GATEWAY_* provider), forgetting the applied one."""
     result = await services.provisioner.revert(admin.actor)
@@ -204,7 +223,7 @@ async def revert(services: ServicesDep, admin: AdminDep) -> ApplyResponse | JSON
 async def audit(
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=SQLITE_MAX_INT)] = 0,
 ) -> AuditPage:
     records = await services.audit.list(limit, offset)
     return AuditPage(

@@ -15,8 +15,14 @@ from fastapi import APIRouter, HTTPException, Query
 from app.dependencies import ServicesDep
 from app.principal import Principal
 from app.routers.caller import CallerDep
+from app.schemas.openapi import HTTPError, error_response
 
-router = APIRouter(prefix="/budget", tags=["budget"])
+router = APIRouter(
+    prefix="/budget",
+    tags=["budget"],
+    responses={401: error_response("missing or unknown client API key", HTTPError)},
+)
+FOREIGN_TENANT = error_response("a client key asked for another tenant", HTTPError)
 log = logging.getLogger("cxrelay.budget")
 
 
@@ -28,7 +34,7 @@ def tenant_of(principal: Principal, requested: str | None) -> str:
     raise HTTPException(403, "a client key reads its own tenant only; omit ?tenant=")
 
 
-@router.get("/status")
+@router.get("/status", responses={403: FOREIGN_TENANT})
 async def status(
     principal: CallerDep, services: ServicesDep, tenant: str | None = None
 ) -> dict[str, Any]:
@@ -40,7 +46,13 @@ async def status(
     return body
 
 
-@router.get("/sessions/{session_id}")
+@router.get(
+    "/sessions/{session_id}",
+    responses={
+        403: FOREIGN_TENANT,
+        404: error_response("no such session for this tenant", HTTPError),
+    },
+)
 async def session(
     session_id: str, principal: CallerDep, services: ServicesDep, tenant: str | None = None
 ) -> dict[str, Any]:
@@ -50,7 +62,10 @@ async def session(
     return summary.as_dict()
 
 
-@router.get("/usage")
+@router.get(
+    "/usage",
+    responses={400: error_response("invalid cursor", HTTPError), 403: FOREIGN_TENANT},
+)
 async def usage(
     principal: CallerDep,
     services: ServicesDep,

@@ -1,4 +1,5 @@
-"""The client credential every client route takes: a CLIENT_API_KEYS key (or the admin token)."""
+"""The client credential every client route takes: a CLIENT_API_KEYS key (or the admin token),
+and how a failed credential attempt on any route is recorded."""
 
 from __future__ import annotations
 
@@ -6,25 +7,49 @@ import logging
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from starlette.requests import HTTPConnection
 
 from app.dependencies import ServicesDep
 from app.errors import AuthenticationFailed
 from app.principal import Principal
+from app.services.metrics import AUTH_FAILURES
 
 log = logging.getLogger("cxrelay.clients")
+
+
+def route_of(connection: HTTPConnection) -> str:
+    """The matched route's template (`/budget/sessions/{session_id}`): a bounded metric label,
+    unlike the path a caller sent."""
+    path = getattr(connection.scope.get("route"), "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+def record_auth_failure(
+    logger: logging.Logger, message: str, connection: HTTPConnection, reason: str, detail: str
+) -> None:
+    """Every failed credential attempt, on every route: counted in cxrelay_auth_failures_total
+    {route, reason} and logged at WARNING with the route, the remote address, the reason (a word
+    of AUTH_FAILURE_REASONS) and the detail the caller was told; never the presented secret
+    (the log line's `ts` is the time)."""
+    route = route_of(connection)
+    AUTH_FAILURES.labels(route, reason).inc()
+    logger.warning(
+        message,
+        extra={
+            "route": route,
+            "remote": connection.client.host if connection.client else "",
+            "reason": reason,
+            "detail": detail,
+        },
+    )
 
 
 async def caller(request: Request, services: ServicesDep) -> Principal:
     try:
         return services.client_auth.authenticate(request.headers)
     except AuthenticationFailed as failure:
-        log.warning(
-            "client authentication failed",
-            extra={
-                "route": request.url.path,
-                "reason": str(failure),
-                "remote": request.client.host if request.client else "",
-            },
+        record_auth_failure(
+            log, "client authentication failed", request, failure.reason, str(failure)
         )
         raise HTTPException(401, str(failure), headers={"WWW-Authenticate": "Bearer"}) from None
 

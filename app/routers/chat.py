@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
@@ -22,7 +21,16 @@ from app.principal import Principal
 from app.request_metrics import note_failure
 from app.routers.caller import CallerDep
 from app.schemas.chat import ChatBody, ChatReply
-from app.services.body import read_limited_body
+from app.schemas.openapi import (
+    ChatError,
+    HTTPError,
+    ValidationErrorBody,
+    chat_frames,
+    error_response,
+    json_request_body,
+    sse_response,
+)
+from app.services.body import invalid_body, read_limited_body
 from app.services.chat_errors import describe
 from app.services.text_stream import TextStream
 
@@ -35,29 +43,42 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     "/chat",
     response_model=ChatReply,
     responses={
-        400: {"description": "the newest message does not fit the model's context window"},
-        401: {"description": "missing or unknown client API key"},
-        404: {"description": "unknown model"},
-        413: {"description": "body over MAX_BODY_BYTES"},
-        422: {"description": "malformed request, or an answer that broke response_format"},
-        429: {"description": "a session or tenant budget is exhausted"},
-        502: {"description": "no provider could answer"},
-        504: {"description": "no answer within CHAT_DEADLINE_SECONDS"},
+        200: sse_response("the answer; with `stream: true`, its frames as events", chat_frames()),
+        400: error_response(
+            "the newest message does not fit the context window, or the response_format schema "
+            "is not valid JSON Schema",
+            ChatError,
+        ),
+        401: error_response("missing or unknown client API key", HTTPError),
+        404: error_response("unknown model", ChatError),
+        413: error_response("body over MAX_BODY_BYTES", HTTPError),
+        422: error_response(
+            "malformed request, a template that does not render, or an answer that broke "
+            "response_format after one repair",
+            ValidationErrorBody,
+            HTTPError,
+            ChatError,
+        ),
+        429: error_response("a session or tenant budget is exhausted", ChatError),
+        502: error_response("no provider could answer", ChatError),
+        503: error_response("the budget store cannot be read", ChatError),
+        504: error_response("no answer within CHAT_DEADLINE_SECONDS", ChatError),
     },
+    openapi_extra=json_request_body(ChatBody),
 )
 async def chat(request: Request, principal: CallerDep, services: ServicesDep) -> Any:
     body = await read_limited_body(request, services.settings.max_body_bytes)
     try:
         parsed = ChatBody.model_validate_json(body)
     except ValidationError as error:
-        raise RequestValidationError(error.errors(include_url=False)) from None
+        raise invalid_body(error) from None
     call = build_call(parsed, principal, services)
     if parsed.stream:
         return await _stream(call, services)
     try:
         outcome = await services.chat.run(call)
     except Exception as error:  # the deadline's TimeoutError too: a 504, not a 500
-        return failure_response(error)
+        return failure_response(error, raw_output=services.settings.debug_failed_output)
     return JSONResponse(
         reply(call, outcome).model_dump(), headers=injection_header(outcome.injection)
     )
@@ -107,6 +128,7 @@ def reply(call: ChatCall, outcome: ChatOutcome) -> ChatReply:
         blocked=outcome.blocked,
         usage_estimated=outcome.usage_estimated,
         latency_ms=outcome.latency_ms,
+        model_used=outcome.model_used,
     )
 
 
@@ -115,9 +137,10 @@ def injection_header(found: tuple[str, ...]) -> dict[str, str]:
     return {"X-Prompt-Injection": ",".join(found)} if found else {}
 
 
-def failure_response(error: Exception) -> JSONResponse:
-    """The error's status and body; an error the pipeline does not raise on purpose is re-raised."""
-    failure = describe(error)
+def failure_response(error: Exception, *, raw_output: bool = False) -> JSONResponse:
+    """The error's status and body; an error the pipeline does not raise on purpose is re-raised.
+    `raw_output` (DEBUG_FAILED_OUTPUT) adds the model's text to an output_invalid body."""
+    failure = describe(error, raw_output=raw_output)
     if failure is None:
         raise error
     body = {"error": failure.code, "message": failure.message, **failure.detail}
@@ -149,7 +172,7 @@ async def _stream(call: ChatCall, services: Services) -> Any:
     try:
         await stream.start()
     except Exception as error:
-        return failure_response(error)
+        return failure_response(error, raw_output=services.settings.debug_failed_output)
     except BaseException:  # cancelled (the client went away): stop the call too
         await stream.cancel()
         raise

@@ -8,7 +8,6 @@ import asyncio
 import logging
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from app.deadline import Deadline
@@ -17,8 +16,10 @@ from app.errors import AuthenticationFailed
 from app.observability import request_id_var
 from app.pipelines.cognigy import TurnRecord
 from app.request_metrics import note_outcome
+from app.routers.caller import record_auth_failure
 from app.schemas.cognigy import CognigyResponse, CognigyTrigger
-from app.services.body import read_limited_body
+from app.schemas.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
+from app.services.body import invalid_body, read_limited_body
 from app.services.metrics import TURNS
 
 router = APIRouter(tags=["cognigy"])
@@ -29,11 +30,12 @@ log = logging.getLogger("cxrelay.cognigy")
     "/webhook/cognigy/fallback",
     response_model=CognigyResponse,
     responses={
-        400: {"description": "confidence above the threshold: no fallback needed"},
-        401: {"description": "missing or invalid webhook credential"},
-        413: {"description": "body over MAX_BODY_BYTES"},
-        422: {"description": "malformed trigger; the detail names the field"},
+        400: error_response("confidence above the threshold: no fallback needed", HTTPError),
+        401: error_response("missing or invalid webhook credential", HTTPError),
+        413: error_response("body over MAX_BODY_BYTES", HTTPError),
+        422: error_response("malformed trigger; the detail names the field", ValidationErrorBody),
     },
+    openapi_extra=json_request_body(CognigyTrigger),
 )
 async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyResponse:
     settings = services.settings
@@ -41,19 +43,14 @@ async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyRe
     try:
         principal = services.webhook_auth.authenticate(request.headers, body)
     except AuthenticationFailed as failure:
-        log.warning(
-            "webhook authentication failed",
-            extra={
-                "route": request.url.path,
-                "remote": request.client.host if request.client else "",
-                "reason": str(failure),
-            },
+        record_auth_failure(
+            log, "webhook authentication failed", request, failure.reason, str(failure)
         )
         raise HTTPException(401, str(failure), headers={"WWW-Authenticate": "Signature"}) from None
     try:
         trigger = CognigyTrigger.model_validate_json(body)
     except ValidationError as error:
-        raise RequestValidationError(error.errors(include_url=False)) from None
+        raise invalid_body(error) from None
     threshold = settings.cognigy_confidence_threshold
     if trigger.confidence_score > threshold:
         raise HTTPException(

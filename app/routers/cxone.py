@@ -5,26 +5,26 @@ call (budget and ledger) itself."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app.deadline import Deadline
 from app.dependencies import ServicesDep
+from app.errors import AuthenticationFailed
 from app.observability import request_id_var
 from app.pipelines.cxone_reply import BotTurn
 from app.principal import DEFAULT_TENANT, Principal
 from app.request_metrics import note_outcome
+from app.routers.caller import record_auth_failure
 from app.schemas.cxone import BotExchangeResponse, ExternalIntegrationBotExchangeRequest
-from app.services.body import read_limited_body
+from app.schemas.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
+from app.services.body import invalid_body, read_limited_body
 from app.services.metrics import BOT_STATE_REJECTED, TURNS
-from app.services.signatures import fingerprint
+from app.services.signatures import AuthorizationAuthenticator
 
 router = APIRouter(tags=["cxone"])
 log = logging.getLogger("cxrelay.cxone")
@@ -40,19 +40,26 @@ def _is_json(content_type: str) -> bool:
     return media in JSON_TYPES or (media.startswith("application/") and media.endswith("+json"))
 
 
-def _authorized(presented: str, accepted: list[bytes]) -> bool:
-    digest = hashlib.sha256(presented.encode()).digest()
-    match = False
-    for expected in accepted:  # no early exit: the time does not tell which value matched
-        match |= hmac.compare_digest(expected, digest)
-    return match
+DISABLED = "the CXone webhook is disabled until CXONE_WEBHOOK_AUTHORIZATION is set"
 
 
-def _principal(presented: str, authenticated: bool) -> Principal:
-    """CXone's Authorization names no tenant: budgets, cache and ledger use the default one."""
-    if not authenticated:
-        return Principal(DEFAULT_TENANT, "unauthenticated", "anonymous", "none")
-    return Principal(DEFAULT_TENANT, fingerprint(presented), "webhook", "authorization")
+def _principal(
+    request: Request, accepted: AuthorizationAuthenticator, allow_unauthenticated: bool
+) -> Principal:
+    """The caller, or 401. The matching CXONE_WEBHOOK_AUTHORIZATION entry's tenant (`value:tenant`;
+    the default one without) is the turn's: budgets, cache and ledger count it there. No values
+    configured: only ALLOW_UNAUTHENTICATED_WEBHOOKS lets a request in (the default tenant)."""
+    try:
+        if accepted.configured:
+            return accepted.authenticate(request.headers.get("authorization", ""))
+        if allow_unauthenticated:
+            return Principal(DEFAULT_TENANT, "unauthenticated", "anonymous", "none")
+        raise AuthenticationFailed(DISABLED, "disabled")
+    except AuthenticationFailed as failure:
+        record_auth_failure(
+            log, "webhook authentication failed", request, failure.reason, str(failure)
+        )
+        raise HTTPException(401, str(failure)) from None
 
 
 @router.post(
@@ -60,32 +67,20 @@ def _principal(presented: str, authenticated: bool) -> Principal:
     response_model=BotExchangeResponse,
     response_model_exclude_none=True,
     responses={
-        401: {
-            "description": "Authorization header missing or not one of CXONE_WEBHOOK_AUTHORIZATION"
-        },
-        413: {"description": "body over MAX_BODY_BYTES"},
-        415: {"description": "not application/json, text/json or application/*+json"},
-        422: {"description": "malformed ExternalIntegrationBotExchangeRequest"},
+        401: error_response(
+            "Authorization header missing or not one of CXONE_WEBHOOK_AUTHORIZATION", HTTPError
+        ),
+        413: error_response("body over MAX_BODY_BYTES", HTTPError),
+        415: error_response("not application/json, text/json or application/*+json", HTTPError),
+        422: error_response("malformed ExternalIntegrationBotExchangeRequest", ValidationErrorBody),
     },
+    openapi_extra=json_request_body(ExternalIntegrationBotExchangeRequest),
 )
 async def cxone_exchange(request: Request, services: ServicesDep) -> JSONResponse:
     settings = services.settings
-    accepted = services.cxone_authorizations
-    if not accepted and not settings.allow_unauthenticated_webhooks:
-        raise HTTPException(
-            401, "the CXone webhook is disabled until CXONE_WEBHOOK_AUTHORIZATION is set"
-        )
-    presented = request.headers.get("authorization", "")
-    if accepted and not _authorized(presented, accepted):
-        log.warning(
-            "webhook authentication failed",
-            extra={
-                "route": request.url.path,
-                "reason": "authorization header not accepted",
-                "remote": request.client.host if request.client else "",
-            },
-        )
-        raise HTTPException(401, "Authorization header not accepted for this endpoint")
+    principal = _principal(
+        request, services.cxone_authorizations, settings.allow_unauthenticated_webhooks
+    )
     if not _is_json(request.headers.get("content-type", "")):
         raise HTTPException(
             415, "send the exchange as application/json, text/json or application/*+json"
@@ -94,10 +89,9 @@ async def cxone_exchange(request: Request, services: ServicesDep) -> JSONRespons
     try:
         exchange = ExternalIntegrationBotExchangeRequest.model_validate_json(body)
     except ValidationError as error:
-        raise RequestValidationError(error.errors(include_url=False)) from None
+        raise invalid_body(error) from None
 
     pipeline = services.cxone_bot
-    principal = _principal(presented, bool(accepted))
     session = pipeline.codec.decode(exchange.botSessionState)
     if session.rejected not in ("", "missing"):
         BOT_STATE_REJECTED.labels(session.rejected).inc()
@@ -112,7 +106,7 @@ async def cxone_exchange(request: Request, services: ServicesDep) -> JSONRespons
         response = pipeline.failure(
             session, turn, f"no answer within {settings.cxone_deadline_seconds}s"
         )
-    _observe(turn, exchange, response, session.session_id)
+    _observe(turn, exchange, response, session.session_id, principal.tenant)
     return JSONResponse(response.wire())
 
 
@@ -121,6 +115,7 @@ def _observe(
     exchange: ExternalIntegrationBotExchangeRequest,
     response: BotExchangeResponse,
     session_id: str,
+    tenant: str,
 ) -> None:
     result = turn.result
     provider, model = turn.provider or "", turn.model or ""
@@ -131,7 +126,7 @@ def _observe(
         note_outcome("success")
     extra: dict[str, Any] = {
         "surface": "cxone",
-        "tenant": DEFAULT_TENANT,  # CXone's Authorization names no tenant (see _principal)
+        "tenant": tenant,
         "session_id": session_id,
         "contact_id": exchange.contact_id,
         "input_type": exchange.input_type.value,

@@ -32,7 +32,10 @@ async def live() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/health/ready")
+@router.get(
+    "/health/ready",
+    responses={503: {"description": "not ready: out of rotation until it can serve"}},
+)
 async def ready(services: ServicesDep) -> JSONResponse:
     ok, body = await readiness(
         services.llm.current, services.store, services.settings, services.provisioner.source
@@ -40,7 +43,9 @@ async def ready(services: ServicesDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/health")
+@router.get(
+    "/health", responses={503: {"description": "unhealthy: the report says which part failed"}}
+)
 async def health(
     services: ServicesDep, probes: Annotated[ProviderProbes, Depends(get_probes)]
 ) -> JSONResponse:

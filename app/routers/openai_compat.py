@@ -48,6 +48,7 @@ from app.schemas.openai_chat import (
     ModelList,
     valid_session_id,
 )
+from app.schemas.openapi import json_request_body, response_schema, sse_response
 from app.services.body import read_limited_body
 from app.services.chat_errors import ChatFailure, describe
 from app.services.text_stream import TextStream
@@ -197,7 +198,22 @@ async def models(principal: CallerDep, services: ServicesDep) -> ModelList:
     return ModelList(data=[ModelCard(id=name) for name in services.llm.current.model_names()])
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: sse_response(
+        "a chat.completion; with `stream: true`, chat.completion.chunk events, then [DONE] (or "
+        "an error event when the call failed after the first text)",
+        [response_schema(ChatCompletionChunk), response_schema(ErrorBody)],
+        done="[DONE]",
+    )
+}
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses={**STREAMED, **ERRORS},
+    openapi_extra=json_request_body(ChatCompletionRequest),
+)
 async def chat_completions(request: Request, principal: CallerDep, services: ServicesDep) -> Any:
     raw = await read_limited_body(request, services.settings.max_body_bytes)
     try:

@@ -53,6 +53,7 @@ from app.observability import new_request_id, request_id_var
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.principal import Principal
 from app.request_metrics import count_status, counted, note_failure
+from app.routers.caller import record_auth_failure
 from app.routers.chat import build_call, complete_frame, error_frame
 from app.schemas.chat import ChatBody
 from app.services.chat_errors import describe
@@ -121,7 +122,9 @@ def parse_request(frame: dict[str, Any]) -> ChatBody:
         raise FrameRefused(
             "invalid_request", f"unknown frame type {kind!r}: send a request (the /chat body)"
         )
-    frame.pop("stream", None)  # a socket always streams; keeps json_schema requests valid
+    # a socket always streams (either spelling); keeps json_schema requests valid
+    frame.pop("stream", None)
+    frame.pop("streaming", None)
     try:
         return ChatBody.model_validate(frame)
     except ValidationError as error:
@@ -200,10 +203,12 @@ class Connection:
 
     async def authenticate(self) -> bool:
         """From the handshake headers, else from a first `auth` frame; False once closed."""
+        reason = "missing"  # no auth frame in time, or a first frame that is not one
         try:
             self.principal = self.services.client_auth.authenticate(await self._credential())
             return True
         except AuthenticationFailed as failure:
+            reason = failure.reason
             refused = FrameRefused("unauthorized", str(failure), UNAUTHENTICATED)
         except FrameRefused as frame_refused:
             refused = frame_refused
@@ -214,14 +219,8 @@ class Connection:
                 UNAUTHENTICATED,
             )
         if refused.close == UNAUTHENTICATED:
-            client = self.websocket.client
-            log.warning(
-                "client authentication failed",
-                extra={
-                    "route": "/ws/chat",
-                    "reason": str(refused),
-                    "remote": client.host if client else "",
-                },
+            record_auth_failure(
+                log, "client authentication failed", self.websocket, reason, str(refused)
             )
         await self.refuse(refused)
         return False

@@ -4,21 +4,21 @@ safety_filters)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from app.services.validation import check_json_schema
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 MAX_MESSAGES = 500
+# What the validators below also refuse, said in the published JSON Schema (documentation only).
+NOT_BLANK: dict[str, Any] = {"pattern": r"\S"}
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(min_length=1)
+    content: str = Field(min_length=1, json_schema_extra=NOT_BLANK)
 
     @field_validator("content")
     @classmethod
@@ -36,23 +36,21 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
     description: str | None = None
 
+    # Whether the schema is itself valid JSON Schema is the pipeline's check (a 400, before any
+    # upstream call), not this model's: a wrong schema is a bad request, not a malformed body.
     model_config = ConfigDict(populate_by_name=True)
-
-    @field_validator("schema_")
-    @classmethod
-    def _valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        check_json_schema(value)
-        return value
 
 
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JsonSchemaFormat | None = None
 
+    needs_schema: ClassVar[str] = 'response_format type "json_schema" needs json_schema.schema'
+
     @model_validator(mode="after")
     def _schema_when_needed(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError('response_format type "json_schema" needs json_schema.schema')
+        if self.type == "json_schema" and self.answer_schema is None:
+            raise ValueError(self.needs_schema)
         return self
 
     @property
@@ -63,20 +61,84 @@ class ResponseFormat(BaseModel):
         return None
 
 
+class ChatResponseFormat(ResponseFormat):
+    """/chat's response_format: OpenAI's shape, or the gateway tutorial's flat one with the
+    schema directly under it, `{"type": "json_schema", "schema": {...}}`."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+    needs_schema: ClassVar[str] = (
+        'response_format type "json_schema" needs a schema: json_schema.schema, or schema'
+    )
+
+    @model_validator(mode="after")
+    def _one_schema(self) -> ChatResponseFormat:
+        if self.schema_ is not None and self.json_schema is not None:
+            raise ValueError("send the schema once: schema or json_schema.schema, not both")
+        if self.schema_ is not None and self.type != "json_schema":
+            raise ValueError('a schema is only used with response_format type "json_schema"')
+        return self
+
+    @property
+    def answer_schema(self) -> dict[str, Any] | None:
+        if self.type == "json_schema" and self.schema_ is not None:
+            return self.schema_
+        return super().answer_schema
+
+
+# The gateway tutorial's camelCase names, accepted for the snake_case fields (the name first in
+# each choice is the documented one).
+TUTORIAL_NAMES = {
+    "session_id": "sessionId",
+    "model": "modelId",
+    "stream": "streaming",
+    "fallback_models": "fallbackModels",
+    "safety_filters": "safetyFilters",
+    "response_format": "responseFormat",
+}
+SafetyFilterName = Literal["pii", "unsafe", "injection", "profanity", "self_harm"]
+
+
+def _either(name: str) -> AliasChoices:
+    return AliasChoices(name, TUTORIAL_NAMES[name])
+
+
 class ChatBody(BaseModel):
+    """One model for both spellings: each field takes its snake_case name or the tutorial's
+    camelCase one (never both in one body)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    session_id: str = Field(pattern=SESSION_ID_PATTERN, validation_alias=_either("session_id"))
     messages: list[ChatMessage] = Field(default_factory=list, max_length=MAX_MESSAGES)
-    model: str | None = Field(None, min_length=1, max_length=200)
-    stream: bool = False
+    model: str | None = Field(None, min_length=1, max_length=200, validation_alias=_either("model"))
+    stream: bool = Field(False, validation_alias=_either("stream"))
     max_tokens: int | None = Field(None, ge=1, le=32768)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     template: str | None = Field(None, min_length=1)
     variables: dict[str, Any] = Field(default_factory=dict)
-    response_format: ResponseFormat | None = None
-    fallback_models: list[str] = Field(default_factory=list, max_length=5)
-    safety_filters: list[Literal["pii", "unsafe", "injection"]] | None = None
+    response_format: ChatResponseFormat | None = Field(
+        None, validation_alias=_either("response_format")
+    )
+    fallback_models: list[str] = Field(
+        default_factory=list, max_length=5, validation_alias=_either("fallback_models")
+    )
+    safety_filters: list[SafetyFilterName] | None = Field(
+        None, validation_alias=_either("safety_filters")
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_per_field(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            both = [f"{a} and {b}" for a, b in TUTORIAL_NAMES.items() if a in data and b in data]
+            if both:
+                raise ValueError(
+                    f"{'; '.join(both)} name the same field: send each field under one name"
+                )
+        return data
 
     @model_validator(mode="after")
     def _coherent(self) -> ChatBody:
@@ -121,4 +183,6 @@ class ChatReply(BaseModel):
     prompt_injection: list[str] = Field(default_factory=list)
     blocked: str | None = None
     usage_estimated: bool = False
-    latency_ms: float = 0.0
+    latency_ms: float = 0.0  # the whole call, as the service saw it
+    # the configured model that answered (after any fallback); `model` is the provider's own name
+    model_used: str = ""

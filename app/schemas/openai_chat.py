@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.schemas.chat import MAX_MESSAGES, SESSION_ID_PATTERN, ResponseFormat
+from app.schemas.chat import MAX_MESSAGES, NOT_BLANK, SESSION_ID_PATTERN, ResponseFormat
 
 SESSION_ID_RULE = "1-128 characters: letters, digits and _ . : @ -, starting with a letter or digit"
 
@@ -31,7 +31,7 @@ class OpenAIMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(json_schema_extra=NOT_BLANK)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -72,11 +72,11 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=32768)
     max_completion_tokens: int | None = Field(None, ge=1, le=32768)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    user: str | None = None
+    user: str | None = Field(None, json_schema_extra={"pattern": SESSION_ID_PATTERN})
     response_format: ResponseFormat | None = None
-    n: int | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
+    n: int | None = Field(None, json_schema_extra={"enum": [1, None]})
+    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    functions: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
     fallback_models: list[str] = Field(default_factory=list, max_length=5)  # cx-relay extension
 
     @field_validator("user")

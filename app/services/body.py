@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 
 async def read_limited_body(request: Request, limit: int) -> bytes:
@@ -22,3 +24,12 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
             raise HTTPException(413, f"request body exceeds the {limit}-byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def invalid_body(error: ValidationError) -> RequestValidationError:
+    """FastAPI's 422 for a body its model refused: each error's field, message and type, never
+    the value sent (`input`). The value may be customer text (PII has no place in an error
+    body), and a JSON syntax error's is the whole raw body, which need not be UTF-8 (FastAPI's
+    encoder would fail on it: a 500 instead of the 422)."""
+    errors = [{k: v for k, v in e.items() if k != "input"} for e in error.errors(include_url=False)]
+    return RequestValidationError(errors)

@@ -49,6 +49,7 @@ class CachedAnswer:
     model: str
     prompt_tokens: int
     completion_tokens: int
+    model_used: str = ""  # the configured model that answered ("" where no surface shows it)
 
 
 def normalise_input(text: str) -> str:

@@ -10,7 +10,10 @@ piece and stopped at `max_output_chars`, so a loop cannot fill the memory either
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from jinja2 import FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound
@@ -24,6 +27,7 @@ _PADDING_METHODS = frozenset(
     {"ljust", "rjust", "center", "zfill", "expandtabs", "format", "format_map"}
 )
 _PADDING_FILTERS = ("center", "indent", "wordwrap", "format", "filesizeformat")
+MAX_RENDER_SECONDS = 0.5
 
 
 class _CallerSandbox(SandboxedEnvironment):
@@ -105,18 +109,42 @@ class CallerTemplates:
             raise ValueError(f"template refused by the sandbox: {exc}") from None
         except TemplateError as exc:
             raise ValueError(f"template does not render: {exc}") from None
+        except (RecursionError, SyntaxError):  # Jinja's parser and Python's compiler recurse
+            raise ValueError("template is nested too deeply (or recurses)") from None
         if not rendered.strip():
             raise ValueError("template renders to an empty message")
         return rendered.strip()
 
     def _bounded(self, pieces: Any) -> str:
+        """The output, piece by piece, within max_output_chars and MAX_RENDER_SECONDS. Loops
+        that emit nothing (`range(100000)` inside `range(100000)`) never reach a size check,
+        so the render is traced: past its time, the next line it runs raises. Rendering runs
+        on the event loop; without this one request could hold it for minutes."""
+        deadline = time.monotonic() + MAX_RENDER_SECONDS
+
+        def trace(frame: FrameType, event: str, arg: Any) -> Any:
+            if time.monotonic() > deadline:
+                raise _RenderTooLong
+            return trace
+
         out: list[str] = []
         size = 0
-        for piece in pieces:
-            size += len(piece)
-            if size > self.max_output_chars:
-                raise ValueError(
-                    f"template renders to more than {self.max_output_chars} characters"
-                )
-            out.append(piece)
+        previous = sys.gettrace()
+        sys.settrace(trace)
+        try:
+            for piece in pieces:
+                size += len(piece)
+                if size > self.max_output_chars:
+                    raise ValueError(
+                        f"template renders to more than {self.max_output_chars} characters"
+                    )
+                out.append(piece)
+        except _RenderTooLong:
+            raise ValueError(f"template takes more than {MAX_RENDER_SECONDS}s to render") from None
+        finally:
+            sys.settrace(previous)
         return "".join(out)
+
+
+class _RenderTooLong(Exception):
+    pass

@@ -14,6 +14,7 @@ from app.errors import (
     UpstreamTimeout,
 )
 from app.services.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
+from app.services.validation import SchemaInvalid, output_problems
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,13 @@ class ChatFailure:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def describe(error: Exception) -> ChatFailure | None:
-    """The caller-facing failure for an error the pipeline raises on purpose; None otherwise."""
+def describe(error: Exception, *, raw_output: bool = False) -> ChatFailure | None:
+    """The caller-facing failure for an error the pipeline raises on purpose; None otherwise.
+
+    An answer that broke the caller's schema lists each problem as `errors: [{path, message}]`;
+    the answer itself only with `raw_output` (DEBUG_FAILED_OUTPUT): it is the model's text."""
+    if isinstance(error, SchemaInvalid):
+        return ChatFailure(400, "invalid_response_format", str(error))
     if isinstance(error, BudgetExhausted):
         return ChatFailure(429, "budget_exhausted", error.refusal.message, error.refusal.as_dict())
     if isinstance(error, HistoryTooLong):
@@ -39,11 +45,15 @@ def describe(error: Exception) -> ChatFailure | None:
     if isinstance(error, BudgetUnavailable):
         return ChatFailure(503, "budget_unavailable", f"the budget store cannot be read: {error}")
     if isinstance(error, OutputInvalid):
+        detail: dict[str, Any] = {"errors": output_problems(error)}
+        if raw_output:
+            detail["raw_output"] = error.raw
         return ChatFailure(
             422,
             "output_invalid",
             "the model's answer did not match response_format after one repair: "
             + "; ".join(error.errors[:5]),
+            detail,
         )
     if isinstance(error, UpstreamTimeout | TimeoutError):
         return ChatFailure(504, "upstream_timeout", f"no answer in time: {error}")

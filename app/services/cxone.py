@@ -14,6 +14,7 @@ import base64
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote
 
 import httpx
 
@@ -99,7 +100,7 @@ class CXoneContextClient:
             if scroll_token:
                 params["scrollToken"] = scroll_token
             page = await self._get_json(
-                f"/dfo/3.0/contacts/{contact_id}/messages", params, deadline
+                f"/dfo/3.0/contacts/{path_segment(contact_id)}/messages", params, deadline
             )
             messages = page.get("messages")
             if not isinstance(messages, list):
@@ -184,3 +185,13 @@ class CXoneContextClient:
         if not isinstance(payload, dict):
             raise UpstreamProtocolError("CXone answered a non-object", upstream=UPSTREAM)
         return payload
+
+
+def path_segment(value: str) -> str:
+    """A contact id as one URL path segment. It comes from the webhook body (a Cognigy flow may
+    name any string), so `?`, `#`, spaces and control characters are percent-encoded; `.`, `..`
+    and anything with a slash name no contact and could climb the path (some servers decode
+    `%2E` and `%2F` before normalising), so they are refused like an unknown contact."""
+    if value in (".", "..") or "/" in value or "\\" in value:
+        raise UpstreamRejected(f"{value!r} cannot name a CXone contact", upstream=UPSTREAM)
+    return quote(value, safe="")

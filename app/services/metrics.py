@@ -54,6 +54,15 @@ BUDGET_EXHAUSTED = Counter(
     "Calls refused because a budget could not take them, by surface and the refusing scope",
     ["surface", "scope"],
 )
+# A failed credential attempt on any route. route: the route's template path (`/budget/sessions/
+# {session_id}`, never the path a caller sent); reason: one of AUTH_FAILURE_REASONS.
+AUTH_FAILURE_REASONS = ("missing", "invalid", "malformed", "expired", "replayed", "disabled")
+AUTH_FAILURES = Counter(
+    "cxrelay_auth_failures_total",
+    "Failed credential attempts by route and reason (missing, invalid, malformed, expired, "
+    "replayed, disabled)",
+    ["route", "reason"],
+)
 
 # --- spend -------------------------------------------------------------------------------------
 TOKENS = Counter(

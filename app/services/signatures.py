@@ -3,6 +3,11 @@
 Cognigy's HTTP Request node cannot sign a body by itself, so an API-key header is accepted too;
 a gateway or Cognigy Extension in front can sign with either HMAC scheme. Several secrets may be
 active at once so one can be rotated without downtime. Every comparison is constant-time.
+
+Each secret and key may belong to a tenant (given as a `(value, tenant)` pair; the settings'
+`value:tenant` is read by app.services.clients.split_tenant): the tenant of the credential that
+verified becomes the Principal's, so budgets, the ledger and the cache count webhook turns per
+tenant. A bare string is the default tenant's.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from app.principal import DEFAULT_TENANT, Principal
 HMAC_HEADER = "x-webhook-signature"
 API_KEY_HEADER = "x-api-key"
 SW_ID, SW_TIMESTAMP, SW_SIGNATURE = "webhook-id", "webhook-timestamp", "webhook-signature"
+
+# A credential as configured: its value alone (the default tenant's), or (value, tenant).
+Credential = str | tuple[str, str]
 
 
 def fingerprint(secret: str) -> str:
@@ -60,8 +68,13 @@ class ReplayGuard:
 
 @dataclass(frozen=True)
 class _Secret:
-    value: bytes
+    value: bytes  # the HMAC key, or an API key's SHA-256 digest
     key_id: str
+    tenant: str
+
+
+def _with_tenant(credential: Credential) -> tuple[str, str]:
+    return (credential, DEFAULT_TENANT) if isinstance(credential, str) else credential
 
 
 def _standard_webhooks_key(secret: str) -> bytes:
@@ -80,24 +93,23 @@ class WebhookAuthenticator:
     def __init__(
         self,
         *,
-        secrets: Sequence[str],
-        api_keys: Sequence[str],
+        secrets: Sequence[Credential],
+        api_keys: Sequence[Credential],
         schemes: Iterable[str],
         tolerance_seconds: int,
         replay_guard: ReplayGuard,
         allow_unauthenticated: bool = False,
         tenant: str = DEFAULT_TENANT,
     ) -> None:
-        self._hmac_secrets = [_Secret(s.encode(), fingerprint(s)) for s in secrets]
-        self._sw_secrets = [_Secret(_standard_webhooks_key(s), fingerprint(s)) for s in secrets]
-        self._api_key_digests = [
-            (hashlib.sha256(k.encode()).digest(), fingerprint(k)) for k in api_keys
-        ]
+        pairs = [_with_tenant(s) for s in secrets]
+        self._hmac_secrets = [_Secret(s.encode(), fingerprint(s), t) for s, t in pairs]
+        self._sw_secrets = [_Secret(_standard_webhooks_key(s), fingerprint(s), t) for s, t in pairs]
+        self._api_key_digests = _digests(api_keys)
         self._schemes = set(schemes)
         self._tolerance = tolerance_seconds
         self._replays = replay_guard
         self._allow_unauthenticated = allow_unauthenticated
-        self._tenant = tenant
+        self._tenant = tenant  # of an unauthenticated request (ALLOW_UNAUTHENTICATED_WEBHOOKS)
 
     def authenticate(self, headers: Mapping[str, str], body: bytes) -> Principal:
         if SW_SIGNATURE in headers and "standard_webhooks" in self._schemes:
@@ -111,11 +123,13 @@ class WebhookAuthenticator:
             return Principal(self._tenant, "unauthenticated", "anonymous", "none")
         raise AuthenticationFailed(
             "missing webhook credential: send X-Webhook-Signature (HMAC-SHA256 of the body), "
-            "the Standard Webhooks headers, or X-API-Key"
+            "the Standard Webhooks headers, or X-API-Key",
+            "missing",
         )
 
-    def _principal(self, key_id: str, scheme: str) -> Principal:
-        return Principal(self._tenant, key_id, "webhook", scheme)
+    @staticmethod
+    def _principal(secret: _Secret, scheme: str) -> Principal:
+        return Principal(secret.tenant, secret.key_id, "webhook", scheme)
 
     def _hmac(self, header: str, body: bytes) -> Principal:
         presented = header.strip().removeprefix("sha256=").lower()
@@ -126,22 +140,25 @@ class WebhookAuthenticator:
                 match = secret
         if match is None:
             raise AuthenticationFailed("invalid X-Webhook-Signature for this body")
-        return self._principal(match.key_id, "hmac")
+        return self._principal(match, "hmac")
 
     def _standard_webhooks(self, headers: Mapping[str, str], body: bytes) -> Principal:
         message_id = headers.get(SW_ID, "")
         timestamp = headers.get(SW_TIMESTAMP, "")
         if not message_id or not timestamp:
-            raise AuthenticationFailed("webhook-signature needs webhook-id and webhook-timestamp")
+            raise AuthenticationFailed(
+                "webhook-signature needs webhook-id and webhook-timestamp", "malformed"
+            )
         try:
             sent_at = int(timestamp)
         except ValueError:
             raise AuthenticationFailed(
-                "webhook-timestamp must be whole seconds since the epoch"
+                "webhook-timestamp must be whole seconds since the epoch", "malformed"
             ) from None
         if abs(time.time() - sent_at) > self._tolerance:
             raise AuthenticationFailed(
-                f"webhook-timestamp is more than {self._tolerance}s away from this server's clock"
+                f"webhook-timestamp is more than {self._tolerance}s away from this server's clock",
+                "expired",
             )
         signed = f"{message_id}.{timestamp}.".encode() + body
         presented = [
@@ -158,18 +175,55 @@ class WebhookAuthenticator:
         if match is None:
             raise AuthenticationFailed("invalid webhook-signature for this id, timestamp and body")
         if not self._replays.first_time(message_id):
-            raise AuthenticationFailed(f"webhook-id {message_id!r} was already delivered (replay)")
-        return self._principal(match.key_id, "standard_webhooks")
+            raise AuthenticationFailed(
+                f"webhook-id {message_id!r} was already delivered (replay)", "replayed"
+            )
+        return self._principal(match, "standard_webhooks")
 
     def _api_key(self, presented: str) -> Principal:
-        digest = hashlib.sha256(presented.encode()).digest()
-        match = None
-        for expected, key_id in self._api_key_digests:
-            if hmac.compare_digest(expected, digest):
-                match = key_id
+        match = _digest_match(self._api_key_digests, presented)
         if match is None:
             raise AuthenticationFailed("unknown API key")
         return self._principal(match, "api_key")
+
+
+def _digests(values: Sequence[Credential]) -> list[_Secret]:
+    return [
+        _Secret(hashlib.sha256(v.encode()).digest(), fingerprint(v), t)
+        for v, t in map(_with_tenant, values)
+    ]
+
+
+def _digest_match(accepted: Sequence[_Secret], presented: str) -> _Secret | None:
+    """Compared as SHA-256 digests (neither content nor length leaks through timing), with no
+    early exit (nor does which one matched)."""
+    digest = hashlib.sha256(presented.encode()).digest()
+    match = None
+    for expected in accepted:
+        if hmac.compare_digest(expected.value, digest):
+            match = expected
+    return match
+
+
+class AuthorizationAuthenticator:
+    """CXone's custom exchange endpoint sends a fixed Authorization header: the whole value is
+    compared with each CXONE_WEBHOOK_AUTHORIZATION entry, and the matching entry's tenant is the
+    Principal's."""
+
+    def __init__(self, values: Sequence[Credential]) -> None:
+        self._accepted = _digests([(v.strip(), t) for v, t in map(_with_tenant, values)])
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._accepted)
+
+    def authenticate(self, presented: str) -> Principal:
+        if not presented.strip():
+            raise AuthenticationFailed("missing Authorization header", "missing")
+        match = _digest_match(self._accepted, presented.strip())
+        if match is None:
+            raise AuthenticationFailed("Authorization header not accepted for this endpoint")
+        return Principal(match.tenant, match.key_id, "webhook", "authorization")
 
 
 def _api_key_from(headers: Mapping[str, str]) -> str | None:

@@ -27,24 +27,54 @@ def strip_code_fences(text: str) -> str:
     return match.group(1).strip() if match else text.strip()
 
 
+class OutputMismatch(OutputInvalid):
+    """OutputInvalid with each problem also as `{"path", "message"}`: the path a JSON path into
+    the answer (`$` is the answer as a whole), so a caller can act on it without parsing text."""
+
+    def __init__(self, message: str, *, raw: str, problems: list[dict[str, str]]) -> None:
+        lines = [f"{_short_path(p['path'])}: {p['message']}" for p in problems]
+        super().__init__(message, raw=raw, errors=lines)
+        self.problems = problems
+
+
+class SchemaInvalid(ValueError):
+    """The caller's own JSON Schema is not one: the request is wrong (400), not the answer."""
+
+
+def _short_path(path: str) -> str:
+    return path.removeprefix("$").removeprefix(".") or "(root)"
+
+
+def output_problems(invalid: OutputInvalid) -> list[dict[str, str]]:
+    """Each problem as `{"path", "message"}`; one without a known path is the whole answer's."""
+    if isinstance(invalid, OutputMismatch):
+        return invalid.problems
+    return [{"path": "$", "message": error} for error in invalid.errors]
+
+
 def _json_object(raw: str) -> dict[str, Any]:
     text = strip_code_fences(raw)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise OutputInvalid("output is not JSON", raw=raw, errors=[f"not JSON: {exc}"]) from exc
+        problem = {"path": "$", "message": f"not JSON: {exc}"}
+        raise OutputMismatch("output is not JSON", raw=raw, problems=[problem]) from exc
     if not isinstance(data, dict):
-        raise OutputInvalid("output is not a JSON object", raw=raw, errors=["not a JSON object"])
+        problem = {"path": "$", "message": "not a JSON object"}
+        raise OutputMismatch("output is not a JSON object", raw=raw, problems=[problem])
     return data
 
 
 def check_json_schema(schema: dict[str, Any]) -> None:
-    """Raise ValueError naming the problem when `schema` is not a valid JSON Schema."""
+    """Raise SchemaInvalid naming the problem when `schema` is not a valid JSON Schema."""
     try:
         validators.validator_for(schema).check_schema(schema)
     except SchemaError as exc:
-        raise ValueError(
-            f"response_format schema is not a valid JSON Schema: {exc.message}"
+        where = exc.json_path if exc.absolute_path else ""
+        raise SchemaInvalid(
+            "response_format schema is not a valid JSON Schema"
+            + (f" (at {where})" if where else "")
+            + f": {exc.message}"
         ) from None
 
 
@@ -53,13 +83,10 @@ def parse_json_schema_output(raw: str, schema: dict[str, Any]) -> dict[str, Any]
     check_json_schema), or OutputInvalid listing every problem (path: message)."""
     data = _json_object(raw)
     validator = validators.validator_for(schema)(schema)
-    problems = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if problems:
-        errors = [
-            f"{e.json_path.removeprefix('$').removeprefix('.') or '(root)'}: {e.message}"
-            for e in problems
-        ]
-        raise OutputInvalid("output breaks the schema", raw=raw, errors=errors)
+    found = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if found:
+        problems = [{"path": e.json_path, "message": e.message} for e in found]
+        raise OutputMismatch("output breaks the schema", raw=raw, problems=problems)
     return data
 
 

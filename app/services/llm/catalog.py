@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.services.documents import DocumentInvalid, load_yaml
 
 ProviderKind = Literal["openai", "anthropic"]
 
@@ -323,15 +324,13 @@ def _path(loc: tuple[int | str, ...]) -> str:
 
 
 def parse_provider_text(text: str, source: str = "provider file") -> object:
-    """YAML or JSON (JSON is YAML); a syntax error is one problem with its line."""
+    """YAML or JSON (JSON is YAML); a syntax error, or a shape no provider file has (nested
+    past the stack, a cyclic alias, aliases expanding past a limit: app.services.documents),
+    is one problem with where it is."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(root)"
-        raise ProviderConfigInvalid(
-            [Problem(where, f"not valid YAML/JSON: {error}")], source
-        ) from None
+        return load_yaml(text)
+    except DocumentInvalid as error:
+        raise ProviderConfigInvalid([Problem(error.where, error.message)], source) from None
 
 
 def load_provider_file(path: Path, env: Mapping[str, str] | None = None) -> ProviderConfig:

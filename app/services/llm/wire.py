@@ -17,6 +17,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.services.safety import SafetyRules
 
 _DELAY_SECONDS = re.compile(r"\d+(\.\d+)?")
 
@@ -77,14 +78,18 @@ async def probe_key(
 
 
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+\S+")
+# The shipped PII patterns, loaded once at import (start-up), never per request.
+_PII = SafetyRules.load()
 
 
 def quote_provider_message(message: str, api_key: str | None, limit: int = 200) -> str:
     """A provider's own error message, safe to log and to pass on to our caller: some gateways
-    echo the credential they refused, so the key and any `Bearer ...` value are redacted."""
+    echo the credential they refused, so the key and any `Bearer ...` value are redacted; some
+    quote the request, so the customer's PII (cards, emails, SSNs ...) is redacted too."""
     if api_key:
         message = message.replace(api_key, "[redacted]")
-    return _BEARER.sub(lambda m: f"{m.group(1)} [redacted]", message)[:limit]
+    message = _BEARER.sub(lambda m: f"{m.group(1)} [redacted]", message)
+    return _PII.redact(message).text[:limit]
 
 
 def raise_for_status(
