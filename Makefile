@@ -28,6 +28,7 @@ lint: $(STAMP)
 # Overhead and throughput against a fast fake upstream (needs wrk: apt-get install wrk);
 # writes bench/results/latest.{json,md,png}. `make bench BENCH_ARGS=--quick` for a smoke run.
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[ops]'  # matplotlib, for latest.png
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Fault injection (tests/reliability/), SIGKILL crash consistency on SQLite and on two Redis
