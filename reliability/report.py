@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from reliability.harness import ROOT
-from reliability.report_sections import crash_section, fast_note, soak_section, table, verdict
+from reliability.report_sections import (
+    crash_section,
+    fast_note,
+    soak_section,
+    suite_files_section,
+    table,
+    verdict,
+)
 
 RESULTS = ROOT / "reliability" / "results"
 DOC = ROOT / "docs" / "RELIABILITY.md"
@@ -159,6 +166,15 @@ def render() -> str:
         "",
     ]
     lines += fast_note(fast, run)
+    lines += [
+        "### Every file of the fast suite",
+        "",
+        "The bad-input and abuse suites assert properties rather than count turns; their "
+        "figures are their tests (generated cases per route, properties, timing medians are "
+        "in each file's docstring and assertions):",
+        "",
+        *suite_files_section(RESULTS / "fast-junit.xml"),
+    ]
     lines += ["## Crash consistency", "", *crash_section(crash)]
     lines += ["## Soak", "", *soak_section(soak)]
     lines += [

@@ -3,7 +3,9 @@ rounds, the soak's resources per minute, the fast suite's deadlines; and the Mar
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 
 def fmt(value: Any) -> str:
@@ -244,3 +246,36 @@ def fast_note(fast: Any, run: dict[str, Any]) -> list[str]:
         ]
     why = info.get("reason") or "it wrote no scenario file (CXRELAY_RELIABILITY_REPORT)"
     return [f"*No fast fault-injection scenarios in this run: {why}.*", ""]
+
+
+SUITE_FILES = {
+    "test_faults_upstream": "fault injection: provider throttling, 5xx, refused, silent",
+    "test_faults_answers": "fault injection: cut streams, closed WebSockets, broken output",
+    "test_faults_dependencies": "fault injection: revoked key, CXone token down, Redis restart",
+    "test_schemathesis_routes": "generated requests over the service's OpenAPI (schemathesis)",
+    "test_bad_input_signatures": "signature verification properties (hypothesis)",
+    "test_bad_input_bodies": "oversized, deep, invalid UTF-8 and huge bodies",
+    "test_bad_input_templates": "template syntax in customer text; hostile caller templates",
+    "test_abuse_auth": "replays and near-miss credentials reach nothing",
+    "test_abuse_timing": "signature comparison time independent of matching bytes",
+    "test_abuse_leaks": "no key or PII in logs, metrics, health or error bodies",
+}
+
+
+def suite_files_section(junit: Path) -> list[str]:
+    """Every file of tests/reliability/ in the last run: tests, failures, seconds (pytest's
+    JUnit XML); the bad-input and abuse suites assert rather than count turns."""
+    if not junit.exists():
+        return ["(no JUnit XML from the fast suite: run `make reliability`.)", ""]
+    files: dict[str, list[float]] = {}
+    for case in ElementTree.parse(junit).getroot().iter("testcase"):
+        name = case.get("classname", "?").rsplit(".", 1)[-1]
+        tests, failed, seconds = files.setdefault(name, [0, 0, 0.0])
+        bad = any(case.find(tag) is not None for tag in ("failure", "error"))
+        files[name] = [tests + 1, failed + bad, seconds + float(case.get("time", 0))]
+    rows = [
+        [name, SUITE_FILES.get(name, ""), int(t), int(f), f"{s:.1f}", "pass" if not f else "FAIL"]
+        for name, (t, f, s) in sorted(files.items())
+    ]
+    header = ["file", "what it checks", "tests", "failed", "seconds", "result"]
+    return [*table(header, rows), ""]

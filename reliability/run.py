@@ -51,7 +51,9 @@ def fast() -> dict[str, Any]:
     out.unlink(missing_ok=True)
     started = time.monotonic()
     env = {**os.environ, REPORT_ENV: str(out)}
+    junit = RESULTS / "fast-junit.xml"  # every test's outcome and time, for the report
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(FAST_SUITE)]
+    command.append(f"--junitxml={junit}")
     log("fast suite: " + " ".join(command[2:]))
     status = subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
     seconds = round(time.monotonic() - started, 1)
