@@ -12,10 +12,10 @@ from pathlib import Path
 
 import uvicorn
 
-from app.config import load_settings
 from app.errors import ConfigError
 from app.observability import configure_logging
 from app.serving import serve as run_service
+from app.settings_loading import load_settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,14 +13,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import (
     Field,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.errors import ConfigError
 from app.services.budget import parse_limit_map
 from app.services.clients import parse_client_key, split_tenant
 
@@ -142,6 +140,13 @@ class Settings(BaseSettings):
 
     # --- client API keys (internal tools: /budget/*, and the chat surfaces) ----------------------
     client_api_keys: SecretList = Field(default_factory=list)  # "key:tenant" pairs
+
+    # --- inbound limits, per client key and per tenant (its keys together), every surface -----
+    # (per worker unless STORE_BACKEND=redis); "none" lifts one; the provider file's `limits:`
+    # overrides them per tenant or key. TPM: prompt + max_tokens, settled to the usage after.
+    client_rate_limit_rpm: int | None = Field(600, ge=1)
+    client_rate_limit_tpm: int | None = Field(None, ge=1)
+    client_max_concurrent_streams: int | None = Field(20, ge=1)
 
     # --- provisioning (admin) API ----------------------------------------------------------------
     admin_token: SecretStr | None = None
@@ -293,6 +298,9 @@ class Settings(BaseSettings):
         "budget_tenant_month_cost",
         "llm_price_per_1k_prompt",
         "llm_price_per_1k_completion",
+        "client_rate_limit_rpm",
+        "client_rate_limit_tpm",
+        "client_max_concurrent_streams",
         mode="before",
     )
     @classmethod
@@ -386,22 +394,3 @@ class Settings(BaseSettings):
     @property
     def cxone_configured(self) -> bool:
         return bool(self.cxone_client_id)
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """One line per problem, naming the environment variable rather than the Python field."""
-    lines = []
-    for problem in error.errors():
-        names = [str(part).upper() for part in problem["loc"] if isinstance(part, str)]
-        where = names[0] if names else "settings"
-        message = str(problem["msg"]).removeprefix("Value error, ")
-        lines.append(f"{where}: {message}" if names else message)
-    return "invalid settings:\n  " + "\n  ".join(lines)
-
-
-def load_settings(**overrides: object) -> Settings:
-    """Build Settings or raise ConfigError with a message a person can act on."""
-    try:
-        return Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as error:
-        raise ConfigError(describe_validation_error(error)) from error

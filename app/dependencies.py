@@ -15,6 +15,7 @@ from app.pipelines.cxone import CXoneBotPipeline
 from app.services.audit import AuditLog
 from app.services.caller_templates import CallerTemplates
 from app.services.clients import ClientAuthenticator
+from app.services.inbound_limits import InboundLimiter
 from app.services.ledger import Ledger
 from app.services.llm.router import RouterSlot
 from app.services.metering import Metering
@@ -40,6 +41,7 @@ class Services:
     store: Store
     ledger: Ledger
     client_auth: ClientAuthenticator
+    limits: InboundLimiter
     simulated: dict[str, bool] = field(default_factory=dict)
 
 

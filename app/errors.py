@@ -6,6 +6,8 @@ what degrades the answer and what is the caller's own fault.
 
 from __future__ import annotations
 
+import math
+
 
 class CxRelayError(Exception):
     """Base of every error this service raises on purpose."""
@@ -93,3 +95,31 @@ class OutputInvalid(CxRelayError):
 
 class UnknownModel(CxRelayError):
     """The requested model is neither a route nor a model of any configured provider."""
+
+
+class RateLimited(CxRelayError):
+    """An inbound limit refuses the request: a client key's or its tenant's requests or tokens
+    per minute, or concurrent streams. `retry_after` is the seconds until it would fit (None: the
+    request is larger than the whole per-minute limit, so waiting cannot help)."""
+
+    def __init__(
+        self, message: str, *, scope: str, limit: str, allowed: int, retry_after: float | None
+    ) -> None:
+        super().__init__(message)
+        self.scope = scope  # "key" or "tenant"
+        self.limit = limit  # "requests", "tokens" or "streams"
+        self.allowed = allowed
+        self.retry_after = retry_after
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "scope": self.scope,
+            "limit": self.limit,
+            "allowed": self.allowed,
+            "retry_after_seconds": None if self.retry_after is None else self.retry_after_header,
+        }
+
+    @property
+    def retry_after_header(self) -> int:
+        """Whole seconds, at least 1 (HTTP's Retry-After takes no fractions)."""
+        return max(1, math.ceil(self.retry_after or 0))

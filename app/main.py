@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from app import __version__
-from app.config import DEV_CLIENT_API_KEY, DEV_CXONE_AUTHORIZATION, Settings, load_settings
+from app.config import DEV_CLIENT_API_KEY, DEV_CXONE_AUTHORIZATION, Settings
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.turn_cache import TurnCache
@@ -49,6 +49,7 @@ from app.services.prompts import PromptRenderer
 from app.services.provisioning import Provisioner
 from app.services.signatures import ReplayGuard, WebhookAuthenticator
 from app.services.store import Store
+from app.settings_loading import load_settings
 from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
@@ -57,6 +58,7 @@ from app.wiring import (
     build_chat,
     build_cognigy,
     build_cxone_bot,
+    build_inbound_limits,
     build_intent_cache,
     cxone_authorizations,
     load_injection_rules,
@@ -191,7 +193,8 @@ def build_services(
         settings.admin_token.get_secret_value() if settings.admin_token else None,
     )
     budget = BudgetService(store, budget_policy(settings, client_auth.session_tokens_by_key))
-    metering = Metering(budget, ledger, llm)
+    limits = build_inbound_limits(settings, store, llm)
+    metering = Metering(budget, ledger, llm, limits)
     injection = load_injection_rules(settings)  # one of each, shared by every surface
     intent_cache = build_intent_cache(settings)
     turn_cache = TurnCache(intent_cache, metering, settings.intent_cache_enabled)
@@ -224,6 +227,7 @@ def build_services(
         store=store,
         ledger=ledger,
         client_auth=client_auth,
+        limits=limits,
         simulated=simulated,
     )
 

@@ -7,7 +7,8 @@ reason: a 200 either way); a streamed answer that fails after its 200 notes the 
 
 - HTTP (the webhooks, /chat, /v1/chat/completions): by RequestMetricsMiddleware, after the
   response. A 4xx is `rejected` and a 5xx `error`, whatever was noted (auth, body size and
-  validation refuse before any pipeline runs); otherwise the noted outcome. A request that
+  validation refuse before any pipeline runs), the reason being the status except for an
+  inbound limit's 429 (`rate_limited`); otherwise the noted outcome. A request that
   ended with nothing noted (the caller left mid-stream) is `rejected` with reason "499", the
   usual code for "client closed request".
 - /ws/chat: by the route, per request frame (`counted`), and per refused frame or handshake
@@ -37,6 +38,7 @@ SURFACES = {
     "/v1/chat/completions": "openai",
 }
 CLIENT_CLOSED = 499
+RATE_LIMITED = "rate_limited"  # refused by an inbound limit (a 429, or a webhook's fallback)
 
 
 def classify(status: int) -> tuple[str, str]:
@@ -68,8 +70,12 @@ def note_outcome(outcome: str, reason: str = "") -> None:
 
 
 def note_failure(error: BaseException) -> None:
-    """A failure the caller sees after the response began (an error event or frame)."""
+    """A failure the caller is told of (an error response, event or frame); a refusal by the
+    inbound limits is counted with reason `rate_limited` rather than its status."""
     failure = describe(error) if isinstance(error, Exception) else None
+    if failure is not None and failure.code == "rate_limit_exceeded":
+        note_outcome("rejected", RATE_LIMITED)
+        return
     note_status(failure.status if failure is not None else 500)
 
 
@@ -79,9 +85,11 @@ def note_status(status: int) -> None:
         tally.outcome, tally.reason = classify(status)
 
 
-def count_status(surface: str, status: int) -> None:
-    """A request refused outright (a /ws/chat frame or handshake)."""
-    REQUESTS.labels(surface, *classify(status)).inc()
+def count_status(surface: str, status: int, reason: str = "") -> None:
+    """A request refused outright (a /ws/chat frame or handshake); `reason` instead of the
+    status when it says more (`rate_limited`)."""
+    outcome, by_status = classify(status)
+    REQUESTS.labels(surface, outcome, reason or by_status).inc()
 
 
 @contextmanager
@@ -127,7 +135,9 @@ class RequestMetricsMiddleware:
             raise
         finally:
             _current.reset(token)
-            if status and status[0] >= 400:
+            if status and status[0] == 429 and tally.reason == RATE_LIMITED:
+                tally.count("rejected", RATE_LIMITED)
+            elif status and status[0] >= 400:
                 tally.count(*classify(status[0]))
             elif crashed:
                 tally.count(*classify(500))

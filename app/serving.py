@@ -23,10 +23,11 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from app.config import Settings, load_settings
+from app.config import Settings
 from app.main import create_app
 from app.observability import configure_logging
 from app.services.metrics import MULTIPROC_ENV, forget_this_process, wipe_process_files
+from app.settings_loading import load_settings
 
 
 def prepare_metrics_dir(

@@ -20,13 +20,16 @@ from app.services.budget import BudgetPolicy, PeriodLimits
 from app.services.cache import IntentCache
 from app.services.clients import split_tenant
 from app.services.cxone import CXoneContextClient, Turn
+from app.services.inbound_limits import InboundLimiter, Limits
 from app.services.injection import InjectionRules
 from app.services.ledger import Ledger
+from app.services.llm.router import RouterSlot
 from app.services.metering import Metering
 from app.services.prompts import PromptRenderer
 from app.services.safety import RULES_DIR, SafetyRules
 from app.services.signatures import AuthorizationAuthenticator
-from app.services.store import Store, open_store
+from app.services.store import RedisStore, Store, open_store
+from app.services.store.counters import LimitCounters, MemoryCounters, RedisCounters
 
 log = logging.getLogger("cxrelay")
 
@@ -220,4 +223,27 @@ def build_cxone_bot(
             unsafe_categories=tuple(settings.unsafe_output_categories),
             injection_mode=settings.prompt_injection_mode,
         ),
+    )
+
+
+def build_inbound_limits(settings: Settings, store: Store, llm: RouterSlot) -> InboundLimiter:
+    """Counted in Redis when the store is Redis (every replica sees the same counts), else in
+    this process (per worker). The per-tenant and per-key overrides are the provider
+    configuration in service, read per request. A stream's lease outlives the longest gap
+    between its renewals: an answer (CHAT_DEADLINE_SECONDS) plus an idle socket's wait."""
+    counters: LimitCounters = (
+        RedisCounters(store.client, prefix=store.prefix)
+        if isinstance(store, RedisStore)
+        else MemoryCounters()
+    )
+    defaults = Limits(
+        rpm=settings.client_rate_limit_rpm,
+        tpm=settings.client_rate_limit_tpm,
+        streams=settings.client_max_concurrent_streams,
+    )
+    return InboundLimiter(
+        counters,
+        defaults,
+        lambda: llm.current.config.limits,
+        lease_seconds=settings.chat_deadline_seconds + settings.ws_idle_timeout_seconds + 60,
     )

@@ -215,6 +215,9 @@ class Bench:
                 # (app/services/budget.py BudgetPolicy: "None means unlimited (still counted)")
                 "BUDGET_SESSION_TOKENS": "none",
                 "INTENT_CACHE_ENABLED": "false",
+                # inbound limits on, but far above the load: their checks are measured, never hit
+                "CLIENT_RATE_LIMIT_RPM": "100000000",
+                "CLIENT_MAX_CONCURRENT_STREAMS": "100000",
             }
         )
         return env

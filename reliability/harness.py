@@ -148,6 +148,9 @@ def service_env(upstream: FakeUpstream, port: int, **overrides: str) -> dict[str
             "COGNIGY_WEBHOOK_SECRET": COGNIGY_SECRET,
             "CXONE_WEBHOOK_AUTHORIZATION": CXONE_AUTH,
             "CLIENT_API_KEYS": f"{CLIENT_KEY}:reliability",
+            # the load is one key's: the inbound limits are not what these runs measure
+            "CLIENT_RATE_LIMIT_RPM": "none",
+            "CLIENT_MAX_CONCURRENT_STREAMS": "none",
             "ADMIN_TOKEN": ADMIN_TOKEN,
             "BOT_STATE_SECRET": "reliability-bot-state-secret-0123456789abcdef",
             "CXONE_CLIENT_ID": "reliability-client",

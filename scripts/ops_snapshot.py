@@ -228,6 +228,8 @@ def start_service(
         OPS_PRIMARY_KEY_2="sk-ops-primary-2",
         OPS_BACKUP_KEY="sk-ops-backup",
         CLIENT_API_KEYS=",".join(f"{key}:{tenant}" for tenant, key in TENANT_KEYS.items()),
+        CLIENT_RATE_LIMIT_RPM="none",  # the picture is of the traffic, not of the inbound limits
+        CLIENT_MAX_CONCURRENT_STREAMS="none",
         BUDGET_SESSION_TOKENS_BY_TENANT=f"{SMALL_BUDGET_TENANT}={SMALL_BUDGET_TOKENS}",
         CIRCUIT_FAILURE_THRESHOLD="5",
         CIRCUIT_RESET_SECONDS="4",

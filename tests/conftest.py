@@ -111,3 +111,32 @@ def app_client(
 async def client(app_client: Callable[..., Any]) -> AsyncIterator[httpx.AsyncClient]:
     async with app_client() as running:
         yield running
+
+
+# --- two simulated providers, for the router's fallback and limit tests -------------------------
+
+
+@pytest.fixture
+def plan_a() -> FaultPlan:
+    return FaultPlan()
+
+
+@pytest.fixture
+def plan_b() -> FaultPlan:
+    return FaultPlan()
+
+
+@pytest.fixture
+def servers(plan_a: FaultPlan, plan_b: FaultPlan) -> Iterator[tuple[str, str]]:
+    """Providers "a" and "b": their base URLs, each answering from its own FaultPlan."""
+    with (
+        LoopbackServer(create_llm_simulator(plan_a)) as a,
+        LoopbackServer(create_llm_simulator(plan_b)) as b,
+    ):
+        yield a.url, b.url
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client

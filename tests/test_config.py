@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from app.config import DEV_WEBHOOK_SECRET, load_settings
+from app.config import DEV_WEBHOOK_SECRET
 from app.errors import ConfigError
 from app.services.llm.openai_compat import chat_completions_url
 from app.services.llm.wire import parse_retry_after
+from app.settings_loading import load_settings
 
 BASE_URL = "https://llm.example.test/v1"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -19,35 +18,8 @@ from app.services.llm.retry import RetryPolicy
 from app.services.llm.router import LLMRouter, RouterOptions
 from app.services.llm.types import ChatRequest
 from app.simulator.faults import Fault, FaultPlan
-from app.simulator.llm import create_llm_simulator
-from app.simulator.server import LoopbackServer
 
 KEYS = {"A_KEY_1": "sk-a-one", "A_KEY_2": "sk-a-two", "A_KEY_3": "sk-a-three", "B_KEY": "sk-b"}
-
-
-@pytest.fixture
-def plan_a() -> FaultPlan:
-    return FaultPlan()
-
-
-@pytest.fixture
-def plan_b() -> FaultPlan:
-    return FaultPlan()
-
-
-@pytest.fixture
-def servers(plan_a: FaultPlan, plan_b: FaultPlan) -> Iterator[tuple[str, str]]:
-    with (
-        LoopbackServer(create_llm_simulator(plan_a)) as a,
-        LoopbackServer(create_llm_simulator(plan_b)) as b,
-    ):
-        yield a.url, b.url
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
 
 
 def config(

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from app.config import load_settings
 from app.errors import ConfigError
 from app.principal import DEFAULT_TENANT, Principal
 from app.services.clients import parse_client_key, split_tenant
 from app.services.signatures import sign_hmac, sign_standard_webhook
+from app.settings_loading import load_settings
 from tests.helpers import CXONE_WEBHOOK, SECRET, WEBHOOK, trigger
 
 HMAC_ACME = "hmac-secret-acme-5e1f"

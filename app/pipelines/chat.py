@@ -3,10 +3,10 @@
 sanitise input → system instruction (lightweight when the budget runs low) → intent cache →
 plan (truncate, reserve) → LLM, streamed to the caller when asked → output guard → validate
 against the caller's schema (one repair) → settle, ledger, cache. Every step that refuses raises
-a typed error the surface maps to its own wire: BudgetExhausted (429), HistoryTooLong (400),
-UnknownModel (404), BudgetUnavailable (503), UpstreamError after every model was tried (502/504),
-OutputInvalid after the repair (422); a caller schema that is not JSON Schema is SchemaInvalid
-(400) before anything else.
+a typed error the surface maps to its own wire: RateLimited and BudgetExhausted (429),
+HistoryTooLong (400), UnknownModel (404), BudgetUnavailable (503), UpstreamError after every
+model was tried (502/504), OutputInvalid after the repair (422); a caller schema that is not JSON
+Schema is SchemaInvalid (400) before anything else but the requests-per-minute count.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class ChatPipeline:
 
     async def _run(self, call: ChatCall, on_text: OnText | None) -> ChatOutcome:
         started = time.perf_counter()
+        await self.metering.limits.admit(call.principal)  # RateLimited: over the key's rpm
         if call.json_schema is not None:
             check_json_schema(call.json_schema)  # SchemaInvalid: the caller's fault, nothing spent
         deadline = Deadline.after(self.options.deadline_seconds)

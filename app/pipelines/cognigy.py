@@ -3,9 +3,10 @@
 sanitise → context → prompt → intent cache → plan (reserve) → LLM (retries inside the deadline)
 → settle → validate (repair once, metered the same way) → response. Any step that fails degrades
 the answer instead of failing the webhook: no history means `context: "unavailable"`; no valid
-decision, an exhausted budget or a budget store that cannot be asked (nothing is spent
-unmetered) means the deterministic route-to-human fallback. The router bounds the whole of
-`decide` by the deadline, so even a step that hangs cannot keep Cognigy waiting.
+decision, an exhausted budget, an inbound limit (`rate_limited`) or a budget store that cannot
+be asked (nothing is spent unmetered) means the deterministic route-to-human fallback. The
+router bounds the whole of `decide` by the deadline, so even a step that hangs cannot keep
+Cognigy waiting.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from app.deadline import Deadline
-from app.errors import OutputInvalid, UnknownModel, UpstreamError
+from app.errors import OutputInvalid, RateLimited, UnknownModel, UpstreamError
 from app.pipelines.turn_cache import TurnCache
 from app.principal import Principal
 from app.schemas.cognigy import (
@@ -68,6 +69,10 @@ class CognigyPipeline:
     async def decide(
         self, trigger: CognigyTrigger, principal: Principal, deadline: Deadline, turn: TurnRecord
     ) -> CognigyResponse:
+        try:
+            await self.metering.limits.admit(principal)  # before anything reaches an upstream
+        except RateLimited as limited:
+            return self.fallback(trigger, turn, "rate_limited", str(limited))
         last_message = self._sanitise(trigger.last_message, turn)
         history, turn.context = await self._history(trigger, deadline)
         history = self._clean_history(history, trigger.last_message, last_message, turn)
@@ -80,6 +85,8 @@ class CognigyPipeline:
         except BudgetExhausted as exhausted:
             BUDGET_EXHAUSTED.labels(SURFACE, exhausted.refusal.scope.kind).inc()
             return self.fallback(trigger, turn, "budget_exhausted", str(exhausted))
+        except RateLimited as limited:  # the key's or tenant's tokens per minute
+            return self.fallback(trigger, turn, "rate_limited", str(limited))
         except BudgetUnavailable as down:
             return self.fallback(
                 trigger, turn, "budget_unavailable", f"the budget store cannot be asked: {down}"

@@ -8,8 +8,8 @@ spend (and the context window), reserved, then settled into the budget and the l
 
 Failures never become an HTTP error for CXone: the configured fallback is prompted, and after
 `CXONE_MAX_FAILURES` in a row control returns to the script with the reason in `errorDetails`.
-An exhausted budget returns control at once (`handoffReason: "budget_exhausted"`): asking
-again cannot help.
+An exhausted budget or an inbound limit returns control at once (`handoffReason:
+"budget_exhausted"` or `"rate_limited"`, before any upstream is asked): asking again cannot help.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.deadline import Deadline
-from app.errors import UnknownModel, UpstreamError
+from app.errors import RateLimited, UnknownModel, UpstreamError
 from app.pipelines.cxone_reply import BotOptions, BotTurn, reply
 from app.pipelines.turn_cache import TurnCache
 from app.principal import Principal
@@ -127,6 +127,10 @@ class CXoneBotPipeline:
         if stored.changed and self.options.redact_input:
             user_text = stored.text
             _count(turn.redactions, stored.counts, "input")
+        try:
+            await self.metering.limits.admit(principal)  # before anything reaches an upstream
+        except RateLimited as limited:
+            return self._handback(session, turn, stored.text, "rate_limited", str(limited))
         if session.is_new and not session.history:
             await self._seed_history(request, session, deadline, turn)
         messages = self._messages(request, session, user_text, greeting)
@@ -136,7 +140,10 @@ class CXoneBotPipeline:
         try:
             result = await self._complete(principal, session, messages, deadline, turn)
         except BudgetExhausted as exhausted:
-            return self._exhausted(session, turn, stored.text, exhausted)
+            BUDGET_EXHAUSTED.labels(SURFACE, exhausted.refusal.scope.kind).inc()
+            return self._handback(session, turn, stored.text, "budget_exhausted", str(exhausted))
+        except RateLimited as limited:  # the key's or tenant's tokens per minute
+            return self._handback(session, turn, stored.text, "rate_limited", str(limited))
         except BudgetUnavailable as down:
             return self.failure(session, turn, f"the budget store cannot be asked: {down}")
         except (HistoryTooLong, UnknownModel) as error:
@@ -209,13 +216,12 @@ class CXoneBotPipeline:
         )
         return self._answered(session, turn, utterance, cached.content)
 
-    def _exhausted(
-        self, session: BotSession, turn: BotTurn, utterance: str, exhausted: BudgetExhausted
+    def _handback(
+        self, session: BotSession, turn: BotTurn, utterance: str, why: str, reason: str
     ) -> BotExchangeResponse:
-        """The budget cannot take another call: asking again cannot help, the script takes over."""
-        turn.outcome = "budget_exhausted"
-        BUDGET_EXHAUSTED.labels(SURFACE, exhausted.refusal.scope.kind).inc()
-        turn.reason = str(exhausted)[:300]
+        """The budget or an inbound limit refuses the call: the script takes over, told why."""
+        turn.outcome = why
+        turn.reason = reason[:300]
         session.add_exchange(utterance, "", **self._bounds())
         return self._respond(
             session,
@@ -223,9 +229,9 @@ class CXoneBotPipeline:
             BotExchangeBranch.ReturnControlToScript,
             error=BotErrorDetails(
                 errorBehavior=BotLoopErrorBehavior.ReturnControlToScriptThroughErrorBranch,
-                systemErrorMessage=f"budget_exhausted: {turn.reason}",
+                systemErrorMessage=f"{why}: {turn.reason}",
             ),
-            payload={"handoffReason": "budget_exhausted"},
+            payload={"handoffReason": why},
         )
 
     def failure(self, session: BotSession, turn: BotTurn, reason: str) -> BotExchangeResponse:

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from app.dependencies import Services, ServicesDep
+from app.errors import RateLimited
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.principal import Principal
 from app.request_metrics import note_failure
@@ -59,7 +60,11 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             HTTPError,
             ChatError,
         ),
-        429: error_response("a session or tenant budget is exhausted", ChatError),
+        429: error_response(
+            "an inbound limit (`rate_limit_exceeded`, with Retry-After) or a session or tenant "
+            "budget (`budget_exhausted`) refuses the request",
+            ChatError,
+        ),
         502: error_response("no provider could answer", ChatError),
         503: error_response("the budget store cannot be read", ChatError),
         504: error_response("no answer within CHAT_DEADLINE_SECONDS", ChatError),
@@ -143,8 +148,9 @@ def failure_response(error: Exception, *, raw_output: bool = False) -> JSONRespo
     failure = describe(error, raw_output=raw_output)
     if failure is None:
         raise error
+    note_failure(error)  # a rate-limit refusal is counted by its own reason, not just 429
     body = {"error": failure.code, "message": failure.message, **failure.detail}
-    return JSONResponse(body, status_code=failure.status)
+    return JSONResponse(body, status_code=failure.status, headers=failure.headers)
 
 
 def complete_frame(call: ChatCall, outcome: ChatOutcome) -> dict[str, Any]:
@@ -168,13 +174,19 @@ def error_frame(error: BaseException) -> dict[str, Any]:
 
 
 async def _stream(call: ChatCall, services: Services) -> Any:
+    try:
+        lease = await services.limits.open_stream(call.principal)  # concurrent streams
+    except RateLimited as limited:
+        return failure_response(limited)
     stream: TextStream[ChatOutcome] = TextStream(lambda put: services.chat.run(call, put))
     try:
         await stream.start()
     except Exception as error:
+        await lease.close()
         return failure_response(error, raw_output=services.settings.debug_failed_output)
     except BaseException:  # cancelled (the client went away): stop the call too
         await stream.cancel()
+        await lease.close()
         raise
 
     async def events() -> AsyncIterator[str]:
@@ -187,6 +199,7 @@ async def _stream(call: ChatCall, services: Services) -> Any:
             yield sse(error_frame(error))
         finally:
             await stream.cancel()
+            await lease.close()
 
     return event_stream(events(), call)
 

@@ -31,7 +31,7 @@ log = logging.getLogger("cxrelay.cxone")
 
 JSON_TYPES = ("application/json", "text/json")
 # Turn outcomes where the bot could not answer (a 200 all the same: CXone gets a valid branch).
-FALLBACKS = frozenset({"fallback", "fallback_escalated", "budget_exhausted"})
+FALLBACKS = frozenset({"fallback", "fallback_escalated", "budget_exhausted", "rate_limited"})
 
 
 def _is_json(content_type: str) -> bool:

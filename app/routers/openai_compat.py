@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 from app.dependencies import Services, ServicesDep
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.principal import Principal
-from app.request_metrics import note_status
+from app.request_metrics import note_failure, note_status
 from app.routers.caller import CallerDep
 from app.routers.chat import event_stream, injection_header, sse
 from app.schemas.openai_chat import (
@@ -122,6 +122,17 @@ def from_validation(errors: Sequence[Any]) -> OpenAIError:
 
 def from_failure(failure: ChatFailure) -> OpenAIError:
     """The chat pipeline's refusals (app.services.chat_errors) on OpenAI's wire."""
+    if failure.code == "rate_limit_exceeded":  # retrying after Retry-After helps
+        limit = {k: v for k, v in failure.detail.items() if k not in ("error", "message")}
+        headers = failure.headers or NO_RETRY  # no Retry-After: the call can never fit
+        return OpenAIError(
+            429,
+            failure.message,
+            type=failure.code,
+            code=failure.code,
+            extra={"limit": limit},
+            headers=headers,
+        )
     if failure.code == "budget_exhausted":
         budget = {k: v for k, v in failure.detail.items() if k not in ("error", "message")}
         return OpenAIError(
@@ -169,6 +180,7 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except Exception as error:
+                note_failure(error)  # a rate-limit refusal is counted by its own reason
                 return to_openai(error).response()
 
         return guarded
@@ -184,7 +196,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         404: "unknown model",
         413: "body over MAX_BODY_BYTES",
         422: "an answer that broke response_format after one repair",
-        429: "a session or tenant budget is exhausted (type insufficient_quota)",
+        429: "an inbound limit (type rate_limit_exceeded, with Retry-After) or an exhausted "
+        "session or tenant budget (type insufficient_quota)",
         502: "no provider could answer",
         503: "the budget store cannot be read",
         504: "no answer within CHAT_DEADLINE_SECONDS",
@@ -301,11 +314,13 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
     """Nothing is sent until the first text (or the end): a refusal before it is still a
     proper HTTP error; after it, an SSE `{"error": ...}` event ends the stream. Chunks carry
     the requested model name: the one that answered is only known at the end (cx_relay)."""
+    lease = await services.limits.open_stream(call.principal)  # RateLimited: 429
     stream: TextStream[ChatOutcome] = TextStream(lambda put: services.chat.run(call, put))
     try:
         await stream.start()
     except BaseException:
         await stream.cancel()
+        await lease.close()
         raise
     cid, created = completion_id(), int(time.time())
 
@@ -332,5 +347,6 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
             yield sse(ErrorBody(error=failure.detail).model_dump(mode="json"))
         finally:
             await stream.cancel()
+            await lease.close()
 
     return event_stream(events(), call)

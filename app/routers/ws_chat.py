@@ -16,8 +16,11 @@ Frames are JSON text. The client sends a request frame shaped like the /chat bod
   and still ends with its own complete/error frame). Not queued: a conversation's next turn needs
   the previous answer in its history, so an overlapping request is a client bug to show, not hide.
 - A bad frame (binary, not JSON, not an object, unknown type, fails ChatBody) gets an error frame
-  of code `invalid_request` and the socket stays open; so does any refused call (budget exhausted,
-  with the refusal under `detail`; unknown model; upstream failure). A frame over MAX_BODY_BYTES
+  of code `invalid_request` and the socket stays open; so does any refused call (budget exhausted
+  or a requests/tokens-per-minute limit, with the refusal under `detail`; unknown model; upstream
+  failure). An open socket is one of its key's and tenant's concurrent streams: over that limit,
+  at connect or at a request (the slot had expired and is full again), a `rate_limit_exceeded`
+  error frame, then close 4429. A frame over MAX_BODY_BYTES
   gets an error frame and close 1009: the limit protects memory, so the sender is cut off.
 - `stream` in a request is ignored: a socket always streams. A response_format json_schema answer
   is validated whole (and maybe repaired), so it goes out as one content frame after validation.
@@ -48,15 +51,16 @@ from pydantic import ValidationError
 from starlette.types import Message
 
 from app.dependencies import Services
-from app.errors import AuthenticationFailed
+from app.errors import AuthenticationFailed, RateLimited
 from app.observability import new_request_id, request_id_var
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.principal import Principal
-from app.request_metrics import count_status, counted, note_failure
+from app.request_metrics import RATE_LIMITED, count_status, counted, note_failure
 from app.routers.caller import record_auth_failure
 from app.routers.chat import build_call, complete_frame, error_frame
 from app.schemas.chat import ChatBody
 from app.services.chat_errors import describe
+from app.services.inbound_limits import StreamLease
 from app.services.text_stream import TextStream
 
 router = APIRouter(tags=["chat"])
@@ -69,7 +73,7 @@ MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011  # also uvicorn's code for a missing pong
 UNAUTHENTICATED = 4401
 IDLE_TIMEOUT = 4408
-LIMITED = 4429  # reserved for the inbound limits (issue 11): nothing closes with it yet
+LIMITED = 4429  # over the key's or tenant's concurrent streams (CLIENT_MAX_CONCURRENT_STREAMS)
 CLOSE_REASONS = {
     MESSAGE_TOO_BIG: "frame too large",
     INTERNAL_ERROR: "internal error",
@@ -164,7 +168,7 @@ async def ws_chat(websocket: WebSocket) -> None:
     connection = Connection(websocket, services)
     with contextlib.suppress(WebSocketDisconnect):
         try:
-            if await connection.authenticate():
+            if await connection.authenticate() and await connection.hold_stream():
                 await connection.serve()
         except WebSocketDisconnect:
             raise
@@ -173,6 +177,9 @@ async def ws_chat(websocket: WebSocket) -> None:
             count_status(SURFACE, 500)
             with contextlib.suppress(Exception):  # the socket may be gone already
                 await connection.send(INTERNAL_ERROR_FRAME, INTERNAL_ERROR)
+        finally:
+            if connection.lease is not None:
+                await connection.lease.close()
 
 
 class Connection:
@@ -183,6 +190,7 @@ class Connection:
         self.services = services
         self.limit = services.settings.max_body_bytes
         self.principal: Principal | None = None
+        self.lease: StreamLease | None = None  # the socket's concurrent-stream slot
         self._send_lock = asyncio.Lock()
         # the socket's id (from the handshake); each request frame gets `<this>.<n>`, so one
         # answer's log lines (turn, upstream attempts) share an id, and a socket's share a prefix
@@ -224,6 +232,22 @@ class Connection:
             )
         await self.refuse(refused)
         return False
+
+    async def hold_stream(self) -> bool:
+        """The socket is one stream of its key and tenant from authentication to close: the
+        slot is taken now and renewed by each request frame (so it does not expire while the
+        socket lives, and is taken again if it did). Refused: an error frame, then close 4429."""
+        assert self.principal is not None
+        try:
+            if self.lease is None:
+                self.lease = await self.services.limits.open_stream(self.principal)
+            else:
+                await self.lease.renew()
+        except RateLimited as limited:
+            count_status(SURFACE, 429, RATE_LIMITED)
+            await self.send(failure_frame(limited), LIMITED)
+            return False
+        return True
 
     async def _credential(self) -> Mapping[str, str]:
         if has_header_credential(self.websocket.headers):
@@ -277,6 +301,8 @@ class Connection:
             except HTTPException as error:  # the template could not be rendered
                 await self.refuse(FrameRefused("invalid_request", str(error.detail)))
                 continue
+            if not await self.hold_stream():
+                return
             with counted(SURFACE):  # one request: the pipeline notes how it went
                 still_open = await self.answer(call, whole=call.json_schema is not None)
             if not still_open:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -50,6 +50,8 @@ class ProviderView(BaseModel):
     base_url: str
     timeout_seconds: float
     rpm: int | None
+    tpm: int | None = None
+    max_concurrent: int | None = None
     circuit: Literal["closed", "open", "half_open"]
     healthy_keys: int
     keys: list[KeyView]
@@ -62,6 +64,8 @@ class ProvidersResponse(BaseModel):
     default_model: str
     providers: list[ProviderView]
     routes: list[RouteSpec]
+    # the provider file's inbound limits per tenant and key (fields left out keep the setting)
+    limits: dict[str, Any] | None = None
 
 
 class AuditRecordOut(BaseModel):

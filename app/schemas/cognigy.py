@@ -20,6 +20,7 @@ FallbackStatus = Literal[
     "deadline_exceeded",
     "budget_exhausted",  # the session's or tenant's budget cannot take the call
     "budget_unavailable",  # the budget store cannot be asked: nothing is spent unmetered
+    "rate_limited",  # over the key's or tenant's requests or tokens per minute
 ]
 
 

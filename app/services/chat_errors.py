@@ -8,6 +8,7 @@ from typing import Any
 
 from app.errors import (
     OutputInvalid,
+    RateLimited,
     UnknownModel,
     UpstreamError,
     UpstreamRejected,
@@ -23,6 +24,7 @@ class ChatFailure:
     code: str
     message: str
     detail: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def describe(error: Exception, *, raw_output: bool = False) -> ChatFailure | None:
@@ -32,6 +34,9 @@ def describe(error: Exception, *, raw_output: bool = False) -> ChatFailure | Non
     the answer itself only with `raw_output` (DEBUG_FAILED_OUTPUT): it is the model's text."""
     if isinstance(error, SchemaInvalid):
         return ChatFailure(400, "invalid_response_format", str(error))
+    if isinstance(error, RateLimited):
+        retry = {} if error.retry_after is None else {"Retry-After": str(error.retry_after_header)}
+        return ChatFailure(429, "rate_limit_exceeded", str(error), error.as_dict(), retry)
     if isinstance(error, BudgetExhausted):
         return ChatFailure(429, "budget_exhausted", error.refusal.message, error.refusal.as_dict())
     if isinstance(error, HistoryTooLong):

@@ -10,6 +10,10 @@ provider's real usage (our own count when it sent none) and writes it to the bud
 ledger in one atomic store write that completes before the caller can answer (see
 app.services.ledger), so a crash never leaves an answered call unrecorded or the budgets apart
 from the ledger; `release` gives the reservation back when the call failed.
+
+The same prompt + max_tokens is taken from the key's and the tenant's inbound tokens per minute
+(app.services.inbound_limits; RateLimited when it does not fit) and settled to the real usage
+with the budget (given back on release).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from app.services.budget import (
     HistoryTooLong,
     fit_history,
 )
+from app.services.inbound_limits import InboundLimiter, TokenCharge
 from app.services.ledger import Ledger
 from app.services.llm.router import RouterSlot
 from app.services.llm.routes import Route
@@ -50,6 +55,7 @@ class Plan:
     prompt_tokens: int  # our count of `messages`, chat framing included
     dropped: int  # history turns left out to fit
     grant: Grant
+    tokens: TokenCharge | None = None  # taken from the inbound tokens-per-minute limits
 
 
 @dataclass(frozen=True)
@@ -64,10 +70,13 @@ class Spend:
 class Metering:
     """Budget reservation and usage accounting around LLM calls, shared by every surface."""
 
-    def __init__(self, budget: BudgetService, ledger: Ledger, llm: RouterSlot) -> None:
+    def __init__(
+        self, budget: BudgetService, ledger: Ledger, llm: RouterSlot, limits: InboundLimiter
+    ) -> None:
         self.budget = budget
         self.ledger = ledger
         self.llm = llm
+        self.limits = limits  # the pipelines' requests and the calls' tokens per minute
 
     async def headroom(self, principal: Principal, session_id: str) -> Headroom:
         return await self.budget.headroom(principal, session_id)
@@ -106,10 +115,19 @@ class Metering:
             max_tokens = room
             fit = fit_history(items, count_tokens=count, max_prompt_tokens=bound - max_tokens)
         requested = fit.prompt_tokens + max_tokens
-        outcome = await self.budget.reserve_for(
-            principal, session_id, requested, _dearest_cost(route, fit.prompt_tokens, max_tokens)
-        )
+        charge = await self.limits.charge(principal, requested)  # RateLimited: over the tpm
+        try:
+            outcome = await self.budget.reserve_for(
+                principal,
+                session_id,
+                requested,
+                _dearest_cost(route, fit.prompt_tokens, max_tokens),
+            )
+        except BaseException:
+            await self.limits.settle(charge, 0)
+            raise
         if isinstance(outcome, Refusal):
+            await self.limits.settle(charge, 0)
             raise BudgetExhausted(outcome)
         return Plan(
             principal,
@@ -120,6 +138,7 @@ class Metering:
             fit.prompt_tokens,
             fit.dropped,
             outcome,
+            charge,
         )
 
     async def _refusal(self, principal: Principal, session_id: str, requested: int) -> Refusal:
@@ -207,9 +226,11 @@ class Metering:
         COST.labels(*labels).inc(spent.cost)
         # the settle and the record in one write, finished even if the request is cancelled
         await self.ledger.commit(record, plan.grant.reservation)
+        await self.limits.settle(plan.tokens, spent.usage.total_tokens)
 
     async def release(self, plan: Plan) -> None:
         await self.budget.release(plan.grant)
+        await self.limits.settle(plan.tokens, 0)
 
     async def run(
         self, plan: Plan, send: Callable[[], Awaitable[ChatResult]], *, surface: str

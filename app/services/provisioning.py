@@ -268,6 +268,8 @@ class Provisioner:
                     "base_url": public_url(spec.base_url),
                     "timeout_seconds": spec.timeout_seconds,
                     "rpm": spec.rpm,
+                    "tpm": spec.tpm,
+                    "max_concurrent": spec.max_concurrent,
                     "circuit": runtime.breaker.state,
                     "healthy_keys": sum(1 for k in keys if k["healthy"]),
                     "keys": keys,
@@ -280,6 +282,9 @@ class Provisioner:
             "default_model": self._settings.llm_model,
             "providers": providers,
             "routes": [r.model_dump(mode="json") for r in router.config.routes],
+            "limits": limits.model_dump(mode="json", exclude_unset=True)
+            if (limits := router.config.limits) is not None
+            else None,
         }
 
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.services.documents import DocumentInvalid, load_yaml
+from app.services.inbound_limits import LimitsSpec
 
 ProviderKind = Literal["openai", "anthropic"]
 
@@ -58,7 +59,9 @@ class ProviderSpec(_Strict):
     api_keys: list[Any] = Field(default_factory=list)  # directives; checked one by one
     oauth: OAuthSpec | None = None  # client credentials instead of api_keys
     timeout_seconds: float = 30.0
-    rpm: int | None = None
+    rpm: int | None = None  # outgoing requests per minute
+    tpm: int | None = None  # outgoing tokens per minute (estimated, settled to the usage)
+    max_concurrent: int | None = None  # requests in flight at once
     auth_header: str | None = None
     transport: Literal["http", "websocket"] = "http"  # how answers are streamed (OpenAI kind)
     ws_url: str | None = None  # websocket transport: default derived from base_url
@@ -82,6 +85,7 @@ class ProviderConfig(_Strict):
     providers: list[ProviderSpec]
     routes: list[RouteSpec] = Field(default_factory=list)
     allow_literal_keys: bool = False
+    limits: LimitsSpec | None = None  # inbound limits per tenant and per key
 
     def provider(self, name: str) -> ProviderSpec | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -200,8 +204,9 @@ def _semantic_problems(
             )
         if provider.ws_url is not None and not provider.ws_url.startswith(("ws://", "wss://")):
             problems.append(Problem(f"{at}.ws_url", "must be a ws:// or wss:// URL"))
-        if provider.rpm is not None and provider.rpm <= 0:
-            problems.append(Problem(f"{at}.rpm", f"must be above 0 (got {provider.rpm})"))
+        for limit in ("rpm", "tpm", "max_concurrent"):
+            if (value := getattr(provider, limit)) is not None and value <= 0:
+                problems.append(Problem(f"{at}.{limit}", f"must be above 0 (got {value})"))
         if provider.timeout_seconds <= 0:
             problems.append(Problem(f"{at}.timeout_seconds", "must be above 0"))
         for k, directive in enumerate(provider.api_keys):

@@ -36,7 +36,7 @@ from app.services.llm.attempts import Attempt, ms, observe, reason, rejection
 from app.services.llm.catalog import ModelSpec, ProviderConfig, resolve_key
 from app.services.llm.circuit import CircuitBreaker
 from app.services.llm.keys import KeyPool
-from app.services.llm.ratelimit import RateLimiter, Unlimited
+from app.services.llm.ratelimit import ProviderLimiter, request_tokens
 from app.services.llm.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, RetryWait, WaitOutlastsDeadline
 from app.services.llm.routes import ProviderRuntime, Route, Target, build_client
 from app.services.llm.streaming import OnDelta, collect_stream
@@ -98,7 +98,7 @@ class LLMRouter:
                     failure_threshold=options.failure_threshold,
                     reset_seconds=options.circuit_reset_seconds,
                 ),
-                limiter=RateLimiter(spec.rpm) if spec.rpm else Unlimited(),
+                limiter=ProviderLimiter(spec.rpm, spec.tpm, spec.max_concurrent),
             )
         self.routes: dict[str, Route] = {}
         for route in config.routes:
@@ -271,17 +271,21 @@ class LLMRouter:
                     break
                 tried.add(key.key_id)
                 queue = min(MAX_QUEUE_SECONDS, deadline.remaining() - MIN_ATTEMPT_SECONDS)
-                if not await runtime.limiter.acquire(max_wait=max(0.0, queue)):
+                tokens = request_tokens(call.messages, call.max_tokens) if runtime.spec.tpm else 0
+                permit = await runtime.limiter.acquire(max(0.0, queue), tokens)
+                if isinstance(permit, str):  # over rpm, tpm or max_concurrent for longer
                     self._note(trail, Attempt(name, model.name, "", "local_rate_limit"))
                     raise UpstreamRateLimited(
-                        f"{name}: over its configured rpm", upstream=name, retry_after=None
+                        f"{name}: over its configured {permit}", upstream=name, retry_after=None
                     )
                 timeout = deadline.bound(runtime.spec.timeout_seconds)
                 if timeout < MIN_ATTEMPT_SECONDS:
+                    permit.release()
                     raise UpstreamTimeout("deadline reached", upstream=name)
                 started = time.perf_counter()
                 try:
                     result = await send(runtime.client, call, timeout, key.secret)
+                    permit.settle(result.usage.total_tokens if result.usage_reported else None)
                 except UpstreamRateLimited as error:
                     self._note(
                         trail, Attempt(name, model.name, key.key_id, "rate_limited", ms(started))
@@ -308,6 +312,8 @@ class LLMRouter:
                     )
                     runtime.breaker.record_failure()
                     raise
+                finally:
+                    permit.release()
                 runtime.breaker.record_success()
                 self._note(trail, Attempt(name, model.name, key.key_id, "ok", ms(started)))
                 return result

@@ -28,7 +28,7 @@ from app.services.llm.catalog import ModelSpec, OAuthSpec, ProviderSpec, resolve
 from app.services.llm.circuit import CircuitBreaker
 from app.services.llm.keys import KeyPool
 from app.services.llm.openai_compat import OpenAICompatibleProvider
-from app.services.llm.ratelimit import RateLimiter, Unlimited
+from app.services.llm.ratelimit import ProviderLimiter
 from app.services.llm.types import (
     ChatRequest,
     ChatResult,
@@ -50,7 +50,7 @@ class ProviderRuntime:
     client: ProviderClient
     keys: KeyPool
     breaker: CircuitBreaker
-    limiter: RateLimiter | Unlimited
+    limiter: ProviderLimiter
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,11 @@ class RedisConnection:
         self._client = client
         self._owns_client = owns_client
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The shared client (the inbound limits' counters use the store's connections)."""
+        return self._client
+
     async def close(self) -> None:
         if self._owns_client:
             await self._client.aclose()
