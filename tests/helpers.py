@@ -60,3 +60,23 @@ async def cxone_turn(
     body.update(fields)
     headers = {"Authorization": CXONE_AUTH, "Content-Type": "application/json"}
     return await client.post(CXONE_WEBHOOK, json=body, headers=headers)
+
+
+def websocket_gateway_and_backup(primary_url: str, backup_url: str) -> list[dict[str, Any]]:
+    """Provider-file entries: "wsgw" streaming over a WebSocket (gpt-4o-mini), then "backup"
+    over HTTP (gpt-4o); both take the key in $SIM_KEY."""
+    return [
+        {
+            "name": "wsgw",
+            "base_url": primary_url,
+            "transport": "websocket",
+            "api_keys": ["env:SIM_KEY"],
+            "models": [{"name": "gpt-4o-mini"}],
+        },
+        {
+            "name": "backup",
+            "base_url": backup_url,
+            "api_keys": ["env:SIM_KEY"],
+            "models": [{"name": "gpt-4o"}],
+        },
+    ]

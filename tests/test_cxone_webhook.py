@@ -15,7 +15,7 @@ import pytest
 from app.schemas.cxone import ExternalIntegrationBotExchangeRequest
 from app.services.tokens import text_tokens
 from app.simulator.faults import Fault, FaultPlan
-from tests.helpers import CXONE_AUTH, CXONE_WEBHOOK, cxone_turn
+from tests.helpers import CXONE_AUTH, CXONE_WEBHOOK, cxone_turn, websocket_gateway_and_backup
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # NICE's OpenAPI file for the exchange, as published (a copy of ../shared/specs/).
@@ -503,21 +503,7 @@ async def test_websocket_closed_mid_stream_falls_back_to_the_next_route_entry(
         LoopbackServer(create_llm_simulator(llm_plan)) as primary,
         LoopbackServer(create_llm_simulator(backup_plan)) as backup,
     ):
-        providers = [
-            {
-                "name": "wsgw",
-                "base_url": primary.url,
-                "transport": "websocket",
-                "api_keys": ["env:SIM_KEY"],
-                "models": [{"name": "gpt-4o-mini"}],
-            },
-            {
-                "name": "backup",
-                "base_url": backup.url,
-                "api_keys": ["env:SIM_KEY"],
-                "models": [{"name": "gpt-4o"}],
-            },
-        ]
+        providers = websocket_gateway_and_backup(primary.url, backup.url)
         llm_plan.push(Fault(content="this will be cut short", cut_after=1))
         async with await _with_provider_file(
             app_client, tmp_path, monkeypatch, providers

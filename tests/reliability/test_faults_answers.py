@@ -15,6 +15,7 @@ import pytest
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
+from tests.helpers import websocket_gateway_and_backup
 from tests.reliability.conftest import (
     MetricWatch,
     Scenario,
@@ -90,21 +91,7 @@ async def test_websocket_upstream_closed_mid_stream_falls_back_to_the_next_provi
         LoopbackServer(create_llm_simulator(llm_plan)) as primary,
         LoopbackServer(create_llm_simulator(backup_plan)) as backup,
     ):
-        providers = [
-            {
-                "name": "wsgw",
-                "base_url": primary.url,
-                "transport": "websocket",
-                "api_keys": ["env:SIM_KEY"],
-                "models": [{"name": "gpt-4o-mini"}],
-            },
-            {
-                "name": "backup",
-                "base_url": backup.url,
-                "api_keys": ["env:SIM_KEY"],
-                "models": [{"name": "gpt-4o"}],
-            },
-        ]
+        providers = websocket_gateway_and_backup(primary.url, backup.url)
         chain = [
             {"provider": "wsgw", "model": "gpt-4o-mini"},
             {"provider": "backup", "model": "gpt-4o"},
