@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from app.services.sqlite_init import preparing
+
 DB_FILENAME = "cx-relay.sqlite3"
 MAX_DETAIL_CHARS = 2000
 
@@ -182,8 +184,9 @@ class AuditLog:
 
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")  # an audit record must survive a power cut
-    db.executescript(_SCHEMA)
+    with preparing(path):
+        db = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # an audit record must survive a power cut
+        db.executescript(_SCHEMA)
     return db

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from app.services.sqlite_init import preparing
 from app.services.store.base import StoreUnavailable
 
 _T = TypeVar("_T")
@@ -93,9 +94,10 @@ class SQLiteConnection:
 def connect(path: Path, synchronous: str, schema: str) -> sqlite3.Connection:
     """Open (creating the file and its directory if need be) in WAL mode and apply `schema`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), never implicit
-    db = sqlite3.connect(path, check_same_thread=False, timeout=10.0, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
-    db.executescript(schema)
+    with preparing(path):  # several workers starting at once on a new file: one at a time
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), never implicit
+        db = sqlite3.connect(path, check_same_thread=False, timeout=10.0, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+        db.executescript(schema)
     return db
