@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from app.config import Settings
+from app.services.metrics import MULTIPROC_ENV
 from app.services.signatures import sign_hmac
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 SECRET = "test-webhook-secret"
 API_KEY = "test-api-key-0123456789"
@@ -80,3 +86,16 @@ def websocket_gateway_and_backup(primary_url: str, backup_url: str) -> list[dict
             "models": [{"name": "gpt-4o"}],
         },
     ]
+
+
+def service_env(**values: str) -> dict[str, str]:
+    """For `python -m app` in a subprocess: the current environment without any setting of the
+    service (nor a metrics directory of its own), the repository importable, plus `values`."""
+    names = {name.upper() for name in Settings.model_fields} | {MULTIPROC_ENV}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in names}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(values)
+    return env

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -15,30 +14,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.config import DEV_WEBHOOK_SECRET, Settings
+from app.config import DEV_WEBHOOK_SECRET
 from app.services.signatures import sign_hmac
+from tests.helpers import service_env
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30
-
-
-def _env(**values: str) -> dict[str, str]:
-    """The current environment without any setting of the service, plus `values`."""
-    names = {name.upper() for name in Settings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k.upper() not in names}
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-    )
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(values)
-    return env
 
 
 def _run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app", *args],
         cwd=tmp_path,
-        env=_env(**env),
+        env=service_env(**env),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -93,7 +80,7 @@ def simulated_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[byt
         process = subprocess.Popen(
             [sys.executable, "-m", "app", "serve", "--simulate", "--port", str(port)],
             cwd=tmp_path,
-            env=_env(),
+            env=service_env(),
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )

@@ -22,7 +22,8 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from app import serving
 from app.config import Settings
 from app.services.metrics import MULTIPROC_ENV, exposition, forget_dead_processes
-from tests.test_cli import _env, _free_port
+from tests.helpers import service_env
+from tests.test_cli import _free_port
 
 REQUESTS = 40
 CHAT_SUCCESS = 'cxrelay_requests_total{outcome="success",reason="",surface="chat"}'
@@ -104,7 +105,7 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     )
     port = _free_port()
     log = tmp_path / "stderr.log"
-    env = _env(WORKERS="2", **{MULTIPROC_ENV: str(metrics_dir)})
+    env = service_env(WORKERS="2", **{MULTIPROC_ENV: str(metrics_dir)})
     with log.open("wb") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-m", "app", "serve", "--simulate", "--port", str(port)],

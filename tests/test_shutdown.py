@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import sqlite3
@@ -30,12 +29,11 @@ import pytest
 
 from app.config import Settings
 from app.services.audit import DB_FILENAME
-from app.services.metrics import MULTIPROC_ENV
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
+from tests.helpers import service_env
 
-REPO = Path(__file__).resolve().parents[1]
 CLIENT_KEY = "ck-shutdown-key-5e1f"
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 SLOW_ANSWER_SECONDS = 2.5
@@ -101,14 +99,7 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
         data_dir = tmp_path / "data"
         data_dir.mkdir(exist_ok=True)
         port = free_port()
-        environment = {
-            k: v
-            for k, v in os.environ.items()
-            if k.lower() not in Settings.model_fields and k != MULTIPROC_ENV
-        }
-        environment.update(
-            PYTHONPATH=str(REPO),
-            PYTHONUNBUFFERED="1",
+        environment = service_env(
             HOST="127.0.0.1",
             PORT=str(port),
             DATA_DIR=str(data_dir),

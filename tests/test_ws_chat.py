@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -18,7 +17,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,11 +32,10 @@ from websockets.uri import parse_uri
 from app.config import Settings
 from app.main import create_app
 from app.routers import ws_chat
-from app.services.metrics import MULTIPROC_ENV
 from app.services.store import ScopeUsage
 from app.simulator.faults import Fault, FaultPlan
+from tests.helpers import REPO_ROOT, service_env
 
-REPO = Path(__file__).resolve().parents[1]
 KEY = "ws-client-key-0123456789"
 BEARER = {"Authorization": f"Bearer {KEY}"}
 ANSWER = "(simulated) You said: hello there"
@@ -437,7 +434,7 @@ def test_an_unexpected_failure_is_an_internal_error_frame_then_1011(
 
 
 def test_the_readme_lists_every_close_code() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     section = readme.split("### WebSocket: `/ws/chat`", 1)[1].split("\n## ", 1)[0]
     codes = [
         ws_chat.MESSAGE_TOO_BIG,
@@ -471,13 +468,7 @@ def service_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     uvicorn, whose default WebSocket implementation (websockets, sans-I/O) sends the pings."""
     home = tmp_path_factory.mktemp("ws-service")
     port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k.lower() not in Settings.model_fields and k != MULTIPROC_ENV
-    }
-    env.update(
-        PYTHONPATH=str(REPO),
+    env = service_env(
         HOST="127.0.0.1",
         PORT=str(port),
         DATA_DIR=str(home),
