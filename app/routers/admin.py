@@ -4,8 +4,6 @@ Provisioner, map its outcome to a status code. Disabled (401) until ADMIN_TOKEN 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import logging
 import unicodedata
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from app.dependencies import ServicesDep
 from app.principal import DEFAULT_TENANT, Principal
-from app.routers.caller import record_auth_failure
+from app.routers.caller import bearer_failure, record_auth_failure
 from app.schemas.admin import (
     ApplyResponse,
     AuditPage,
@@ -74,8 +72,7 @@ def _unauthorized(request: Request, reason: str, message: str) -> HTTPException:
 
 
 async def require_admin(request: Request, services: ServicesDep) -> Admin:
-    """Authorization: Bearer <ADMIN_TOKEN>, compared in constant time over SHA-256 digests (so
-    neither content nor length leaks through timing)."""
+    """Authorization: Bearer <ADMIN_TOKEN> (bearer_failure: constant time over digests)."""
     token = services.settings.admin_token
     secret = token.get_secret_value() if token is not None else ""
     if not secret:
@@ -84,16 +81,14 @@ async def require_admin(request: Request, services: ServicesDep) -> Admin:
             "disabled",
             "the admin API is disabled until ADMIN_TOKEN is set",
         )
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    presented = presented.strip()
-    if scheme.lower() != "bearer" or not presented:
+    failure = bearer_failure(request, secret)
+    if failure == "missing":
         raise _unauthorized(
             request,
             "missing",
             "missing admin credential: send Authorization: Bearer <ADMIN_TOKEN>",
         )
-    expected = hashlib.sha256(secret.encode()).digest()
-    if not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected):
+    if failure == "invalid":
         raise _unauthorized(request, "invalid", "invalid admin token")
     key_id = fingerprint(secret)
     return Admin(

@@ -3,8 +3,10 @@ and how a failed credential attempt on any route is recorded."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Request
 from starlette.requests import HTTPConnection
@@ -42,6 +44,19 @@ def record_auth_failure(
             "detail": detail,
         },
     )
+
+
+def bearer_failure(request: Request, secret: str) -> Literal["missing", "invalid"] | None:
+    """None when `Authorization: Bearer <secret>` was sent, else why not. Compared in constant
+    time over SHA-256 digests, so neither the content nor the length leaks through timing."""
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        return "missing"
+    expected = hashlib.sha256(secret.encode()).digest()
+    if hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected):
+        return None
+    return "invalid"
 
 
 async def caller(request: Request, services: ServicesDep) -> Principal:

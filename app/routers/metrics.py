@@ -4,15 +4,13 @@ added up, when there are several). Open, as Prometheus expects, unless METRICS_T
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 
 from app.dependencies import ServicesDep
-from app.routers.caller import record_auth_failure
+from app.routers.caller import bearer_failure, record_auth_failure
 from app.schemas.openapi import HTTPError, error_response
 from app.services.metrics import exposition
 
@@ -21,22 +19,19 @@ log = logging.getLogger("cxrelay.metrics")
 
 
 async def require_scraper(request: Request, services: ServicesDep) -> None:
-    """With METRICS_TOKEN set: Authorization: Bearer <METRICS_TOKEN>, compared in constant time
-    over SHA-256 digests (neither content nor length leaks through timing), as the admin token."""
+    """With METRICS_TOKEN set: Authorization: Bearer <METRICS_TOKEN>, checked as the admin
+    token is (bearer_failure)."""
     token = services.settings.metrics_token
     secret = token.get_secret_value() if token is not None else ""
     if not secret:
         return
-    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    presented = presented.strip()
-    if scheme.lower() != "bearer" or not presented:
-        reason, message = "missing", "missing credential: send Authorization: Bearer <token>"
-    elif hmac.compare_digest(
-        hashlib.sha256(presented.encode()).digest(), hashlib.sha256(secret.encode()).digest()
-    ):
+    reason = bearer_failure(request, secret)
+    if reason is None:
         return
-    else:
-        reason, message = "invalid", "invalid metrics token"
+    message = {
+        "missing": "missing credential: send Authorization: Bearer <token>",
+        "invalid": "invalid metrics token",
+    }[reason]
     record_auth_failure(log, "metrics authentication failed", request, reason, message)
     raise HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
 
