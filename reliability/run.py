@@ -88,27 +88,27 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}"
     )
     run["quick"] = args.quick
-    if "fast" in parts:
-        t = time.monotonic()
-        outcome = fast()
-        run["fast"] = outcome
-        run["ok"]["fast"] = outcome["ok"]
-        run["seconds"]["fast"] = round(time.monotonic() - t, 1)
-        run["finished"]["fast"] = now()
-    if "crash" in parts:
-        t = time.monotonic()
+
+    def fast_part() -> bool:
+        run["fast"] = fast()
+        return bool(run["fast"]["ok"])
+
+    def crash_part() -> bool:
         results = crash.run(rounds, args.concurrency, args.seed)
         write("crash.json", results)
-        run["ok"]["crash"] = all(r["ok"] for r in results)
-        run["seconds"]["crash"] = round(time.monotonic() - t, 1)
-        run["finished"]["crash"] = now()
-    if "soak" in parts:
-        t = time.monotonic()
+        return all(r["ok"] for r in results)
+
+    def soak_part() -> bool:
         result = soak.run(seconds, args.rate, args.seed)
         write("soak.json", result)
-        run["ok"]["soak"] = result["ok"]
-        run["seconds"]["soak"] = round(time.monotonic() - t, 1)
-        run["finished"]["soak"] = now()
+        return bool(result["ok"])
+
+    for part, work in (("fast", fast_part), ("crash", crash_part), ("soak", soak_part)):
+        if part in parts:
+            t = time.monotonic()
+            run["ok"][part] = work()
+            run["seconds"][part] = round(time.monotonic() - t, 1)
+            run["finished"][part] = now()
     if parts == ["fast", "crash", "soak"]:
         run["seconds"]["total"] = round(time.monotonic() - started, 1)
     if parts != ["report"]:
