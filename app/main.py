@@ -194,6 +194,7 @@ def build_services(
     )
     budget = BudgetService(store, budget_policy(settings, client_auth.session_tokens_by_key))
     limits = build_inbound_limits(settings, store, llm)
+    stack.push_async_callback(limits.aclose)  # leases still being given back, before the store
     metering = Metering(budget, ledger, llm, limits)
     injection = load_injection_rules(settings)  # one of each, shared by every surface
     intent_cache = build_intent_cache(settings)

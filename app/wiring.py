@@ -229,8 +229,7 @@ def build_cxone_bot(
 def build_inbound_limits(settings: Settings, store: Store, llm: RouterSlot) -> InboundLimiter:
     """Counted in Redis when the store is Redis (every replica sees the same counts), else in
     this process (per worker). The per-tenant and per-key overrides are the provider
-    configuration in service, read per request. A stream's lease outlives the longest gap
-    between its renewals: an answer (CHAT_DEADLINE_SECONDS) plus an idle socket's wait."""
+    configuration in service, read per request."""
     counters: LimitCounters = (
         RedisCounters(store.client, prefix=store.prefix)
         if isinstance(store, RedisStore)
@@ -241,9 +240,4 @@ def build_inbound_limits(settings: Settings, store: Store, llm: RouterSlot) -> I
         tpm=settings.client_rate_limit_tpm,
         streams=settings.client_max_concurrent_streams,
     )
-    return InboundLimiter(
-        counters,
-        defaults,
-        lambda: llm.current.config.limits,
-        lease_seconds=settings.chat_deadline_seconds + settings.ws_idle_timeout_seconds + 60,
-    )
+    return InboundLimiter(counters, defaults, lambda: llm.current.config.limits)

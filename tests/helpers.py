@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +107,65 @@ def service_env(**values: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(values)
     return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServiceProcess:
+    """The service as its users run it: `python -m app …` in a process of its own."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@contextmanager
+def running_service(
+    home: Path, *args: str, startup_timeout: float = 60.0, **env: str
+) -> Iterator[ServiceProcess]:
+    """`python -m app serve <args>` on a free port with `env` (over service_env()), its working
+    directory `home` (no stray .env), its output in home/service.log; yielded once /health/live
+    answers, terminated (then killed) afterwards."""
+    port = free_port()
+    log_path = home / "service.log"
+    environment = service_env(HOST="127.0.0.1", PORT=str(port), DATA_DIR=str(home), **env)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", *args],
+            cwd=home,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        service = ServiceProcess(process, port, log_path)
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while True:
+                assert process.poll() is None, log_path.read_text()
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{service.url}/health/live").status_code == 200:
+                        break
+                assert time.monotonic() < deadline, f"not live: {log_path.read_text()}"
+                time.sleep(0.05)
+            yield service
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

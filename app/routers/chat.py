@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
 
 from app.dependencies import Services, ServicesDep
 from app.errors import RateLimited
@@ -178,37 +179,55 @@ async def _stream(call: ChatCall, services: Services) -> Any:
         lease = await services.limits.open_stream(call.principal)  # concurrent streams
     except RateLimited as limited:
         return failure_response(limited)
-    stream: TextStream[ChatOutcome] = TextStream(lambda put: services.chat.run(call, put))
+    stream: TextStream[ChatOutcome] = TextStream(lambda put: services.chat.run(call, put), lease)
     try:
         await stream.start()
-    except Exception as error:
-        await lease.close()
-        return failure_response(error, raw_output=services.settings.debug_failed_output)
-    except BaseException:  # cancelled (the client went away): stop the call too
-        await stream.cancel()
-        await lease.close()
-        raise
+    except BaseException as error:
+        await stream.close()
+        if isinstance(error, Exception):  # refused before any text: a proper status
+            return failure_response(error, raw_output=services.settings.debug_failed_output)
+        raise  # cancelled: the client went away
 
     async def events() -> AsyncIterator[str]:
         try:
             async for text in stream.texts():
                 yield sse({"type": "content", "delta": text})
-            yield sse(complete_frame(call, await stream.result()))
+            outcome = await stream.result()
         except Exception as error:  # after the 200: the error travels as a frame
+            await stream.close()
             note_failure(error)
             yield sse(error_frame(error))
+            return
+        await stream.close()  # the slot is free before the client can read the end
+        yield sse(complete_frame(call, outcome))
+
+    return event_stream(events(), call, stream)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streamed response that closes its TextStream however the response ends: the body
+    sent, the client gone (its task cancelled, the generator maybe never started), an error."""
+
+    def __init__(self, content: AsyncIterator[str], stream: TextStream[Any], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
         finally:
-            await stream.cancel()
-            await lease.close()
-
-    return event_stream(events(), call)
+            await self._stream.close()
 
 
-def event_stream(events: AsyncIterator[str], call: ChatCall) -> StreamingResponse:
+def event_stream(
+    events: AsyncIterator[str], call: ChatCall, stream: TextStream[Any]
+) -> StreamingResponse:
     """The text/event-stream response; the input was checked before the first text, so flag
     mode's X-Prompt-Injection header goes out with it."""
     headers = {**SSE_HEADERS, **injection_header(call.injection)}
-    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    return ClosingStreamingResponse(
+        events, stream, media_type="text/event-stream", headers=headers
+    )
 
 
 def sse(frame: dict[str, Any]) -> str:

@@ -315,12 +315,11 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
     proper HTTP error; after it, an SSE `{"error": ...}` event ends the stream. Chunks carry
     the requested model name: the one that answered is only known at the end (cx_relay)."""
     lease = await services.limits.open_stream(call.principal)  # RateLimited: 429
-    stream: TextStream[ChatOutcome] = TextStream(lambda put: services.chat.run(call, put))
+    stream: TextStream[ChatOutcome] = TextStream(lambda put: services.chat.run(call, put), lease)
     try:
         await stream.start()
     except BaseException:
-        await stream.cancel()
-        await lease.close()
+        await stream.close()
         raise
     cid, created = completion_id(), int(time.time())
 
@@ -336,17 +335,17 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
             async for text in stream.texts():
                 yield chunk([ChunkChoice(delta=ChunkDelta(content=text))])
             outcome = await stream.result()
-            finish = ChunkChoice(finish_reason=outcome.finish_reason)
-            yield chunk([finish], cx_relay=extras(call, outcome))
-            if body.include_usage:
-                yield chunk([], usage=usage_of(outcome))
-            yield "data: [DONE]\n\n"
         except Exception as error:  # after the 200: the error travels as an event
+            await stream.close()
             failure = to_openai(error)
             note_status(failure.status)
             yield sse(ErrorBody(error=failure.detail).model_dump(mode="json"))
-        finally:
-            await stream.cancel()
-            await lease.close()
+            return
+        await stream.close()  # the slot is free before the client can read [DONE]
+        finish = ChunkChoice(finish_reason=outcome.finish_reason)
+        yield chunk([finish], cx_relay=extras(call, outcome))
+        if body.include_usage:
+            yield chunk([], usage=usage_of(outcome))
+        yield "data: [DONE]\n\n"
 
-    return event_stream(events(), call)
+    return event_stream(events(), call, stream)

@@ -15,12 +15,15 @@ Frames are JSON text. The client sends a request frame shaped like the /chat bod
   is running is refused at once with an error frame of code `busy` (the running answer goes on
   and still ends with its own complete/error frame). Not queued: a conversation's next turn needs
   the previous answer in its history, so an overlapping request is a client bug to show, not hide.
+  The answer counts as running until its last frame is handed to the socket: a request sent the
+  moment the client reads `complete` (or `error`) is the next request, never `busy`.
 - A bad frame (binary, not JSON, not an object, unknown type, fails ChatBody) gets an error frame
   of code `invalid_request` and the socket stays open; so does any refused call (budget exhausted
   or a requests/tokens-per-minute limit, with the refusal under `detail`; unknown model; upstream
-  failure). An open socket is one of its key's and tenant's concurrent streams: over that limit,
-  at connect or at a request (the slot had expired and is full again), a `rate_limit_exceeded`
-  error frame, then close 4429. A frame over MAX_BODY_BYTES
+  failure). An open socket is one of its key's and tenant's concurrent streams from
+  authentication to close (the slot is renewed in the background and given back however the
+  socket ends): over that limit at connect, a `rate_limit_exceeded` error frame, then close 4429.
+  A frame over MAX_BODY_BYTES
   gets an error frame and close 1009: the limit protects memory, so the sender is cut off.
 - `stream` in a request is ignored: a socket always streams. A response_format json_schema answer
   is validated whole (and maybe repaired), so it goes out as one content frame after validation.
@@ -81,6 +84,8 @@ CLOSE_REASONS = {
     IDLE_TIMEOUT: "idle timeout",
     LIMITED: "limited",
 }
+# What Connection.answer returns when the socket is done: a disconnect, as receive() gives it.
+GONE: Message = {"type": "websocket.disconnect", "code": 1000}
 INTERNAL_ERROR_FRAME = {"type": "error", "code": "internal_error", "message": "internal error"}
 # A refused frame in cxrelay_requests_total: the status the same refusal has over HTTP.
 FRAME_STATUS = {"unauthorized": 401, "invalid_request": 400, "request_too_large": 413, "busy": 409}
@@ -196,6 +201,7 @@ class Connection:
         # answer's log lines (turn, upstream attempts) share an id, and a socket's share a prefix
         self.request_id = request_id_var.get() or new_request_id()
         self.frames = 0
+        self._answering = False  # an answer runs and has not sent its last frame
 
     async def send(self, frame: dict[str, Any], close: int | None = None) -> None:
         """One frame, maybe then the close; locked, as busy replies and an answer share the
@@ -234,15 +240,11 @@ class Connection:
         return False
 
     async def hold_stream(self) -> bool:
-        """The socket is one stream of its key and tenant from authentication to close: the
-        slot is taken now and renewed by each request frame (so it does not expire while the
-        socket lives, and is taken again if it did). Refused: an error frame, then close 4429."""
+        """The socket is one stream of its key and tenant from authentication to close.
+        Refused: an error frame, then close 4429."""
         assert self.principal is not None
         try:
-            if self.lease is None:
-                self.lease = await self.services.limits.open_stream(self.principal)
-            else:
-                await self.lease.renew()
+            self.lease = await self.services.limits.open_stream(self.principal)
         except RateLimited as limited:
             count_status(SURFACE, 429, RATE_LIMITED)
             await self.send(failure_frame(limited), LIMITED)
@@ -278,20 +280,25 @@ class Connection:
         idle = self.services.settings.ws_idle_timeout_seconds
         loop = asyncio.get_running_loop()
         deadline = loop.time() + idle
+        message: Message | None = None  # a request that arrived as the last answer ended
         while True:
-            try:
-                message = await asyncio.wait_for(self.websocket.receive(), deadline - loop.time())
-            except TimeoutError:
-                log.info("ws chat socket closed: idle", extra={"route": "/ws/chat"})
-                async with self._send_lock:
-                    await self.websocket.close(IDLE_TIMEOUT, CLOSE_REASONS[IDLE_TIMEOUT])
-                return
+            if message is None:
+                try:
+                    message = await asyncio.wait_for(
+                        self.websocket.receive(), deadline - loop.time()
+                    )
+                except TimeoutError:
+                    log.info("ws chat socket closed: idle", extra={"route": "/ws/chat"})
+                    async with self._send_lock:
+                        await self.websocket.close(IDLE_TIMEOUT, CLOSE_REASONS[IDLE_TIMEOUT])
+                    return
             if message["type"] == "websocket.disconnect":
                 return
+            received, message = message, None
             self.frames += 1
             request_id_var.set(f"{self.request_id}.{self.frames}")  # the middleware resets it
             try:
-                body = parse_request(read_frame(message, self.limit))
+                body = parse_request(read_frame(received, self.limit))
                 call = build_call(body, self.principal, self.services, SURFACE)
             except FrameRefused as refused:
                 await self.refuse(refused)
@@ -301,32 +308,40 @@ class Connection:
             except HTTPException as error:  # the template could not be rendered
                 await self.refuse(FrameRefused("invalid_request", str(error.detail)))
                 continue
-            if not await self.hold_stream():
-                return
             with counted(SURFACE):  # one request: the pipeline notes how it went
-                still_open = await self.answer(call, whole=call.json_schema is not None)
-            if not still_open:
-                return
+                message = await self.answer(call, whole=call.json_schema is not None)
             deadline = loop.time() + idle
 
-    async def answer(self, call: ChatCall, *, whole: bool) -> bool:
-        """Run one call while watching the socket; False when the socket is done (client gone,
-        or closed for an oversize frame). The call is cancelled whenever it is left unfinished."""
+    async def answer(self, call: ChatCall, *, whole: bool) -> Message | None:
+        """Run one call while watching the socket. A disconnect message when the socket is done
+        (the client gone, or closed for an oversize frame); else the message that arrived once
+        the answer's last frame was out (the next request), or None. The call is cancelled
+        whenever it is left unfinished."""
         stream: TextStream[ChatOutcome] = TextStream(
             lambda put: self.services.chat.run(call, None if whole else put)
         )
+        self._answering = True
         pump = asyncio.create_task(self._pump(call, stream, whole))
         watch = asyncio.create_task(self._watch())
         try:
-            done, _ = await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if watch in done:
-                return False
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():
+                arrived = watch.result()
+                if arrived["type"] != "websocket.disconnect":
+                    await pump  # the last frame is on its way: let it finish
+                return arrived
             pump.result()  # raises if a send failed: the client is gone
-            return True
+            watch.cancel()  # receive() may be cancelled without losing a message
+            await asyncio.gather(watch, return_exceptions=True)
+            if watch.cancelled():
+                return None
+            return watch.result()  # it took a message in the same moment: the next request
+        except WebSocketDisconnect:
+            return GONE
         finally:
             pump.cancel()
             watch.cancel()
-            await stream.cancel()
+            await stream.close()
             await asyncio.gather(pump, watch, return_exceptions=True)
 
     async def _pump(self, call: ChatCall, stream: TextStream[ChatOutcome], whole: bool) -> None:
@@ -340,23 +355,30 @@ class Connection:
             note_failure(error)
             if describe(error) is None:
                 log.exception("ws chat call failed", extra={"session_id": call.session_id})
-            await self.send(failure_frame(error))
+            await self._last(failure_frame(error))
             return
         if whole and outcome.content:
             await self.send({"type": "content", "delta": outcome.content})
-        await self.send(complete_frame(call, outcome))
+        await self._last(complete_frame(call, outcome))
 
-    async def _watch(self) -> None:
-        """Frames that arrive mid-answer are refused as `busy` (close 1009 if oversize); returns
-        once the socket is done."""
+    async def _last(self, frame: dict[str, Any]) -> None:
+        """The answer's last frame. The answer stops counting as running before it is sent,
+        so a request the client sends on reading it is never refused as busy."""
+        self._answering = False
+        await self.send(frame)
+
+    async def _watch(self) -> Message:
+        """Frames that arrive mid-answer are refused as `busy` (close 1009 if oversize). Returns
+        a disconnect once the socket is done, or the first message that arrives after the
+        answer's last frame went out (the next request, for `serve`)."""
         while True:
             message = await self.websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
+            if message["type"] == "websocket.disconnect" or not self._answering:
+                return message
             try:
                 read_frame(message, self.limit)
             except FrameRefused as bad:
                 if bad.close is not None:
                     await self.refuse(bad)
-                    return
+                    return GONE
             await self.refuse(FrameRefused("busy", "an answer is still running on this socket"))

@@ -13,7 +13,10 @@ the logs show), and a configuration applied through the provisioning API takes e
   `settle` after it with the real usage (nothing, when the call failed), so a key is held to
   what it really spends and an estimate never keeps a minute's room blocked.
 - Streams: `open_stream` for a streamed answer (SSE on /chat and /v1/chat/completions) or an
-  open /ws/chat socket; the lease is returned when it ends and expires by itself otherwise.
+  open /ws/chat socket. The lease is given back on every way a stream ends (done, failed, the
+  client gone, the server stopping), even when the request that holds it is being cancelled;
+  while the stream lives it is renewed every third of LEASE_SECONDS, so one whose holder died
+  without giving it back (a killed replica) frees its slot within LEASE_SECONDS.
 
 The counts live in the store's place (app.services.store.counters): Redis for several replicas
 (every replica sees one count), process memory otherwise. A store that cannot be reached lets
@@ -22,11 +25,12 @@ requests through (logged): the budgets, which cannot be reserved then, still ref
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
@@ -43,6 +47,8 @@ log = logging.getLogger("cxrelay.limits")
 Kind = Literal["rpm", "tpm", "streams"]
 KEY_ID = re.compile(r"[0-9a-f]{8}")
 T = TypeVar("T")
+# How long a stream's slot outlives its last renewal: the most an orphaned lease blocks a slot.
+LEASE_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -111,12 +117,26 @@ class InboundLimiter:
         defaults: Limits,
         overrides: Callable[[], LimitsSpec | None] = lambda: None,
         *,
-        lease_seconds: float = 300.0,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.counters = counters
         self.defaults = defaults
         self._overrides = overrides  # read per request: a provisioning change applies at once
         self.lease_seconds = lease_seconds
+        self._unfinished: set[asyncio.Task[None]] = set()  # leases being given back
+
+    def finish_in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` to its end in a task of its own, which a cancelled caller cannot stop;
+        `aclose` waits for it at shutdown, before the store closes."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._unfinished.add(task)
+        task.add_done_callback(self._unfinished.discard)
+        return task
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Wait (up to `timeout`) for the leases still being given back."""
+        if self._unfinished:
+            await asyncio.wait(set(self._unfinished), timeout=timeout)
 
     def limits_for(self, principal: Principal) -> tuple[Limits, Limits]:
         """(the key's limits, the tenant's limits)."""
@@ -176,24 +196,32 @@ class InboundLimiter:
             )
 
     async def open_stream(self, principal: Principal) -> StreamLease:
-        """A concurrent-stream slot for the key and its tenant; RateLimited when one is full."""
+        """A concurrent-stream slot for the key and its tenant; RateLimited when one is full.
+        The holder must `close` it (it is renewed in the background until then)."""
         lease = StreamLease(self, principal, tuple(self._chosen(principal, "streams")))
         await lease.renew()
+        lease.keep_alive()
         return lease
 
 
 class StreamLease:
-    """One open stream's place; `close` gives it back (once), `renew` keeps a long-lived
-    socket's place from expiring (and takes it again if it did, within the limit)."""
+    """One open stream's place, renewed in the background until `close` gives it back."""
 
     def __init__(
         self, limiter: InboundLimiter, principal: Principal, chosen: tuple[tuple[str, Bucket], ...]
     ) -> None:
         self._limiter, self._principal, self._chosen = limiter, principal, chosen
         self.lease_id = uuid.uuid4().hex
-        self.closed = False
+        self._renewing: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closing is not None
 
     async def renew(self) -> None:
+        """Hold the place for another LEASE_SECONDS (taking it again if it had expired);
+        RateLimited when it had expired and the slot is full now."""
         if not self._chosen or self.closed:
             return
         counters, slots = self._limiter.counters, [b for _, b in self._chosen]
@@ -204,15 +232,37 @@ class StreamLease:
         if full >= 0:
             raise _refusal(self._principal, self._chosen[full], "streams", None)
 
+    def keep_alive(self) -> None:
+        if self._chosen and self._renewing is None and not self.closed:
+            self._renewing = asyncio.get_running_loop().create_task(self._renew_until_closed())
+
+    async def _renew_until_closed(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(self._limiter.lease_seconds / 3)
+            try:
+                await self.renew()
+            except RateLimited:  # it lapsed (a stalled loop) and was taken: this stream goes on
+                log.warning("a stream's lapsed slot was taken by another stream meanwhile")
+
     async def close(self) -> None:
-        if self.closed or not self._chosen:
-            self.closed = True
+        """Give the place back (once). The work starts before this awaits anything and runs
+        in a task of its own, so a holder being cancelled (the client hung up mid-stream, the
+        server is stopping) still gives it back."""
+        if self._closing is None:
+            if self._renewing is not None:
+                self._renewing.cancel()
+            self._closing = self._limiter.finish_in_background(self._unlease())
+        await asyncio.shield(self._closing)
+
+    async def _unlease(self) -> None:
+        if not self._chosen:
             return
-        self.closed = True
         names = [name for _, (name, _) in self._chosen]
-        await _counted(
-            self._limiter.counters.unlease(self._principal.tenant, names, self.lease_id), None
-        )
+        counters = self._limiter.counters
+        try:
+            await _counted(counters.unlease(self._principal.tenant, names, self.lease_id), None)
+        except Exception:  # a bug, not an outage: the lease expires by itself
+            log.exception("a stream's slot could not be given back")
 
 
 async def _counted(operation: Awaitable[T], otherwise: T) -> T:
