@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     llm_temperature: float = Field(0.7, ge=0.0, le=2.0)
     routing_temperature: float = Field(0.2, ge=0.0, le=2.0)
     llm_max_tokens: int = Field(1024, ge=16, le=32768)
+    # The Cognigy routing decision's answer limit (a decision is ~50-150 tokens; reserving more
+    # than it needs would exhaust a session's budget early). Never above LLM_MAX_TOKENS.
+    routing_max_tokens: int = Field(300, ge=64, le=32768)
     # The LLM_GATEWAY_* provider's model: its context window and prices (USD per 1,000 tokens)
     # for the cost ledger. A provider file states these per model instead.
     llm_context_tokens: int = Field(128_000, ge=256, le=10_000_000)

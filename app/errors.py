@@ -59,6 +59,14 @@ class UpstreamUnavailable(UpstreamError):
     retryable = True
 
 
+class CircuitOpen(UpstreamUnavailable):
+    """The provider is skipped while its circuit is open. Not retried (when every provider of a
+    route is open there is nothing to try, and the caller answers its fallback at once), unless
+    a trial request is testing the provider right now (half-open)."""
+
+    retryable = False
+
+
 class UpstreamTimeout(UpstreamError):
     """The upstream did not answer within the time this attempt had."""
 
@@ -80,8 +88,13 @@ class UpstreamProtocolError(UpstreamError):
 
 
 class StreamBroken(UpstreamError):
-    """A stream failed after part of the answer was already passed on to the caller: it is not
-    retried and does not fall back, since a second answer would be glued onto half of the first."""
+    """A stream failed after part of the answer (`partial`, this attempt's text) was already
+    passed on to the caller. It is never answered afresh, since a second answer would be glued
+    onto half of the first: the route's next entry may only continue it."""
+
+    def __init__(self, message: str, *, upstream: str = "", partial: str = "") -> None:
+        super().__init__(message, upstream=upstream)
+        self.partial = partial
 
 
 class OutputInvalid(CxRelayError):

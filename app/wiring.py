@@ -114,7 +114,7 @@ def build_cognigy(
         options=CognigyOptions(
             model=settings.llm_model,
             temperature=settings.routing_temperature,
-            max_tokens=settings.llm_max_tokens,
+            max_tokens=min(settings.routing_max_tokens, settings.llm_max_tokens),
             history_turns=settings.cxone_history_turns,
             repair_min_seconds=settings.cognigy_repair_min_seconds,
             fallback_response=settings.cognigy_fallback_response,

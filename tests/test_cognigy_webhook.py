@@ -58,7 +58,7 @@ async def test_provider_request_is_json_mode_low_temperature_and_bounded(
     body = sent["body"]
     assert body["response_format"] == {"type": "json_object"}
     assert body["temperature"] == 0.2
-    assert body["max_tokens"] == 1024  # LLM_MAX_TOKENS
+    assert body["max_tokens"] == 300  # ROUTING_MAX_TOKENS: what a decision needs, not 1024
     assert body["model"] == "gpt-4o-mini"
     assert body["messages"][0]["role"] == "system"
     assert "I was charged twice" in body["messages"][1]["content"]

@@ -264,7 +264,9 @@ async def test_not_ready_while_every_key_is_set_aside_then_ready_when_one_return
 # --- /health -------------------------------------------------------------------------------------
 
 
-async def test_health_details_a_reachable_provider(app_client: Callable[..., Any]) -> None:
+async def test_health_details_a_reachable_provider(
+    app_client: Callable[..., Any], llm_server: Any
+) -> None:
     async with app_client() as client:
         status, body = await get(client, "/health")
     assert status == 200
@@ -284,6 +286,7 @@ async def test_health_details_a_reachable_provider(app_client: Callable[..., Any
     default = body["providers"]["default"]
     assert {k: v for k, v in default.items() if k not in ("probe_latency_ms", "models")} == {
         "kind": "openai",
+        "base_url": llm_server.url,
         "usable": True,
         "reachable": True,
         "circuit": "closed",

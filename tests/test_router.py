@@ -260,6 +260,36 @@ async def test_failed_trial_reopens_the_circuit(
     assert llm.providers["alpha"].breaker.state == "open"
 
 
+async def test_with_every_circuit_of_the_route_open_nothing_is_retried(
+    http: httpx.AsyncClient, servers: tuple[str, str], plan_a: FaultPlan, plan_b: FaultPlan
+) -> None:
+    """Nothing to try: one pass, each provider skipped once, no backoff before the failure
+    (before, each call walked the chain max_attempts times with a backoff between passes)."""
+    llm = LLMRouter(
+        http,
+        config(servers),
+        RouterOptions(
+            retry=RetryPolicy(max_attempts=3, initial_wait=0.3, max_wait=0.3),
+            failure_threshold=1,
+            circuit_reset_seconds=60,
+        ),
+        env=KEYS,
+    )
+    plan_a.push(Fault(status=500))
+    plan_b.push(Fault(status=500))
+    with pytest.raises(UpstreamError):  # both fail once: both circuits open
+        await llm.complete(request(), Deadline.after(5))
+    started = time.monotonic()
+    with pytest.raises(UpstreamError) as caught:
+        await llm.complete(request(), Deadline.after(5))
+    took = time.monotonic() - started
+    outcomes = [(a.provider, a.outcome) for a in caught.value.trail]  # type: ignore[attr-defined]
+    assert outcomes == [("alpha", "circuit_open"), ("beta", "circuit_open")]
+    assert "circuit open" in str(caught.value) and "answered 500" in str(caught.value)
+    assert took < 0.3  # no backoff: one wait would have been 0.3 s
+    assert len(plan_a.requests) == len(plan_b.requests) == 1
+
+
 async def test_rate_limit_holds_a_burst_at_the_configured_rpm(
     http: httpx.AsyncClient, servers: tuple[str, str], plan_a: FaultPlan, plan_b: FaultPlan
 ) -> None:

@@ -59,6 +59,44 @@ async def test_cognigy_exhausted_budget_routes_to_a_human_without_calling_the_mo
     assert llm_plan.requests == []
 
 
+async def test_cognigy_turns_are_squeezed_to_the_budget_before_they_are_refused(
+    app_client: Any, llm_plan: FaultPlan
+) -> None:
+    """One conversation against the default 4,096-token session budget: each decision used to
+    reserve the whole LLM_MAX_TOKENS (1024) for ~50 tokens of answer and was refused with 30%
+    of the budget left. Now it reserves ROUTING_MAX_TOKENS and, near the end, what is left."""
+    running = app_client()
+    statuses: list[str] = []
+    prompt = 0
+    async with running as client:
+        while not statuses or statuses[-1] == "success":
+            said = f"Question number {len(statuses)} about my bill"  # no intent cache hit
+            turn = trigger(conversationId="long-call", lastMessage=said)
+            body = (await post_turn(client, turn)).json()
+            statuses.append(body["status"])
+            prompt = body["usage"]["prompt_tokens"] or prompt
+        usage = await _session(running, "long-call")
+    assert statuses[-1] == "budget_exhausted"
+    left = 4096 - usage.used_tokens
+    assert left < prompt + 64  # refused only when not even a short decision fits
+    assert llm_plan.requests[0]["body"]["max_tokens"] == 300
+
+
+async def test_a_cognigy_decision_that_fits_only_shortened_is_answered(
+    app_client: Any, llm_plan: FaultPlan, tmp_path: Any
+) -> None:
+    """A session with room for the prompt and 200 tokens of answer: the decision is asked with
+    max_tokens squeezed to what is left, not refused (it used to need the whole 1024)."""
+    async with app_client() as client:
+        measured = (await post_turn(client, trigger(conversationId="tight"))).json()
+    prompt = measured["usage"]["prompt_tokens"]
+    second = {"budget_session_tokens": prompt + 200, "data_dir": tmp_path / "second"}
+    async with app_client(**second) as client:
+        body = (await post_turn(client, trigger(conversationId="tight"))).json()
+    assert body["status"] == "success", body
+    assert 64 <= llm_plan.requests[-1]["body"]["max_tokens"] < 300
+
+
 async def test_cognigy_settles_both_the_call_and_its_repair_into_the_session(
     app_client: Any, llm_plan: FaultPlan
 ) -> None:

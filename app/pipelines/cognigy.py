@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 from app.deadline import Deadline
-from app.errors import OutputInvalid, RateLimited, UnknownModel, UpstreamError
+from app.errors import OutputInvalid, RateLimited, UnknownModel, UpstreamError, UpstreamTimeout
 from app.pipelines.turn_cache import TurnCache
 from app.principal import Principal
 from app.schemas.cognigy import (
@@ -32,6 +32,8 @@ from app.services.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLo
 from app.services.cache import CachedAnswer
 from app.services.cxone import CXoneContextClient, Turn
 from app.services.injection import InjectionMode, InjectionRules
+from app.services.llm.attempts import Attempt
+from app.services.llm.retry import DEADLINE_MARGIN_SECONDS
 from app.services.llm.types import ChatRequest, ChatResult, Usage
 from app.services.metering import Metering, Spend
 from app.services.metrics import BUDGET_EXHAUSTED
@@ -55,6 +57,9 @@ class CognigyOptions:
 
 
 SURFACE = "cognigy"
+# The shortest answer that can hold a routing decision: a budget running low squeezes the call
+# down to this, never below (a cut decision would only fail validation).
+DECISION_MIN_TOKENS = 64
 
 
 @dataclass
@@ -106,7 +111,7 @@ class CognigyPipeline:
         try:
             result = await self._complete(principal, session, messages, deadline, turn)
         except UpstreamError as error:
-            return self.fallback(trigger, turn, "llm_unavailable", str(error))
+            return self.fallback(trigger, turn, _unavailable(error, deadline), str(error))
         try:
             decision = parse_output(result.content, RoutingDecision)
         except OutputInvalid as invalid:
@@ -241,8 +246,8 @@ class CognigyPipeline:
         turn: TurnRecord,
     ) -> ChatResult:
         """One metered call: reserved before it goes out, settled (and recorded in the ledger)
-        after, released when it fails. A decision needs its whole max_tokens, so the call is
-        refused rather than squeezed when the budget cannot hold it."""
+        after, released when it fails. A budget running low shortens the decision's max_tokens
+        (down to what a decision needs at least) before it refuses the call."""
         plan = await self.metering.plan(
             principal,
             session,
@@ -250,6 +255,7 @@ class CognigyPipeline:
             route_name=self.options.model,
             max_tokens=self.options.max_tokens,
             remaining_tokens=None,
+            min_tokens=DECISION_MIN_TOKENS,
         )
         request = ChatRequest(
             messages=plan.messages,
@@ -258,13 +264,11 @@ class CognigyPipeline:
             max_tokens=plan.max_tokens,
             json_output=True,
         )
-        try:
-            result, spent = await self.metering.run(
-                plan, lambda: self.metering.llm.current.complete(request, deadline), surface=SURFACE
-            )
-        except UpstreamError as error:
-            turn.trail += error.trail
-            raise
+        result, spent = await self.metering.run(
+            plan,
+            lambda: self.metering.llm.current.complete(request, deadline, turn.trail),
+            surface=SURFACE,
+        )
         turn.record(result, spent)
         return result
 
@@ -279,7 +283,7 @@ class TurnRecord:
     provider: str | None = None
     model: str | None = None
     usage: Usage = field(default_factory=Usage)
-    trail: tuple[Any, ...] = ()
+    trail: list[Attempt] = field(default_factory=list)  # the router appends as it goes
     repaired: bool = False
     cached: bool = False
     cost: float = 0.0
@@ -293,7 +297,6 @@ class TurnRecord:
         self.provider, self.model = result.provider, result.model
         self.usage = self.usage + spent.usage
         self.cost = round(self.cost + spent.cost, 8)
-        self.trail += result.trail
 
     @property
     def attempts(self) -> int:
@@ -324,6 +327,14 @@ def _response(
         cached=turn.cached,
         **fallback_fields,
     )
+
+
+def _unavailable(error: UpstreamError, deadline: Deadline) -> FallbackStatus:
+    """A provider that timed out as the deadline ran out (the router ends its attempts just
+    before it, so a hang is recorded) is the deadline's fallback; anything else the provider's."""
+    if isinstance(error, UpstreamTimeout) and deadline.remaining() < 2 * DEADLINE_MARGIN_SECONDS:
+        return "deadline_exceeded"
+    return "llm_unavailable"
 
 
 def _why(invalid: OutputInvalid) -> str:

@@ -225,9 +225,7 @@ def event_stream(
     """The text/event-stream response; the input was checked before the first text, so flag
     mode's X-Prompt-Injection header goes out with it."""
     headers = {**SSE_HEADERS, **injection_header(call.injection)}
-    return ClosingStreamingResponse(
-        events, stream, media_type="text/event-stream", headers=headers
-    )
+    return ClosingStreamingResponse(events, stream, media_type="text/event-stream", headers=headers)
 
 
 def sse(frame: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from app.errors import UnknownModel
 from app.services.health_probes import Probe, ProviderProbes
 from app.services.llm.router import LLMRouter
 from app.services.llm.routes import ProviderRuntime, Route
+from app.services.llm.wire import shown_url
 from app.services.store import Store
 
 # What each provider kind takes; the Anthropic client clamps anything above 1 to 1.
@@ -166,15 +168,19 @@ def provider_report(
     key_format_ok = all(plausible_key(s) for s in secrets)
     if not key_format_ok:
         warnings.append(f"{name}: a key does not look like an API key (blank, short or spaces)")
+    url = shown_url(spec.base_url)
+    breaker = runtime.breaker
     if not probe.reachable:
-        warnings.append(f"{name}: unreachable ({probe.error})")
-    if runtime.breaker.state != "closed":
-        warnings.append(f"{name}: circuit {runtime.breaker.state} after repeated failures")
+        warnings.append(f"{name}: unreachable at {url} ({probe.error})")
+    if breaker.state != "closed":
+        last = f"; last: {breaker.last_failure}" if breaker.last_failure else ""
+        warnings.append(f"{name}: circuit {breaker.state} after repeated failures{last}")
     if runtime.keys.healthy_count < len(runtime.keys.keys):
         what = "requests without a key were refused" if not secrets else "keys set aside"
         warnings.append(f"{name}: {what} (401/403); they are re-probed every KEY_REPROBE_SECONDS")
     detail: dict[str, Any] = {
         "kind": spec.kind,
+        "base_url": url,
         "usable": usable_now,
         "reachable": probe.reachable,
         "probe_latency_ms": probe.latency_ms,
@@ -187,7 +193,15 @@ def provider_report(
     }
     if probe.error is not None:
         detail["probe_error"] = probe.error
+    if breaker.last_failure_at is not None:  # the cause an open circuit would otherwise hide
+        detail["last_failure"] = {
+            "error": breaker.last_failure,
+            "at": datetime.fromtimestamp(breaker.last_failure_at, timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+        }
     return detail, warnings
+
 
 
 async def health_report(

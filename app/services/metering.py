@@ -90,9 +90,15 @@ class Metering:
         route_name: str,
         max_tokens: int,
         remaining_tokens: int | None,
+        min_tokens: int = MIN_COMPLETION_TOKENS,
     ) -> Plan:
         """Fit and reserve. Raises UnknownModel, HistoryTooLong (the context window is too small
-        for even the kept messages) or BudgetExhausted (the budget cannot take the call)."""
+        for even the kept messages) or BudgetExhausted (the budget cannot take the call).
+
+        `remaining_tokens` (the headroom, when the caller read it) fits the call before it is
+        reserved; without it, a reservation refused for tokens is squeezed to what the refusing
+        budget has left and asked once more. Either way the answer is shortened, down to
+        `min_tokens`, before the call is refused."""
         route = self.llm.current.route(route_name)
         max_tokens = _answer_limit(route, max_tokens)
         counting_model = route.targets[0].model.name
@@ -107,22 +113,26 @@ class Metering:
             fit = fit_history(items, count_tokens=count, max_prompt_tokens=bound - max_tokens)
         except HistoryTooLong as too_long:
             room = bound - too_long.needed
-            if room < MIN_COMPLETION_TOKENS:
-                if too_long.needed + MIN_COMPLETION_TOKENS > window:
-                    raise HistoryTooLong(too_long.needed, window - MIN_COMPLETION_TOKENS) from None
-                minimum = too_long.needed + MIN_COMPLETION_TOKENS
+            if room < min_tokens:
+                if too_long.needed + min_tokens > window:
+                    raise HistoryTooLong(too_long.needed, window - min_tokens) from None
+                minimum = too_long.needed + min_tokens
                 raise BudgetExhausted(await self._refusal(principal, session_id, minimum)) from None
             max_tokens = room
             fit = fit_history(items, count_tokens=count, max_prompt_tokens=bound - max_tokens)
         requested = fit.prompt_tokens + max_tokens
         charge = await self.limits.charge(principal, requested)  # RateLimited: over the tpm
         try:
-            outcome = await self.budget.reserve_for(
-                principal,
-                session_id,
-                requested,
-                _dearest_cost(route, fit.prompt_tokens, max_tokens),
+            outcome = await self._reserve(
+                principal, session_id, route, fit.prompt_tokens, max_tokens
             )
+            if isinstance(outcome, Refusal) and outcome.dimension == "tokens":
+                room = (outcome.remaining_tokens or 0) - fit.prompt_tokens
+                if min_tokens <= room < max_tokens:  # squeezed, then asked once more
+                    max_tokens = room
+                    outcome = await self._reserve(
+                        principal, session_id, route, fit.prompt_tokens, max_tokens
+                    )
         except BaseException:
             await self.limits.settle(charge, 0)
             raise
@@ -141,6 +151,13 @@ class Metering:
             charge,
         )
 
+    async def _reserve(
+        self, principal: Principal, session_id: str, route: Route, prompt: int, max_tokens: int
+    ) -> Grant | Refusal:
+        return await self.budget.reserve_for(
+            principal, session_id, prompt + max_tokens, _dearest_cost(route, prompt, max_tokens)
+        )
+
     async def _refusal(self, principal: Principal, session_id: str, requested: int) -> Refusal:
         """The store's own refusal for a call that cannot fit (it names the binding scope)."""
         outcome = await self.budget.reserve_for(principal, session_id, requested)
@@ -151,7 +168,9 @@ class Metering:
         return Refusal(scope, "tokens", outcome.remaining_tokens, None, requested, 0.0)
 
     def spend(self, plan: Plan, result: ChatResult) -> Spend:
-        """The provider's usage (our count when a stream sent none) and its cost."""
+        """The provider's usage (our count when a stream sent none) and its cost, plus what
+        each broken stream the answer continued had streamed (estimated, at its own prices)."""
+        router = self.llm.current
         usage, estimated = result.usage, False
         if not result.usage_reported:
             model = result.trail[-1].model if result.trail else result.model
@@ -159,7 +178,14 @@ class Metering:
                 estimate_tokens(plan.messages, model=model), text_tokens(result.content, model)
             )
             estimated = True
-        return Spend(usage, self.llm.current.cost(result.trail, usage), estimated)
+        cost = router.cost(result.trail, usage)
+        for part in result.broken:
+            billed = Usage(
+                estimate_tokens(part.prompt, model=part.model), text_tokens(part.text, part.model)
+            )
+            usage, estimated = usage + billed, True
+            cost += router.price(part.provider, part.model, billed)
+        return Spend(usage, round(cost, 8), estimated)
 
     async def settle(
         self,
@@ -187,15 +213,10 @@ class Metering:
         target = next(
             (t for t in route.targets if t.provider.spec.name == provider), route.targets[0]
         )
-        model = target.model
-        usage = Usage(plan.prompt_tokens, text_tokens(text, model.name))
-        cost = round(
-            usage.prompt_tokens / 1000 * model.price_per_1k_prompt
-            + usage.completion_tokens / 1000 * model.price_per_1k_completion,
-            8,
-        )
-        spent = Spend(usage, cost, estimated=True)
-        await self._account(plan, spent, surface, target.provider.spec.name, model.name, 0.0)
+        provider, model = target.provider.spec.name, target.model.name
+        usage = Usage(plan.prompt_tokens, text_tokens(text, model))
+        spent = Spend(usage, self.llm.current.price(provider, model, usage), estimated=True)
+        await self._account(plan, spent, surface, provider, model, 0.0)
         return spent
 
     async def _account(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import statistics
 import threading
@@ -19,6 +20,7 @@ import pytest
 from pydantic import SecretStr
 
 from app.simulator.faults import Fault, FaultPlan
+from tests.helpers import post_turn, trigger
 from tests.metric_samples import samples
 from tests.reliability.conftest import (
     MetricWatch,
@@ -309,3 +311,53 @@ async def test_a_revoked_key_among_three_is_set_aside_and_every_turn_answered(
     used = {r["headers"]["authorization"] for r in llm_plan.requests}
     assert used == {"Bearer sk-good-one", "Bearer sk-good-three"}
     assert_counted(watch, turns)
+
+
+# --- a hang cut by the deadline, then an open circuit ---------------------------------------------
+
+
+async def test_a_hang_cut_by_the_deadline_is_a_timeout_of_the_provider_that_opens_its_circuit(
+    relay: Any, blackhole: Blackhole, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The provider's timeout (30 s) outlasts Cognigy's deadline, so only the deadline ends each
+    attempt. Before, the answer listed no attempt, no log line or metric counted it and the
+    circuit stayed closed, so every turn waited again; then, with every circuit open, each turn
+    still spent backoff passes before its fallback."""
+    deadline = 1.5
+    settings = {
+        "llm_gateway_base_url": blackhole.url,
+        "llm_timeout_seconds": 30.0,
+        "cognigy_deadline_seconds": deadline,
+        "circuit_failure_threshold": 2,
+        "llm_max_attempts": 3,
+    }
+    watch = MetricWatch("cxrelay_llm_attempts_total", "cxrelay_llm_retries_total")
+    bodies, took = [], []
+    with caplog.at_level(logging.INFO, logger="cxrelay.router"):
+        async with relay(**settings) as client:
+            for n in range(3):
+                started = time.monotonic()
+                response = await post_turn(client, trigger(conversationId=f"hang-{n}"))
+                took.append(time.monotonic() - started)
+                bodies.append(response.json())
+            health = (await client.get("/health")).json()
+    for body in bodies[:2]:
+        assert body["status"] == "deadline_exceeded", body
+        assert [a["outcome"] for a in body["attempts"]] == ["timeout"]
+    assert max(took[:2]) < deadline + 0.5  # the fallback inside Cognigy's deadline
+    opened = bodies[2]
+    assert opened["status"] == "llm_unavailable"
+    assert [a["outcome"] for a in opened["attempts"]] == ["circuit_open"]  # one pass, no backoff
+    assert "circuit open" in opened["reason"] and "did not answer" in opened["reason"]
+    assert took[2] < deadline / 2  # nothing to try: answered at once, not after backoff passes
+    assert watch.total("cxrelay_llm_attempts_total", outcome="timeout") == 2
+    assert watch.total("cxrelay_llm_retries_total") == 0
+    timed_out = [
+        r for r in caplog.records if r.getMessage() == "llm attempt" and r.outcome == "timeout"
+    ]
+    assert len(timed_out) == 2
+    assert timed_out[0].base_url == blackhole.url and "did not answer" in timed_out[0].error
+    provider = health["providers"]["default"]
+    assert provider["circuit"] == "open"
+    assert provider["base_url"] == blackhole.url
+    assert "did not answer" in provider["last_failure"]["error"]

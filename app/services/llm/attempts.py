@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from app.errors import (
+    CircuitOpen,
     ContextLengthExceeded,
     StreamBroken,
     UpstreamError,
@@ -24,6 +25,8 @@ from app.services.metrics import LLM_ATTEMPTS, UPSTREAM_LATENCY
 
 # Outcomes recorded without a call going out: nothing upstream to time.
 NOT_SENT = frozenset({"circuit_open", "local_rate_limit"})
+# "cancelled": the caller left (a client hung up) while the attempt was under way; not a
+# failure of the provider. An attempt cut by the caller's deadline is a "timeout".
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,6 @@ def reason(error: UpstreamError) -> str:
         return "protocol_error"
     if isinstance(error, StreamBroken):
         return "stream_broken"
-    if "circuit open" in str(error):
+    if isinstance(error, CircuitOpen):
         return "circuit_open"
     return "unavailable"

@@ -33,6 +33,10 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._trial_in_flight = False
         self._state: State = "closed"
+        # what went wrong last, for /health and the skipped attempts' log lines: an open
+        # circuit must not hide the cause that opened it
+        self.last_failure = ""
+        self.last_failure_at: float | None = None  # time.time()
         CIRCUIT_STATE.labels(provider).set(0)
 
     @property
@@ -59,7 +63,8 @@ class CircuitBreaker:
             log.warning("provider recovered; circuit closed", extra={"provider": self.provider})
             self._set("closed")
 
-    def record_failure(self) -> None:
+    def record_failure(self, cause: str = "") -> None:
+        self.last_failure, self.last_failure_at = cause, time.time()
         self._failures += 1
         was_trial = self._trial_in_flight
         self._trial_in_flight = False
@@ -71,6 +76,7 @@ class CircuitBreaker:
                         "provider": self.provider,
                         "failures": self._failures,
                         "reset_s": self._reset,
+                        "error": cause,
                     },
                 )
             self._opened_at = self._clock()

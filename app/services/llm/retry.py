@@ -20,6 +20,9 @@ from app.deadline import Deadline
 from app.errors import UpstreamRateLimited
 
 MIN_ATTEMPT_SECONDS = 0.05
+# An attempt's own timeout ends this long before the caller's deadline, so that a provider that
+# hangs is the router's timeout to record rather than the caller's cancellation.
+DEADLINE_MARGIN_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -53,4 +56,5 @@ class WaitOutlastsDeadline(stop_base):
         self._deadline = deadline
 
     def __call__(self, state: RetryCallState) -> bool:
-        return state.upcoming_sleep + MIN_ATTEMPT_SECONDS >= self._deadline.remaining()
+        needed = state.upcoming_sleep + MIN_ATTEMPT_SECONDS + DEADLINE_MARGIN_SECONDS
+        return needed >= self._deadline.remaining()

@@ -7,11 +7,26 @@ on to the next (provider, model) on a timeout, 5xx, a connection error, a contex
 every key cooling, or an open circuit. A 400 that is the caller's fault ends the request: another
 provider would refuse it too. When a whole pass fails with something that may pass (rate limits,
 outages), tenacity backs off (honouring Retry-After) and walks the chain again while the
-deadline allows. Every step is recorded as an `attempts.Attempt` on the request's trail.
+deadline allows — unless every provider of the route has its circuit open: with nothing to try,
+the caller gets the failure at once and answers its fallback in time. Every step is recorded as
+an `attempts.Attempt` on the request's trail.
+
+Time: an attempt ends DEADLINE_MARGIN_SECONDS before the caller's deadline, so a provider that
+hangs is the router's timeout to record (the trail, the log line, the metric, the circuit), not
+the caller's cancellation; while later entries of the route wait, an attempt gets at most an
+even share of the time left (for a stream: until its first token), so a hang leaves the
+fallback time to answer. An attempt cancelled anyway (the caller's deadline, the client gone) is
+recorded too: as a timeout failure of the provider when the deadline cut it.
+
+A stream that breaks after part of the answer went to the caller is continued by the route's
+next entry: it gets the text so far as the assistant's own and is asked to go on from there, and
+its text joins the same answer. Both providers are paid: the broken part travels on the result
+(`ChatResult.broken`) for metering to charge.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -22,6 +37,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop
 
 from app.deadline import Deadline
 from app.errors import (
+    CircuitOpen,
     ContextLengthExceeded,
     StreamBroken,
     UnknownModel,
@@ -37,25 +53,39 @@ from app.services.llm.catalog import ModelSpec, ProviderConfig, resolve_key
 from app.services.llm.circuit import CircuitBreaker
 from app.services.llm.keys import KeyPool
 from app.services.llm.ratelimit import ProviderLimiter, request_tokens
-from app.services.llm.retry import MIN_ATTEMPT_SECONDS, RetryPolicy, RetryWait, WaitOutlastsDeadline
+from app.services.llm.retry import (
+    DEADLINE_MARGIN_SECONDS,
+    MIN_ATTEMPT_SECONDS,
+    RetryPolicy,
+    RetryWait,
+    WaitOutlastsDeadline,
+)
 from app.services.llm.routes import ProviderRuntime, Route, Target, build_client
 from app.services.llm.streaming import OnDelta, collect_stream
 from app.services.llm.types import (
+    BrokenPart,
     ChatRequest,
     ChatResult,
     ProviderClient,
     StreamingProviderClient,
     Usage,
 )
+from app.services.llm.wire import shown_url
 from app.services.metrics import LLM_FALLBACKS, LLM_RETRIES, TTFT
 
 log = logging.getLogger("cxrelay.router")
 
-# One attempt: a provider, the request as that target takes it, a timeout and a key.
-Send = Callable[[ProviderClient, ChatRequest, float, str | None], Awaitable[ChatResult]]
+# One attempt: a provider, the request as that target takes it, its timeout (for a stream: to
+# the first token and between reads), the whole attempt's time allowed, and a key.
+Send = Callable[[ProviderClient, ChatRequest, float, float, str | None], Awaitable[ChatResult]]
 
 # The longest a request waits in a provider's outgoing rate-limit queue before falling back.
 MAX_QUEUE_SECONDS = 2.0
+# Asked of the route's next entry when a stream broke after part of the answer went out.
+CONTINUE_INSTRUCTION = (
+    "Your previous reply was cut off where the text above ends. Continue it from exactly that "
+    "point: do not repeat any of it, do not start over, and do not mention the interruption."
+)
 
 
 @dataclass(frozen=True)
@@ -134,7 +164,11 @@ class LLMRouter:
     def cost(self, trail: tuple[Attempt, ...], usage: Usage) -> float:
         """What a call cost at the provider file's prices for the (provider, model) that answered
         (the last step of its trail); 0 when that model is no longer configured."""
-        spec = self.model_spec(trail[-1].provider, trail[-1].model) if trail else None
+        return self.price(trail[-1].provider, trail[-1].model, usage) if trail else 0.0
+
+    def price(self, provider: str, model: str, usage: Usage) -> float:
+        """`usage` at the provider file's prices for (provider, model); 0 when unconfigured."""
+        spec = self.model_spec(provider, model)
         if spec is None:
             return 0.0
         return round(
@@ -149,9 +183,12 @@ class LLMRouter:
             names += [m.name for m in provider.spec.models if m.name not in names]
         return names
 
-    async def complete(self, request: ChatRequest, deadline: Deadline) -> ChatResult:
-        """The whole answer in one response from the provider."""
-        return await self._run(request, deadline, self._send_whole)
+    async def complete(
+        self, request: ChatRequest, deadline: Deadline, trail: list[Attempt] | None = None
+    ) -> ChatResult:
+        """The whole answer in one response from the provider. `trail`, when given, receives
+        each attempt as it ends, so a caller whose deadline cancelled the call still sees them."""
+        return await self._run(request, deadline, self._send_whole, trail, None)
 
     async def complete_streamed(
         self,
@@ -159,48 +196,73 @@ class LLMRouter:
         deadline: Deadline,
         first_token_timeout: float,
         on_delta: OnDelta | None = None,
+        trail: list[Attempt] | None = None,
     ) -> ChatResult:
         """The answer streamed from the provider and reassembled: a slow first token or a
         stream cut mid-way counts as a failure of that (provider, model), so the route falls
         back instead of waiting out the deadline or passing on half an answer.
 
         With `on_delta`, each content delta is passed on as it arrives; a stream that breaks
-        after that is StreamBroken, which ends the request (no retry, no fallback)."""
+        after that is continued by the route's next entry (see the module's doc), and is
+        StreamBroken only when no entry is left to continue it."""
+        answered = _Answered(on_delta) if on_delta is not None else None
+        forward = answered.forward if answered is not None else None
 
         async def send(
-            client: ProviderClient, call: ChatRequest, timeout: float, key: str | None
+            client: ProviderClient, call: ChatRequest, timeout: float, total: float, key: str | None
         ) -> ChatResult:
             if not isinstance(client, StreamingProviderClient):
                 result = await client.complete(self._http, call, timeout, key)
-                if on_delta is not None and result.content:
-                    await on_delta(result.content)
+                if forward is not None and result.content:
+                    await forward(result.content)
                 return result
             return await collect_stream(
                 client.stream(self._http, call, timeout, key),
                 provider=client.name,
                 model=call.model,
                 first_token_timeout=min(first_token_timeout, timeout),
-                total_timeout=timeout,
-                on_delta=on_delta,
+                total_timeout=max(timeout, total),
+                on_delta=forward,
             )
 
-        result = await self._run(request, deadline, send)
+        result = await self._run(request, deadline, send, trail, answered)
         if result.ttft_ms is not None and result.trail:
-            answered = result.trail[-1]  # the configured names, not what the provider echoed
-            TTFT.labels(answered.provider, answered.model).observe(result.ttft_ms / 1000)
+            answered_by = result.trail[-1]  # the configured names, not what the provider echoed
+            TTFT.labels(answered_by.provider, answered_by.model).observe(result.ttft_ms / 1000)
         return result
 
     async def _send_whole(
-        self, client: ProviderClient, call: ChatRequest, timeout: float, key: str | None
+        self,
+        client: ProviderClient,
+        call: ChatRequest,
+        timeout: float,
+        total: float,
+        key: str | None,
     ) -> ChatResult:
         return await client.complete(self._http, call, timeout, key)
 
-    async def _run(self, request: ChatRequest, deadline: Deadline, send: Send) -> ChatResult:
+    async def _run(
+        self,
+        request: ChatRequest,
+        deadline: Deadline,
+        send: Send,
+        trail: list[Attempt] | None,
+        answered: _Answered | None,
+    ) -> ChatResult:
         route = self.route(request.model)
-        trail: list[Attempt] = []
-        passes = 0
+        trail = [] if trail is None else trail
+        first = len(trail)  # a caller's trail may hold an earlier call's attempts
+
+        def worth_another_pass(error: BaseException) -> bool:
+            """Retryable, and some provider of the route may be tried (not every circuit open)."""
+            return (
+                isinstance(error, UpstreamError)
+                and error.retryable
+                and any(t.provider.breaker.state != "open" for t in route.targets)
+            )
+
         retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda e: isinstance(e, UpstreamError) and e.retryable),
+            retry=retry_if_exception(worth_another_pass),
             wait=RetryWait(self._options.retry),
             stop=stop_any(
                 stop_after_attempt(self._options.retry.max_attempts),
@@ -212,12 +274,26 @@ class LLMRouter:
         try:
             async for attempt in retrying:
                 with attempt:
-                    passes += 1
-                    result = await self._walk(route, request, deadline, trail, send)
+                    result = await self._walk(route, request, deadline, trail, send, answered)
         except UpstreamError as error:
-            error.trail = tuple(trail)
-            raise
-        return replace(result, attempts=len(trail), trail=tuple(trail))
+            if answered is not None and answered.text and not isinstance(error, StreamBroken):
+                error = StreamBroken(  # text went out: whatever ended it, the answer is cut
+                    f"route {route.name!r}: the answer broke off and could not be continued: "
+                    f"{error}",
+                    upstream=error.upstream,
+                )
+            error.trail = tuple(trail[first:])
+            raise error from None
+        ours = tuple(trail[first:])
+        if answered is not None and answered.broken:
+            return replace(
+                result,
+                content=answered.joined(),
+                attempts=len(ours),
+                trail=ours,
+                broken=tuple(answered.broken),
+            )
+        return replace(result, attempts=len(ours), trail=ours)
 
     async def _walk(
         self,
@@ -226,26 +302,40 @@ class LLMRouter:
         deadline: Deadline,
         trail: list[Attempt],
         send: Send,
+        answered: _Answered | None,
     ) -> ChatResult:
-        last_error: UpstreamError = UpstreamUnavailable(
-            f"route {route.name!r}: no provider could be tried", upstream=route.name
-        )
+        errors: list[UpstreamError] = []
         for index, target in enumerate(route.targets):
             if deadline.remaining() < MIN_ATTEMPT_SECONDS:
                 raise UpstreamTimeout("deadline reached", upstream=target.provider.spec.name)
+            later = len(route.targets) - index - 1
             try:
-                return await self._try_target(route, target, request, deadline, trail, send)
-            except StreamBroken:
-                raise  # half an answer is already out: nothing else may be appended to it
-            except UpstreamRejected as error:
-                if not isinstance(error, ContextLengthExceeded) and error.status not in (401, 403):
+                return await self._try_target(
+                    route, target, request, deadline, trail, send, later, answered
+                )
+            except StreamBroken as broken:
+                if answered is None or not later:
+                    raise  # nothing left to continue the answer: the caller ends it
+                answered.broke(broken, target)
+                error: UpstreamError = broken
+            except UpstreamRejected as rejected:
+                if not isinstance(rejected, ContextLengthExceeded) and rejected.status not in (
+                    401,
+                    403,
+                ):
                     raise  # the caller's own request is wrong: no other provider will take it
-                last_error = error
-            except UpstreamError as error:
-                last_error = error
-            if index + 1 < len(route.targets):
-                LLM_FALLBACKS.labels(route.name, reason(last_error)).inc()
-        raise last_error
+                error = rejected
+            except UpstreamError as failed:
+                error = failed
+            errors.append(error)
+            if later:
+                LLM_FALLBACKS.labels(route.name, reason(error)).inc()
+        if not errors:
+            raise UpstreamUnavailable(
+                f"route {route.name!r}: no provider could be tried", upstream=route.name
+            )
+        # an open circuit says least about what went wrong: any other failure is reported first
+        raise next((e for e in reversed(errors) if not isinstance(e, CircuitOpen)), errors[-1])
 
     async def _try_target(
         self,
@@ -255,13 +345,24 @@ class LLMRouter:
         deadline: Deadline,
         trail: list[Attempt],
         send: Send,
+        later: int,
+        answered: _Answered | None,
     ) -> ChatResult:
         runtime, model = target.provider, target.model
         name = runtime.spec.name
         if not runtime.breaker.allow():
-            self._note(trail, Attempt(name, model.name, "", "circuit_open"))
-            raise UpstreamUnavailable(f"{name}: circuit open", upstream=name)
-        call = self._for_target(route, target, request)
+            cause = runtime.breaker.last_failure
+            self._note(trail, Attempt(name, model.name, "", "circuit_open"), runtime, cause)
+            skipped = CircuitOpen(
+                f"{name}: circuit open" + (f" (last failure: {cause})" if cause else ""),
+                upstream=name,
+            )
+            # half-open: a trial is testing the provider right now, worth another pass
+            skipped.retryable = runtime.breaker.state == "half_open"
+            raise skipped
+        call = self._for_target(route, target, request, answered)
+        if answered is not None:
+            answered.asking = call
         tried: set[str] = set()
         rate_limited: UpstreamRateLimited | None = None
         try:
@@ -278,13 +379,16 @@ class LLMRouter:
                     raise UpstreamRateLimited(
                         f"{name}: over its configured {permit}", upstream=name, retry_after=None
                     )
-                timeout = deadline.bound(runtime.spec.timeout_seconds)
+                total = min(runtime.spec.timeout_seconds, deadline.remaining()) - (
+                    DEADLINE_MARGIN_SECONDS
+                )
+                timeout = total / (later + 1)  # an even share while later entries wait
                 if timeout < MIN_ATTEMPT_SECONDS:
                     permit.release()
                     raise UpstreamTimeout("deadline reached", upstream=name)
                 started = time.perf_counter()
                 try:
-                    result = await send(runtime.client, call, timeout, key.secret)
+                    result = await send(runtime.client, call, timeout, total, key.secret)
                     permit.settle(result.usage.total_tokens if result.usage_reported else None)
                 except UpstreamRateLimited as error:
                     self._note(
@@ -307,10 +411,19 @@ class LLMRouter:
                     UpstreamProtocolError,
                     StreamBroken,
                 ) as error:
-                    self._note(
-                        trail, Attempt(name, model.name, key.key_id, reason(error), ms(started))
-                    )
-                    runtime.breaker.record_failure()
+                    attempt = Attempt(name, model.name, key.key_id, reason(error), ms(started))
+                    self._note(trail, attempt, runtime, str(error))
+                    runtime.breaker.record_failure(str(error))
+                    raise
+                except asyncio.CancelledError:
+                    # the caller's deadline fired first (a stalled loop), or the caller left
+                    cut = deadline.remaining() <= DEADLINE_MARGIN_SECONDS
+                    outcome = "timeout" if cut else "cancelled"
+                    why = f"{name}: cut by the caller's deadline" if cut else ""
+                    attempt = Attempt(name, model.name, key.key_id, outcome, ms(started))
+                    self._note(trail, attempt, runtime, why)
+                    if cut:
+                        runtime.breaker.record_failure(why)
                     raise
                 finally:
                     permit.release()
@@ -329,21 +442,47 @@ class LLMRouter:
             f"{name}: every API key was refused (401/403)", upstream=name, status=401
         )
 
-    def _for_target(self, route: Route, target: Target, request: ChatRequest) -> ChatRequest:
-        """The request as this (provider, model) takes it: its model name, its token limits."""
+    def _for_target(
+        self,
+        route: Route,
+        target: Target,
+        request: ChatRequest,
+        answered: _Answered | None = None,
+    ) -> ChatRequest:
+        """The request as this (provider, model) takes it: its model name, its token limits,
+        and, when it continues a broken stream, the answer so far to go on from."""
         limits = [request.max_tokens, target.model.max_tokens]
         if route.max_tokens is not None:
             limits.append(route.max_tokens)
         temperature = request.temperature if route.temperature is None else route.temperature
+        messages = request.messages
+        if answered is not None and answered.text:
+            messages = continuation(messages, answered.joined(), target.provider.spec.kind)
         return replace(
-            request, model=target.model.name, max_tokens=min(limits), temperature=temperature
+            request,
+            model=target.model.name,
+            max_tokens=min(limits),
+            temperature=temperature,
+            messages=messages,
         )
 
     @staticmethod
-    def _note(trail: list[Attempt], attempt: Attempt) -> None:
+    def _note(
+        trail: list[Attempt],
+        attempt: Attempt,
+        runtime: ProviderRuntime | None = None,
+        error: str = "",
+    ) -> None:
+        """Append to the trail, count in the metrics and log: a failed attempt's line names the
+        provider's URL and what went wrong, so an unreachable provider is told by the log."""
         trail.append(attempt)
         observe(attempt)
-        log.info("llm attempt", extra=attempt.public() | {"key_id": attempt.key_id})
+        extra: dict[str, object] = {**attempt.public(), "key_id": attempt.key_id}
+        if runtime is not None:
+            extra["base_url"] = shown_url(runtime.spec.base_url)
+        if error:
+            extra["error"] = error
+        log.info("llm attempt", extra=extra)
 
     async def probe_unhealthy_keys(self, timeout: float = 5.0) -> int:
         """Try every set-aside key once; a key that works again rejoins its pool."""
@@ -366,3 +505,49 @@ class RouterSlot:
     def swap(self, router: LLMRouter) -> LLMRouter:
         previous, self.current = self.current, router
         return previous
+
+
+def continuation(messages: list[dict[str, str]], so_far: str, kind: str) -> list[dict[str, str]]:
+    """The conversation for the entry that continues a broken answer: the text so far is the
+    assistant's own. Anthropic continues a last assistant turn by itself (a prefill, which may
+    not end in whitespace); an OpenAI-compatible model is asked to go on."""
+    if kind == "anthropic":
+        return [*messages, {"role": "assistant", "content": so_far.rstrip()}]
+    return [
+        *messages,
+        {"role": "assistant", "content": so_far},
+        {"role": "user", "content": CONTINUE_INSTRUCTION},
+    ]
+
+
+class _Answered:
+    """What a streamed request has passed on to its caller, across the attempts that wrote it:
+    the text (the prefix a continuation goes on from) and the parts of broken streams."""
+
+    def __init__(self, on_delta: OnDelta) -> None:
+        self._on_delta = on_delta
+        self.text: list[str] = []
+        self.broken: list[BrokenPart] = []
+        self.asking: ChatRequest | None = None  # the request of the attempt under way
+        self._trim = False  # the text so far ends in whitespace: a continuation's first is cut
+
+    async def forward(self, delta: str) -> None:
+        if self._trim:
+            delta = delta.lstrip()
+            if not delta:
+                return
+            self._trim = False
+        self.text.append(delta)
+        await self._on_delta(delta)
+
+    def joined(self) -> str:
+        return "".join(self.text)
+
+    def broke(self, error: StreamBroken, target: Target) -> None:
+        """The attempt under way broke after passing on `error.partial`: its provider bills
+        the prompt it was sent and that text."""
+        prompt = self.asking.messages if self.asking is not None else []
+        self.broken.append(
+            BrokenPart(target.provider.spec.name, target.model.name, prompt, error.partial)
+        )
+        self._trim = self.joined()[-1:].isspace()

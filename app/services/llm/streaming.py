@@ -147,7 +147,8 @@ async def collect_stream(
 
     `on_delta`, when given, is awaited with each content delta as it arrives (a client-facing
     stream passes them on). Once one delta has gone out, a failure of the stream is raised as
-    StreamBroken: the caller already holds half an answer, so it must not be retried elsewhere.
+    StreamBroken with the text passed on: the caller already holds half an answer, so it may
+    only be continued, never answered afresh.
 
     Raises UpstreamTimeout when no content delta arrived within `first_token_timeout` of this
     call (chunks without content, such as a role or usage chunk, are not a token) or when the
@@ -204,6 +205,7 @@ async def collect_stream(
             raise StreamBroken(
                 f"{provider}: stream failed after part of the answer was sent: {error}",
                 upstream=provider,
+                partial="".join(parts),
             ) from error
     finally:
         await _close(chunks)

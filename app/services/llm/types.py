@@ -43,6 +43,17 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class BrokenPart:
+    """The text a provider streamed to the caller before its stream broke, which the route's
+    next entry continued: that provider bills the prompt it was sent and this text."""
+
+    provider: str
+    model: str
+    prompt: list[dict[str, str]]
+    text: str
+
+
+@dataclass(frozen=True)
 class ChatResult:
     content: str
     model: str
@@ -54,6 +65,7 @@ class ChatResult:
     usage_reported: bool = True  # False: a stream ended without a usage chunk (usage is 0/0)
     ttft_ms: float | None = None  # streamed answers: time to the first content delta
     finish_reason: str | None = None  # streamed answers: "stop", "length", "end_turn" ...
+    broken: tuple[BrokenPart, ...] = ()  # streams that broke before this one continued them
 
 
 class ProviderClient(Protocol):

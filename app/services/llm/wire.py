@@ -7,6 +7,7 @@ import email.utils
 import re
 import time
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -29,6 +30,16 @@ def v1_url(base_url: str, resource: str) -> str:
     if base.endswith(f"/{resource}"):
         return base
     return base + (f"/{resource}" if base.endswith("/v1") else f"/v1/{resource}")
+
+
+def shown_url(url: str) -> str:
+    """A provider's URL as logs and /health show it: without credentials or a query, which some
+    operators put in a URL (and /health is served without authentication)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
