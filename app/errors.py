@@ -34,11 +34,19 @@ class UpstreamError(CxRelayError):
 
     retryable = False
 
-    def __init__(self, message: str, *, upstream: str = "", status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, upstream: str = "", status: int | None = None, detail: str = ""
+    ) -> None:
         super().__init__(message)
         self.upstream = upstream
         self.status = status
+        # for the operator (logs, /health), never for the caller: e.g. the transport's own
+        # words, which may name internal hosts
+        self.detail = detail
         self.trail: tuple[object, ...] = ()  # the attempts made before giving up (llm router)
+
+    def for_operator(self) -> str:
+        return f"{self} ({self.detail})" if self.detail else str(self)
 
 
 class UpstreamRateLimited(UpstreamError):

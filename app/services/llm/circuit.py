@@ -33,8 +33,8 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._trial_in_flight = False
         self._state: State = "closed"
-        # what went wrong last, for /health and the skipped attempts' log lines: an open
-        # circuit must not hide the cause that opened it
+        # what went wrong last (for the operator: logs, /health), so an open circuit does not
+        # hide the cause that opened it
         self.last_failure = ""
         self.last_failure_at: float | None = None  # time.time()
         CIRCUIT_STATE.labels(provider).set(0)

@@ -353,10 +353,7 @@ class LLMRouter:
         if not runtime.breaker.allow():
             cause = runtime.breaker.last_failure
             self._note(trail, Attempt(name, model.name, "", "circuit_open"), runtime, cause)
-            skipped = CircuitOpen(
-                f"{name}: circuit open" + (f" (last failure: {cause})" if cause else ""),
-                upstream=name,
-            )
+            skipped = CircuitOpen(f"{name}: circuit open", upstream=name, detail=cause)
             # half-open: a trial is testing the provider right now, worth another pass
             skipped.retryable = runtime.breaker.state == "half_open"
             raise skipped
@@ -412,8 +409,8 @@ class LLMRouter:
                     StreamBroken,
                 ) as error:
                     attempt = Attempt(name, model.name, key.key_id, reason(error), ms(started))
-                    self._note(trail, attempt, runtime, str(error))
-                    runtime.breaker.record_failure(str(error))
+                    self._note(trail, attempt, runtime, error.for_operator())
+                    runtime.breaker.record_failure(error.for_operator())
                     raise
                 except asyncio.CancelledError:
                     # the caller's deadline fired first (a stalled loop), or the caller left

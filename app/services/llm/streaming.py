@@ -18,6 +18,7 @@ import httpx
 
 from app.errors import StreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from app.services.llm.types import ChatResult, StreamChunk, Usage
+from app.services.llm.wire import transport_failure
 
 OnDelta = Callable[[str], Awaitable[None]]
 
@@ -115,7 +116,11 @@ def stream_transport_error(provider: str, exc: httpx.HTTPError, timeout: float) 
             f"{provider} did not answer within {timeout:.2f}s ({type(exc).__name__})",
             upstream=provider,
         )
-    return UpstreamUnavailable(f"{provider} stream failed: {type(exc).__name__}", upstream=provider)
+    return UpstreamUnavailable(
+        f"{provider} stream failed: {type(exc).__name__}",
+        upstream=provider,
+        detail=transport_failure(exc),
+    )
 
 
 def stream_cut(provider: str, detail: str) -> UpstreamUnavailable:

@@ -73,8 +73,16 @@ async def post_json(
         ) from exc
     except httpx.HTTPError as exc:
         raise UpstreamUnavailable(
-            f"{provider} unreachable: {type(exc).__name__}", upstream=provider
+            f"{provider} unreachable: {type(exc).__name__}",
+            upstream=provider,
+            detail=transport_failure(exc),
         ) from exc
+
+
+def transport_failure(exc: BaseException) -> str:
+    """What a transport error says (`Cannot connect to host …`), for the operator: the class
+    alone does not tell a refused connection from a name that does not resolve."""
+    return str(exc).strip()[:300]
 
 
 async def probe_key(
