@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: int = Field(20, ge=1, le=600)
     data_dir: Path = Path("./data")
     max_body_bytes: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    # A request's line and headers together: over this, 431 and the connection is closed. The
+    # time from a request's first byte (a new connection's opening) to the end of its headers:
+    # past this, 408 and the connection is closed. Enforced in the server, before the app.
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    header_read_timeout_seconds: float = Field(10.0, gt=0.0, le=300.0)
     simulate: bool = False
     # Worker processes (uvicorn workers); over 1, /metrics adds up every worker's collectors
     # through PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory when it is not set).

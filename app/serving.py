@@ -24,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.config import Settings
+from app.header_limits import HeaderLimits, bounded_http_protocol
 from app.main import create_app
 from app.observability import configure_logging
 from app.services.metrics import MULTIPROC_ENV, forget_this_process, wipe_process_files
@@ -72,14 +73,18 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def serve(settings: Settings, overrides: Mapping[str, object]) -> int:
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    options: dict[str, Any] = {
+def server_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for the service, whether one process or WORKERS."""
+    return {
         "host": settings.host,
         "port": settings.port,
         "log_config": None,
         "access_log": False,
         "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
+        # a request's line and headers are bounded in size and in time before the app sees them
+        "http": bounded_http_protocol(
+            HeaderLimits(settings.max_header_bytes, settings.header_read_timeout_seconds)
+        ),
         # a /ws/chat frame over the body limit is refused by the route; this keeps uvicorn from
         # reading a much larger one into memory first (the route answers 1009 up to this size)
         "ws_max_size": settings.max_body_bytes + 1024,
@@ -87,6 +92,11 @@ def serve(settings: Settings, overrides: Mapping[str, object]) -> int:
         "ws_ping_interval": settings.ws_ping_interval_seconds or None,
         "ws_ping_timeout": settings.ws_pong_timeout_seconds,
     }
+
+
+def serve(settings: Settings, overrides: Mapping[str, object]) -> int:
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    options = server_options(settings)
     metrics_dir, temporary = prepare_metrics_dir(settings.workers)
     try:
         if settings.workers == 1:
