@@ -1,11 +1,12 @@
 """Changing the provider configuration at run time: validated, health-checked, atomic, audited.
 
 An operator replaces the whole configuration at once. A candidate must validate completely (and
-still serve LLM_MODEL, which the webhooks ask for); every provider it adds or changes must answer
-a key probe; only then is a new router built and swapped into the RouterSlot. Requests in flight
-keep the router they read, so nothing is cut off and the old router is never modified. Every
-attempt, good or bad, is written to the audit log; a change that took effect is also persisted,
-so a restart comes back with it, and announced to ADMIN_NOTIFY_URLS.
+still serve LLM_MODEL, which the webhooks ask for); every key of every provider it adds or changes
+is probed, and each such provider must serve with at least one (the keys that fail are reported
+and start set aside); only then is a new router built and swapped into the RouterSlot. Requests
+in flight keep the router they read, so nothing is cut off and the old router is never modified.
+Every attempt, good or bad, is written to the audit log; a change that took effect is also
+persisted, so a restart comes back with it, and announced to ADMIN_NOTIFY_URLS.
 
 Applies and reverts are serialised by one lock: two operators cannot interleave a
 probe-then-swap and end with a configuration nobody applied.
