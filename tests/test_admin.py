@@ -42,6 +42,9 @@ SECRETS = {
 ROUTE = "support"  # LLM_MODEL: what the webhook asks for
 MODEL = "gpt-4o-mini"
 UNREACHABLE = "http://127.0.0.1:9"  # discard port: nothing listens
+REVOKED = "revoked-beta-secret"  # the simulated provider refuses keys starting with "revoked"
+QUORUM_WAIT_SECONDS = 3.0  # under the 5 s probe timeout
+STALL_SECONDS = 6.0  # over the 5 s probe timeout
 
 
 # --- fakes and fixtures --------------------------------------------------------------------------
@@ -55,23 +58,45 @@ class Recorder:
         self._lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []
         self.probe_delay = 0.0
+        # Probes are answered 200 only once this many have arrived (each waits up to
+        # QUORUM_WAIT_SECONDS for the rest, else 503): only probes sent together all pass.
+        self.probe_quorum = 0
+        self.stalled_keys: set[str] = set()  # probes with these keys get no answer in time
         self.app = FastAPI()
 
         @self.app.api_route("/{path:path}", methods=["GET", "POST", "PUT"])
         async def record(path: str, request: Request) -> JSONResponse:
             raw = await request.body()
+            authorization = request.headers.get("authorization")
             with self._lock:
                 self.requests.append(
                     {
                         "method": request.method,
                         "path": f"/{path}",
-                        "authorization": request.headers.get("authorization"),
+                        "authorization": authorization,
                         "json": json.loads(raw) if raw else None,
                     }
                 )
-            if path.endswith("models") and self.probe_delay:
-                await asyncio.sleep(self.probe_delay)
+            if path.endswith("models"):
+                if (authorization or "").removeprefix("Bearer ") in self.stalled_keys:
+                    await asyncio.sleep(STALL_SECONDS)
+                if self.probe_quorum and not await self._quorum():
+                    return JSONResponse({"error": "alone"}, 503)
+                if self.probe_delay:
+                    await asyncio.sleep(self.probe_delay)
             return JSONResponse({"object": "list", "data": []})
+
+    async def _quorum(self) -> bool:
+        deadline = time.monotonic() + QUORUM_WAIT_SECONDS
+        while len(self.probes()) < self.probe_quorum:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def probes(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if r["path"].endswith("models")]
 
     def posted(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -372,12 +397,13 @@ async def test_apply_swaps_in_the_new_configuration(
         "sha256": sha(candidate),
         "providers": ["alpha", "beta"],
         "routes": [ROUTE],
+        "unhealthy_keys": [],
     }
     assert len(upstreams.beta_plan.requests) == 1
     assert len(upstreams.alpha_plan.requests) == 1
 
 
-async def test_only_new_or_changed_providers_are_probed_with_their_first_key(
+async def test_only_new_or_changed_providers_are_probed_with_every_key(
     gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GAMMA_KEY_1", "sk-gamma-one")
@@ -389,12 +415,101 @@ async def test_only_new_or_changed_providers_are_probed_with_their_first_key(
     probes = upstreams.recorded.requests
     async with gateway() as client:
         assert (await put_config(client, first)).status_code == 200
-        assert [(r["method"], r["path"]) for r in probes] == [("GET", "/v1/models")]
-        assert probes[0]["authorization"] == "Bearer sk-gamma-one"
+        assert {(r["method"], r["path"]) for r in probes} == {("GET", "/v1/models")}
+        assert sorted(r["authorization"] for r in probes) == [
+            "Bearer sk-gamma-one",
+            "Bearer sk-gamma-two",
+        ]
         assert (await put_config(client, same_gamma)).status_code == 200
-        assert len(probes) == 1  # gamma's spec did not change: not probed again
+        assert len(probes) == 2  # gamma's spec did not change: not probed again
         assert (await put_config(client, changed_gamma)).status_code == 200
-        assert len(probes) == 2
+        assert len(probes) == 4
+
+
+@pytest.mark.parametrize("revoked_at", [0, 1, 2])
+async def test_a_revoked_key_anywhere_in_the_pool_is_reported_not_refused(
+    gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch, revoked_at: int
+) -> None:
+    """Issue 16 item 9: [revoked, good, good] was refused with 424 (only the first key was
+    probed) while [good, revoked, good] was accepted without a word about the bad key."""
+    monkeypatch.setenv("BETA_REVOKED", REVOKED)
+    monkeypatch.setenv("BETA_KEY_2", "sk-beta-secret-four")
+    keys = ["env:BETA_KEY", "env:BETA_KEY_2"]
+    keys.insert(revoked_at, "env:BETA_REVOKED")
+    candidate = config(
+        [alpha_spec(upstreams), provider("beta", upstreams.beta.url, *keys)], ["beta"]
+    )
+    async with gateway() as client:
+        response = await put_config(client, candidate)
+        assert response.status_code == 200, response.text
+        for turn in range(3):  # round robin over the pool: the revoked key is never tried
+            answer = await post_turn(client, trigger(lastMessage=f"question {turn}"))
+            assert answer.json()["provider"] == "beta"
+        listing = (await client.get("/admin/providers", headers=AUTH)).json()
+        (record,) = await audit_records(client)
+    unhealthy = {"provider": "beta", "key_id": fingerprint(REVOKED), "source": "env:BETA_REVOKED"}
+    assert response.json()["unhealthy_keys"] == [unhealthy]
+    assert REVOKED not in response.text and REVOKED not in json.dumps(listing)
+    assert record["result"] == "ok"
+    assert f"unhealthy keys: beta key {fingerprint(REVOKED)} (env:BETA_REVOKED)" in record["detail"]
+    beta = listing["providers"][1]
+    assert [k["healthy"] for k in beta["keys"]] == [i != revoked_at for i in range(3)]
+    used = [r["headers"]["authorization"] for r in upstreams.beta_plan.requests]
+    assert len(used) == 3 and all(REVOKED not in a for a in used)
+
+
+async def test_a_provider_with_every_key_revoked_fails_naming_the_keys(
+    gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BETA_REVOKED", REVOKED)
+    monkeypatch.setenv("BETA_REVOKED_2", REVOKED + "-2")
+    beta = provider("beta", upstreams.beta.url, "env:BETA_REVOKED", "env:BETA_REVOKED_2")
+    async with gateway() as client:
+        response = await put_config(client, config([alpha_spec(upstreams), beta], ["beta"]))
+        assert await served_by(client) == "alpha"
+        (record,) = await audit_records(client)
+    assert response.status_code == 424
+    (problem,) = response.json()["problems"]
+    assert problem["path"] == "providers[1]"
+    assert "'beta'" in problem["message"] and "with any of its 2 keys" in problem["message"]
+    for secret in (REVOKED, REVOKED + "-2"):
+        assert fingerprint(secret) in problem["message"]
+        assert fingerprint(secret) in record["detail"]
+    assert record["result"] == "health_check_failed"
+
+
+async def test_keys_are_probed_together(
+    gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each probe waits for the others: one at a time, all but the last would fail."""
+    secrets = [f"sk-gamma-{i}" for i in range(3)]
+    for i, secret in enumerate(secrets):
+        monkeypatch.setenv(f"GAMMA_KEY_{i}", secret)
+    gamma = provider("gamma", upstreams.recorder.url, *(f"env:GAMMA_KEY_{i}" for i in range(3)))
+    upstreams.recorded.probe_quorum = 3
+    async with gateway() as client:
+        response = await put_config(client, config([alpha_spec(upstreams), gamma], ["alpha"]))
+    assert response.status_code == 200, response.text
+    assert response.json()["unhealthy_keys"] == []
+    assert len(upstreams.recorded.probes()) == 3
+
+
+async def test_a_key_that_never_answers_is_bounded_by_the_probe_timeout(
+    gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GAMMA_KEY_1", "sk-gamma-good")
+    monkeypatch.setenv("GAMMA_KEY_2", "sk-gamma-stalls")
+    upstreams.recorded.stalled_keys = {"sk-gamma-stalls"}
+    gamma = provider("gamma", upstreams.recorder.url, "env:GAMMA_KEY_1", "env:GAMMA_KEY_2")
+    async with gateway() as client:
+        started = time.monotonic()
+        response = await put_config(client, config([alpha_spec(upstreams), gamma], ["alpha"]))
+        took = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    assert response.json()["unhealthy_keys"] == [
+        {"provider": "gamma", "key_id": fingerprint("sk-gamma-stalls"), "source": "env:GAMMA_KEY_2"}
+    ]
+    assert took < STALL_SECONDS  # the 5 s probe timeout, not the stalled answer
 
 
 async def test_unreachable_provider_fails_the_health_check_and_the_old_config_serves(

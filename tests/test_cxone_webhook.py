@@ -342,6 +342,70 @@ async def test_history_comes_from_cxone_when_a_digital_contact_has_no_state(
     assert [m["content"] for m in sent].count("Where is my order?") == 1
 
 
+@pytest.mark.parametrize(
+    ("history", "utterance", "expected"),
+    [
+        pytest.param(  # the customer answers the agent's question; CXone has not stored it yet
+            [("inbound", "I was charged twice"), ("outbound", "Which invoice?")],
+            "the March one",
+            [
+                ("user", "I was charged twice"),
+                ("assistant", "Which invoice?"),
+                ("user", "the March one"),
+            ],
+            id="newest-is-the-agents-question",
+        ),
+        pytest.param(  # CXone already has the customer's current message (any spacing or case)
+            [
+                ("inbound", "I was charged twice"),
+                ("outbound", "Which invoice?"),
+                ("inbound", "The  MARCH one "),
+            ],
+            "the March one",
+            [
+                ("user", "I was charged twice"),
+                ("assistant", "Which invoice?"),
+                ("user", "the March one"),
+            ],
+            id="newest-is-this-utterance",
+        ),
+        pytest.param(  # the customer wrote twice in a row: the first line is not this one
+            [("outbound", "Which invoice?"), ("inbound", "hold on")],
+            "the March one",
+            [("assistant", "Which invoice?"), ("user", "hold on"), ("user", "the March one")],
+            id="newest-is-an-earlier-customer-line",
+        ),
+    ],
+)
+async def test_history_seeding_drops_only_the_current_utterance(
+    client: httpx.AsyncClient,
+    llm_plan: FaultPlan,
+    cxone_state: Any,
+    history: list[tuple[str, str]],
+    utterance: str,
+    expected: list[tuple[str, str]],
+) -> None:
+    """Issue 16 item 8: the newest CXone message is dropped only when it is the customer's
+    current utterance, never the agent's question the customer is answering."""
+    cxone_state.add_conversation("548712063", history)
+    await answer(client, utterance)
+    (request,) = llm_plan.requests
+    sent = [(m["role"], m["content"]) for m in request["body"]["messages"]]
+    assert sent[0][0] == "system"
+    assert sent[1:] == expected
+
+
+async def test_welcome_turn_keeps_the_whole_cxone_history(
+    app_client: Any, llm_plan: FaultPlan, cxone_state: Any
+) -> None:
+    """A welcome (AUTOMATED_TEXT) has no customer words of its own: nothing is dropped."""
+    cxone_state.add_conversation("548712063", [("inbound", "hi"), ("outbound", "Which invoice?")])
+    async with app_client(cxone_greeting="") as client:
+        await answer(client, "", "AUTOMATED_TEXT")
+    sent = [(m["role"], m["content"]) for m in llm_plan.requests[0]["body"]["messages"]]
+    assert sent[1:3] == [("user", "hi"), ("assistant", "Which invoice?")]
+
+
 # --- safety ---------------------------------------------------------------------------------------
 
 

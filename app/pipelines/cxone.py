@@ -36,7 +36,7 @@ from app.schemas.cxone import (
 from app.services.bot_state import BotSession, StateCodec
 from app.services.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
 from app.services.cache import CachedAnswer
-from app.services.cxone import CXoneContextClient
+from app.services.cxone import CXoneContextClient, Turn
 from app.services.injection import InjectionRules
 from app.services.llm.types import ChatRequest, ChatResult
 from app.services.metering import Metering
@@ -292,7 +292,9 @@ class CXoneBotPipeline:
         except UpstreamError as error:
             log.info("no CXone history for a new bot session", extra={"error": str(error)})
             return
-        for t in turns[:-1] if turns else []:  # the last inbound turn is this one's userInput
+        greeting = request.input_type is UserInputType.AUTOMATED_TEXT  # no customer words yet
+        utterance = "" if greeting else request.userInput or ""
+        for t in _without_current_utterance(turns, utterance):
             if t.role == "customer":
                 session.history.append({"role": "user", "content": self._sanitise(t.text, turn)})
             else:
@@ -390,6 +392,23 @@ class CXoneBotPipeline:
             error=error,
             payload=payload,
         )
+
+
+def _without_current_utterance(turns: list[Turn], utterance: str) -> list[Turn]:
+    """The history without this turn's own userInput, which is appended after it.
+
+    CXone may or may not have stored the customer's current message by the time the bot is
+    asked, so the newest message is dropped only when it is that message (a customer turn with
+    the same words); an agent's question the customer is answering right now must stay, or the
+    model hears "the March one" without "which invoice?"."""
+    if turns and turns[-1].role == "customer" and _same_words(turns[-1].text, utterance):
+        return turns[:-1]
+    return turns
+
+
+def _same_words(a: str, b: str) -> bool:
+    """Equal but for case and whitespace (CXone's stored copy may be trimmed differently)."""
+    return " ".join(a.casefold().split()) == " ".join(b.casefold().split())
 
 
 def _count(into: dict[str, int], counts: dict[str, int], direction: str) -> None:

@@ -22,6 +22,7 @@ from app.schemas.admin import (
     ProblemOut,
     ProblemsResponse,
     ProvidersResponse,
+    UnhealthyKeyOut,
     ValidateResponse,
 )
 from app.schemas.openapi import HTTPError, error_response
@@ -158,7 +159,14 @@ async def _unparsable(
 def _outcome(result: ApplyResult, invalid: str) -> ApplyResponse | JSONResponse:
     if result.ok:
         return ApplyResponse(
-            applied=True, sha256=result.sha256, providers=result.providers, routes=result.routes
+            applied=True,
+            sha256=result.sha256,
+            providers=result.providers,
+            routes=result.routes,
+            unhealthy_keys=[
+                UnhealthyKeyOut(provider=k.provider, key_id=k.key_id, source=k.source)
+                for k in result.unhealthy_keys
+            ],
         )
     if result.outcome == "invalid":
         return _problems(422, invalid, result.problems)

@@ -23,11 +23,21 @@ class ValidateResponse(BaseModel):
     problems: list[ProblemOut]
 
 
+class UnhealthyKeyOut(BaseModel):
+    """A key that failed the apply's health check while its provider served with another: the
+    change went through and the router set the key aside until a re-probe succeeds."""
+
+    provider: str
+    key_id: str  # fingerprint (first 8 hex of SHA-256), as in the logs
+    source: str  # `env:NAME`, `file:/path` or `literal:***`: where the key lives, never the key
+
+
 class ApplyResponse(BaseModel):
     applied: bool
     sha256: str
     providers: list[str]
     routes: list[str]
+    unhealthy_keys: list[UnhealthyKeyOut] = []
 
 
 class ProblemsResponse(BaseModel):

@@ -4,28 +4,71 @@ safety_filters)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 MAX_MESSAGES = 500
 # What the validators below also refuse, said in the published JSON Schema (documentation only).
 NOT_BLANK: dict[str, Any] = {"pattern": r"\S"}
+TEXT_PARTS_SEPARATOR = "\n"
+_CONTENT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", **NOT_BLANK},
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+                "required": ["type", "text"],
+            },
+        },
+    ]
+}
+
+
+def message_text(value: object) -> str:
+    """A message's content as the one string every later step sees: OpenAI's text parts joined
+    with newlines, so the injection check, the token counts, the intent cache, the output guard
+    and the provider treat them exactly as that string (a newline, not nothing, so that words of
+    two parts never run together and a phrase split across parts is still one phrase). Images,
+    audio and files cannot be forwarded: a part of another type is refused, named."""
+    if isinstance(value, list):
+        texts: list[str] = []
+        for part in value:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"only text content parts are supported, got type {kind!r}")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text content part needs a string `text`")
+            texts.append(part["text"])
+        value = TEXT_PARTS_SEPARATOR.join(texts)
+    if not isinstance(value, str):
+        raise ValueError("content must be a string or a list of text parts")
+    if not value.strip():
+        raise ValueError("message content is empty")
+    return value
+
+
+# A string, or a list of {"type": "text", "text": ...} parts (joined by `message_text`).
+MessageText = Annotated[str, BeforeValidator(message_text), WithJsonSchema(_CONTENT_SCHEMA)]
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(min_length=1, json_schema_extra=NOT_BLANK)
-
-    @field_validator("content")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("message content is empty")
-        return value
+    content: MessageText
 
 
 class JsonSchemaFormat(BaseModel):

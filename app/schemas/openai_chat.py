@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.schemas.chat import MAX_MESSAGES, NOT_BLANK, SESSION_ID_PATTERN, ResponseFormat
+from app.schemas.chat import MAX_MESSAGES, SESSION_ID_PATTERN, MessageText, ResponseFormat
 
 SESSION_ID_RULE = "1-128 characters: letters, digits and _ . : @ -, starting with a letter or digit"
 
@@ -31,29 +31,7 @@ class OpenAIMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str = Field(json_schema_extra=NOT_BLANK)
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_only(cls, value: object) -> str:
-        """Text parts are joined with newlines; images, audio and files cannot be forwarded."""
-        if isinstance(value, list):
-            texts: list[str] = []
-            for part in value:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError(
-                        f"only text content parts are supported, got type {kind!r}"
-                        if kind != "text"
-                        else "a text content part needs a string `text`"
-                    )
-                texts.append(part["text"])
-            value = "\n".join(texts)
-        if not isinstance(value, str):
-            raise ValueError("content must be a string or a list of text parts")
-        if not value.strip():
-            raise ValueError("message content is empty")
-        return value
+    content: MessageText
 
 
 class StreamOptions(BaseModel):

@@ -1,11 +1,12 @@
 """Changing the provider configuration at run time: validated, health-checked, atomic, audited.
 
 An operator replaces the whole configuration at once. A candidate must validate completely (and
-still serve LLM_MODEL, which the webhooks ask for); every provider it adds or changes must answer
-a key probe; only then is a new router built and swapped into the RouterSlot. Requests in flight
-keep the router they read, so nothing is cut off and the old router is never modified. Every
-attempt, good or bad, is written to the audit log; a change that took effect is also persisted,
-so a restart comes back with it, and announced to ADMIN_NOTIFY_URLS.
+still serve LLM_MODEL, which the webhooks ask for); every key of every provider it adds or changes
+is probed, and each such provider must serve with at least one (the keys that fail are reported
+and start set aside); only then is a new router built and swapped into the RouterSlot. Requests
+in flight keep the router they read, so nothing is cut off and the old router is never modified.
+Every attempt, good or bad, is written to the audit log; a change that took effect is also
+persisted, so a restart comes back with it, and announced to ADMIN_NOTIFY_URLS.
 
 Applies and reverts are serialised by one lock: two operators cannot interleave a
 probe-then-swap and end with a configuration nobody applied.
@@ -44,7 +45,9 @@ from app.services.llm.catalog import (
 )
 from app.services.llm.router import LLMRouter, RouterSlot
 from app.services.llm.routes import build_client
+from app.services.llm.types import StreamingProviderClient
 from app.services.notifications import ChangeNotifier, public_url
+from app.services.signatures import fingerprint
 
 log = logging.getLogger("cxrelay.provisioning")
 
@@ -69,10 +72,33 @@ class ApplyResult:
     record: AuditRecord | None = None
     providers: list[str] = field(default_factory=list)
     routes: list[str] = field(default_factory=list)
+    unhealthy_keys: list[UnhealthyKey] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.outcome == "ok"
+
+
+@dataclass(frozen=True)
+class UnhealthyKey:
+    """A key that failed its probe: named by its fingerprint (as in the logs) and its masked
+    directive (which variable or file to fix), never by the key."""
+
+    provider: str
+    index: int  # position in the provider's api_keys
+    key_id: str
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.provider} key {self.key_id} ({self.source})"
+
+
+@dataclass(frozen=True)
+class _ProviderProbe:
+    url: str
+    passed: bool  # the provider served with at least one of its keys (or without one)
+    failed: list[UnhealthyKey]
+    keys: int  # how many keys were probed (0: a provider without keys, or behind OAuth)
 
 
 @dataclass(frozen=True)
@@ -135,17 +161,18 @@ class Provisioner:
             config, problems = validate_candidate(raw, self._settings)
             if config is None or problems or not isinstance(raw, Mapping):
                 return await self._rejected(attempt, "invalid", problems)
-            failures = await self._health_check(config, self._slot.current.config)
+            failures, unhealthy = await self._health_check(config, self._slot.current.config)
             if failures:
                 return await self._rejected(attempt, "health_check_failed", failures)
             try:
                 router = LLMRouter(self._http, config, router_options(self._settings))
+                _set_aside(router, unhealthy)
                 await self._audit.save_applied(canonical_json(raw), attempt.digest, actor)
             except Exception as error:
                 return await self._failed(attempt, error)
             self._slot.swap(router)  # the old router is left alone: requests on it finish there
             self.source, self.sha256 = "applied", attempt.digest
-            return await self._changed(attempt, config)
+            return await self._changed(attempt, config, unhealthy)
 
     async def revert(self, actor: str) -> ApplyResult:
         """Forget the applied configuration; serve PROVIDERS_FILE (or the env provider) again.
@@ -181,15 +208,29 @@ class Provisioner:
         )
         return ApplyResult(result, attempt.digest, problems, record)
 
-    async def _changed(self, attempt: _Attempt, config: ProviderConfig) -> ApplyResult:
+    async def _changed(
+        self,
+        attempt: _Attempt,
+        config: ProviderConfig,
+        unhealthy: list[UnhealthyKey] | None = None,
+    ) -> ApplyResult:
+        unhealthy = unhealthy or []
         providers = [p.name for p in config.providers]
         routes = [r.name for r in config.routes]
         detail = f"providers: {', '.join(providers)}; routes: {', '.join(routes) or 'none'}"
+        if unhealthy:
+            detail += f"; unhealthy keys: {', '.join(str(k) for k in unhealthy)}"
         record = await self._record(attempt, "ok", detail)
-        where = {"actor": attempt.actor, "config_sha256": attempt.digest, "source": self.source}
+        where: dict[str, object] = {
+            "actor": attempt.actor,
+            "config_sha256": attempt.digest,
+            "source": self.source,
+        }
+        if unhealthy:
+            where["unhealthy_keys"] = [f"{k.provider}:{k.key_id}" for k in unhealthy]
         log.warning("provider configuration %s: changed", attempt.action, extra=where)
         self._notifier.notify(NOTIFY_EVENT, record.as_dict())
-        return ApplyResult("ok", attempt.digest, [], record, providers, routes)
+        return ApplyResult("ok", attempt.digest, [], record, providers, routes, unhealthy)
 
     async def _failed(self, attempt: _Attempt, error: Exception) -> ApplyResult:
         log.exception("provider configuration %s failed unexpectedly", attempt.action)
@@ -209,39 +250,66 @@ class Provisioner:
 
     # --- health check ----------------------------------------------------------------------------
 
-    async def _health_check(self, config: ProviderConfig, current: ProviderConfig) -> list[Problem]:
-        """Probe, concurrently, every provider that is new or whose spec changed."""
+    async def _health_check(
+        self, config: ProviderConfig, current: ProviderConfig
+    ) -> tuple[list[Problem], list[UnhealthyKey]]:
+        """Probe, concurrently, every key of every provider that is new or whose spec changed.
+
+        A provider passes when it serves with at least one key: a pool's revoked key, wherever
+        it stands in the list, does not refuse the change (the router sets it aside) but is
+        reported; a provider that serves with none of its keys is a problem."""
         changed = [
             (i, spec)
             for i, spec in enumerate(config.providers)
             if current.provider(spec.name) != spec
         ]
-        results = await asyncio.gather(
+        probes = await asyncio.gather(
             *(self._probe(spec, config.allow_literal_keys) for _, spec in changed)
         )
-        return [
-            Problem(
-                f"providers[{i}]",
-                f"provider {spec.name!r} failed the health check: GET {url} with its first key "
-                f"did not return 200 (unreachable, key refused, or no answer within "
-                f"{PROBE_TIMEOUT_SECONDS:g}s)",
-            )
-            for (i, spec), (passed, url) in zip(changed, results, strict=True)
-            if not passed
+        problems = [
+            Problem(f"providers[{i}]", _failed_provider(spec.name, probe))
+            for (i, spec), probe in zip(changed, probes, strict=True)
+            if not probe.passed
         ]
+        unhealthy = [key for probe in probes if probe.passed for key in probe.failed]
+        return problems, unhealthy
 
-    async def _probe(self, spec: ProviderSpec, allow_literal: bool) -> tuple[bool, str]:
+    async def _probe(self, spec: ProviderSpec, allow_literal: bool) -> _ProviderProbe:
+        """Each key once, all at once, each bounded by PROBE_TIMEOUT_SECONDS."""
         client = build_client(spec)
         url = public_url(str(getattr(client, "models_url", spec.base_url)))
+        if not spec.api_keys:  # no key, or an OAuth token the client fetches itself
+            return _ProviderProbe(url, await self._probe_key(client, None), [], 0)
+        secrets: list[str | None] = []
+        for directive in spec.api_keys:
+            try:
+                secrets.append(resolve_key(directive, allow_literal=allow_literal, env=os.environ))
+            except ValueError:  # validated a moment ago; gone since (a deleted key file)
+                secrets.append(None)
+        served = await asyncio.gather(
+            *(self._probe_key(client, s) if s is not None else _false() for s in secrets)
+        )
+        failed = [
+            UnhealthyKey(
+                spec.name,
+                index,
+                fingerprint(secret) if secret is not None else "unresolved",
+                mask_directive(str(directive)),
+            )
+            for index, (directive, secret, ok) in enumerate(
+                zip(spec.api_keys, secrets, served, strict=True)
+            )
+            if not ok
+        ]
+        return _ProviderProbe(url, any(served), failed, len(secrets))
+
+    async def _probe_key(self, client: StreamingProviderClient, key: str | None) -> bool:
         try:
-            first = spec.api_keys[0] if spec.api_keys else None
-            key = resolve_key(first, allow_literal=allow_literal, env=os.environ) if first else None
-            passed = await asyncio.wait_for(
+            return await asyncio.wait_for(
                 client.probe(self._http, key, PROBE_TIMEOUT_SECONDS), PROBE_TIMEOUT_SECONDS
             )
         except (asyncio.TimeoutError, ValueError, httpx.HTTPError):
-            passed = False
-        return passed, url
+            return False
 
     # --- display ---------------------------------------------------------------------------------
 
@@ -294,6 +362,29 @@ def mask_directive(directive: str) -> str:
     if sep and kind in ("env", "file"):
         return directive
     return f"{kind}:***" if sep and kind == "literal" else "***"
+
+
+def _failed_provider(name: str, probe: _ProviderProbe) -> str:
+    with_keys = {0: "", 1: " with its key"}.get(probe.keys, f" with any of its {probe.keys} keys")
+    ids = f" ({', '.join(k.key_id for k in probe.failed)})" if probe.failed else ""
+    return (
+        f"provider {name!r} failed the health check: GET {probe.url}{with_keys}{ids} did not "
+        f"return 200 (unreachable, key refused, or no answer within {PROBE_TIMEOUT_SECONDS:g}s)"
+    )
+
+
+async def _false() -> bool:
+    return False
+
+
+def _set_aside(router: LLMRouter, unhealthy: list[UnhealthyKey]) -> None:
+    """The new router starts with the keys that failed their probe set aside, as if a call had
+    been refused with them: no turn tries them first, and the periodic re-probe brings each
+    back once it works."""
+    for key in unhealthy:
+        pool = router.providers[key.provider].keys
+        if key.index < len(pool.keys):
+            pool.mark_unauthorized(pool.keys[key.index], None)
 
 
 def _summary(problems: list[Problem]) -> str:
