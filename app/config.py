@@ -316,6 +316,13 @@ class Settings(BaseSettings):
         "safety_rules_dir",
         "bot_state_secret",
         "metrics_token",
+        "redis_url",
+        "admin_token",
+        "cxone_client_id",
+        "cxone_client_secret",
+        "cxone_access_key_id",
+        "cxone_access_key_secret",
+        "cxone_tenant_id",
         mode="before",
     )
     @classmethod
