@@ -16,7 +16,12 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from app import __version__
-from app.config import DEV_CLIENT_API_KEY, DEV_CXONE_AUTHORIZATION, Settings
+from app.config import (
+    DEV_BOT_STATE_SECRET,
+    DEV_CLIENT_API_KEY,
+    DEV_CXONE_AUTHORIZATION,
+    Settings,
+)
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.turn_cache import TurnCache
@@ -246,6 +251,12 @@ def _warn_about_development_settings(settings: Settings) -> None:
             "development CXone Authorization value %r accepted (simulated mode without "
             "CXONE_WEBHOOK_AUTHORIZATION); set your own before exposing this service",
             DEV_CXONE_AUTHORIZATION,
+        )
+    secret = settings.bot_state_secret
+    if secret is not None and secret.get_secret_value() == DEV_BOT_STATE_SECRET:
+        log.warning(
+            "development BOT_STATE_SECRET in use: anyone can forge CXone conversation state; "
+            "set your own before exposing this service"
         )
     if any(k.get_secret_value() == DEV_CLIENT_API_KEY for k in settings.client_api_keys):
         log.warning(
