@@ -64,7 +64,10 @@ def test_serve_with_invalid_temperature_exits_2_naming_it(tmp_path: Path) -> Non
     ("several", "named"),
     [
         ({"WORKERS": "2"}, "WORKERS=2"),
-        ({"STORE_BACKEND": "redis", "REDIS_URL": "redis://127.0.0.1:6379/0"}, "STORE_BACKEND=redis"),
+        (
+            {"STORE_BACKEND": "redis", "REDIS_URL": "redis://127.0.0.1:6379/0"},
+            "STORE_BACKEND=redis",
+        ),
     ],
     ids=["workers", "replicas"],
 )

@@ -192,7 +192,7 @@ def test_dashboard_queries_name_only_exported_metrics(dashboard: dict[str, Any])
     assert not sorted(REQUIRED_ON_DASHBOARD - named), "a required metric has no panel"
 
 
-# --- the compose stack, run without Docker ---------------------------------------------------------
+# --- the compose stack, run without Docker ------------------------------------------------------
 
 DOCKERFILE = ROOT / "Dockerfile"
 CONVERSATION_TURNS = 12
@@ -387,7 +387,7 @@ async def test_the_compose_stack_carries_a_cxone_conversation_as_one_session(
     cxone_turns = [
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()
-        if line.startswith('cxrelay_turns_total{') and 'surface="cxone"' in line
+        if line.startswith("cxrelay_turns_total{") and 'surface="cxone"' in line
     ]
     assert sum(cxone_turns) == CONVERSATION_TURNS  # the scrape adds up both workers
     assert len(set(served_by)) == 2, f"one worker served every turn: {served_by}"
