@@ -198,8 +198,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 CONVERSATION_TURNS = 12
 # `${NAME:-default}` / `${NAME-default}` (compose's default when NAME is unset), or `$$`
 COMPOSE_VARIABLE = re.compile(r"\$\$|\$\{\w+:?-([^}]*)\}")
-# each compose hostname the service's settings name, and what stands in for it here
-REDIS_ON_LOOPBACK = "127.0.0.1:6379"  # the real local Redis (tests/test_store.py's)
+REDIS_ON_LOOPBACK = "127.0.0.1:6379"  # stands in for compose's redis: the real local Redis
 
 
 def compose_value(value: object) -> str:
@@ -220,6 +219,8 @@ class Image:
 
 
 def final_stage() -> Image:
+    """The last stage's instructions, continuation lines joined (HEALTHCHECK's own CMD stays in
+    its HEALTHCHECK)."""
     instructions: list[tuple[str, str]] = []
     pending = ""
     for line in DOCKERFILE.read_text().splitlines():
@@ -245,7 +246,9 @@ def final_stage() -> Image:
 
 
 @contextmanager
-def running(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> Iterator[Any]:
+def running(
+    command: list[str], cwd: Path, env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """A process for the length of the block; SIGTERM at the end (killed if it lingers)."""
     with log.open("wb") as stderr:
         process = subprocess.Popen(
@@ -263,7 +266,7 @@ def running(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> It
                     process.wait(timeout=30)
 
 
-def wait_for_health(url: str, process: Any, log: Path) -> None:
+def wait_for_health(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -361,7 +364,7 @@ async def test_the_compose_stack_carries_a_cxone_conversation_as_one_session(
     limits = httpx.Limits(max_keepalive_connections=0)
     sessions: list[str] = []
     served_by: list[int] = []
-    state: object = None
+    state: Any = None
     async with httpx.AsyncClient(base_url=compose_stack.url, limits=limits, timeout=30) as client:
         for n in range(CONVERSATION_TURNS):
             body = dict(samples.cxone_body, botSessionState=state)
