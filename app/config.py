@@ -30,6 +30,9 @@ ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = ("hmac", "standard_webhooks", "api_ke
 DEV_WEBHOOK_SECRET = "cx-relay-dev-secret"
 DEV_CXONE_AUTHORIZATION = "Bearer cx-relay-dev-token"
 DEV_CLIENT_API_KEY = "cx-relay-dev-key"
+# Signs CXone's botSessionState in simulated mode without BOT_STATE_SECRET: a fixed value, so that
+# several simulated workers (and a restart) still accept each other's state.
+DEV_BOT_STATE_SECRET = "cx-relay-dev-bot-state-secret"
 
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
@@ -324,6 +327,13 @@ class Settings(BaseSettings):
         "safety_rules_dir",
         "bot_state_secret",
         "metrics_token",
+        "redis_url",
+        "admin_token",
+        "cxone_client_id",
+        "cxone_client_secret",
+        "cxone_access_key_id",
+        "cxone_access_key_secret",
+        "cxone_tenant_id",
         mode="before",
     )
     @classmethod
@@ -372,6 +382,9 @@ class Settings(BaseSettings):
             self.cxone_webhook_authorization = [SecretStr(DEV_CXONE_AUTHORIZATION)]
         if self.simulate and not self.client_api_keys:
             self.client_api_keys = [SecretStr(DEV_CLIENT_API_KEY)]
+        if self.simulate and self.bot_state_secret is None:
+            self.bot_state_secret = SecretStr(DEV_BOT_STATE_SECRET)
+        self._one_bot_state_secret_for_every_process()
         if not self.webhook_credentials_configured and not self.allow_unauthenticated_webhooks:
             raise ValueError(
                 "no inbound webhook credential: set COGNIGY_WEBHOOK_SECRET or COGNIGY_API_KEYS "
@@ -390,6 +403,33 @@ class Settings(BaseSettings):
         if self.cxone_configured and not self.cxone_client_secret:
             raise ValueError("CXONE_CLIENT_ID is set but CXONE_CLIENT_SECRET is not")
         return self
+
+    def _one_bot_state_secret_for_every_process(self) -> None:
+        """Without BOT_STATE_SECRET each process signs botSessionState with a random key of its
+        own, so a CXone turn that reaches another worker or replica fails verification and its
+        conversation starts again (counted as "tampered"). With one process that only costs a
+        restart's conversations; with several it breaks most of them, so it stops start-up.
+        Unneeded while the CXone webhook is off (no state is ever signed)."""
+        if self.bot_state_secret is not None or not self.cxone_webhook_enabled:
+            return
+        if self.workers > 1:
+            several = f"WORKERS={self.workers} runs that many worker processes"
+        elif self.store_backend == "redis":
+            several = "STORE_BACKEND=redis is for several replicas"
+        else:
+            return
+        raise ValueError(
+            f"BOT_STATE_SECRET is not set, and {several}: each process would sign CXone's "
+            "botSessionState with a random key of its own, so a turn served by another one "
+            "would be rejected and its conversation started afresh. Set BOT_STATE_SECRET to one "
+            "random value shared by every worker and replica (e.g. the output of "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+
+    @property
+    def cxone_webhook_enabled(self) -> bool:
+        """CXone turns are accepted (and their state signed)."""
+        return bool(self.cxone_webhook_authorization) or self.allow_unauthenticated_webhooks
 
     @property
     def webhook_credentials_configured(self) -> bool:

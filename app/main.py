@@ -16,7 +16,12 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from app import __version__
-from app.config import DEV_CLIENT_API_KEY, DEV_CXONE_AUTHORIZATION, Settings
+from app.config import (
+    DEV_BOT_STATE_SECRET,
+    DEV_CLIENT_API_KEY,
+    DEV_CXONE_AUTHORIZATION,
+    Settings,
+)
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
 from app.pipelines.turn_cache import TurnCache
@@ -244,20 +249,28 @@ def _warn_about_development_settings(settings: Settings) -> None:
         for v in settings.cxone_webhook_authorization
     ):
         log.warning(
-            "development CXone Authorization value %r accepted (simulated mode without "
-            "CXONE_WEBHOOK_AUTHORIZATION); set your own before exposing this service",
+            "development CXone Authorization value %r accepted (simulated mode's, or compose's "
+            "default); set your own CXONE_WEBHOOK_AUTHORIZATION before exposing this service",
             DEV_CXONE_AUTHORIZATION,
+        )
+    secret = settings.bot_state_secret
+    if secret is not None and secret.get_secret_value() == DEV_BOT_STATE_SECRET:
+        log.warning(
+            "development BOT_STATE_SECRET in use (simulated mode's, or compose's default): "
+            "anyone can forge CXone conversation state; set your own before exposing this "
+            "service"
         )
     if any(k.get_secret_value() == DEV_CLIENT_API_KEY for k in settings.client_api_keys):
         log.warning(
             "development client API key %r accepted for the chat and /budget routes (simulated "
-            "mode without CLIENT_API_KEYS); set your own before exposing this service",
+            "mode's, or compose's default); set your own CLIENT_API_KEYS before exposing this "
+            "service",
             DEV_CLIENT_API_KEY,
         )
     if settings.using_dev_secret:
         log.warning(
-            "development webhook secret %r in use (simulated mode without "
-            "COGNIGY_WEBHOOK_SECRET); set your own before exposing this service",
+            "development webhook secret %r in use (simulated mode's, or compose's default); set "
+            "your own COGNIGY_WEBHOOK_SECRET before exposing this service",
             "cx-relay-dev-secret",
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -169,3 +170,32 @@ def running_service(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+@dataclass(frozen=True)
+class ReadmeSamples:
+    """The quick start's two requests, exactly as the README shows them."""
+
+    cognigy_body: bytes  # $BODY, signed as `printf '%s' "$BODY" | openssl dgst -hmac <secret>`
+    cognigy_secret: str
+    cxone_authorization: str  # the curl's Authorization header value
+    cxone_body: dict[str, Any]
+
+
+def readme_samples() -> ReadmeSamples:
+    """Read from the README itself, so a test that sends them fails when the README's commands
+    stop working (not only when the code changes)."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    quick_start = readme.split("\n## Quick start\n", 1)[1].split("\n## ", 1)[0]
+    body = re.search(r"^BODY='(.+)'$", quick_start, re.MULTILINE)
+    secret = re.search(r"openssl dgst -sha256 -hmac (\S+)", quick_start)
+    cxone = re.search(
+        r"curl -s \S+/webhook/cxone \\\n\s*-H 'Authorization: ([^']+)'.*?-d '(\{.+?\})'",
+        quick_start,
+        re.DOTALL,
+    )
+    assert body and secret and cxone, "the README's quick start no longer has its samples"
+    return ReadmeSamples(
+        cognigy_body=body.group(1).encode(),
+        cognigy_secret=secret.group(1),
+        cxone_authorization=cxone.group(1),
+        cxone_body=json.loads(cxone.group(2)),
+    )

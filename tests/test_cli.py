@@ -60,6 +60,37 @@ def test_serve_with_invalid_temperature_exits_2_naming_it(tmp_path: Path) -> Non
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("several", "named"),
+    [
+        ({"WORKERS": "2"}, "WORKERS=2"),
+        (
+            {"STORE_BACKEND": "redis", "REDIS_URL": "redis://127.0.0.1:6379/0"},
+            "STORE_BACKEND=redis",
+        ),
+    ],
+    ids=["workers", "replicas"],
+)
+def test_several_processes_without_a_bot_state_secret_refuse_to_start(
+    tmp_path: Path, several: dict[str, str], named: str
+) -> None:
+    """Each would sign CXone's botSessionState with its own random key: most turns of a
+    conversation would land on another process, fail verification and start it afresh."""
+    result = _run(
+        tmp_path,
+        "serve",
+        LLM_GATEWAY_BASE_URL="http://127.0.0.1:9/v1",
+        COGNIGY_WEBHOOK_SECRET="cli-secret",
+        CXONE_WEBHOOK_AUTHORIZATION="Bearer cli-token",
+        **several,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "BOT_STATE_SECRET is not set" in result.stderr
+    assert named in result.stderr
+    assert "random key of its own" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_reads_dotenv_from_working_directory(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(
         "LLM_GATEWAY_BASE_URL=http://127.0.0.1:9/v1\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from app.config import DEV_WEBHOOK_SECRET
+from app.config import DEV_BOT_STATE_SECRET, DEV_WEBHOOK_SECRET
 from app.errors import ConfigError
 from app.services.llm.openai_compat import chat_completions_url
 from app.services.llm.wire import parse_retry_after
@@ -261,3 +261,43 @@ def test_parse_retry_after_http_date_in_the_past_is_zero() -> None:
 @pytest.mark.parametrize("value", [None, "", "soon", "not a date at all", "-4", "inf", "nan"])
 def test_parse_retry_after_unusable_is_none(value: str | None) -> None:
     assert parse_retry_after(value, now=NOW) is None
+
+
+def test_several_workers_with_the_cxone_webhook_need_a_bot_state_secret(
+    valid_env: pytest.MonkeyPatch,
+) -> None:
+    valid_env.setenv("CXONE_WEBHOOK_AUTHORIZATION", "Bearer t")
+    valid_env.setenv("WORKERS", "3")
+    assert "BOT_STATE_SECRET is not set, and WORKERS=3" in _config_error()
+    valid_env.setenv("BOT_STATE_SECRET", "shared-by-all")
+    assert load_settings().workers == 3
+
+
+def test_a_redis_store_means_replicas_that_need_a_bot_state_secret(
+    valid_env: pytest.MonkeyPatch,
+) -> None:
+    valid_env.setenv("CXONE_WEBHOOK_AUTHORIZATION", "Bearer t")
+    valid_env.setenv("STORE_BACKEND", "redis")
+    valid_env.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    assert "BOT_STATE_SECRET is not set, and STORE_BACKEND=redis" in _config_error()
+
+
+def test_one_process_or_no_cxone_webhook_needs_no_bot_state_secret(
+    valid_env: pytest.MonkeyPatch,
+) -> None:
+    valid_env.setenv("CXONE_WEBHOOK_AUTHORIZATION", "Bearer t")
+    assert load_settings().bot_state_secret is None  # a restart costs its conversations only
+    valid_env.delenv("CXONE_WEBHOOK_AUTHORIZATION")
+    valid_env.setenv("WORKERS", "2")
+    assert load_settings().bot_state_secret is None  # no CXone state is ever signed
+
+
+def test_simulated_workers_share_the_development_bot_state_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORKERS", "2")
+    secret = load_settings(simulate=True).bot_state_secret
+    assert secret is not None and secret.get_secret_value() == DEV_BOT_STATE_SECRET
+    monkeypatch.setenv("BOT_STATE_SECRET", "my-own")
+    secret = load_settings(simulate=True).bot_state_secret
+    assert secret is not None and secret.get_secret_value() == "my-own"

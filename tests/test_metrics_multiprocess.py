@@ -43,16 +43,22 @@ def write_sample(
         values.close()
 
 
-def requests_by_process(directory: Path) -> dict[int, float]:
-    """Each worker's own count of successful /chat requests, read from its file."""
+def counts_by_process(directory: Path, name: str, **labels: str) -> dict[int, float]:
+    """Each worker's own total of a counter's samples that carry `labels`, read from its file
+    (a worker with none is absent)."""
     found: dict[int, float] = {}
     for path in directory.glob("counter_*.db"):
         pid = int(path.stem.split("_")[1])
         for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
-            _, sample, labels, _ = json.loads(key)
-            if sample == "cxrelay_requests_total" and labels.get("surface") == "chat":
+            _, sample, sample_labels, _ = json.loads(key)
+            if sample == name and labels.items() <= sample_labels.items():
                 found[pid] = found.get(pid, 0.0) + value
     return found
+
+
+def requests_by_process(directory: Path) -> dict[int, float]:
+    """Each worker's own count of /chat requests."""
+    return counts_by_process(directory, "cxrelay_requests_total", surface="chat")
 
 
 def scraped(text: str, line_start: str) -> float:
