@@ -6,8 +6,8 @@ check, request validation and the 413 included) in OpenAI's `{"error": {...}}` s
 status that makes the client raise the matching exception class. What cx-relay did (cost, cache,
 session) travels in a top-level `cx_relay` field the clients ignore.
 
-Session: the `X-Session-Id` header, else the request's `user`, else a fresh id per request (so
-the session budget then bounds a single call).
+Session: the `X-Session-Id` header, else the request's `user`, else none (NO_SESSION): then only
+the tenant's day and month budgets hold the call, and its ledger record has no session.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from app.schemas.openai_chat import (
 from app.schemas.openapi import json_request_body, response_schema, sse_response
 from app.services.body import read_limited_body
 from app.services.chat_errors import ChatFailure, describe
+from app.services.store import NO_SESSION
 from app.services.text_stream import TextStream
 
 log = logging.getLogger("cxrelay.openai")
@@ -261,7 +262,7 @@ def session_of(request: Request, body: ChatCompletionRequest) -> str:
         if not valid_session_id(header):
             raise OpenAIError(400, f"X-Session-Id must be {SESSION_ID_RULE}", param="X-Session-Id")
         return header
-    return body.user or f"oai-{uuid.uuid4().hex}"
+    return body.user or NO_SESSION
 
 
 def build_call(body: ChatCompletionRequest, principal: Principal, session_id: str) -> ChatCall:
@@ -295,7 +296,7 @@ def usage_of(outcome: ChatOutcome) -> CompletionUsage:
 
 def extras(call: ChatCall, outcome: ChatOutcome) -> CxRelayExtras:
     return CxRelayExtras(
-        session_id=call.session_id,
+        session_id=call.session_id or None,
         cost=outcome.cost,
         cached=outcome.cached,
         lightweight_mode=outcome.lightweight,
