@@ -30,6 +30,7 @@ ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = ("hmac", "standard_webhooks", "api_ke
 DEV_WEBHOOK_SECRET = "cx-relay-dev-secret"
 DEV_CXONE_AUTHORIZATION = "Bearer cx-relay-dev-token"
 DEV_CLIENT_API_KEY = "cx-relay-dev-key"
+DEV_SESSION_ID_SECRET = "cx-relay-dev-session-ids"
 
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
@@ -202,6 +203,10 @@ class Settings(BaseSettings):
         default_factory=lambda: ["self_harm", "violence", "profanity", "credentials"]
     )
     safety_rules_dir: Path | None = None
+    # Keys the digest that replaces a session id holding personal data (an e-mail address, a card
+    # number) in logs, the ledger and /budget; the same value on every worker and replica. Unset:
+    # derived from BOT_STATE_SECRET, else (one worker, SQLite) a per-process random key.
+    session_id_secret: SecretStr | None = None
 
     # --- CXone context (Digital Engagement API) ------------------------------------------------
     cxone_client_id: str | None = None
@@ -315,6 +320,7 @@ class Settings(BaseSettings):
         "providers_file",
         "safety_rules_dir",
         "bot_state_secret",
+        "session_id_secret",
         "metrics_token",
         mode="before",
     )
@@ -381,6 +387,23 @@ class Settings(BaseSettings):
             raise ValueError("STORE_BACKEND=redis needs REDIS_URL (e.g. redis://redis:6379/0)")
         if self.cxone_configured and not self.cxone_client_secret:
             raise ValueError("CXONE_CLIENT_ID is set but CXONE_CLIENT_SECRET is not")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_session_id_key(self) -> Settings:
+        """Several processes digesting session ids with keys of their own would each store the
+        same caller's session under another id: its budget counted apart on each, its records
+        read back only where they were written."""
+        several = self.workers > 1 or self.store_backend == "redis"
+        shared = self.session_id_secret or self.bot_state_secret
+        if several and shared is None and not self.simulate:
+            raise ValueError(
+                "SESSION_ID_SECRET is not set (nor BOT_STATE_SECRET, from which it is otherwise "
+                "derived): with several workers (WORKERS>1) or replicas (STORE_BACKEND=redis) "
+                "each process would digest session ids holding personal data with a random key "
+                "of its own, splitting such a session's budget and ledger; set SESSION_ID_SECRET "
+                "to the same random value (e.g. `openssl rand -hex 32`) on every replica"
+            )
         return self
 
     @property

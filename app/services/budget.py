@@ -1,4 +1,5 @@
-"""Token and money budgets: per session, and per tenant per day and per month.
+"""Token and money budgets: per session, and per tenant per day and per month (a call without a
+session, NO_SESSION, is held to its tenant's only).
 
 A call reserves before it goes upstream (prompt + max_tokens, and its estimated cost) on every
 scope at once, settles with the provider's real usage after it (together with its ledger record,
