@@ -33,6 +33,7 @@ DEV_CLIENT_API_KEY = "cx-relay-dev-key"
 # Signs CXone's botSessionState in simulated mode without BOT_STATE_SECRET: a fixed value, so that
 # several simulated workers (and a restart) still accept each other's state.
 DEV_BOT_STATE_SECRET = "cx-relay-dev-bot-state-secret"
+DEV_SESSION_ID_SECRET = "cx-relay-dev-session-ids"
 
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]
@@ -213,6 +214,10 @@ class Settings(BaseSettings):
         default_factory=lambda: ["self_harm", "violence", "profanity", "credentials"]
     )
     safety_rules_dir: Path | None = None
+    # Keys the digest that replaces a session id holding personal data (an e-mail address, a card
+    # number) in logs, the ledger and /budget; the same value on every worker and replica. Unset:
+    # derived from BOT_STATE_SECRET, else (one worker, SQLite) a per-process random key.
+    session_id_secret: SecretStr | None = None
 
     # --- CXone context (Digital Engagement API) ------------------------------------------------
     cxone_client_id: str | None = None
@@ -326,6 +331,7 @@ class Settings(BaseSettings):
         "providers_file",
         "safety_rules_dir",
         "bot_state_secret",
+        "session_id_secret",
         "metrics_token",
         "redis_url",
         "admin_token",
@@ -430,6 +436,22 @@ class Settings(BaseSettings):
     def cxone_webhook_enabled(self) -> bool:
         """CXone turns are accepted (and their state signed)."""
         return bool(self.cxone_webhook_authorization) or self.allow_unauthenticated_webhooks
+    @model_validator(mode="after")
+    def _shared_session_id_key(self) -> Settings:
+        """Several processes digesting session ids with keys of their own would each store the
+        same caller's session under another id: its budget counted apart on each, its records
+        read back only where they were written."""
+        several = self.workers > 1 or self.store_backend == "redis"
+        shared = self.session_id_secret or self.bot_state_secret
+        if several and shared is None and not self.simulate:
+            raise ValueError(
+                "SESSION_ID_SECRET is not set (nor BOT_STATE_SECRET, from which it is otherwise "
+                "derived): with several workers (WORKERS>1) or replicas (STORE_BACKEND=redis) "
+                "each process would digest session ids holding personal data with a random key "
+                "of its own, splitting such a session's budget and ledger; set SESSION_ID_SECRET "
+                "to the same random value (e.g. `openssl rand -hex 32`) on every replica"
+            )
+        return self
 
     @property
     def webhook_credentials_configured(self) -> bool:

@@ -20,6 +20,7 @@ from app.services.ledger import Ledger
 from app.services.llm.router import RouterSlot
 from app.services.metering import Metering
 from app.services.provisioning import Provisioner
+from app.services.session_ids import SessionIds
 from app.services.signatures import AuthorizationAuthenticator, WebhookAuthenticator
 from app.services.store import Store
 
@@ -42,6 +43,7 @@ class Services:
     ledger: Ledger
     client_auth: ClientAuthenticator
     limits: InboundLimiter
+    session_ids: SessionIds  # a caller's session id -> the stored one (a digest when it is PII)
     simulated: dict[str, bool] = field(default_factory=dict)
 
 

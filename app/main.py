@@ -52,6 +52,7 @@ from app.services.metering import Metering
 from app.services.oauth import TokenCache, TokenRequest
 from app.services.prompts import PromptRenderer
 from app.services.provisioning import Provisioner
+from app.services.session_ids import SessionIds
 from app.services.signatures import ReplayGuard, WebhookAuthenticator
 from app.services.store import Store
 from app.settings_loading import load_settings
@@ -69,6 +70,7 @@ from app.wiring import (
     load_injection_rules,
     load_safety_rules,
     open_usage_ledger,
+    session_id_key,
 )
 
 log = logging.getLogger("cxrelay")
@@ -234,6 +236,7 @@ def build_services(
         ledger=ledger,
         client_auth=client_auth,
         limits=limits,
+        session_ids=SessionIds(safety, session_id_key(settings)),
         simulated=simulated,
     )
 

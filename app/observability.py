@@ -139,12 +139,21 @@ class RequestIdMiddleware:
                 request_id_var.reset(token)
 
 
+def _logged_path(scope: Scope) -> str:
+    """The path; but a route that takes a session id in it (/budget/sessions/{session_id}) by its
+    template: the id a caller sent may be personal data (app.services.session_ids)."""
+    template = getattr(scope.get("route"), "path", None)
+    if "session_id" in scope.get("path_params", {}) and isinstance(template, str):
+        return template
+    return str(scope.get("path", ""))[:MAX_LOGGED_PATH]
+
+
 def _log_access(scope: Scope, request_id: str, started: float, seen: dict[str, Any]) -> None:
     client = scope.get("client")
     extra: dict[str, Any] = {
         "request_id": request_id,  # the request's, even if a WebSocket frame set its own since
         "method": scope.get("method", "GET"),
-        "path": str(scope.get("path", ""))[:MAX_LOGGED_PATH],
+        "path": _logged_path(scope),
         "status": seen["status"],
         "latency_ms": round((time.perf_counter() - started) * 1000, 1),
         "remote": client[0] if client else "",

@@ -21,7 +21,7 @@ from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
 from app.simulator.faults import FaultPlan
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
-from tests.helpers import API_KEY, CXONE_AUTH, SECRET
+from tests.helpers import API_KEY, CXONE_AUTH, SECRET, TEST_BASE_URL, Captured, capture_logs
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +96,7 @@ def app_client(
         async def __aenter__(self) -> httpx.AsyncClient:
             await self._lifespan.__aenter__()
             self._client = httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=self.app), base_url="http://cx-relay.test"
+                transport=httpx.ASGITransport(app=self.app), base_url=TEST_BASE_URL
             )
             return self._client
 
@@ -105,6 +105,13 @@ def app_client(
             await self._lifespan.__aexit__(None, None, None)
 
     return _Running
+
+
+@pytest.fixture
+def captured() -> Iterator[Captured]:
+    """Every log line of the test, as the service would write it (tests.helpers.capture_logs)."""
+    with capture_logs() as capture:
+        yield capture
 
 
 @pytest.fixture

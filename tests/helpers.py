@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import re
 import socket
@@ -19,6 +21,7 @@ from typing import Any
 import httpx
 
 from app.config import Settings
+from app.observability import JsonFormatter
 from app.services.metrics import MULTIPROC_ENV
 from app.services.signatures import sign_hmac
 
@@ -29,6 +32,7 @@ API_KEY = "test-api-key-0123456789"
 WEBHOOK = "/webhook/cognigy/fallback"
 CXONE_AUTH = "Bearer cxone-test-token"
 CXONE_WEBHOOK = "/webhook/cxone"
+TEST_BASE_URL = "http://cx-relay.test"  # conftest's app_client
 
 
 def trigger(**fields: Any) -> dict[str, Any]:
@@ -199,3 +203,61 @@ def readme_samples() -> ReadmeSamples:
         cxone_authorization=cxone.group(1),
         cxone_body=json.loads(cxone.group(2)),
     )
+class Captured:
+    """Every record every logger emits, formatted by the project's JsonFormatter."""
+
+    def __init__(self) -> None:
+        self.stream = io.StringIO()
+
+    @property
+    def text(self) -> str:
+        return self.stream.getvalue()
+
+    def lines(self) -> list[dict[str, Any]]:
+        parsed = []
+        for line in self.text.splitlines():
+            entry = json.loads(line)  # every line is one JSON object
+            assert isinstance(entry, dict), line
+            parsed.append(entry)
+        return parsed
+
+    def with_message(self, message: str) -> list[dict[str, Any]]:
+        return [e for e in self.lines() if e["message"] == message]
+
+
+@contextmanager
+def capture_logs() -> Iterator[Captured]:
+    """Everything the service logs, at every level (conftest's `captured` fixture)."""
+    capture = Captured()
+    handler = logging.StreamHandler(capture.stream)
+    handler.setFormatter(JsonFormatter())
+    handler.setLevel(logging.DEBUG)
+    # the test's own clients log the URLs they call (and the openai client its requests); the
+    # service's outbound calls stay captured
+    handler.addFilter(
+        lambda record: (
+            TEST_BASE_URL not in record.getMessage() and not record.name.startswith("openai")
+        )
+    )
+    root = logging.getLogger()
+    saved_root = root.level
+    # nothing may hide from the capture: undo any level or disabling another test configured
+    saved = {
+        name: (logger.level, logger.disabled)
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    for name in saved:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.NOTSET)
+        logger.disabled = False
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield capture
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_root)
+        for name, (level, disabled) in saved.items():
+            logging.getLogger(name).setLevel(level)
+            logging.getLogger(name).disabled = disabled

@@ -8,11 +8,9 @@ number and an email address, then searches the captured text for all of them.
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,11 +19,20 @@ from starlette.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from app.observability import REQUEST_ID_MAX_LENGTH, JsonFormatter, accept_request_id
+from app.observability import REQUEST_ID_MAX_LENGTH, accept_request_id
 from app.services.signatures import sign_hmac
 from app.simulator.cxone import CXoneSimulatorState
 from app.simulator.faults import Fault, FaultPlan
-from tests.helpers import API_KEY, CXONE_AUTH, SECRET, WEBHOOK, cxone_turn, post_turn, trigger
+from tests.helpers import (
+    API_KEY,
+    CXONE_AUTH,
+    SECRET,
+    WEBHOOK,
+    Captured,
+    cxone_turn,
+    post_turn,
+    trigger,
+)
 
 CLIENT_KEY = "ck-logging-client-key-7f3a91"
 ADMIN_TOKEN = "admin-token-logging-test-c4d2e8"
@@ -37,7 +44,6 @@ CARD = "4111 1111 1111 1111"  # passes Luhn
 EMAIL = "jane.doe@example.com"
 CUSTOMER_TEXT = f"My card {CARD} was charged twice, write to {EMAIL}"
 SESSION = "log-session-1"
-TEST_BASE_URL = "http://cx-relay.test"  # conftest's app_client
 CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # what a careless upstream might echo back in an error body: the key it was sent, and the user text
@@ -57,60 +63,6 @@ CORE_TURN_FIELDS = {
     "completion_tokens",
     "cost_usd",
 }
-
-
-class Captured:
-    """Every record every logger emits, formatted by the project's JsonFormatter."""
-
-    def __init__(self) -> None:
-        self.stream = io.StringIO()
-
-    @property
-    def text(self) -> str:
-        return self.stream.getvalue()
-
-    def lines(self) -> list[dict[str, Any]]:
-        parsed = []
-        for line in self.text.splitlines():
-            entry = json.loads(line)  # every line is one JSON object
-            assert isinstance(entry, dict), line
-            parsed.append(entry)
-        return parsed
-
-    def with_message(self, message: str) -> list[dict[str, Any]]:
-        return [e for e in self.lines() if e["message"] == message]
-
-
-@pytest.fixture
-def captured() -> Iterator[Captured]:
-    capture = Captured()
-    handler = logging.StreamHandler(capture.stream)
-    handler.setFormatter(JsonFormatter())
-    handler.setLevel(logging.DEBUG)
-    # the test's own client logs the URLs it calls; the service's outbound calls stay captured
-    handler.addFilter(lambda record: TEST_BASE_URL not in record.getMessage())
-    root = logging.getLogger()
-    saved_root = root.level
-    # nothing may hide from the capture: undo any level or disabling another test configured
-    saved = {
-        name: (logger.level, logger.disabled)
-        for name, logger in logging.Logger.manager.loggerDict.items()
-        if isinstance(logger, logging.Logger)
-    }
-    for name in saved:
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.NOTSET)
-        logger.disabled = False
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield capture
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(saved_root)
-        for name, (level, disabled) in saved.items():
-            logging.getLogger(name).setLevel(level)
-            logging.getLogger(name).disabled = disabled
 
 
 def settings_overrides() -> dict[str, Any]:

@@ -168,12 +168,62 @@ async def test_session_from_header_and_from_user(app_client: Callable[..., Any])
     assert ignored.status_code == 404
 
 
-async def test_without_session_every_request_is_its_own(app_client: Callable[..., Any]) -> None:
-    async with gateway(app_client) as (client, _, _):
+# About 25 KB of text: some 5,000 tokens, over the default 4,096-token session budget.
+LONG_PROMPT = "Please check order 12345 and the delivery address I gave you last week. " * 340
+
+
+async def test_without_session_only_the_tenant_limits_apply(
+    app_client: Callable[..., Any], llm_plan: FaultPlan
+) -> None:
+    """No X-Session-Id and no `user`: the session budget (default BUDGET_SESSION_TOKENS=4096) does
+    not bound the call, so a long prompt is answered; with a session id the same prompt is
+    refused by that session's budget (its newest turn cannot be dropped to fit)."""
+    assert len(LONG_PROMPT.encode()) > 24_000
+    async with gateway(app_client, intent_cache_enabled=False) as (client, raw, app):
+        answered = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=asking(LONG_PROMPT)
+        )
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=asking(LONG_PROMPT),
+                extra_headers={"X-Session-Id": "long-1"},
+            )
+        await app.state.services.ledger.flush()
+        usage = await raw.get("/budget/usage", headers={"X-API-Key": KEY})
+        status = await raw.get("/budget/status", headers={"X-API-Key": KEY})
+    assert answered.choices[0].finish_reason == "stop"
+    assert answered.usage is not None and answered.usage.prompt_tokens > 4096
+    assert (answered.model_extra or {})["cx_relay"]["session_id"] is None
+    assert len(llm_plan.requests) == 1  # the refused call never went upstream
+    assert refused.value.type == "insufficient_quota" and refused.value.code == "budget_exhausted"
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["budget"]["scope"] == "session"
+    # the ledger keeps the call, under no session: in the tenant's totals, in no session list
+    records = usage.json()["records"]
+    assert [(r["session"], r["prompt_tokens"]) for r in records] == [
+        (None, answered.usage.prompt_tokens)
+    ]
+    body = status.json()
+    assert body["totals"]["calls"] == 1
+    assert body["sessions"] == [] and body["sessions_total"] == 0 and body["session_costs"] == {}
+
+
+async def test_without_session_the_tenant_day_budget_still_applies(
+    app_client: Callable[..., Any], llm_plan: FaultPlan
+) -> None:
+    settings = {"budget_tenant_day_tokens": 4000, "intent_cache_enabled": False}
+    async with gateway(app_client, **settings) as (client, _, _):
         first = await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
-        second = await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
-    one, two = ((c.model_extra or {})["cx_relay"]["session_id"] for c in (first, second))
-    assert one.startswith("oai-") and two.startswith("oai-") and one != two
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=asking(LONG_PROMPT))
+    assert first.choices[0].finish_reason == "stop" and first.usage is not None
+    error = refused.value
+    assert error.type == "insufficient_quota" and isinstance(error.body, dict)
+    assert error.body["budget"]["scope"] == "tenant_day"
+    # the first (session-less) call's real usage was counted against the day
+    assert error.body["budget"]["remaining_tokens"] == 4000 - first.usage.total_tokens
+    assert len(llm_plan.requests) == 1
 
 
 async def test_invalid_session_header_is_a_bad_request(app_client: Callable[..., Any]) -> None:

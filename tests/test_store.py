@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.services.store import (
+    NO_SESSION,
     BudgetScope,
     MemoryStore,
     RedisStore,
@@ -452,6 +453,37 @@ async def test_session_summary_and_tenant_status(store: Store) -> None:
     assert [s.session_id for s in limited.sessions] == ["newest"]
     assert limited.sessions_total == 3
     assert status.as_dict()["sessions"][0]["session_id"] == "newest"
+
+
+async def test_a_call_without_a_session_is_in_the_tenant_totals_and_no_session_list(
+    store: Store,
+) -> None:
+    """/v1 without X-Session-Id or `user`: the record has no session (NO_SESSION); it is listed
+    and counted for its tenant, read back through JSON, and never shows up as a session."""
+    now = datetime.now(timezone.utc)
+    loose = make_record(session=NO_SESSION, at=now, cost=0.5)
+    await store.append_usages([make_record(session="s1", at=now - timedelta(minutes=1)), loose])
+
+    page = await store.list_usage("acme", limit=10)
+    assert [r.id for r in page.records] == [loose.id, page.records[1].id]
+    assert page.records[0] == loose
+    assert page.records[0].as_dict()["session"] is None
+    assert UsageRecord.from_json(loose.to_json()) == loose
+    # "" is no filter (as a blank ?session= is), never "the calls without a session"
+    assert (await store.list_usage("acme", NO_SESSION, limit=10)).records == page.records
+    assert await store.session_summary("acme", NO_SESSION) is None
+    status = await store.tenant_status("acme")
+    assert [s.session_id for s in status.sessions] == ["s1"]
+    assert (status.sessions_total, status.active_sessions) == (1, 1)
+    assert status.totals.calls == 2 and status.totals.cost == pytest.approx(0.5015)
+
+    # its budget is the tenant's scopes only
+    day = BudgetScope("tenant_day", "acme", "2026-11-25", limit_tokens=100)
+    held = await store.reserve([day], 60)
+    assert isinstance(held, Reservation)
+    assert await store.settle_and_record(held, make_record(session=NO_SESSION, prompt=50))
+    assert await store.remaining(day) == (30, None)
+    assert (await store.tenant_status("acme")).sessions_total == 1
 
 
 # --- tenant isolation -----------------------------------------------------------------------------

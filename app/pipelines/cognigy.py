@@ -79,7 +79,7 @@ class CognigyPipeline:
         except RateLimited as limited:
             return self.fallback(trigger, turn, "rate_limited", str(limited))
         last_message = self._sanitise(trigger.last_message, turn)
-        history, turn.context = await self._history(trigger, deadline)
+        history, turn.context = await self._history(trigger, deadline, turn)
         history = self._clean_history(history, trigger.last_message, last_message, turn)
         messages = self._messages(trigger, last_message, history)
         cached = self.cache.get(principal.tenant, self.options.model, messages)
@@ -107,7 +107,7 @@ class CognigyPipeline:
         deadline: Deadline,
         turn: TurnRecord,
     ) -> CognigyResponse:
-        session = trigger.conversation_id
+        session = turn.session_id
         try:
             result = await self._complete(principal, session, messages, deadline, turn)
         except UpstreamError as error:
@@ -145,7 +145,7 @@ class CognigyPipeline:
         decision = parse_output(cached.content, RoutingDecision)
         await self.metering.record_cached(
             principal,
-            trigger.conversation_id,
+            turn.session_id,
             surface=SURFACE,
             provider=cached.provider,
             model=cached.model,
@@ -176,7 +176,7 @@ class CognigyPipeline:
         )
 
     async def _history(
-        self, trigger: CognigyTrigger, deadline: Deadline
+        self, trigger: CognigyTrigger, deadline: Deadline, turn: TurnRecord
     ) -> tuple[list[Turn], ContextState]:
         if self.cxone is None:
             return [], "not_configured"
@@ -187,7 +187,7 @@ class CognigyPipeline:
         except UpstreamError as error:
             log.warning(
                 "cxone context unavailable, continuing without history",
-                extra={"session_id": trigger.conversation_id, "error": str(error)},
+                extra={"session_id": turn.session_id, "error": str(error)},
             )
             return [], "unavailable"
         return history, "available"
@@ -275,9 +275,13 @@ class CognigyPipeline:
 
 @dataclass
 class TurnRecord:
-    """What one turn did so far; read by the fallback and the log line even after a timeout."""
+    """What one turn did so far; read by the fallback and the log line even after a timeout.
+
+    `session_id` is the conversation id as stored (app.services.session_ids: a digest when it
+    holds personal data): the budget, the ledger and the logs use it, never the raw id."""
 
     request_id: str
+    session_id: str
     started: float
     context: ContextState = "not_configured"
     provider: str | None = None
@@ -290,8 +294,8 @@ class TurnRecord:
     injection: tuple[str, ...] = ()  # prompt-injection pattern names found in the input
 
     @classmethod
-    def start(cls, request_id: str) -> TurnRecord:
-        return cls(request_id=request_id, started=time.perf_counter())
+    def start(cls, request_id: str, session_id: str) -> TurnRecord:
+        return cls(request_id=request_id, session_id=session_id, started=time.perf_counter())
 
     def record(self, result: ChatResult, spent: Spend) -> None:
         self.provider, self.model = result.provider, result.model

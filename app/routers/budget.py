@@ -2,7 +2,9 @@
 
 A client key sees its own tenant only; the admin token may pick one with `?tenant=`. The tenant
 is never taken from anything else the caller sends, and another tenant's session is a 404 (not
-a 403) so session ids cannot be probed.
+a 403) so session ids cannot be probed. A session id read here goes through the same mapping as
+on the chat surfaces (app.services.session_ids), so a caller finds its session by the id it sent
+while the answer only ever shows the stored one (a digest when the id holds personal data).
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ async def status(
 async def session(
     session_id: str, principal: CallerDep, services: ServicesDep, tenant: str | None = None
 ) -> dict[str, Any]:
-    summary = await services.ledger.session_summary(tenant_of(principal, tenant), session_id)
+    stored = services.session_ids.stored(session_id)
+    summary = await services.ledger.session_summary(tenant_of(principal, tenant), stored)
     if summary is None:
-        raise HTTPException(404, f"no session {session_id!r} for this tenant")
+        raise HTTPException(404, f"no session {stored!r} for this tenant")
     return summary.as_dict()
 
 
@@ -77,7 +80,10 @@ async def usage(
     """Usage records newest first; pass `next_cursor` back as `cursor` for the next page."""
     try:
         page = await services.ledger.list_usage(
-            tenant_of(principal, tenant), session, limit=limit, cursor=cursor
+            tenant_of(principal, tenant),
+            services.session_ids.stored(session) if session else None,  # blank: every session
+            limit=limit,
+            cursor=cursor,
         )
     except ValueError as error:
         raise HTTPException(400, f"invalid cursor: {error}") from None

@@ -103,7 +103,7 @@ def build_call(
     rf = body.response_format
     return ChatCall(
         principal=principal,
-        session_id=body.session_id,
+        session_id=services.session_ids.stored(body.session_id),  # a digest when it is PII
         messages=messages,
         surface=surface,
         model=body.model,

@@ -60,7 +60,10 @@ async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyRe
         )
 
     deadline = Deadline.after(settings.cognigy_deadline_seconds)
-    turn = TurnRecord.start(request_id_var.get())
+    # the conversation id as stored and logged: a digest when it holds personal data
+    turn = TurnRecord.start(
+        request_id_var.get(), services.session_ids.stored(trigger.conversation_id)
+    )
     try:
         response = await asyncio.wait_for(
             services.cognigy.decide(trigger, principal, deadline, turn),
@@ -85,7 +88,7 @@ async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyRe
             "surface": "cognigy",
             "tenant": principal.tenant,
             "key_id": principal.key_id,
-            "session_id": trigger.conversation_id,
+            "session_id": turn.session_id,
             "status": response.status,
             "context": response.context,
             "provider": response.provider,

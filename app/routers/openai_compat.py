@@ -6,8 +6,9 @@ check, request validation and the 413 included) in OpenAI's `{"error": {...}}` s
 status that makes the client raise the matching exception class. What cx-relay did (cost, cache,
 session) travels in a top-level `cx_relay` field the clients ignore.
 
-Session: the `X-Session-Id` header, else the request's `user`, else a fresh id per request (so
-the session budget then bounds a single call).
+Session: the `X-Session-Id` header, else the request's `user` (either as a digest when it holds
+personal data: app.services.session_ids), else none (NO_SESSION): then only the tenant's day and
+month budgets hold the call, and its ledger record has no session.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from app.schemas.openai_chat import (
 from app.schemas.openapi import json_request_body, response_schema, sse_response
 from app.services.body import read_limited_body
 from app.services.chat_errors import ChatFailure, describe
+from app.services.session_ids import SessionIds
+from app.services.store import NO_SESSION
 from app.services.text_stream import TextStream
 
 log = logging.getLogger("cxrelay.openai")
@@ -233,7 +236,7 @@ async def chat_completions(request: Request, principal: CallerDep, services: Ser
         body = ChatCompletionRequest.model_validate_json(raw)
     except ValidationError as error:
         raise from_validation(error.errors(include_url=False)) from None
-    call = build_call(body, principal, session_of(request, body))
+    call = build_call(body, principal, session_of(request, body, services.session_ids))
     if body.stream:
         return await _stream(call, body, services)
     outcome = await services.chat.run(call)
@@ -255,13 +258,14 @@ async def chat_completions(request: Request, principal: CallerDep, services: Ser
     )
 
 
-def session_of(request: Request, body: ChatCompletionRequest) -> str:
+def session_of(request: Request, body: ChatCompletionRequest, session_ids: SessionIds) -> str:
+    """The stored session id (a digest when the one sent holds personal data), or NO_SESSION."""
     header = request.headers.get("x-session-id")
     if header is not None:
         if not valid_session_id(header):
             raise OpenAIError(400, f"X-Session-Id must be {SESSION_ID_RULE}", param="X-Session-Id")
-        return header
-    return body.user or f"oai-{uuid.uuid4().hex}"
+        return session_ids.stored(header)
+    return session_ids.stored(body.user) if body.user else NO_SESSION
 
 
 def build_call(body: ChatCompletionRequest, principal: Principal, session_id: str) -> ChatCall:
@@ -295,7 +299,7 @@ def usage_of(outcome: ChatOutcome) -> CompletionUsage:
 
 def extras(call: ChatCall, outcome: ChatOutcome) -> CxRelayExtras:
     return CxRelayExtras(
-        session_id=call.session_id,
+        session_id=call.session_id or None,
         cost=outcome.cost,
         cached=outcome.cached,
         lightweight_mode=outcome.lightweight,

@@ -109,7 +109,7 @@ class CompletionUsage(BaseModel):
 class CxRelayExtras(BaseModel):
     """What the gateway did, in a top-level field the OpenAI clients keep but do not read."""
 
-    session_id: str
+    session_id: str | None  # None: the call named no session (X-Session-Id or `user`)
     cost: float
     cached: bool
     lightweight_mode: bool

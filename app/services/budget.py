@@ -1,4 +1,5 @@
-"""Token and money budgets: per session, and per tenant per day and per month.
+"""Token and money budgets: per session, and per tenant per day and per month (a call without a
+session, NO_SESSION, is held to its tenant's only).
 
 A call reserves before it goes upstream (prompt + max_tokens, and its estimated cost) on every
 scope at once, settles with the provider's real usage after it (together with its ledger record,
@@ -28,6 +29,7 @@ from typing import Any, Generic, TypeVar
 from app.errors import CxRelayError
 from app.principal import Principal
 from app.services.store import (
+    NO_SESSION,
     BudgetScope,
     Refusal,
     Reservation,
@@ -110,15 +112,19 @@ class BudgetPolicy:
         return local.strftime("%Y-%m-%d"), local.strftime("%Y-%m")
 
     def scopes(self, principal: Principal, session_id: str, now: datetime) -> list[BudgetScope]:
-        """The scopes a call reserves on, the session first (a refusal names the first it hits)."""
+        """The scopes a call reserves on, the session first (a refusal names the first it hits);
+        a call without a session (NO_SESSION) is held to its tenant's day and month only."""
         day, month = self.period_ids(now)
         limits = self.period_limits(principal.tenant)
         tenant = principal.tenant
-        return [
-            BudgetScope("session", tenant, session_id, limit_tokens=self.session_limit(principal)),
+        periods = [
             BudgetScope("tenant_day", tenant, day, limits.day_tokens, limits.day_cost),
             BudgetScope("tenant_month", tenant, month, limits.month_tokens, limits.month_cost),
         ]
+        if session_id == NO_SESSION:
+            return periods
+        limit = self.session_limit(principal)
+        return [BudgetScope("session", tenant, session_id, limit_tokens=limit), *periods]
 
 
 def parse_limit_map(text: str) -> dict[str, int | None]:
@@ -232,7 +238,7 @@ class BudgetService:
                 "budget refused",
                 extra={
                     "tenant": principal.tenant,
-                    "session_id": session_id,
+                    "session_id": session_id or None,
                     "scope": outcome.scope.kind,
                     "limit": outcome.dimension,
                     "tokens": requested_tokens,
@@ -248,6 +254,8 @@ class BudgetService:
         await _finish(self.store.release(grant.reservation), "release", grant.reservation)
 
     async def session_budget(self, principal: Principal, session_id: str) -> ScopeUsage:
+        if session_id == NO_SESSION:
+            raise ValueError("a call without a session has no session budget")
         scope = self.scopes_for(principal, session_id)[0]
         try:
             return await self.store.usage(scope)
@@ -256,7 +264,7 @@ class BudgetService:
 
     async def tenant_budget(self, principal: Principal) -> list[ScopeUsage]:
         """This day's and this month's counters and limits for the principal's tenant."""
-        scopes = self.scopes_for(principal, "-")[1:]
+        scopes = self.scopes_for(principal, NO_SESSION)
         try:
             return [await self.store.usage(scope) for scope in scopes]
         except StoreUnavailable as exc:

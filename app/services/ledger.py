@@ -108,7 +108,7 @@ class Ledger:
             log.error(
                 "ledger write failed, kept for retry: %s",
                 exc,
-                extra={"tenant": entry.record.tenant, "session_id": entry.record.session},
+                extra={"tenant": entry.record.tenant, "session_id": entry.record.session or None},
             )
             self._defer(entry)
             return False

@@ -165,6 +165,11 @@ class SafetyRules:
                 counts[pattern.name] = replaced
         return Redaction(text, counts)
 
+    def contains_pii(self, text: str) -> bool:
+        """Whether any PII pattern finds a (validated) value in `text`: for an identifier, where
+        one match makes the whole value personal data (app.services.session_ids)."""
+        return any(pattern.apply(text)[1] for pattern in self.pii_patterns)
+
     def unsafe_category(self, text: str, categories: Collection[str] | None = None) -> str | None:
         """The first category (in file order) the text matches, or None; all when not given.
 

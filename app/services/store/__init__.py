@@ -21,6 +21,7 @@ from app.services.store.base import (
 )
 from app.services.store.memory_store import MemoryStore
 from app.services.store.models import (
+    NO_SESSION,
     BudgetScope,
     Refusal,
     Reservation,
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_RESERVATION_TTL_SECONDS",
     "MAX_PAGE_SIZE",
+    "NO_SESSION",
     "BudgetScope",
     "MemoryStore",
     "RedisStore",

@@ -21,6 +21,7 @@ from app.services.store.base import (
     remaining_of,
 )
 from app.services.store.models import (
+    NO_SESSION,
     BudgetScope,
     Refusal,
     Reservation,
@@ -208,20 +209,24 @@ class MemoryStore:
                 continue
             self._records[(record.tenant, record.id)] = record
             bisect.insort(self._order.setdefault(record.tenant, []), (record.sort_key, record))
-            key = (record.tenant, record.session)
-            time_us = record.time_us
-            session = self._sessions.get(key)
-            if session is None:
-                self._sessions[key] = _Session(_add(UsageTotals(), record), time_us, time_us)
-            else:
-                session.totals = _add(session.totals, record)
-                session.first_us = min(session.first_us, time_us)
-                session.last_us = max(session.last_us, time_us)
+            if record.session != NO_SESSION:
+                self._add_to_session(record)
             self._tenant_totals[record.tenant] = _add(
                 self._tenant_totals.get(record.tenant, UsageTotals()), record
             )
             written += 1
         return written
+
+    def _add_to_session(self, record: UsageRecord) -> None:
+        key = (record.tenant, record.session)
+        time_us = record.time_us
+        session = self._sessions.get(key)
+        if session is None:
+            self._sessions[key] = _Session(_add(UsageTotals(), record), time_us, time_us)
+        else:
+            session.totals = _add(session.totals, record)
+            session.first_us = min(session.first_us, time_us)
+            session.last_us = max(session.last_us, time_us)
 
     async def list_usage(
         self,
@@ -238,7 +243,7 @@ class MemoryStore:
         for sort_key, record in reversed(self._order.get(tenant, [])):
             if cursor is not None and sort_key >= cursor:
                 continue
-            if session is not None and record.session != session:
+            if session and record.session != session:
                 continue
             page.append(record)
             if len(page) > limit:

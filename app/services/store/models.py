@@ -16,6 +16,11 @@ from typing import Any, Literal
 ScopeKind = Literal["session", "tenant_day", "tenant_month"]
 SCOPE_KINDS: tuple[ScopeKind, ...] = ("session", "tenant_day", "tenant_month")
 
+# The session of a call made without one (/v1 without X-Session-Id or `user`): it reserves on
+# its tenant's scopes only, and its ledger record (`"session": null` on the wire) counts in the
+# tenant's totals but in no session's, so it never appears as a session of its own.
+NO_SESSION = ""
+
 MICROS = 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -201,8 +206,8 @@ def reservation_id() -> str:
 class UsageRecord:
     """One completed call. `id` makes the write idempotent: a retried write cannot duplicate it.
 
-    `estimated` marks token counts that are our estimate because the provider gave no `usage`;
-    `cost` is at the provider file's prices.
+    `session` is NO_SESSION for a call made without one. `estimated` marks token counts that are
+    our estimate because the provider gave no `usage`; `cost` is at the provider file's prices.
     """
 
     tenant: str
@@ -253,7 +258,7 @@ class UsageRecord:
             "id": self.id,
             "time": self.time_iso,
             "tenant": self.tenant,
-            "session": self.session,
+            "session": self.session or None,
             "surface": self.surface,
             "provider": self.provider,
             "model": self.model,
@@ -275,7 +280,7 @@ class UsageRecord:
             id=str(data["id"]),
             time=datetime.fromisoformat(str(data["time"])),
             tenant=str(data["tenant"]),
-            session=str(data["session"]),
+            session=str(data["session"] or NO_SESSION),
             surface=str(data["surface"]),
             provider=str(data["provider"]),
             model=str(data["model"]),

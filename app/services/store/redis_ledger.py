@@ -45,15 +45,20 @@ from app.services.store.redis_connection import DEFAULT_PREFIX, RedisConnection,
 
 # append(k, a): KEYS[k+1..k+6] records, idx, session idx, session totals, sessions, tenant totals;
 # ARGV[a+1..a+10] id, json, sort key, time_us, session, prompt, completion, cost, cached,
-# estimated. Returns 1 if written, 0 if the id was there. A function, so that settle_and_record
+# estimated. Returns 1 if written, 0 if the id was there. A record without a session (an empty
+# one, NO_SESSION) touches none of the three session keys. A function, so that settle_and_record
 # (redis_store) runs the same lines after the budget's.
 APPEND_FUNCTION = """
 local function append(k, a)
   if redis.call('HSETNX', KEYS[k + 1], ARGV[a + 1], ARGV[a + 2]) == 0 then return 0 end
   redis.call('ZADD', KEYS[k + 2], 0, ARGV[a + 3])
-  redis.call('ZADD', KEYS[k + 3], 0, ARGV[a + 3])
-  local t = tonumber(ARGV[a + 4])
-  for _, key in ipairs({KEYS[k + 4], KEYS[k + 6]}) do
+  local session = ARGV[a + 5] ~= ''
+  local totals = {KEYS[k + 6]}
+  if session then
+    redis.call('ZADD', KEYS[k + 3], 0, ARGV[a + 3])
+    totals = {KEYS[k + 4], KEYS[k + 6]}
+  end
+  for _, key in ipairs(totals) do
     redis.call('HINCRBY', key, 'calls', 1)
     redis.call('HINCRBY', key, 'prompt_tokens', ARGV[a + 6])
     redis.call('HINCRBY', key, 'completion_tokens', ARGV[a + 7])
@@ -61,6 +66,8 @@ local function append(k, a)
     redis.call('HINCRBY', key, 'cached_calls', ARGV[a + 9])
     redis.call('HINCRBY', key, 'estimated_calls', ARGV[a + 10])
   end
+  if not session then return 1 end
+  local t = tonumber(ARGV[a + 4])
   local first = tonumber(redis.call('HGET', KEYS[k + 4], 'first_us'))
   if first == nil or t < first then redis.call('HSET', KEYS[k + 4], 'first_us', ARGV[a + 4]) end
   local last = tonumber(redis.call('HGET', KEYS[k + 4], 'last_us'))
@@ -154,7 +161,7 @@ class RedisLedger(RedisConnection):
         if cursor is not None:
             parse_cursor(cursor)
         base = f"{self._tenant(tenant)}:u"
-        index = f"{base}:idx" if session is None else f"{base}:s:{q(session)}:idx"
+        index = f"{base}:s:{q(session)}:idx" if session else f"{base}:idx"
         upper = "+" if cursor is None else f"({cursor}"
         try:
             members = await self._client.zrevrangebylex(index, upper, "-", 0, limit + 1)

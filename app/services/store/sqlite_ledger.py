@@ -7,7 +7,8 @@ Tables (created on open, never dropped):
 
 * `usage_records`  (tenant, id) -> one ledger record; the primary key makes appends idempotent
 * `usage_sessions`  (tenant, session) -> totals, first/last use: kept in the same transaction as
-  the record so summaries cost one row read instead of a scan
+  the record so summaries cost one row read instead of a scan (a call without a session,
+  NO_SESSION, has its record and its tenant's totals, no row here)
 * `usage_tenants`  tenant -> totals
 
 Nothing here deletes ledger rows: retention is an operator's decision.
@@ -21,6 +22,7 @@ from typing import Any
 
 from app.services.store.base import DEFAULT_ACTIVE_WINDOW_SECONDS, check_page_args
 from app.services.store.models import (
+    NO_SESSION,
     SessionSummary,
     TenantStatus,
     UsagePage,
@@ -110,7 +112,7 @@ class SQLiteLedger(SQLiteConnection):
         check_page_args(limit)
         where = ["tenant = ?"]
         params: list[object] = [tenant]
-        if session is not None:
+        if session:
             where.append("session = ?")
             params.append(session)
         if cursor is not None:
@@ -221,20 +223,8 @@ def insert_records(db: sqlite3.Connection, records: Sequence[UsageRecord]) -> in
             int(r.cached),
             int(r.estimated),
         )
-        db.execute(
-            f"INSERT INTO usage_sessions (tenant, session, {_TOTALS_COLUMNS}, first_us, "
-            "last_us) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (tenant, session) DO UPDATE SET "
-            "calls = calls + 1, "
-            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-            "completion_tokens = completion_tokens + excluded.completion_tokens, "
-            "cost_micros = cost_micros + excluded.cost_micros, "
-            "cached_calls = cached_calls + excluded.cached_calls, "
-            "estimated_calls = estimated_calls + excluded.estimated_calls, "
-            "first_us = min(first_us, excluded.first_us), "
-            "last_us = max(last_us, excluded.last_us)",
-            (r.tenant, r.session, *totals, r.time_us, r.time_us),
-        )
+        if r.session != NO_SESSION:
+            _add_to_session(db, r, totals)
         db.execute(
             f"INSERT INTO usage_tenants (tenant, {_TOTALS_COLUMNS}) "
             "VALUES (?, 1, ?, ?, ?, ?, ?) "
@@ -248,6 +238,23 @@ def insert_records(db: sqlite3.Connection, records: Sequence[UsageRecord]) -> in
             (r.tenant, *totals),
         )
     return written
+
+
+def _add_to_session(db: sqlite3.Connection, r: UsageRecord, totals: tuple[int, ...]) -> None:
+    db.execute(
+        f"INSERT INTO usage_sessions (tenant, session, {_TOTALS_COLUMNS}, first_us, "
+        "last_us) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (tenant, session) DO UPDATE SET "
+        "calls = calls + 1, "
+        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = completion_tokens + excluded.completion_tokens, "
+        "cost_micros = cost_micros + excluded.cost_micros, "
+        "cached_calls = cached_calls + excluded.cached_calls, "
+        "estimated_calls = estimated_calls + excluded.estimated_calls, "
+        "first_us = min(first_us, excluded.first_us), "
+        "last_us = max(last_us, excluded.last_us)",
+        (r.tenant, r.session, *totals, r.time_us, r.time_us),
+    )
 
 
 _RECORD_NAMES = [name.strip() for name in _RECORD_COLUMNS.split(",")]
