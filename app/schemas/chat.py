@@ -96,9 +96,7 @@ class ChatResponseFormat(ResponseFormat):
         if self.schema_ is not None and self.type != "json_schema":
             raise ValueError('a schema is only used with response_format type "json_schema"')
         if (self.name is not None or self.strict is not None) and self.schema_ is None:
-            raise ValueError(
-                "name and strict go beside a flat schema; with json_schema, inside it"
-            )
+            raise ValueError("name and strict go beside a flat schema; with json_schema, inside it")
         return self
 
     @property
