@@ -151,6 +151,19 @@ async def test_chat_passes_the_flat_forms_name_and_strict(
     assert len(llm_plan.requests) == 1
 
 
+async def test_chat_refuses_flat_name_or_strict_beside_a_nested_schema(
+    running: Running, llm_plan: FaultPlan
+) -> None:
+    nested = {"type": "json_schema", "json_schema": {"name": "t", "schema": SCHEMA}, "strict": True}
+    async with running() as client:
+        response = await client.post(
+            "/chat", json={**TUTORIAL, "responseFormat": nested}, headers=AUTH
+        )
+    assert response.status_code == 422, response.text
+    assert "name and strict go beside a flat schema" in response.text
+    assert llm_plan.requests == []
+
+
 async def test_chat_without_structured_outputs_puts_the_schema_in_the_instruction(
     running: Running, llm_plan: FaultPlan
 ) -> None:
