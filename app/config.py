@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     llm_gateway_base_url: str | None = None
     llm_gateway_url: str | None = None  # the gateway tutorial's name for LLM_GATEWAY_BASE_URL
     llm_gateway_api_key: SecretList = Field(default_factory=list)
+    # Does the LLM_GATEWAY_* provider take OpenAI's `json_schema` response format? false: a
+    # caller's schema goes in the system instruction (with `json_object`), for gateways that
+    # refuse `json_schema` (a provider file says this per provider or model).
+    llm_gateway_structured_outputs: bool = True
     llm_model: str = Field("gpt-4o-mini", min_length=1)
     # Conversational surfaces (CXone bot turns, /chat); the Cognigy routing decision has its own.
     llm_temperature: float = Field(0.7, ge=0.0, le=2.0)

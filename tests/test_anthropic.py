@@ -25,13 +25,13 @@ from app.errors import (
 )
 from app.services.llm.anthropic import (
     ANTHROPIC_VERSION,
-    JSON_INSTRUCTION,
     LEADING_USER_TURN,
     AnthropicProvider,
     messages_url,
 )
 from app.services.llm.openai_compat import OpenAICompatibleProvider
 from app.services.llm.types import ChatRequest, ProviderClient
+from app.services.llm.wire import JSON_INSTRUCTION
 from app.simulator.answers import SIMULATED_MODEL_SUFFIX
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.llm import create_llm_simulator

@@ -258,6 +258,7 @@ class ChatPipeline:
             temperature=self.options.temperature if call.temperature is None else call.temperature,
             max_tokens=plan.max_tokens,
             json_output=call.json_schema is not None or call.json_object,
+            output_schema=call.output_schema,  # the model sees the schema on the first call
         )
         router = self.metering.llm.current
         if on_text is None:

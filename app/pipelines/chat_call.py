@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from app.principal import Principal
 from app.services.injection import InjectionMode
-from app.services.llm.types import Usage
+from app.services.llm.types import OutputSchema, Usage
 
 SafetyFilter = Literal["pii", "unsafe", "injection", "profanity", "self_harm"]
 ALL_FILTERS: frozenset[str] = frozenset({"pii", "unsafe", "injection"})
@@ -45,11 +45,16 @@ class ChatCall:
     temperature: float | None = None
     fallback_models: list[str] = field(default_factory=list)
     safety_filters: Collection[str] | None = None  # None: every filter
-    json_schema: dict[str, Any] | None = None
+    output_schema: OutputSchema | None = None  # the answer's JSON Schema, name and strictness
     json_object: bool = False
     # set by the pipeline once the input is checked, before any text: the prompt-injection
     # pattern names found, so a streaming surface can put them in its response headers
     injection: tuple[str, ...] = ()
+
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        """The JSON Schema the answer is validated against, when the caller gave one."""
+        return self.output_schema.schema if self.output_schema is not None else None
 
     def filters(self) -> Collection[str]:
         return ALL_FILTERS if self.safety_filters is None else self.safety_filters

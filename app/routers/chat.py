@@ -111,7 +111,7 @@ def build_call(
         temperature=body.temperature,
         fallback_models=body.fallback_models,
         safety_filters=body.safety_filters,
-        json_schema=body.json_schema,
+        output_schema=body.output_schema,
         json_object=rf is not None and rf.type == "json_object",
     )
 

@@ -279,7 +279,7 @@ def build_call(body: ChatCompletionRequest, principal: Principal, session_id: st
         max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature,
         fallback_models=body.fallback_models,
-        json_schema=body.json_schema,
+        output_schema=body.output_schema,
         json_object=rf is not None and rf.type == "json_object",
     )
 

@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from app.services.llm.types import OutputSchema
+
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
 MAX_MESSAGES = 500
 # What the validators below also refuse, said in the published JSON Schema (documentation only).
@@ -103,14 +105,28 @@ class ResponseFormat(BaseModel):
             return self.json_schema.schema_
         return None
 
+    def output_schema(self) -> OutputSchema | None:
+        """The schema as it goes to the model: named, and strict only when the caller said so
+        (strict mode refuses a schema outside its subset, which a caller may not know)."""
+        schema = self.answer_schema
+        if schema is None:
+            return None
+        spec = self.json_schema
+        if spec is None:
+            return OutputSchema(schema)
+        return OutputSchema(schema, spec.name, bool(spec.strict), spec.description)
+
 
 class ChatResponseFormat(ResponseFormat):
     """/chat's response_format: OpenAI's shape, or the gateway tutorial's flat one with the
-    schema directly under it, `{"type": "json_schema", "schema": {...}}`."""
+    schema directly under it, `{"type": "json_schema", "schema": {...}}` (and, optionally, the
+    `name` and `strict` that OpenAI's shape puts beside its schema)."""
 
     model_config = ConfigDict(populate_by_name=True)
 
     schema_: dict[str, Any] | None = Field(None, alias="schema")
+    name: str | None = Field(None, min_length=1, max_length=64)
+    strict: bool | None = None
 
     needs_schema: ClassVar[str] = (
         'response_format type "json_schema" needs a schema: json_schema.schema, or schema'
@@ -122,6 +138,8 @@ class ChatResponseFormat(ResponseFormat):
             raise ValueError("send the schema once: schema or json_schema.schema, not both")
         if self.schema_ is not None and self.type != "json_schema":
             raise ValueError('a schema is only used with response_format type "json_schema"')
+        if (self.name is not None or self.strict is not None) and self.schema_ is None:
+            raise ValueError("name and strict go beside a flat schema; with json_schema, inside it")
         return self
 
     @property
@@ -129,6 +147,11 @@ class ChatResponseFormat(ResponseFormat):
         if self.type == "json_schema" and self.schema_ is not None:
             return self.schema_
         return super().answer_schema
+
+    def output_schema(self) -> OutputSchema | None:
+        if self.type == "json_schema" and self.schema_ is not None:
+            return OutputSchema(self.schema_, self.name or "response", bool(self.strict))
+        return super().output_schema()
 
 
 # The gateway tutorial's camelCase names, accepted for the snake_case fields (the name first in
@@ -200,6 +223,10 @@ class ChatBody(BaseModel):
     @property
     def json_schema(self) -> dict[str, Any] | None:
         return self.response_format.answer_schema if self.response_format else None
+
+    @property
+    def output_schema(self) -> OutputSchema | None:
+        return self.response_format.output_schema() if self.response_format else None
 
 
 class ChatUsage(BaseModel):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.schemas.chat import MAX_MESSAGES, SESSION_ID_PATTERN, MessageText, ResponseFormat
+from app.services.llm.types import OutputSchema
 
 SESSION_ID_RULE = "1-128 characters: letters, digits and _ . : @ -, starting with a letter or digit"
 
@@ -91,6 +92,10 @@ class ChatCompletionRequest(BaseModel):
     @property
     def json_schema(self) -> dict[str, Any] | None:
         return self.response_format.answer_schema if self.response_format else None
+
+    @property
+    def output_schema(self) -> OutputSchema | None:
+        return self.response_format.output_schema() if self.response_format else None
 
     @property
     def include_usage(self) -> bool:

@@ -5,7 +5,8 @@ right: a top-level system prompt, content as a string or a list of blocks, its o
 and error types (529 overloaded), a `message` answer with `stop_reason`, and named stream events
 (`message_start`, `content_block_delta` ... `message_stop`). Kept apart from `llm.py`, which
 speaks the OpenAI wire and builds the app that registers this route. A system prompt mentioning
-JSON asks for a routing decision, as `response_format` does on the OpenAI route.
+JSON asks for a routing decision, as `response_format` does on the OpenAI route; one carrying a
+JSON Schema gets an object built from that schema.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from app.simulator.answers import (
     token_count,
 )
 from app.simulator.faults import Fault, FaultPlan
+from app.simulator.schema_answers import schema_answer, schema_in_text
 
 _ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error",
@@ -126,6 +128,8 @@ async def messages(plan: FaultPlan, request: Request) -> Response:
         content = fault.content
     elif fault.chunks is not None:
         content = "".join(fault.chunks)
+    elif (schema := schema_in_text(system)) is not None:
+        content = json.dumps(schema_answer(schema, customer_text(turns)))
     elif "JSON" in system:
         content = json.dumps(routing_decision(customer_text(turns)))
     else:

@@ -3,7 +3,10 @@
 It speaks the real OpenAI `/v1/chat/completions` and Anthropic `/v1/messages` wire formats, both
 driven by the same FaultPlan. Asked for JSON (`response_format: json_object`, or a system prompt
 mentioning JSON on the Anthropic route) it answers a routing decision from keyword rules over the
-customer's message; otherwise a short conversational reply. Everything it answers is marked as
+customer's message, or, given a JSON Schema (OpenAI's `json_schema` response format, or a schema
+in the system text), an object built from that schema (`schema_answers.py`; `strict: true` with
+a schema outside strict mode's subset is refused with 400, as OpenAI does); otherwise a short
+conversational reply. Everything it answers is marked as
 simulated in the model name. A key starting with "revoked" is refused with 401 (chat completions
 and `GET /v1/models`), as a provider refuses a revoked key, so key pools and probes can be
 exercised.
@@ -51,6 +54,7 @@ from app.simulator.answers import (
     token_count,
 )
 from app.simulator.faults import Fault, FaultPlan
+from app.simulator.schema_answers import schema_answer, schema_in_text, strict_mode_problem
 
 
 def completion_body(model: str, content: str, prompt_text: str) -> dict[str, Any]:
@@ -227,13 +231,49 @@ class TokenIssuer:
         return JSONResponse(answer | ({"scope": form["scope"]} if "scope" in form else {}))
 
 
+def _response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON Schema a request asks the answer to match: OpenAI's json_schema response format,
+    or (asked for a json_object) one written into a system message."""
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return schema if isinstance(schema, dict) else None
+    if response_format.get("type") == "json_object":
+        system = [m for m in body.get("messages") or [] if m.get("role") == "system"]
+        return schema_in_text("\n".join(str(m.get("content", "")) for m in system))
+    return None
+
+
+def _strict_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's 400 error for `strict: true` with a schema outside strict mode's subset."""
+    response_format = body.get("response_format") or {}
+    spec = response_format.get("json_schema") or {}
+    if response_format.get("type") != "json_schema" or spec.get("strict") is not True:
+        return None
+    problem = strict_mode_problem(spec.get("schema") or {})
+    if problem is None:
+        return None
+    message = f"Invalid schema for response_format '{spec.get('name')}': {problem}."
+    return {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": "response_format",
+            "code": None,
+        }
+    }
+
+
 def _openai_answer(body: dict[str, Any], fault: Fault) -> tuple[str, str, str]:
     """(model, content, prompt text) of the answer to an OpenAI chat completion request."""
     messages = body.get("messages") or []
+    schema = _response_schema(body)
     if fault.content is not None:
         content = fault.content
     elif fault.chunks is not None:
         content = "".join(fault.chunks)
+    elif schema is not None:
+        content = json.dumps(schema_answer(schema, customer_text(messages)))
     elif (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
         content = json.dumps(routing_decision(customer_text(messages)))
     else:
@@ -274,6 +314,8 @@ def create_llm_simulator(
                 "error": {"message": f"simulated {fault.status}", "type": "simulated_error"}
             }
             return JSONResponse(error, fault.status, fault.headers)
+        if (refusal := _strict_refusal(body)) is not None:
+            return JSONResponse(refusal, 400)
         model, content, prompt_text = _openai_answer(body, fault)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -315,6 +357,9 @@ def create_llm_simulator(
                     if (retry_after := _retry_after(fault.headers)) is not None:
                         error["error"]["retry_after"] = retry_after
                 await websocket.send_text(json.dumps(error))
+            elif (refusal := _strict_refusal(body)) is not None:
+                refusal["error"]["code"] = 400
+                await websocket.send_text(json.dumps(refusal))
             else:
                 model, content, prompt_text = _openai_answer(body, fault)
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

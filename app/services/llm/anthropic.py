@@ -32,6 +32,7 @@ from app.services.llm.streaming import (
 )
 from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
 from app.services.llm.wire import (
+    json_instruction,
     post_json,
     probe_key,
     quote_provider_message,
@@ -40,11 +41,6 @@ from app.services.llm.wire import (
 )
 
 ANTHROPIC_VERSION = "2023-06-01"
-
-JSON_INSTRUCTION = (
-    "Respond with exactly one JSON object and nothing else: no prose, no code fences, "
-    "no text before or after it."
-)
 
 # Anthropic rejects a conversation that starts with an assistant turn (or has no turn at all).
 LEADING_USER_TURN = "(start of conversation)"
@@ -129,9 +125,11 @@ class AnthropicProvider:
 
     def payload(self, request: ChatRequest) -> dict[str, Any]:
         system, turns = split_messages(request.messages)
-        if request.json_output:
-            # No response_format on this wire: the instruction is the only lever.
-            system = f"{system}\n\n{JSON_INSTRUCTION}" if system else JSON_INSTRUCTION
+        if request.json_output or request.output_schema is not None:
+            # No response_format on this wire: the instruction (with the caller's schema, when
+            # there is one) is the only lever.
+            instruction = json_instruction(request.output_schema)
+            system = f"{system}\n\n{instruction}" if system else instruction
         body: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,

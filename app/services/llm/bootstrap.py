@@ -38,6 +38,7 @@ def provider_config_from_env(settings: Settings) -> ProviderConfig:
                 base_url=settings.llm_gateway_base_url or "",
                 api_keys=[f"literal:{k.get_secret_value()}" for k in settings.llm_gateway_api_key],
                 timeout_seconds=settings.llm_timeout_seconds,
+                structured_outputs=settings.llm_gateway_structured_outputs,
                 models=[
                     ModelSpec(
                         name=model,

@@ -36,6 +36,7 @@ class ModelSpec(_Strict):
     max_context_tokens: int = 128_000
     price_per_1k_prompt: float = 0.0
     price_per_1k_completion: float = 0.0
+    structured_outputs: bool | None = None  # None: the provider's setting
 
 
 class OAuthSpec(_Strict):
@@ -65,7 +66,23 @@ class ProviderSpec(_Strict):
     auth_header: str | None = None
     transport: Literal["http", "websocket"] = "http"  # how answers are streamed (OpenAI kind)
     ws_url: str | None = None  # websocket transport: default derived from base_url
+    # Does the provider take OpenAI's `response_format: {"type": "json_schema", ...}`? None: the
+    # kind's default (openai: yes; anthropic: no, the schema goes in the system instruction).
+    structured_outputs: bool | None = None
     models: list[ModelSpec] = Field(min_length=1)
+
+    def json_schema_models(self) -> frozenset[str]:
+        """The models a caller's JSON Schema is sent to as the `json_schema` response format
+        (each model's own `structured_outputs`, else the provider's, else the kind's default);
+        the others get it in the system instruction."""
+        default = self.structured_outputs
+        if default is None:
+            default = self.kind == "openai"
+        return frozenset(
+            m.name
+            for m in self.models
+            if (default if m.structured_outputs is None else m.structured_outputs)
+        )
 
 
 class RouteTarget(_Strict):
@@ -173,6 +190,20 @@ def _oauth_problems(
     return problems
 
 
+def _anthropic_structured_outputs(at: str, provider: ProviderSpec) -> list[Problem]:
+    """`structured_outputs: true` means OpenAI's `json_schema` response format, which the
+    Messages API does not have: said, rather than silently sending the schema another way."""
+    because = (
+        "the anthropic kind has no response_format: a caller's schema goes in its system "
+        "instruction (leave structured_outputs unset)"
+    )
+    found = [Problem(f"{at}.structured_outputs", because)] if provider.structured_outputs else []
+    for m, model in enumerate(provider.models):
+        if model.structured_outputs:
+            found.append(Problem(f"{at}.models[{m}].structured_outputs", because))
+    return found
+
+
 def _duplicates(names: list[str]) -> set[str]:
     return {name for name in names if names.count(name) > 1}
 
@@ -204,6 +235,8 @@ def _semantic_problems(
             )
         if provider.ws_url is not None and not provider.ws_url.startswith(("ws://", "wss://")):
             problems.append(Problem(f"{at}.ws_url", "must be a ws:// or wss:// URL"))
+        if provider.kind == "anthropic":
+            problems += _anthropic_structured_outputs(at, provider)
         for limit in ("rpm", "tpm", "max_concurrent"):
             if (value := getattr(provider, limit)) is not None and value <= 0:
                 problems.append(Problem(f"{at}.{limit}", f"must be above 0 (got {value})"))

@@ -31,14 +31,21 @@ from app.services.llm.streaming import (
 )
 from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
 from app.services.llm.wire import (
+    json_instruction,
+    json_schema_format,
     post_json,
     probe_key,
     quote_provider_message,
     raise_for_status,
     v1_url,
+    with_system_text,
 )
 
 DONE = "[DONE]"
+
+# Which models of a provider take OpenAI's `json_schema` response format: all (True), none
+# (False: the schema goes in the system instruction), or the ones named.
+StructuredOutputs = bool | frozenset[str]
 
 # OpenAI's string error codes that stand for an HTTP status when an error arrives in a stream.
 _ERROR_CODE_STATUS = {
@@ -73,14 +80,25 @@ class OpenAICompatibleProvider:
 
     kind = "openai"
 
-    def __init__(self, name: str, base_url: str, auth_header: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        auth_header: str | None = None,
+        structured_outputs: StructuredOutputs = True,
+    ) -> None:
         self.name = name
         self.url = chat_completions_url(base_url)
         self.models_url = self.url.removesuffix("/chat/completions") + "/models"
         self._auth_header = auth_header
+        self._structured_outputs = structured_outputs
 
-    def payload(self, request: ChatRequest) -> dict[str, Any]:
-        return chat_payload(request)
+    def payload(self, request: ChatRequest, *, stream: bool = False) -> dict[str, Any]:
+        return chat_payload(
+            request,
+            stream=stream,
+            json_schema=takes_json_schema(self._structured_outputs, request.model),
+        )
 
     async def complete(
         self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
@@ -103,7 +121,7 @@ class OpenAICompatibleProvider:
         """One streamed attempt (see `StreamingProviderClient`); `timeout` bounds the connect
         and each read, not the whole answer."""
         headers = {**auth_headers(api_key, self._auth_header), "Accept": "text/event-stream"}
-        body = chat_payload(request, stream=True)
+        body = self.payload(request, stream=True)
         finished = False
         try:
             async with http.stream(
@@ -173,15 +191,36 @@ def raise_for_error(provider: str, response: httpx.Response, api_key: str | None
     )
 
 
-def chat_payload(request: ChatRequest, *, stream: bool = False) -> dict[str, Any]:
-    """The chat completion request body; streamed, it asks for the usage in a last chunk."""
+def takes_json_schema(structured_outputs: StructuredOutputs, model: str) -> bool:
+    """Does `model` take OpenAI's `json_schema` response format: True/False for every model of
+    the provider, or the names of the models that do."""
+    if isinstance(structured_outputs, bool):
+        return structured_outputs
+    return model in structured_outputs
+
+
+def chat_payload(
+    request: ChatRequest, *, stream: bool = False, json_schema: bool = True
+) -> dict[str, Any]:
+    """The chat completion request body; streamed, it asks for the usage in a last chunk.
+
+    A caller's schema goes as the `json_schema` response format when the model takes it
+    (`json_schema`); otherwise the answer is asked for as a `json_object` and the schema is
+    added to the system instruction, so the model sees it on the first call either way.
+    """
+    messages = request.messages
+    schema = request.output_schema
+    if schema is not None and not json_schema:
+        messages = with_system_text(messages, json_instruction(schema))
     body: dict[str, Any] = {
         "model": request.model,
-        "messages": request.messages,
+        "messages": messages,
         "temperature": request.temperature,
         "max_tokens": request.max_tokens,
     }
-    if request.json_output:
+    if schema is not None and json_schema:
+        body["response_format"] = json_schema_format(schema)
+    elif request.json_output or schema is not None:
         body["response_format"] = {"type": "json_object"}
     body.update(request.extra)
     if stream:

@@ -90,9 +90,13 @@ def build_client(
     elif spec.transport == "websocket":
         from app.services.llm.websocket import OpenAIWebSocketProvider
 
-        client = OpenAIWebSocketProvider(spec.name, spec.base_url, auth_header, spec.ws_url)
+        client = OpenAIWebSocketProvider(
+            spec.name, spec.base_url, auth_header, spec.ws_url, spec.json_schema_models()
+        )
     else:
-        client = OpenAICompatibleProvider(spec.name, spec.base_url, auth_header)
+        client = OpenAICompatibleProvider(
+            spec.name, spec.base_url, auth_header, spec.json_schema_models()
+        )
     if spec.oauth is None:
         return client
     secret = resolve_key(

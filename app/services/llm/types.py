@@ -33,12 +33,29 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class OutputSchema:
+    """The JSON Schema a caller wants the answer to match. It goes to the model on the first
+    call (OpenAI's `json_schema` response format where the provider takes it, else the system
+    instruction), so a structured answer does not wait for the repair prompt to see it.
+
+    `strict` is OpenAI's strict mode, passed as the caller gave it: off unless asked for, since
+    strict mode refuses (400) any schema outside its subset. `name` is the response format's
+    label (OpenAI requires one)."""
+
+    schema: dict[str, Any]
+    name: str = "response"
+    strict: bool = False
+    description: str | None = None
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     messages: list[dict[str, str]]
     model: str
     temperature: float
     max_tokens: int
-    json_output: bool = False
+    json_output: bool = False  # one JSON object (OpenAI's json_object), schema or not
+    output_schema: OutputSchema | None = None  # the object's JSON Schema, when the caller has one
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -38,11 +38,13 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from app.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from app.services.llm.openai_compat import (
     DONE,
+    StructuredOutputs,
     auth_headers,
     chat_payload,
     decode_event,
     parse_chunk,
     raise_for_error,
+    takes_json_schema,
 )
 from app.services.llm.streaming import collect_stream, stream_cut
 from app.services.llm.types import ChatRequest, ChatResult, StreamChunk
@@ -94,10 +96,12 @@ class OpenAIWebSocketProvider:
         base_url: str,
         auth_header: str | None = None,
         ws_url: str | None = None,
+        structured_outputs: StructuredOutputs = True,
     ) -> None:
         self.name = name
         self.url = ws_url or websocket_url(base_url)
         self._auth_header = auth_header
+        self._structured_outputs = structured_outputs
 
     async def complete(
         self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
@@ -118,7 +122,11 @@ class OpenAIWebSocketProvider:
         finished = False
         try:
             async with self._connect(api_key, timeout) as connection:
-                body = chat_payload(request, stream=True)
+                body = chat_payload(
+                    request,
+                    stream=True,
+                    json_schema=takes_json_schema(self._structured_outputs, request.model),
+                )
                 await asyncio.wait_for(connection.send(json.dumps(body)), timeout)
                 while True:
                     frame = await asyncio.wait_for(connection.recv(), timeout)

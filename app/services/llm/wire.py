@@ -4,6 +4,7 @@ errors, probing a key, and mapping an error status to the error the router acts 
 from __future__ import annotations
 
 import email.utils
+import json
 import re
 import time
 from typing import Any
@@ -18,9 +19,51 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.services.llm.types import OutputSchema
 from app.services.safety import SafetyRules
 
 _DELAY_SECONDS = re.compile(r"\d+(\.\d+)?")
+
+JSON_INSTRUCTION = (
+    "Respond with exactly one JSON object and nothing else: no prose, no code fences, "
+    "no text before or after it."
+)
+
+# OpenAI's rule for a response format's name; anything else in a caller's name becomes "_".
+_NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def json_instruction(output_schema: OutputSchema | None) -> str:
+    """What a provider without a schema-aware response format is told: one JSON object, and the
+    caller's schema when there is one (compact, so it costs few prompt tokens)."""
+    if output_schema is None:
+        return JSON_INSTRUCTION
+    text = JSON_INSTRUCTION + " The object must match this JSON Schema"
+    if output_schema.description:
+        text += f" ({output_schema.description})"
+    return text + ":\n" + json.dumps(output_schema.schema, separators=(",", ":"))
+
+
+def with_system_text(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """`text` added to the leading system message (one leads when there is none): some models'
+    chat templates refuse a second system message, or one that is not first."""
+    if messages and messages[0].get("role") == "system":
+        first = messages[0]
+        return [{**first, "content": f"{first['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def json_schema_format(output_schema: OutputSchema) -> dict[str, Any]:
+    """OpenAI's `response_format` for a schema: `{"type": "json_schema", "json_schema": {name,
+    schema, strict[, description]}}`, the name made one OpenAI accepts."""
+    spec: dict[str, Any] = {
+        "name": _NOT_IN_NAME.sub("_", output_schema.name)[:64] or "response",
+        "schema": output_schema.schema,
+        "strict": output_schema.strict,
+    }
+    if output_schema.description:
+        spec["description"] = output_schema.description
+    return {"type": "json_schema", "json_schema": spec}
 
 
 def v1_url(base_url: str, resource: str) -> str:
