@@ -1,12 +1,14 @@
-"""Concurrent-stream slots as real clients use them: over real sockets, against the service on a
-real uvicorn server (HTTP/1.1, its own event loop), on SQLite (slots in process memory) and on
-Redis (slots shared by replicas).
+"""Clients that leave and clients in a hurry, as real clients do it: over real sockets, against
+the service on a real uvicorn server (in this process, or `python -m app serve` in its own), on
+SQLite (stream slots in process memory) and on Redis (slots shared by replicas).
 
-A slot must come back however a stream ends: read to the end, abandoned mid-answer by a client
-that closes its connection, or cut by the official client closing right after `[DONE]`. Before
-the fix, an abandoned stream's slot stayed taken for two minutes, and on Redis even a finished
-stream's often did: the response task is cancelled (over and over) when the client hangs up,
-and the awaited release was cancelled with it.
+A stream's slot must come back however the stream ends: read to the end, abandoned mid-answer
+by a client that closes its connection, cut by the official client closing right after
+`[DONE]`, a WebSocket hanging up, or the replica holding it killed. Before, an abandoned
+stream's slot stayed taken for two minutes, and on Redis even a finished stream's often did: the
+response task is cancelled (over and over) when the client hangs up, and the awaited release was
+cancelled with it. And a WebSocket client that sends its next request the moment it reads
+`complete` must never be told `busy`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,8 +31,10 @@ from pydantic import SecretStr
 
 from app.config import Settings
 from app.main import create_app
+from app.services.inbound_limits import LEASE_SECONDS
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.server import LoopbackServer
+from tests.helpers import running_service
 from tests.test_store import REDIS_URL, redis_prefix
 
 KEY, OTHER_KEY = "slot-key-one", "slot-key-two"  # two keys of one tenant
@@ -184,3 +189,103 @@ async def test_websockets_that_hang_up_mid_answer_give_their_slots_back(
 
 def user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
+
+
+# --- the service in a process of its own -------------------------------------------------------
+
+
+def service_settings(store_settings: dict[str, Any], **extra: str) -> dict[str, str]:
+    """`python -m app serve`'s environment for the store under test (a replica on Redis needs
+    the shared BOT_STATE_SECRET, as start-up says)."""
+    env = {
+        "CLIENT_API_KEYS": f"{KEY}:acme,{OTHER_KEY}:acme",
+        "TOKEN_COUNTING": "estimate",  # a quicker start; counting is not under test
+        "BOT_STATE_SECRET": "reliability-shared-state-secret",
+        **extra,
+    }
+    if store_settings["store_backend"] == "redis":
+        env.update(
+            STORE_BACKEND="redis",
+            REDIS_URL=REDIS_URL,
+            REDIS_KEY_PREFIX=store_settings["redis_key_prefix"],
+        )
+    return env
+
+
+async def test_websocket_client_that_asks_the_moment_it_reads_complete_is_never_busy(
+    store_settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """A websockets client in another process than the service: 4 to 7 of every 10 requests
+    sent on reading `complete` were refused `busy` (and lost)."""
+    with running_service(tmp_path, "--simulate", **service_settings(store_settings)) as service:
+        url = service.url.replace("http://", "ws://") + "/ws/chat"
+        async with websockets.connect(url, additional_headers={"X-API-Key": KEY}) as ws:
+            for turn in range(40):
+                ask = {"session_id": f"hurry-{turn % 4}", "messages": [user(f"question {turn}")]}
+                await ws.send(json.dumps(ask))
+                while True:
+                    frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert frame["type"] != "error", (turn, frame)
+                    if frame["type"] == "complete":
+                        break
+
+
+async def test_a_killed_replicas_stream_slots_free_themselves_within_a_lease(
+    tmp_path: Path, llm_server: LoopbackServer, llm_plan: FaultPlan
+) -> None:
+    """Two replicas on one Redis: the first is SIGKILLed with its key's every stream open, so
+    nothing gives the slots back; the second refuses that key's streams at once, then takes
+    them again once the orphaned leases lapse (LEASE_SECONDS, not the two minutes of before)."""
+    async with redis_prefix() as prefix:
+        redis = {"store_backend": "redis", "redis_key_prefix": prefix}
+        env = service_settings(
+            redis,
+            LLM_GATEWAY_BASE_URL=llm_server.url,
+            LLM_GATEWAY_API_KEY="sk-replica",
+            COGNIGY_WEBHOOK_SECRET="replica-secret",
+            CLIENT_MAX_CONCURRENT_STREAMS="3",
+            INTENT_CACHE_ENABLED="false",
+            BUDGET_SESSION_TOKENS="none",
+        )
+        llm_plan.push(*[SLOW] * 10)
+        (tmp_path / "one").mkdir()
+        (tmp_path / "two").mkdir()
+        with (
+            running_service(tmp_path / "one", **env) as doomed,
+            running_service(tmp_path / "two", **env) as survivor,
+        ):
+            held = [await open_stream(doomed.url, n) for n in range(3)]
+            doomed.process.kill()  # SIGKILL: no finally, no shutdown, no release
+            doomed.process.wait()
+            killed_at = time.monotonic()
+            for client, _ in held:
+                await client.aclose()
+            refused = await abandon_after_first_content(
+                survivor.url, "/v1/chat/completions", KEY, 99
+            )
+            assert refused == 429  # the dead replica's leases still hold the slots
+            while (
+                status := await abandon_after_first_content(
+                    survivor.url, "/v1/chat/completions", KEY, 100
+                )
+            ) == 429:
+                assert time.monotonic() - killed_at < LEASE_SECONDS + 5, "slots never freed"
+                await asyncio.sleep(0.5)
+            assert status == 200
+
+
+async def open_stream(base_url: str, n: int) -> tuple[httpx.AsyncClient, AsyncIterator[str]]:
+    """A stream left open after its first content. The line iterator is returned with the
+    client: one that is garbage collected closes the connection, as a client leaving would."""
+    path, body = request_for("/v1/chat/completions", n)
+    client = httpx.AsyncClient(base_url=base_url, timeout=10)
+    request = client.build_request(
+        "POST", path, json=body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    response = await client.send(request, stream=True)
+    assert response.status_code == 200
+    lines = response.aiter_lines()
+    async for line in lines:
+        if line.startswith("data: {") and has_content(json.loads(line[6:])):
+            break
+    return client, lines
