@@ -33,7 +33,6 @@ DEV_CLIENT_API_KEY = "cx-relay-dev-key"
 # Signs CXone's botSessionState in simulated mode without BOT_STATE_SECRET: a fixed value, so that
 # several simulated workers (and a restart) still accept each other's state.
 DEV_BOT_STATE_SECRET = "cx-relay-dev-bot-state-secret"
-DEV_SESSION_ID_SECRET = "cx-relay-dev-session-ids"
 
 CommaList = Annotated[list[str], NoDecode]
 SecretList = Annotated[list[SecretStr], NoDecode]

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from zoneinfo import ZoneInfo
 
-from app.config import DEV_SESSION_ID_SECRET, Settings
+from app.config import Settings
 from app.pipelines.chat import ChatPipeline
 from app.pipelines.chat_call import ChatOptions
 from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
@@ -173,19 +173,13 @@ SESSION_ID_KEY_LABEL = b"cx-relay session id digests"
 
 def session_id_key(settings: Settings) -> bytes:
     """SESSION_ID_SECRET; else a key derived from BOT_STATE_SECRET (a shared secret already, and
-    never the same key as the state signature's); else, simulated, a fixed development key; else
+    never the same key as the state signature's; simulated mode has a development one); else
     one of this process only (settings refuse that with several workers or replicas)."""
     if settings.session_id_secret is not None:
         return settings.session_id_secret.get_secret_value().encode()
     if settings.bot_state_secret is not None:
         secret = settings.bot_state_secret.get_secret_value().encode()
         return hmac.new(secret, SESSION_ID_KEY_LABEL, hashlib.sha256).digest()
-    if settings.simulate:
-        log.warning(
-            "SESSION_ID_SECRET is not set: session ids holding personal data are digested with "
-            "the development key (simulated mode); set it before real callers use the service"
-        )
-        return DEV_SESSION_ID_SECRET.encode()
     log.warning(
         "SESSION_ID_SECRET is not set (nor BOT_STATE_SECRET): session ids holding personal data "
         "are digested with a key of this process only, so after a restart such a session starts "

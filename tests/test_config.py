@@ -289,6 +289,7 @@ def test_one_process_or_no_cxone_webhook_needs_no_bot_state_secret(
     assert load_settings().bot_state_secret is None  # a restart costs its conversations only
     valid_env.delenv("CXONE_WEBHOOK_AUTHORIZATION")
     valid_env.setenv("WORKERS", "2")
+    valid_env.setenv("SESSION_ID_SECRET", "shared-session-id-key")  # needed by several anyway
     assert load_settings().bot_state_secret is None  # no CXone state is ever signed
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -15,8 +13,8 @@ from pydantic import model_validator
 
 from app.config import Settings
 from app.services.signatures import sign_hmac
-from tests.helpers import readme_samples, service_env
-from tests.test_cli import TIMEOUT, _free_port, _wait_until_live
+from tests.helpers import readme_samples, running_service
+from tests.test_cli import TIMEOUT
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / ".env.example"
@@ -80,48 +78,33 @@ def test_make_run_with_a_copied_env_example_stays_simulated(tmp_path: Path) -> N
     """`cp .env.example .env && make run`: the README's signed Cognigy sample still answers from
     the simulated provider (an example naming a real provider's URL made it llm_unavailable)."""
     shutil.copy(EXAMPLE, tmp_path / ".env")
-    port = _free_port()
-    log = tmp_path / "stderr.log"
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--simulate", "--port", str(port)],
-            cwd=tmp_path,
-            env=service_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
+    with running_service(tmp_path, "--simulate") as service:
+        base_url = service.url
+        health = httpx.get(f"{base_url}/health", timeout=15).json()
+        assert health["simulated"] == {"llm": True, "cxone": True}, health
+
+        samples = readme_samples()
+        body = samples.cognigy_body
+        signature = sign_hmac(samples.cognigy_secret, body)
+        answer = httpx.post(
+            f"{base_url}/webhook/cognigy/fallback",
+            content=body,
+            headers={"Content-Type": "application/json", "X-Webhook-Signature": signature},
+            timeout=15,
         )
-        try:
-            base_url = f"http://127.0.0.1:{port}"
-            _wait_until_live(base_url, process, log)
-            health = httpx.get(f"{base_url}/health", timeout=15).json()
-            assert health["simulated"] == {"llm": True, "cxone": True}, health
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "success", answer.json()
+        assert answer.json()["model"].endswith("-simulated")
 
-            samples = readme_samples()
-            body = samples.cognigy_body
-            signature = sign_hmac(samples.cognigy_secret, body)
-            answer = httpx.post(
-                f"{base_url}/webhook/cognigy/fallback",
-                content=body,
-                headers={"Content-Type": "application/json", "X-Webhook-Signature": signature},
-                timeout=15,
-            )
-            assert answer.status_code == 200, answer.text
-            assert answer.json()["status"] == "success", answer.json()
-            assert answer.json()["model"].endswith("-simulated")
+        turn = httpx.post(
+            f"{base_url}/webhook/cxone",
+            json=samples.cxone_body,
+            headers={"Authorization": samples.cxone_authorization},
+            timeout=15,
+        )
+        assert turn.status_code == 200, turn.text
+        assert turn.json()["branchName"] == "PromptAndCollectNextResponse", turn.json()
+        assert "errorDetails" not in turn.json(), turn.json()
 
-            turn = httpx.post(
-                f"{base_url}/webhook/cxone",
-                json=samples.cxone_body,
-                headers={"Authorization": samples.cxone_authorization},
-                timeout=15,
-            )
-            assert turn.status_code == 200, turn.text
-            assert turn.json()["branchName"] == "PromptAndCollectNextResponse", turn.json()
-            assert "errorDetails" not in turn.json(), turn.json()
-
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=TIMEOUT) == 0, log.read_text()[-2000:]
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=TIMEOUT)
+        service.process.send_signal(signal.SIGTERM)
+        assert service.process.wait(timeout=TIMEOUT) == 0, service.log_path.read_text()[-2000:]

@@ -14,13 +14,10 @@ import http.client
 import json
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,7 @@ from app.header_limits import H11WithHeaderLimits, HeaderLimits, HttpToolsWithHe
 from app.main import create_app
 from app.services.signatures import sign_hmac
 from app.serving import server_options
-from tests.helpers import service_env, trigger
+from tests.helpers import ServiceProcess, running_service, trigger
 
 LIMIT = 16384  # MAX_HEADER_BYTES' default: the services below leave it unset
 HEAD_TIMEOUT = 1.0  # HEADER_READ_TIMEOUT_SECONDS of the services below
@@ -42,58 +39,21 @@ GIVE_UP = 15.0  # a connection still open this long after its head stalled is ne
 MiB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Service:
-    port: int
-    pid: int
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextmanager
-def _running_service(home: Path, **env: str) -> Iterator[Service]:
+def _running_service(home: Path, **env: str) -> Iterator[ServiceProcess]:
     """`python -m app serve --simulate` with a 1 s header timeout, live."""
-    port = _free_port()
-    log_path = home / "service.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--simulate", "--port", str(port)],
-            cwd=home,  # no stray .env
-            env=service_env(
-                DATA_DIR=str(home),
-                HEADER_READ_TIMEOUT_SECONDS=str(HEAD_TIMEOUT),
-                TOKEN_COUNTING="estimate",  # starts sooner; nothing here counts tokens
-                **env,
-            ),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                assert process.poll() is None, log_path.read_text()
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"http://127.0.0.1:{port}/health/live").status_code == 200:
-                        break
-                assert time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.05)  # polling interval only
-            yield Service(port, process.pid)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with running_service(
+        home,
+        "--simulate",
+        HEADER_READ_TIMEOUT_SECONDS=str(HEAD_TIMEOUT),
+        TOKEN_COUNTING="estimate",  # starts sooner; nothing here counts tokens
+        **env,
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     with _running_service(tmp_path_factory.mktemp("header-limits")) as running:
         yield running
 
@@ -169,8 +129,8 @@ def rss_bytes(pid: int) -> int:
 # --- size ---------------------------------------------------------------------------------------
 
 
-def test_a_64_mib_header_gets_431_and_is_not_read(service: Service) -> None:
-    rss_before = rss_bytes(service.pid)
+def test_a_64_mib_header_gets_431_and_is_not_read(service: ServiceProcess) -> None:
+    rss_before = rss_bytes(service.process.pid)
     sent = 0
     with _connect(service.port) as sock:
         sock.settimeout(10)  # a server that stopped reading without closing fails the test
@@ -191,11 +151,11 @@ def test_a_64_mib_header_gets_431_and_is_not_read(service: Service) -> None:
     }
     assert sent < 32 * MiB  # what the sockets' buffers took before the answer, not the header
     assert elapsed < 10
-    assert rss_bytes(service.pid) - rss_before < 32 * MiB
+    assert rss_bytes(service.process.pid) - rss_before < 32 * MiB
 
 
 def test_a_head_of_exactly_the_limit_is_served_and_one_byte_more_gets_431(
-    service: Service,
+    service: ServiceProcess,
 ) -> None:
     served = exchange(service.port, head_of(LIMIT))
     assert status_of(served) == 200, served[:200]
@@ -207,7 +167,7 @@ def test_a_head_of_exactly_the_limit_is_served_and_one_byte_more_gets_431(
     assert status_of(long_url) == 431, long_url[:200]
 
 
-def test_an_http_client_sending_a_20_kb_cookie_reads_431(service: Service) -> None:
+def test_an_http_client_sending_a_20_kb_cookie_reads_431(service: ServiceProcess) -> None:
     response = httpx.get(
         f"http://127.0.0.1:{service.port}/health/live",
         headers={"Cookie": "session=" + "c" * 20_000},
@@ -222,7 +182,7 @@ def test_an_http_client_sending_a_20_kb_cookie_reads_431(service: Service) -> No
 # --- time ---------------------------------------------------------------------------------------
 
 
-def test_a_header_trickled_a_byte_a_second_gets_408_and_is_closed(service: Service) -> None:
+def test_a_header_trickled_a_byte_a_second_gets_408_and_is_closed(service: ServiceProcess) -> None:
     started = time.monotonic()
     with _connect(service.port) as sock:
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
@@ -235,7 +195,7 @@ def test_a_header_trickled_a_byte_a_second_gets_408_and_is_closed(service: Servi
     assert HEAD_TIMEOUT * 0.5 < elapsed < HEAD_TIMEOUT + 6
 
 
-def test_fifty_slow_connections_are_all_closed(service: Service) -> None:
+def test_fifty_slow_connections_are_all_closed(service: ServiceProcess) -> None:
     """25 trickling a header and 25 that never send anything: none is kept."""
     trickling = [_connect(service.port) for _ in range(25)]
     silent = [_connect(service.port) for _ in range(25)]
@@ -265,7 +225,7 @@ def test_fifty_slow_connections_are_all_closed(service: Service) -> None:
 
 
 def test_each_keep_alive_request_has_its_own_head_time_and_the_idle_wait_is_not_it(
-    service: Service,
+    service: ServiceProcess,
 ) -> None:
     client = http.client.HTTPConnection("127.0.0.1", service.port, timeout=10)
     try:
@@ -285,7 +245,7 @@ def test_each_keep_alive_request_has_its_own_head_time_and_the_idle_wait_is_not_
     assert status_of(stalled) == 408
 
 
-def test_a_slow_body_after_a_prompt_head_is_not_timed(service: Service) -> None:
+def test_a_slow_body_after_a_prompt_head_is_not_timed(service: ServiceProcess) -> None:
     body = json.dumps(trigger()).encode()
     head = (
         "POST /webhook/cognigy/fallback HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -304,7 +264,7 @@ def test_a_slow_body_after_a_prompt_head_is_not_timed(service: Service) -> None:
     assert body_of(response)["status"] == "success"
 
 
-def test_a_websocket_outlives_the_head_timeout(service: Service) -> None:
+def test_a_websocket_outlives_the_head_timeout(service: ServiceProcess) -> None:
     with websocket_connect(
         f"ws://127.0.0.1:{service.port}/ws/chat",
         additional_headers={"Authorization": f"Bearer {DEV_CLIENT_API_KEY}"},

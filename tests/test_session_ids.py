@@ -18,7 +18,8 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from starlette.testclient import TestClient
 
-from app.config import DEV_SESSION_ID_SECRET, Settings
+from app.config import DEV_BOT_STATE_SECRET as DEV_STATE
+from app.config import Settings
 from app.main import create_app
 from app.schemas.openai_chat import valid_session_id
 from app.services.safety import SafetyRules
@@ -75,8 +76,9 @@ def test_several_workers_or_replicas_need_a_shared_key(several: dict[str, Any]) 
         _settings(**several)
     for shared in ({"session_id_secret": "x" * 32}, {"bot_state_secret": "y" * 32}):
         _settings(**several, **shared)
+    # simulated: derived from the development state secret, the same in every worker
     simulated = Settings(_env_file=None, simulate=True, **several)  # type: ignore[call-arg]
-    assert session_id_key(simulated) == DEV_SESSION_ID_SECRET.encode()
+    assert session_id_key(simulated) == session_id_key(_settings(bot_state_secret=DEV_STATE))
 
 
 def test_the_key_is_the_setting_else_derived_from_the_bot_state_secret(

@@ -62,7 +62,7 @@ async def test_a_call_without_text_starts_and_ends() -> None:
     assert await stream.result() == "nothing to say"
 
 
-async def test_cancel_stops_a_running_call() -> None:
+async def test_close_stops_a_running_call() -> None:
     cancelled = asyncio.Event()
 
     async def run(put: Put) -> str:
@@ -76,14 +76,14 @@ async def test_cancel_stops_a_running_call() -> None:
 
     stream: TextStream[str] = TextStream(run)
     await stream.start()
-    await asyncio.wait_for(stream.cancel(), 2)
+    await asyncio.wait_for(stream.close(), 2)
     assert cancelled.is_set()
     with pytest.raises(asyncio.CancelledError):
         await stream.result()
-    await stream.cancel()  # a second cancel is harmless
+    await stream.close()  # a second close is harmless
 
 
-async def test_cancel_after_the_end_keeps_the_result() -> None:
+async def test_close_after_the_end_keeps_the_result() -> None:
     async def run(put: Put) -> str:
         await put("all")
         return "finished"
@@ -91,5 +91,5 @@ async def test_cancel_after_the_end_keeps_the_result() -> None:
     stream: TextStream[str] = TextStream(run)
     await stream.start()
     assert await collect(stream) == ["all"]
-    await stream.cancel()
+    await stream.close()
     assert await stream.result() == "finished"
