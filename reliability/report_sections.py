@@ -249,7 +249,10 @@ def fast_note(fast: Any, run: dict[str, Any]) -> list[str]:
 
 
 SUITE_FILES = {
-    "test_faults_upstream": "fault injection: provider throttling, 5xx, refused, silent",
+    "test_faults_upstream": "fault injection: provider throttling, 5xx, refused, silent, a hang "
+    "cut by the deadline",
+    "test_faults_clients": "clients that hang up mid-stream or after [DONE], WebSockets asking "
+    "at once after complete, a SIGKILLed replica's stream slots (SQLite and Redis)",
     "test_faults_answers": "fault injection: cut streams, closed WebSockets, broken output",
     "test_faults_dependencies": "fault injection: revoked key, CXone token down, Redis restart",
     "test_schemathesis_routes": "generated requests over the service's OpenAPI (schemathesis)",

@@ -376,9 +376,8 @@ class LLMRouter:
                     raise UpstreamRateLimited(
                         f"{name}: over its configured {permit}", upstream=name, retry_after=None
                     )
-                total = min(runtime.spec.timeout_seconds, deadline.remaining()) - (
-                    DEADLINE_MARGIN_SECONDS
-                )
+                left = deadline.remaining() - DEADLINE_MARGIN_SECONDS
+                total = min(runtime.spec.timeout_seconds, left)
                 timeout = total / (later + 1)  # an even share while later entries wait
                 if timeout < MIN_ATTEMPT_SECONDS:
                     permit.release()
