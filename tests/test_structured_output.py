@@ -38,22 +38,15 @@ from app.simulator.answers import token_count
 from app.simulator.faults import FaultPlan
 from app.simulator.schema_answers import schema_answer, schema_in_text, strict_mode_problem
 from app.simulator.server import LoopbackServer
+from tests.test_chat_tutorial_payload import TUTORIAL_SCHEMA
 
 KEY = "ck-structured"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-# The gateway tutorial's schema: not in OpenAI's strict subset ("confidence" is optional), and
-# with additionalProperties false, so the routing decision a json_object call gets breaks it.
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "intent": {"type": "string", "enum": ["billing", "orders", "other"]},
-        "reply": {"type": "string"},
-        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-    },
-    "required": ["intent", "reply"],
-    "additionalProperties": False,
-}
+# The gateway tutorial's schema (TUTORIAL_SCHEMA): not in OpenAI's strict subset ("confidence" is
+# optional), and with additionalProperties false, so the routing decision a json_object call
+# gets breaks it.
+SCHEMA: dict[str, Any] = TUTORIAL_SCHEMA
 # The same, in strict mode's subset: every property required, no others.
 STRICT_SCHEMA: dict[str, Any] = {**SCHEMA, "required": ["intent", "reply", "confidence"]}
 COMPACT = json.dumps(SCHEMA, separators=(",", ":"))
