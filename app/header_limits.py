@@ -22,6 +22,7 @@ slice), so the bound can be passed by that much, never without limit.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import functools
 import json
@@ -53,7 +54,7 @@ def bounded_http_protocol(limits: HeaderLimits) -> Callable[..., asyncio.Protoco
     return functools.partial(HttpToolsWithHeaderLimits, limits=limits)
 
 
-class _HeaderGuard(asyncio.Protocol):
+class _HeaderGuard(asyncio.Protocol, metaclass=abc.ABCMeta):
     """The byte count and the clock, over either of uvicorn's HTTP/1.1 protocols: listed first
     among a class's bases, its methods wrap the protocol's. A subclass says when the parser is
     reading a head, and gives a marker that changes whenever a head has been read."""
@@ -68,15 +69,15 @@ class _HeaderGuard(asyncio.Protocol):
         self._head_bytes = 0
         self._head_clock: asyncio.TimerHandle | None = None
 
-    def _reading_head(self) -> bool:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _reading_head(self) -> bool: ...
 
-    def _heads_read_marker(self) -> object:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _heads_read_marker(self) -> object: ...
 
+    @abc.abstractmethod
     def _answering(self) -> bool:
         """A response to an earlier request is under way: nothing else may be written."""
-        raise NotImplementedError
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

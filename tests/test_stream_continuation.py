@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from starlette.testclient import TestClient
 
 from app.main import create_app
-from app.services.llm.router import CONTINUE_INSTRUCTION
+from app.services.llm.continuation import CONTINUE_INSTRUCTION
 from app.simulator.faults import Fault, FaultPlan
 
 KEY = "continuation-key"

@@ -19,9 +19,8 @@ fallback time to answer. An attempt cancelled anyway (the caller's deadline, the
 recorded too: as a timeout failure of the provider when the deadline cut it.
 
 A stream that breaks after part of the answer went to the caller is continued by the route's
-next entry: it gets the text so far as the assistant's own and is asked to go on from there, and
-its text joins the same answer. Both providers are paid: the broken part travels on the result
-(`ChatResult.broken`) for metering to charge.
+next entry (app.services.llm.continuation), and its text joins the same answer. Both providers
+are paid: the broken part travels on the result (`ChatResult.broken`) for metering to charge.
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ from app.errors import (
 from app.services.llm.attempts import Attempt, ms, observe, reason, rejection
 from app.services.llm.catalog import ModelSpec, ProviderConfig, resolve_key
 from app.services.llm.circuit import CircuitBreaker
+from app.services.llm.continuation import Answered, continuation
 from app.services.llm.keys import KeyPool
 from app.services.llm.ratelimit import ProviderLimiter, request_tokens
 from app.services.llm.retry import (
@@ -63,7 +63,6 @@ from app.services.llm.retry import (
 from app.services.llm.routes import ProviderRuntime, Route, Target, build_client
 from app.services.llm.streaming import OnDelta, collect_stream
 from app.services.llm.types import (
-    BrokenPart,
     ChatRequest,
     ChatResult,
     ProviderClient,
@@ -81,11 +80,6 @@ Send = Callable[[ProviderClient, ChatRequest, float, float, str | None], Awaitab
 
 # The longest a request waits in a provider's outgoing rate-limit queue before falling back.
 MAX_QUEUE_SECONDS = 2.0
-# Asked of the route's next entry when a stream broke after part of the answer went out.
-CONTINUE_INSTRUCTION = (
-    "Your previous reply was cut off where the text above ends. Continue it from exactly that "
-    "point: do not repeat any of it, do not start over, and do not mention the interruption."
-)
 
 
 @dataclass(frozen=True)
@@ -205,7 +199,7 @@ class LLMRouter:
         With `on_delta`, each content delta is passed on as it arrives; a stream that breaks
         after that is continued by the route's next entry (see the module's doc), and is
         StreamBroken only when no entry is left to continue it."""
-        answered = _Answered(on_delta) if on_delta is not None else None
+        answered = Answered(on_delta) if on_delta is not None else None
         forward = answered.forward if answered is not None else None
 
         async def send(
@@ -247,7 +241,7 @@ class LLMRouter:
         deadline: Deadline,
         send: Send,
         trail: list[Attempt] | None,
-        answered: _Answered | None,
+        answered: Answered | None,
     ) -> ChatResult:
         route = self.route(request.model)
         trail = [] if trail is None else trail
@@ -302,7 +296,7 @@ class LLMRouter:
         deadline: Deadline,
         trail: list[Attempt],
         send: Send,
-        answered: _Answered | None,
+        answered: Answered | None,
     ) -> ChatResult:
         errors: list[UpstreamError] = []
         for index, target in enumerate(route.targets):
@@ -346,7 +340,7 @@ class LLMRouter:
         trail: list[Attempt],
         send: Send,
         later: int,
-        answered: _Answered | None,
+        answered: Answered | None,
     ) -> ChatResult:
         runtime, model = target.provider, target.model
         name = runtime.spec.name
@@ -443,7 +437,7 @@ class LLMRouter:
         route: Route,
         target: Target,
         request: ChatRequest,
-        answered: _Answered | None = None,
+        answered: Answered | None = None,
     ) -> ChatRequest:
         """The request as this (provider, model) takes it: its model name, its token limits,
         and, when it continues a broken stream, the answer so far to go on from."""
@@ -502,48 +496,3 @@ class RouterSlot:
         previous, self.current = self.current, router
         return previous
 
-
-def continuation(messages: list[dict[str, str]], so_far: str, kind: str) -> list[dict[str, str]]:
-    """The conversation for the entry that continues a broken answer: the text so far is the
-    assistant's own. Anthropic continues a last assistant turn by itself (a prefill, which may
-    not end in whitespace); an OpenAI-compatible model is asked to go on."""
-    if kind == "anthropic":
-        return [*messages, {"role": "assistant", "content": so_far.rstrip()}]
-    return [
-        *messages,
-        {"role": "assistant", "content": so_far},
-        {"role": "user", "content": CONTINUE_INSTRUCTION},
-    ]
-
-
-class _Answered:
-    """What a streamed request has passed on to its caller, across the attempts that wrote it:
-    the text (the prefix a continuation goes on from) and the parts of broken streams."""
-
-    def __init__(self, on_delta: OnDelta) -> None:
-        self._on_delta = on_delta
-        self.text: list[str] = []
-        self.broken: list[BrokenPart] = []
-        self.asking: ChatRequest | None = None  # the request of the attempt under way
-        self._trim = False  # the text so far ends in whitespace: a continuation's first is cut
-
-    async def forward(self, delta: str) -> None:
-        if self._trim:
-            delta = delta.lstrip()
-            if not delta:
-                return
-            self._trim = False
-        self.text.append(delta)
-        await self._on_delta(delta)
-
-    def joined(self) -> str:
-        return "".join(self.text)
-
-    def broke(self, error: StreamBroken, target: Target) -> None:
-        """The attempt under way broke after passing on `error.partial`: its provider bills
-        the prompt it was sent and that text."""
-        prompt = self.asking.messages if self.asking is not None else []
-        self.broken.append(
-            BrokenPart(target.provider.spec.name, target.model.name, prompt, error.partial)
-        )
-        self._trim = self.joined()[-1:].isspace()
