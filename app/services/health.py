@@ -41,7 +41,7 @@ def addressable_routes(router: LLMRouter) -> dict[str, Route]:
     routes: dict[str, Route] = {}
     for name in router.model_names():
         try:
-            routes[name] = router.route(name)
+            routes[name] = router.route(name, kind=None)  # chat and embedding routes
         except UnknownModel:
             continue  # served by several providers without a route: nobody can ask for it
     return routes

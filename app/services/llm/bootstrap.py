@@ -30,7 +30,10 @@ log = logging.getLogger("cxrelay.providers")
 
 
 def provider_config_from_env(settings: Settings) -> ProviderConfig:
+    """LLM_MODEL (a route of its own name) and the LLM_EMBEDDING_MODELS, which /v1/embeddings
+    asks for by name (a model one provider serves is a one-step route)."""
     model = settings.llm_model
+    embedding_price = settings.llm_embedding_price_per_1k_input or 0.0
     return ProviderConfig(
         providers=[
             ProviderSpec(
@@ -46,7 +49,11 @@ def provider_config_from_env(settings: Settings) -> ProviderConfig:
                         max_context_tokens=settings.llm_context_tokens,
                         price_per_1k_prompt=settings.llm_price_per_1k_prompt or 0.0,
                         price_per_1k_completion=settings.llm_price_per_1k_completion or 0.0,
-                    )
+                    ),
+                    *(
+                        ModelSpec(name=name, kind="embedding", price_per_1k_prompt=embedding_price)
+                        for name in settings.llm_embedding_models
+                    ),
                 ],
             )
         ],
@@ -80,13 +87,24 @@ def router_options(settings: Settings) -> RouterOptions:
 
 
 def check_default_model(config: ProviderConfig, model: str) -> None:
-    """LLM_MODEL is what webhooks ask for: it must be a route or a model of one provider."""
-    serving = [p.name for p in config.providers if any(m.name == model for m in p.models)]
-    if config.route(model) is None and len(serving) != 1:
+    """LLM_MODEL is what webhooks ask for: it must be a route or a model of one provider, and
+    answer chats (not an embedding model)."""
+    serving = [m for p in config.providers for m in p.models if m.name == model]
+    route = config.route(model)
+    if route is None and len(serving) != 1:
         routes = ", ".join(r.name for r in config.routes) or "none"
         raise ConfigError(
             f"LLM_MODEL {model!r} is not a route in the provider configuration "
             f"(routes: {routes}) nor a model of exactly one provider"
+        )
+    if route is not None and route.chain:
+        target = route.chain[0]
+        provider = config.provider(target.provider)
+        serving = [m for m in (provider.models if provider else []) if m.name == target.model]
+    if serving and serving[0].kind != "chat":
+        raise ConfigError(
+            f"LLM_MODEL {model!r} is an embedding model: the webhooks and chat surfaces need a "
+            "chat model"
         )
 
 

@@ -16,12 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from app.services.documents import DocumentInvalid, load_yaml
 from app.services.inbound_limits import LimitsSpec
 
 ProviderKind = Literal["openai", "anthropic"]
+# What a model does: answer chats (/chat, /v1/chat/completions, the webhooks) or turn text into
+# vectors (/v1/embeddings). A route serves one kind, and a call of the other kind is refused.
+ModelKind = Literal["chat", "embedding"]
+
+# An embedding model's longest input when the file does not say (OpenAI's embedding models).
+EMBEDDING_CONTEXT_TOKENS = 8192
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -31,12 +37,23 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
+    """A model of a provider. An embedding model's `max_context_tokens` is its longest single
+    input (EMBEDDING_CONTEXT_TOKENS unless given) and `price_per_1k_prompt` its input price: it
+    answers no text, so it has no completion price, answer limit or structured outputs."""
+
     name: str = Field(min_length=1)
+    kind: ModelKind = "chat"
     max_tokens: int = 4096
     max_context_tokens: int = 128_000
     price_per_1k_prompt: float = 0.0
     price_per_1k_completion: float = 0.0
     structured_outputs: bool | None = None  # None: the provider's setting
+
+    @model_validator(mode="after")
+    def _embedding_window(self) -> ModelSpec:
+        if self.kind == "embedding" and "max_context_tokens" not in self.model_fields_set:
+            self.max_context_tokens = EMBEDDING_CONTEXT_TOKENS
+        return self
 
 
 class OAuthSpec(_Strict):
@@ -81,7 +98,8 @@ class ProviderSpec(_Strict):
         return frozenset(
             m.name
             for m in self.models
-            if (default if m.structured_outputs is None else m.structured_outputs)
+            if m.kind == "chat"
+            and (default if m.structured_outputs is None else m.structured_outputs)
         )
 
 
@@ -204,6 +222,46 @@ def _anthropic_structured_outputs(at: str, provider: ProviderSpec) -> list[Probl
     return found
 
 
+def _embedding_model_problems(at: str, provider: ProviderSpec, model: ModelSpec) -> list[Problem]:
+    """An embedding model is called on OpenAI's `POST /v1/embeddings` and answers no text."""
+    found: list[Problem] = []
+    if provider.kind == "anthropic":
+        found.append(
+            Problem(
+                f"{at}.kind",
+                "the anthropic kind has no embeddings endpoint: an embedding model needs an "
+                "openai-kind provider",
+            )
+        )
+    no_text = "an embedding model answers no text"
+    if model.price_per_1k_completion:
+        found.append(
+            Problem(
+                f"{at}.price_per_1k_completion",
+                f"{no_text}: its input tokens are priced by price_per_1k_prompt",
+            )
+        )
+    if "max_tokens" in model.model_fields_set:
+        found.append(
+            Problem(f"{at}.max_tokens", f"{no_text}; max_context_tokens is its longest input")
+        )
+    if model.structured_outputs is not None:
+        found.append(Problem(f"{at}.structured_outputs", f"{no_text}: leave it unset"))
+    return found
+
+
+def _embedding_route_problems(at: str, route: RouteSpec) -> list[Problem]:
+    return [
+        Problem(f"{at}.{name}", "a route of embedding models answers no text: leave it unset")
+        for name in ("max_tokens", "temperature")
+        if getattr(route, name) is not None
+    ]
+
+
+def _a(kind: str) -> str:
+    return "an embedding" if kind == "embedding" else "a chat"
+
+
 def _duplicates(names: list[str]) -> set[str]:
     return {name for name in names if names.count(name) > 1}
 
@@ -252,18 +310,21 @@ def _semantic_problems(
         for m, model in enumerate(provider.models):
             if model.max_tokens <= 0 or model.max_context_tokens <= 0:
                 problems.append(Problem(f"{at}.models[{m}]", "token limits must be above 0"))
-            elif model.max_tokens > model.max_context_tokens:
+            elif model.kind == "chat" and model.max_tokens > model.max_context_tokens:
                 problems.append(
                     Problem(f"{at}.models[{m}].max_tokens", "is above max_context_tokens")
                 )
             if model.price_per_1k_prompt < 0 or model.price_per_1k_completion < 0:
                 problems.append(Problem(f"{at}.models[{m}]", "prices cannot be negative"))
+            if model.kind == "embedding":
+                problems += _embedding_model_problems(f"{at}.models[{m}]", provider, model)
     for r, route in zip(route_at, config.routes, strict=True):
         at = f"routes[{r}]"
         if not route.chain:
             problems.append(Problem(f"{at}.chain", "needs at least one (provider, model)"))
         if route.temperature is not None and not 0 <= route.temperature <= 2:
             problems.append(Problem(f"{at}.temperature", "must be between 0 and 2"))
+        first: tuple[str, ModelSpec] | None = None  # the chain's first model: the route's kind
         for t, target in enumerate(route.chain):
             where = f"{at}.chain[{t}]"
             provider_spec = config.provider(target.provider)
@@ -284,7 +345,23 @@ def _semantic_problems(
                 )
                 continue
             model = target_model
-            if route.max_tokens is not None and route.max_tokens > model.max_tokens:
+            named = f"{target.provider}/{target.model}"
+            if first is None:
+                first = (named, model)
+                if model.kind == "embedding":
+                    problems += _embedding_route_problems(at, route)
+            elif model.kind != first[1].kind:
+                problems.append(
+                    Problem(
+                        f"{where}.model",
+                        f"{named} is {_a(model.kind)} model but {first[0]} is {_a(first[1].kind)} "
+                        "model: a route serves one kind",
+                    )
+                )
+                continue
+            # (an embedding route's max_tokens is a problem of its own: _embedding_route_problems)
+            answer_limit = route.max_tokens if model.kind == "chat" else None
+            if answer_limit is not None and answer_limit > model.max_tokens:
                 problems.append(
                     Problem(
                         f"{at}.max_tokens",
