@@ -23,6 +23,12 @@ from app.errors import (
     UpstreamProtocolError,
     UpstreamUnavailable,
 )
+from app.services.llm.embeddings import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    embeddings_payload,
+    parse_embeddings,
+)
 from app.services.llm.streaming import (
     iter_sse,
     stream_cut,
@@ -90,6 +96,7 @@ class OpenAICompatibleProvider:
         self.name = name
         self.url = chat_completions_url(base_url)
         self.models_url = self.url.removesuffix("/chat/completions") + "/models"
+        self.embeddings_url = self.url.removesuffix("/chat/completions") + "/embeddings"
         self._auth_header = auth_header
         self._structured_outputs = structured_outputs
 
@@ -152,6 +159,23 @@ class OpenAICompatibleProvider:
     async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
         return await probe_key(
             http, self.models_url, auth_headers(api_key, self._auth_header), timeout
+        )
+
+    async def embed(
+        self,
+        http: httpx.AsyncClient,
+        request: EmbeddingRequest,
+        timeout: float,
+        api_key: str | None,
+    ) -> EmbeddingResult:
+        """One `POST /v1/embeddings` attempt (app.services.llm.embeddings)."""
+        started = time.perf_counter()
+        headers = auth_headers(api_key, self._auth_header)
+        body = embeddings_payload(request)
+        response = await post_json(http, self.name, self.embeddings_url, body, headers, timeout)
+        raise_for_error(self.name, response, api_key)
+        return parse_embeddings(
+            self.name, response, request, (time.perf_counter() - started) * 1000
         )
 
     def _result(

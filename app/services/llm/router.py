@@ -21,6 +21,9 @@ recorded too: as a timeout failure of the provider when the deadline cut it.
 A stream that breaks after part of the answer went to the caller is continued by the route's
 next entry (app.services.llm.continuation), and its text joins the same answer. Both providers
 are paid: the broken part travels on the result (`ChatResult.broken`) for metering to charge.
+
+A route serves one kind of model: chat calls are refused a route of embedding models, and
+`embed` (POST /v1/embeddings) one of chat models; embeddings walk their route like a chat call.
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ from app.errors import (
     UpstreamUnavailable,
 )
 from app.services.llm.attempts import Attempt, ms, observe, reason, rejection
-from app.services.llm.catalog import ModelSpec, ProviderConfig, resolve_key
+from app.services.llm.catalog import ModelKind, ModelSpec, ProviderConfig, resolve_key
 from app.services.llm.circuit import CircuitBreaker
 from app.services.llm.continuation import Answered, continuation
+from app.services.llm.embeddings import EmbeddingProviderClient, EmbeddingRequest, EmbeddingResult
 from app.services.llm.keys import KeyPool
 from app.services.llm.ratelimit import ProviderLimiter, request_tokens
 from app.services.llm.retry import (
@@ -137,16 +141,25 @@ class LLMRouter:
     def _model(self, provider: str, model: str) -> ModelSpec:
         return next(m for m in self.providers[provider].spec.models if m.name == model)
 
-    def route(self, name: str) -> Route:
-        """A configured route, or a model that exactly one provider serves (a one-step route)."""
-        if name in self.routes:
-            return self.routes[name]
-        serving = [
-            Target(p, m) for p in self.providers.values() for m in p.spec.models if m.name == name
-        ]
-        if len(serving) == 1:
-            return Route(name, (serving[0],))
-        raise UnknownModel(f"model {name!r} is not a configured route or provider model")
+    def route(self, name: str, kind: ModelKind | None = "chat") -> Route:
+        """A configured route, or a model that exactly one provider serves (a one-step route),
+        of `kind` (None: either): a name of the other kind is refused as unknown, saying so."""
+        route = self.routes.get(name)
+        if route is None:
+            serving = [
+                Target(p, m)
+                for p in self.providers.values()
+                for m in p.spec.models
+                if m.name == name
+            ]
+            wanted = [t for t in serving if t.model.kind == kind]
+            if len(wanted) == 1 or len(serving) == 1:
+                route = Route(name, ((wanted or serving)[0],))
+            else:
+                raise UnknownModel(f"model {name!r} is not a configured route or provider model")
+        if kind is not None and route.kind != kind:
+            raise UnknownModel(f"model {name!r} is {_a(route.kind)} model, not {_a(kind)} model")
+        return route
 
     def model_spec(self, provider: str, model: str) -> ModelSpec | None:
         """The configured model (prices, limits) behind an attempt, if it is still configured."""
@@ -225,6 +238,29 @@ class LLMRouter:
             TTFT.labels(answered_by.provider, answered_by.model).observe(result.ttft_ms / 1000)
         return result
 
+    async def embed(
+        self, request: EmbeddingRequest, deadline: Deadline, trail: list[Attempt] | None = None
+    ) -> EmbeddingResult:
+        """Embeddings from the first (provider, model) of the route named `request.model` that
+        answers, with the keys, circuits, retries, fallback and deadline of a chat call."""
+
+        async def send(
+            client: ProviderClient, call: ChatRequest, timeout: float, total: float, key: str | None
+        ) -> ChatResult:
+            if not isinstance(client, EmbeddingProviderClient):  # the provider file refuses this
+                raise UpstreamRejected(
+                    f"{client.name} has no embeddings endpoint", upstream=client.name, status=404
+                )
+            return await client.embed(self._http, replace(request, model=call.model), timeout, key)
+
+        # The route is walked with a chat request whose messages are the texts: what the
+        # outgoing tpm limits estimate (settled to the provider's usage after the call).
+        texts = [{"role": "user", "content": i} for i in request.inputs if isinstance(i, str)]
+        walked = ChatRequest(messages=texts, model=request.model, temperature=0.0, max_tokens=0)
+        result = await self._run(walked, deadline, send, trail, None, kind="embedding")
+        assert isinstance(result, EmbeddingResult)
+        return result
+
     async def _send_whole(
         self,
         client: ProviderClient,
@@ -242,8 +278,9 @@ class LLMRouter:
         send: Send,
         trail: list[Attempt] | None,
         answered: Answered | None,
+        kind: ModelKind = "chat",
     ) -> ChatResult:
-        route = self.route(request.model)
+        route = self.route(request.model, kind)
         trail = [] if trail is None else trail
         first = len(trail)  # a caller's trail may hold an earlier call's attempts
 
@@ -483,6 +520,10 @@ class LLMRouter:
                     runtime.keys.restore(key)
                     restored += 1
         return restored
+
+
+def _a(kind: ModelKind) -> str:
+    return "an embedding" if kind == "embedding" else "a chat"
 
 
 class RouterSlot:

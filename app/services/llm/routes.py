@@ -12,8 +12,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 
@@ -24,8 +25,9 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from app.services.llm.catalog import ModelSpec, OAuthSpec, ProviderSpec, resolve_key
+from app.services.llm.catalog import ModelKind, ModelSpec, OAuthSpec, ProviderSpec, resolve_key
 from app.services.llm.circuit import CircuitBreaker
+from app.services.llm.embeddings import EmbeddingProviderClient, EmbeddingRequest, EmbeddingResult
 from app.services.llm.keys import KeyPool
 from app.services.llm.openai_compat import OpenAICompatibleProvider
 from app.services.llm.ratelimit import ProviderLimiter
@@ -42,6 +44,8 @@ log = logging.getLogger("cxrelay.providers")
 
 # Below this, a call (or its retry after a refused token) is not worth starting.
 MIN_RETRY_SECONDS = 0.05
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -66,6 +70,11 @@ class Route:
     max_tokens: int | None = None
     temperature: float | None = None
     context_tokens: int | None = None
+
+    @property
+    def kind(self) -> ModelKind:
+        """Chat or embedding: every entry of a chain is of one kind (the provider file's rule)."""
+        return self.targets[0].model.kind
 
     @property
     def context_window(self) -> int:
@@ -193,16 +202,44 @@ class OAuthProviderClient:
     ) -> ChatResult:
         """`api_key` is unused: the token is the credential. `timeout` bounds the whole call,
         the token request and the one retry included."""
+        return await self._with_token(
+            http, timeout, lambda token, left: self.inner.complete(http, request, left, token)
+        )
+
+    async def embed(
+        self,
+        http: httpx.AsyncClient,
+        request: EmbeddingRequest,
+        timeout: float,
+        api_key: str | None,
+    ) -> EmbeddingResult:
+        """As `complete`, for embeddings."""
+        inner = self.inner
+        if not isinstance(inner, EmbeddingProviderClient):  # the provider file refuses this
+            raise UpstreamRejected(
+                f"{self.name} has no embeddings endpoint", upstream=self.name, status=404
+            )
+        return await self._with_token(
+            http, timeout, lambda token, left: inner.embed(http, request, left, token)
+        )
+
+    async def _with_token(
+        self,
+        http: httpx.AsyncClient,
+        timeout: float,
+        call: Callable[[str, float], Awaitable[T]],
+    ) -> T:
+        """`call(token, time_left)`, once more with a fresh token when the first is refused."""
         started = time.monotonic()
         token = await self.token(http, timeout)
         try:
-            return await self.inner.complete(http, request, self._left(started, timeout), token)
+            return await call(token, self._left(started, timeout))
         except UpstreamRejected as error:
             if not self._refused(error, token) or _left(started, timeout) < MIN_RETRY_SECONDS:
                 raise
         token = await self.token(http, _left(started, timeout))
         try:
-            return await self.inner.complete(http, request, self._left(started, timeout), token)
+            return await call(token, self._left(started, timeout))
         except UpstreamRejected as error:
             self._refused(error, token)
             raise

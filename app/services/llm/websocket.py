@@ -36,8 +36,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from app.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from app.services.llm.embeddings import EmbeddingRequest, EmbeddingResult
 from app.services.llm.openai_compat import (
     DONE,
+    OpenAICompatibleProvider,
     StructuredOutputs,
     auth_headers,
     chat_payload,
@@ -86,7 +88,8 @@ def websocket_url(base_url: str) -> str:
 class OpenAIWebSocketProvider:
     """A provider streaming OpenAI chat completion chunks over a WebSocket (see the module
     docstring for the protocol). It also answers `complete` (the stream collected) and `probe`
-    (does the handshake succeed with this key), so it is a full ProviderClient."""
+    (does the handshake succeed with this key), so it is a full ProviderClient; embeddings go
+    over HTTP to its base URL, as there is no WebSocket form of them."""
 
     kind = "openai"
 
@@ -102,6 +105,7 @@ class OpenAIWebSocketProvider:
         self.url = ws_url or websocket_url(base_url)
         self._auth_header = auth_header
         self._structured_outputs = structured_outputs
+        self._http_wire = OpenAICompatibleProvider(name, base_url, auth_header)
 
     async def complete(
         self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
@@ -151,6 +155,15 @@ class OpenAIWebSocketProvider:
             raise UpstreamUnavailable(
                 f"{self.name} unreachable: {type(exc).__name__}", upstream=self.name
             ) from exc
+
+    async def embed(
+        self,
+        http: httpx.AsyncClient,
+        request: EmbeddingRequest,
+        timeout: float,
+        api_key: str | None,
+    ) -> EmbeddingResult:
+        return await self._http_wire.embed(http, request, timeout, api_key)
 
     async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
         """Does this key open a connection? No request is sent, so no tokens are spent."""
