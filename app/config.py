@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     token_counting: Literal["exact", "estimate"] = "exact"  # estimate: no tokenizer (-140 MiB)
     llm_price_per_1k_prompt: float | None = Field(None, ge=0.0)
     llm_price_per_1k_completion: float | None = Field(None, ge=0.0)
+    # The LLM_GATEWAY_* provider's embedding models (POST /v1/embeddings asks for them by name;
+    # empty: none) and their price in USD per 1,000 input tokens. A provider file lists its own
+    # (`kind: embedding`) instead.
+    llm_embedding_models: CommaList = Field(default_factory=lambda: ["text-embedding-3-small"])
+    llm_embedding_price_per_1k_input: float | None = Field(None, ge=0.0)
     llm_timeout_seconds: float = Field(5.0, gt=0.0, le=120.0)
     llm_max_attempts: int = Field(3, ge=1, le=10)
     llm_retry_initial_seconds: float = Field(0.2, ge=0.0, le=10.0)
@@ -146,6 +151,10 @@ class Settings(BaseSettings):
     ws_ping_interval_seconds: float = Field(20.0, ge=0.0, le=3600.0)
     ws_pong_timeout_seconds: float = Field(10.0, gt=0.0, le=3600.0)
     ws_idle_timeout_seconds: float = Field(30.0, gt=0.0, le=86400.0)
+
+    # --- embeddings (/v1/embeddings) -------------------------------------------------------------
+    # Every attempt, retry and fallback of one request together (504 after it).
+    embeddings_deadline_seconds: float = Field(30.0, gt=0.0, le=600.0)
 
     # --- intent cache and prompt-injection sanitising (every surface) ----------------------------
     intent_cache_enabled: bool = True
@@ -253,6 +262,7 @@ class Settings(BaseSettings):
         "cognigy_api_keys",
         "cognigy_auth_schemes",
         "llm_gateway_api_key",
+        "llm_embedding_models",
         "admin_notify_urls",
         "cxone_webhook_authorization",
         "unsafe_output_categories",
@@ -317,6 +327,7 @@ class Settings(BaseSettings):
         "budget_tenant_month_cost",
         "llm_price_per_1k_prompt",
         "llm_price_per_1k_completion",
+        "llm_embedding_price_per_1k_input",
         "client_rate_limit_rpm",
         "client_rate_limit_tpm",
         "client_max_concurrent_streams",
@@ -411,6 +422,17 @@ class Settings(BaseSettings):
             raise ValueError("STORE_BACKEND=redis needs REDIS_URL (e.g. redis://redis:6379/0)")
         if self.cxone_configured and not self.cxone_client_secret:
             raise ValueError("CXONE_CLIENT_ID is set but CXONE_CLIENT_SECRET is not")
+        return self
+
+    @model_validator(mode="after")
+    def _embedding_models_apart(self) -> Settings:
+        """LLM_MODEL answers chats: the same name as an embedding model of the one provider
+        would leave which of the two a request means to chance."""
+        if self.providers_file is None and self.llm_model in self.llm_embedding_models:
+            raise ValueError(
+                f"LLM_EMBEDDING_MODELS names LLM_MODEL ({self.llm_model!r}): the webhooks and "
+                "chat surfaces need a chat model, /v1/embeddings an embedding model"
+            )
         return self
 
     def _one_bot_state_secret_for_every_process(self) -> None:

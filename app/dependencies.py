@@ -12,6 +12,7 @@ from app.config import Settings
 from app.pipelines.chat import ChatPipeline
 from app.pipelines.cognigy import CognigyPipeline
 from app.pipelines.cxone import CXoneBotPipeline
+from app.pipelines.embeddings import EmbeddingsPipeline
 from app.services.audit import AuditLog
 from app.services.caller_templates import CallerTemplates
 from app.services.clients import ClientAuthenticator
@@ -34,6 +35,7 @@ class Services:
     cognigy: CognigyPipeline
     cxone_bot: CXoneBotPipeline
     chat: ChatPipeline
+    embeddings: EmbeddingsPipeline
     caller_templates: CallerTemplates
     metering: Metering
     cxone_authorizations: AuthorizationAuthenticator

@@ -24,6 +24,7 @@ from app.config import (
 )
 from app.dependencies import Services
 from app.observability import RequestIdMiddleware
+from app.pipelines.embeddings import EmbeddingsPipeline
 from app.pipelines.turn_cache import TurnCache
 from app.request_metrics import RequestMetricsMiddleware
 from app.routers import (
@@ -32,6 +33,7 @@ from app.routers import (
     chat,
     cognigy,
     cxone,
+    embeddings,
     health,
     metrics,
     openai_compat,
@@ -78,6 +80,8 @@ log = logging.getLogger("cxrelay")
 
 # gpt-4o-mini's list prices (USD per 1,000 tokens), charged for the simulated model unless set.
 SIMULATED_PRICES = {"llm_price_per_1k_prompt": 0.00015, "llm_price_per_1k_completion": 0.0006}
+# text-embedding-3-small's, for the simulated embedding models.
+SIMULATED_EMBEDDING_PRICE = {"llm_embedding_price_per_1k_input": 0.00002}
 
 
 def _start_simulators(
@@ -95,6 +99,8 @@ def _start_simulators(
             and settings.llm_price_per_1k_completion is None
         ):
             overrides.update(SIMULATED_PRICES)  # so /budget/status shows costs in a demo
+        if settings.llm_embedding_price_per_1k_input is None:
+            overrides.update(SIMULATED_EMBEDDING_PRICE)
     if settings.simulate and not settings.cxone_configured:
         state = CXoneSimulatorState()
         cxone = stack.enter_context(LoopbackServer(create_cxone_simulator(state)))
@@ -228,6 +234,7 @@ def build_services(
             settings.chat_inline_template_max_chars, max_output_chars=settings.max_body_bytes
         ),
         chat=build_chat(settings, metering, renderer, safety, injection, turn_cache),
+        embeddings=EmbeddingsPipeline(metering, settings.embeddings_deadline_seconds),
         metering=metering,
         cxone_authorizations=cxone_authorizations(settings),
         audit=audit,
@@ -339,5 +346,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(budget.router)
     app.include_router(chat.router)
     app.include_router(openai_compat.router)
+    app.include_router(embeddings.router)
     app.include_router(ws_chat.router)
     return app

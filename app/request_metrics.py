@@ -5,10 +5,11 @@ or the route notes how an answered request went (`note_outcome`: success, or a f
 reason: a 200 either way); a streamed answer that fails after its 200 notes the failure
 (`note_failure`). The tally is counted once, when the request is over:
 
-- HTTP (the webhooks, /chat, /v1/chat/completions): by RequestMetricsMiddleware, after the
-  response. A 4xx is `rejected` and a 5xx `error`, whatever was noted (auth, body size and
-  validation refuse before any pipeline runs), the reason being the status except for an
-  inbound limit's 429 (`rate_limited`); otherwise the noted outcome. A request that
+- HTTP (the webhooks, /chat, /v1/chat/completions, /v1/embeddings): by
+  RequestMetricsMiddleware, after the response. A 4xx is `rejected` and a 5xx `error`, whatever
+  was noted (auth, body size and validation refuse before any pipeline runs), the reason being
+  the status except for an inbound limit's 429 (`rate_limited`); otherwise the noted outcome. A
+  request that
   ended with nothing noted (the caller left mid-stream) is `rejected` with reason "499", the
   usual code for "client closed request".
 - /ws/chat: by the route, per request frame (`counted`), and per refused frame or handshake
@@ -36,6 +37,7 @@ SURFACES = {
     "/webhook/cxone": "cxone",
     "/chat": "chat",
     "/v1/chat/completions": "openai",
+    "/v1/embeddings": "embeddings",
 }
 CLIENT_CLOSED = 499
 RATE_LIMITED = "rate_limited"  # refused by an inbound limit (a 429, or a webhook's fallback)

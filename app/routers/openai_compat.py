@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -258,7 +258,14 @@ async def chat_completions(request: Request, principal: CallerDep, services: Ser
     )
 
 
-def session_of(request: Request, body: ChatCompletionRequest, session_ids: SessionIds) -> str:
+class NamesAUser(Protocol):
+    """A /v1 request body: chat completions and embeddings both take OpenAI's `user`."""
+
+    @property
+    def user(self) -> str | None: ...
+
+
+def session_of(request: Request, body: NamesAUser, session_ids: SessionIds) -> str:
     """The stored session id (a digest when the one sent holds personal data), or NO_SESSION."""
     header = request.headers.get("x-session-id")
     if header is not None:

@@ -14,6 +14,10 @@ from the ledger; `release` gives the reservation back when the call failed.
 The same prompt + max_tokens is taken from the key's and the tenant's inbound tokens per minute
 (app.services.inbound_limits; RateLimited when it does not fit) and settled to the real usage
 with the budget (given back on release).
+
+An embeddings call has no answer to fit: `plan_input` reserves its input tokens (and their cost
+at the route's dearest input price) the same way, and `settle_input` counts the provider's
+usage (our count when it sent none) into the same budgets, ledger and metrics.
 """
 
 from __future__ import annotations
@@ -252,6 +256,35 @@ class Metering:
     async def release(self, plan: Plan) -> None:
         await self.budget.release(plan.grant)
         await self.limits.settle(plan.tokens, 0)
+
+    async def plan_input(
+        self, principal: Principal, session_id: str, *, route_name: str, input_tokens: int
+    ) -> Plan:
+        """Reserve an embeddings call's input tokens; RateLimited or BudgetExhausted when the
+        tokens per minute or a budget cannot take them."""
+        route = self.llm.current.route(route_name, "embedding")
+        charge = await self.limits.charge(principal, input_tokens)
+        try:
+            outcome = await self._reserve(principal, session_id, route, input_tokens, 0)
+        except BaseException:
+            await self.limits.settle(charge, 0)
+            raise
+        if isinstance(outcome, Refusal):
+            await self.limits.settle(charge, 0)
+            raise BudgetExhausted(outcome)
+        return Plan(principal, session_id, route_name, [], 0, input_tokens, 0, outcome, charge)
+
+    async def settle_input(
+        self, plan: Plan, result: ChatResult, *, surface: str, latency_ms: float
+    ) -> Spend:
+        """Count an embeddings call: the provider's usage, else the input tokens we counted."""
+        usage = result.usage if result.usage_reported else Usage(plan.prompt_tokens, 0)
+        spent = Spend(usage, self.llm.current.cost(result.trail, usage), not result.usage_reported)
+        answered = result.trail[-1] if result.trail else None
+        provider = answered.provider if answered else result.provider
+        model = answered.model if answered else plan.route
+        await self._account(plan, spent, surface, provider, model, latency_ms)
+        return spent
 
     async def run(
         self, plan: Plan, send: Callable[[], Awaitable[ChatResult]], *, surface: str
