@@ -9,6 +9,8 @@ app/simulator/llm.py and app/simulator/cxone.py:
   POST /v1/chat/completions   chat.completion JSON; with `"stream": true` an SSE stream (a role
                               chunk, 5 content chunks, a finish chunk, a usage chunk, [DONE]);
                               with `response_format` a RoutingDecision JSON as the content
+  POST /v1/embeddings         an embeddings list: one fixed 8-dimension unit vector per input,
+                              as floats or base64 (`encoding_format`)
   GET  /v1/models             a model list
   POST /auth/token            a JWT-shaped CXone access token carrying `tenantId`
   GET  /.well-known/cxone-configuration   discovery, `api_endpoint` pointing back here
@@ -24,10 +26,13 @@ import asyncio
 import base64
 import json
 import signal
+import struct
 import time
 from typing import Any
 
 MODEL = "gpt-4o-mini"
+EMBEDDING_MODEL = "text-embedding-3-small"
+EMBEDDING = [0.5, -0.5, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0]  # a unit vector
 TENANT_ID = "11eb0000-0000-0000-0000-00000000cafe"
 REPLY = "Sure, I can help with that. Your order is on its way and should arrive tomorrow."
 ROUTING = {
@@ -120,6 +125,28 @@ def sse_stream(content: str, parts: int = 5) -> bytes:
     return b"".join(frames)
 
 
+def embeddings(count: int, encoding: str) -> bytes:
+    vector: list[float] | str = EMBEDDING
+    if encoding == "base64":
+        vector = base64.b64encode(struct.pack(f"<{len(EMBEDDING)}f", *EMBEDDING)).decode()
+    data = [{"object": "embedding", "index": i, "embedding": vector} for i in range(count)]
+    usage = {"prompt_tokens": 4 * count, "total_tokens": 4 * count}
+    return _dumps({"object": "list", "data": data, "model": EMBEDDING_MODEL, "usage": usage})
+
+
+def _inputs(body: bytes) -> tuple[int, str]:
+    """(how many inputs, encoding_format) of an embeddings request."""
+    try:
+        request = json.loads(body)
+        given = request["input"]
+        encoding = str(request.get("encoding_format") or "float")
+    except (ValueError, KeyError, TypeError):
+        return 1, "float"
+    if isinstance(given, str) or (isinstance(given, list) and given and isinstance(given[0], int)):
+        return 1, encoding
+    return (len(given) if isinstance(given, list) else 1), encoding
+
+
 def _token() -> str:
     claims = {"tenantId": TENANT_ID, "jti": "bench", "iat": int(time.time())}
     parts = [{"alg": "none", "typ": "JWT"}, claims]
@@ -168,7 +195,15 @@ class Canned:
         self.token = response(200, _dumps(token))
         self.messages = response(200, _messages())
         self.not_found = response(404, b'{"error":"not found"}')
+        self._embeddings: dict[tuple[int, str], bytes] = {}
         self.discovery: dict[bytes, bytes] = {}
+
+    def embeddings_for(self, body: bytes) -> bytes:
+        key = _inputs(body)
+        cached = self._embeddings.get(key)
+        if cached is None:
+            cached = self._embeddings[key] = response(200, embeddings(*key))
+        return cached
 
     def discovery_for(self, host: bytes) -> bytes:
         cached = self.discovery.get(host)
@@ -200,6 +235,9 @@ def route(method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes
         key = ("stream" if stream else "chat") + ("_json" if as_json else "")
         COUNTS[key] = COUNTS.get(key, 0) + 1
         return getattr(CANNED, key)  # type: ignore[no-any-return]
+    if path.endswith(b"/embeddings") and method == b"POST":
+        COUNTS["embeddings"] = COUNTS.get("embeddings", 0) + 1
+        return CANNED.embeddings_for(body)
     if path.startswith(b"/dfo/3.0/contacts/") and path.endswith(b"/messages"):
         COUNTS["messages"] = COUNTS.get("messages", 0) + 1
         return CANNED.messages

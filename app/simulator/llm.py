@@ -19,6 +19,12 @@ WebSocket protocol of `app.services.llm.websocket` (it refuses the handshake wit
 "revoked" key). The FaultPlan's streaming knobs slow the first token, pace the chunks, fix the
 chunks or cut the stream without its end marker.
 
+`POST /v1/embeddings` answers OpenAI's embeddings list: for each input (a text or token ids) a
+deterministic unit vector seeded from it (the same input always gets the same vector; 1536
+dimensions, text-embedding-3-small's, or `dimensions`, a shorter one being the longer one's
+start renormalised, as OpenAI's are), as floats or base64 (`encoding_format`), with the usage.
+It honours the FaultPlan like chat completions (status, delay, raw or JSON body, omit_usage).
+
 Given a TokenIssuer, it also plays a provider behind OAuth2: `POST /oauth/token` answers the
 client-credentials grant (client authenticated by HTTP Basic or by form fields), and every other
 route then takes only a bearer token it issued, unexpired and not revoked (else 401).
@@ -31,7 +37,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
+import math
+import random
+import struct
 import threading
 import time
 import uuid
@@ -283,6 +293,72 @@ def _openai_answer(body: dict[str, Any], fault: Fault) -> tuple[str, str, str]:
     return model, content, prompt_text
 
 
+EMBEDDING_DIMENSIONS = 1536  # text-embedding-3-small's
+MAX_EMBEDDING_DIMENSIONS = 8192
+
+
+def embedding_vector(item: str | list[int], dimensions: int) -> list[float]:
+    """A unit vector that depends only on the input: seeded from its SHA-256."""
+    rng = random.Random(hashlib.sha256(json.dumps(item).encode()).digest())
+    vector = [rng.gauss(0.0, 1.0) for _ in range(dimensions)]
+    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+    return [x / norm for x in vector]
+
+
+def _embedding_inputs(value: Any) -> list[str | list[int]] | None:
+    """The inputs of an embeddings request (None when it is not one of OpenAI's four shapes or
+    an input is empty, which OpenAI refuses too)."""
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif isinstance(value, list) and value and all(type(x) is int for x in value):
+        items = [value]
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    if not items or not all(
+        (isinstance(item, str) and item)
+        or (isinstance(item, list) and item and all(type(x) is int for x in item))
+        for item in items
+    ):
+        return None
+    return items
+
+
+def _embeddings_answer(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(status, body) for an embeddings request: the list, or OpenAI's 400 for a bad field."""
+    items = _embedding_inputs(body.get("input"))
+    dimensions = body.get("dimensions", EMBEDDING_DIMENSIONS)
+    encoding = body.get("encoding_format") or "float"
+    if items is None:
+        return _invalid("input", "'input' must be a non-empty string or array of non-empty inputs")
+    if type(dimensions) is not int or not 1 <= dimensions <= MAX_EMBEDDING_DIMENSIONS:
+        return _invalid("dimensions", f"'dimensions' must be from 1 to {MAX_EMBEDDING_DIMENSIONS}")
+    if encoding not in ("float", "base64"):
+        return _invalid("encoding_format", "'encoding_format' must be 'float' or 'base64'")
+    data = []
+    for index, item in enumerate(items):
+        vector = embedding_vector(item, dimensions)
+        encoded = (
+            base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode("ascii")
+            if encoding == "base64"
+            else vector
+        )
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = sum(token_count(item) if isinstance(item, str) else len(item) for item in items)
+    return 200, {
+        "object": "list",
+        "data": data,
+        "model": str(body.get("model", "model")) + SIMULATED_MODEL_SUFFIX,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def _invalid(param: str, message: str) -> tuple[int, dict[str, Any]]:
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    return 400, {"error": error}
+
+
 def create_llm_simulator(
     plan: FaultPlan | None = None, oauth: TokenIssuer | None = None
 ) -> FastAPI:
@@ -327,6 +403,25 @@ def create_llm_simulator(
         if fault.omit_usage:
             del whole["usage"]
         return JSONResponse(whole, headers=fault.headers)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        body = await request.json()
+        plan.record({"body": body, "headers": dict(request.headers)})
+        if refused(request):
+            return JSONResponse(_KEY_REFUSAL, 401)
+        fault = plan.next() or Fault()
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.raw_body is not None:
+            return Response(fault.raw_body, fault.status, fault.headers, "application/json")
+        if fault.json_body is not None or fault.status >= 400:
+            error = fault.json_body or _openai_error(fault.status)
+            return JSONResponse(error, fault.status, fault.headers)
+        status, answer = _embeddings_answer(body if isinstance(body, dict) else {})
+        if fault.omit_usage:
+            answer.pop("usage", None)
+        return JSONResponse(answer, status, fault.headers)
 
     @app.websocket("/v1/chat/completions/ws")
     async def chat_completions_ws(websocket: WebSocket) -> None:
