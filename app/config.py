@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     # cut may lose the last moments); full: every commit is on disk before it returns.
     sqlite_synchronous: Literal["normal", "full"] = "normal"
 
-    # --- budgets (every surface: /chat, /v1/chat/completions, /ws/chat and both webhooks) --------
+    # --- budgets (every surface: /chat, /v1/*, /ws/chat and both webhooks) -----------------------
     # A session's tokens (prompt + completion); "none" is unlimited. A client key may carry its
     # own (CLIENT_API_KEYS "key:tenant:tokens"); per tenant: "acme=8192,beta=none".
     budget_session_tokens: int | None = Field(4096, ge=1)

@@ -9,7 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
+import pytest
+
 from app.schemas.routing import RoutingDecision
+from app.services.llm.embeddings import (
+    EmbeddingRequest,
+    embeddings_payload,
+    in_format,
+    parse_embeddings,
+)
 from bench import fake_upstream
 
 
@@ -73,3 +82,20 @@ async def test_fake_upstream_answers_parse() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+async def test_fake_upstream_embeddings_parse(encoding: str) -> None:
+    server = await fake_upstream.start("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        texts = ("one", "two", "three")
+        request = EmbeddingRequest(fake_upstream.EMBEDDING_MODEL, texts, encoding_format=encoding)
+        raw = json.dumps(embeddings_payload(request)).encode()
+        status, body = await _exchange(port, "POST", "/v1/embeddings", raw)
+    finally:
+        server.close()
+        await server.wait_closed()
+    answer = parse_embeddings("bench", httpx.Response(status, content=body), request, 0.0)
+    assert status == 200 and answer.usage_reported and answer.usage.prompt_tokens > 0
+    assert [in_format(v, "float") for v in answer.vectors] == [fake_upstream.EMBEDDING] * 3

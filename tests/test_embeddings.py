@@ -200,6 +200,24 @@ async def test_the_session_budget_refuses_what_it_cannot_hold_and_the_tenant_bud
     assert [r["session"] for r in records] == [None]
 
 
+async def test_the_inbound_requests_and_tokens_per_minute_hold_embeddings_too(
+    app_client: Callable[..., Any], llm_plan: FaultPlan
+) -> None:
+    text = "a paragraph of a knowledge base article " * 10  # ~80 tokens
+    async with gateway(app_client, client_rate_limit_rpm=1) as (client, _, _):
+        await client.embeddings.create(model=MODEL, input="hello")
+        with pytest.raises(openai.RateLimitError) as over_rpm:
+            await client.embeddings.create(model=MODEL, input="hello again")
+    async with gateway(app_client, client_rate_limit_tpm=50) as (client, _, _):
+        with pytest.raises(openai.RateLimitError) as over_tpm:
+            await client.embeddings.create(model=MODEL, input=text)
+    assert over_rpm.value.body["limit"]["limit"] == "requests"  # type: ignore[index]
+    assert int(over_rpm.value.response.headers["retry-after"]) >= 1
+    assert over_tpm.value.body["limit"]["limit"] == "tokens"  # type: ignore[index]
+    assert over_tpm.value.response.headers["x-should-retry"] == "false"  # it can never fit
+    assert len(embeddings_requests(llm_plan)) == 1
+
+
 # --- routing -------------------------------------------------------------------------------------
 
 
@@ -389,9 +407,20 @@ async def test_a_missing_key_is_401(app_client: Callable[..., Any]) -> None:
 # --- make run ------------------------------------------------------------------------------------
 
 
-def test_the_example_runs_against_the_simulated_service(tmp_path: Path) -> None:
+def readme_embeddings_sample() -> str:
+    """The README's /v1/embeddings Python sample, as it is written there."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n### OpenAI-compatible embeddings: `/v1/embeddings`\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_example_and_the_readme_sample_run_against_the_simulated_service(
+    tmp_path: Path,
+) -> None:
     """What `make run` starts (`serve --simulate`, no settings) answers the official client's
-    embeddings out of the box, and the call shows in the session's budget and the ledger."""
+    embeddings out of the box, and the calls show in the session's budget and the ledger."""
+    sample = readme_embeddings_sample()
+    assert "http://127.0.0.1:8080/v1" in sample
     with running_service(tmp_path, "--simulate") as service:
         example = subprocess.run(
             [
@@ -405,10 +434,22 @@ def test_the_example_runs_against_the_simulated_service(tmp_path: Path) -> None:
             timeout=60,
             cwd=tmp_path,
         )
+        readme = subprocess.run(
+            [sys.executable, "-c", sample.replace("http://127.0.0.1:8080", service.url)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
         dev_key = {"Authorization": "Bearer cx-relay-dev-key"}
         session = httpx.get(f"{service.url}/budget/sessions/example-faq", headers=dev_key)
         usage = httpx.get(f"{service.url}/budget/usage", headers=dev_key).json()["records"]
     assert example.returncode == 0, example.stderr
     assert "4 vectors of 256 dimensions from text-embedding-3-small-simulated" in example.stdout
+    assert readme.returncode == 0, readme.stderr
+    assert readme.stdout.startswith("2 256 ")
     assert session.status_code == 200 and session.json()["cost"] > 0
-    assert [(r["surface"], r["session"]) for r in usage] == [("embeddings", "example-faq")]
+    assert [(r["surface"], r["session"]) for r in usage] == [
+        ("embeddings", "kb-sync-1"),
+        ("embeddings", "example-faq"),
+    ]

@@ -149,6 +149,88 @@ def test_single_mistakes_are_found(change: Any, path: str) -> None:
     assert path in paths(raw)
 
 
+# --- embedding models ----------------------------------------------------------------------------
+
+
+def embedding(**fields: Any) -> dict[str, Any]:
+    return {"name": "text-embedding-3-large", "kind": "embedding", **fields}
+
+
+def test_an_embedding_model_takes_8192_tokens_per_input_unless_told() -> None:
+    config, problems = validate_provider_config(good(), EXAMPLE_ENV)
+    assert problems == [] and config is not None
+    model = config.providers[0].models[1]
+    assert (model.name, model.kind, model.max_context_tokens) == (
+        "text-embedding-3-small",
+        "embedding",
+        8192,
+    )
+    raw = good()
+    raw["providers"][0]["models"][1]["max_context_tokens"] = 512
+    config, _ = validate_provider_config(raw, EXAMPLE_ENV)
+    assert config is not None and config.providers[0].models[1].max_context_tokens == 512
+    assert config.providers[0].models[0].kind == "chat"
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "says"),
+    [
+        (
+            lambda r: r["providers"][1]["models"].append(embedding()),
+            "providers[1].models[1].kind",
+            "the anthropic kind has no embeddings endpoint",
+        ),
+        (
+            lambda r: r["providers"][0]["models"].append(embedding(price_per_1k_completion=0.1)),
+            "providers[0].models[2].price_per_1k_completion",
+            "price_per_1k_prompt",
+        ),
+        (
+            lambda r: r["providers"][0]["models"].append(embedding(max_tokens=512)),
+            "providers[0].models[2].max_tokens",
+            "longest input",
+        ),
+        (
+            lambda r: r["providers"][0]["models"].append(embedding(structured_outputs=True)),
+            "providers[0].models[2].structured_outputs",
+            "answers no text",
+        ),
+        (
+            lambda r: r["routes"][0]["chain"].insert(
+                1, {"provider": "openai", "model": "text-embedding-3-small"}
+            ),
+            "routes[0].chain[1].model",
+            "openai/text-embedding-3-small is an embedding model but openai/gpt-4o-mini is a "
+            "chat model: a route serves one kind",
+        ),
+        (
+            lambda r: r["routes"].append(
+                {
+                    "name": "search",
+                    "temperature": 0.5,
+                    "chain": [{"provider": "openai", "model": "text-embedding-3-small"}],
+                }
+            ),
+            "routes[1].temperature",
+            "a route of embedding models answers no text",
+        ),
+    ],
+)
+def test_embedding_model_mistakes_are_found(change: Any, path: str, says: str) -> None:
+    raw = good()
+    change(raw)
+    problems = validate_provider_config(raw, EXAMPLE_ENV)[1]
+    assert [p.path for p in problems] == [path], problems
+    assert says in problems[0].message
+
+
+def test_a_route_of_embedding_models_validates() -> None:
+    chain = [{"provider": "openai", "model": "text-embedding-3-small"}]
+    raw = good()
+    raw["routes"].append({"name": "search", "context_tokens": 4096, "chain": chain})
+    assert paths(raw) == []
+
+
 def test_canonical_json_is_stable_across_key_order() -> None:
     config, _ = validate_provider_config(good(), EXAMPLE_ENV)
     assert config is not None
@@ -178,6 +260,27 @@ def test_env_settings_become_one_provider_with_a_key_pool() -> None:
     assert config.route(settings.llm_model) is not None
 
 
+def test_env_settings_serve_the_embedding_models_at_their_price() -> None:
+    settings = _settings(
+        llm_gateway_base_url="http://127.0.0.1:1",
+        llm_embedding_models="text-embedding-3-small, text-embedding-3-large",
+        llm_embedding_price_per_1k_input="0.00013",
+    )
+    models = provider_config_from_env(settings).providers[0].models
+    assert [(m.name, m.kind, m.price_per_1k_prompt) for m in models] == [
+        ("gpt-4o-mini", "chat", 0.0),
+        ("text-embedding-3-small", "embedding", 0.00013),
+        ("text-embedding-3-large", "embedding", 0.00013),
+    ]
+    none = _settings(llm_gateway_base_url="http://127.0.0.1:1", llm_embedding_models="")
+    assert [m.kind for m in provider_config_from_env(none).providers[0].models] == ["chat"]
+
+
+def test_llm_model_cannot_be_an_embedding_model() -> None:
+    with pytest.raises(ValueError, match="LLM_EMBEDDING_MODELS names LLM_MODEL"):
+        _settings(llm_gateway_base_url="http://127.0.0.1:1", llm_model="text-embedding-3-small")
+
+
 def test_invalid_providers_file_stops_start_up_naming_it(tmp_path: Path) -> None:
     path = tmp_path / "providers.yaml"
     path.write_text((ROOT / "examples/providers.broken.yaml").read_text())
@@ -199,6 +302,10 @@ def test_llm_model_must_be_a_route_of_the_file(
     assert initial_provider_config(
         _settings(providers_file=str(path), llm_model="assistant")
     ).route("assistant")
+    with pytest.raises(ConfigError, match="LLM_MODEL 'text-embedding-3-small' is an embedding"):
+        initial_provider_config(
+            _settings(providers_file=str(path), llm_model="text-embedding-3-small")
+        )
 
 
 async def test_webhook_runs_on_a_providers_file_route(

@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from app.deadline import Deadline
 from app.observability import JsonFormatter
 from app.services.llm.catalog import load_provider_file, validate_provider_config
+from app.services.llm.embeddings import EmbeddingRequest
 from app.services.llm.retry import RetryPolicy
 from app.services.llm.router import LLMRouter, RouterOptions
 from app.services.llm.types import ChatRequest
@@ -189,6 +190,24 @@ async def test_a_401_drops_the_token_refreshes_it_and_retries_once(
     assert len(fakes.token_requests) == 2
     (fresh,) = fakes.issuer.issued
     assert bearers(fakes.alpha_plan)[-1] == fresh
+    assert llm.providers["alpha"].keys.healthy_count == 1  # nothing set aside
+
+
+async def test_embeddings_carry_the_token_and_a_refused_one_is_refreshed_once(
+    http: httpx.AsyncClient, fakes: Fakes
+) -> None:
+    models = [{"name": "gpt-4o-mini"}, {"name": "text-embedding-3-small", "kind": "embedding"}]
+    llm = build_router(http, fakes, alpha={"models": models})
+    asked = EmbeddingRequest("text-embedding-3-small", ("where is my order?",))
+    first = await llm.embed(asked, Deadline.after(5))
+    (old,) = fakes.issuer.issued
+    fakes.issuer.revoke_all()  # the cached token is now refused with 401
+    second = await llm.embed(asked, Deadline.after(5))
+    (fresh,) = fakes.issuer.issued
+    assert steps(first) == steps(second) == ["alpha:ok"]  # the retry is inside the one attempt
+    assert first.vectors == second.vectors and len(first.vectors) == 1
+    assert len(fakes.token_requests) == 2
+    assert bearers(fakes.alpha_plan) == [old, old, fresh]
     assert llm.providers["alpha"].keys.healthy_count == 1  # nothing set aside
 
 

@@ -56,7 +56,8 @@ class EmbeddingsRequest(BaseModel):
     @field_validator("input")
     @classmethod
     def _one_of_the_shapes(cls, value: Any) -> Any:
-        """Which item is wrong, in words: a union type's own errors would list every shape."""
+        """Which item is wrong, in words (a union type's own errors would list every shape);
+        token ids as ints (JSON Schema's integers include 7.0)."""
         if isinstance(value, str):
             if not value:
                 raise ValueError("must not be empty")
@@ -64,7 +65,7 @@ class EmbeddingsRequest(BaseModel):
         if not isinstance(value, list) or not value:
             raise ValueError(f"must be {_SHAPES}, not empty")
         if all(_token_id(item) for item in value):
-            return value  # one input, as token ids
+            return [int(item) for item in value]  # one input, as token ids
         if len(value) > MAX_INPUTS:
             raise ValueError(f"at most {MAX_INPUTS} inputs in one request, got {len(value)}")
         texts = all(isinstance(item, str) for item in value)
@@ -75,7 +76,7 @@ class EmbeddingsRequest(BaseModel):
                 raise ValueError(f"input[{index}] is empty")
             if not texts and not all(_token_id(token) for token in item):
                 raise ValueError(f"input[{index}] must be token ids (integers from 0)")
-        return value
+        return value if texts else [[int(token) for token in item] for item in value]
 
     @field_validator("user")
     @classmethod
@@ -95,7 +96,8 @@ class EmbeddingsRequest(BaseModel):
 
 
 def _token_id(value: Any) -> bool:
-    return type(value) is int and 0 <= value <= MAX_TOKEN_ID
+    whole = type(value) is int or (type(value) is float and value.is_integer())
+    return whole and 0 <= value <= MAX_TOKEN_ID
 
 
 # --- responses ----------------------------------------------------------------------------------

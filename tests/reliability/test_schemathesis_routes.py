@@ -12,9 +12,9 @@ loopback. Each operation is run twice:
 - without credentials (none, or wrong ones): every protected operation answers 401, whatever the
   body, and neither the provider nor CXone hears of it.
 
-Half the generated chat bodies are steered past the rules no schema can state (a model this
-gateway serves, at least one user message), so generated text also reaches the whole pipeline and
-the provider rather than stopping at 404 or 422.
+Half the generated chat and embeddings bodies are steered past the rules no schema can state (a
+model this gateway serves, at least one user message), so generated text also reaches the whole
+pipeline and the provider rather than stopping at 404 or 422.
 
 Checks not run, and why: `positive_data_acceptance` expects every schema-valid body to be
 accepted, but some rules are not expressible in the schema (the model names are configuration; a
@@ -189,11 +189,23 @@ WRONG = [
 
 CHOICES = ["hmac", "standard_webhooks", "api_key", "client_key", "admin_token"]
 SERVED_MODEL = Settings.model_fields["llm_model"].default
+SERVED_EMBEDDING_MODEL = Settings.model_fields["llm_embedding_models"].get_default(
+    call_default_factory=True
+)[0]
 
 
 def _steer(case: schemathesis.Case) -> None:
     """Past what the schema cannot say: a served model, a user message, coherent options."""
     body = case.body
+    if isinstance(body, dict) and case.path == "/v1/embeddings":
+        body["model"] = SERVED_EMBEDDING_MODEL
+        # a few short vectors: 2048 inputs of 8192 dimensions are valid, and slow to simulate
+        given = body.get("input")
+        if isinstance(given, list) and given and isinstance(given[0], (str, list)):
+            body["input"] = body["input"][:8]
+        if isinstance(body.get("dimensions"), int):
+            body["dimensions"] = min(body["dimensions"], 64)
+        return
     if not isinstance(body, dict) or case.path not in ("/chat", "/v1/chat/completions"):
         return
     body.pop("fallback_models", None)
