@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from app.services.tokens import text_tokens
 from app.simulator.answers import token_count
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.llm import embedding_vector
@@ -177,6 +178,20 @@ async def test_usage_is_in_the_session_budget_the_ledger_and_the_metrics(
         labels(surface="embeddings", outcome="success", reason=""): 1,
         labels(surface="embeddings", outcome="rejected", reason="404"): 1,
     }
+
+
+async def test_without_the_providers_usage_our_count_is_billed_and_marked_estimated(
+    app_client: Callable[..., Any], llm_plan: FaultPlan
+) -> None:
+    texts = ["hello world", "where is my order?"]
+    llm_plan.push(Fault(omit_usage=True))
+    async with gateway(app_client) as (client, raw, app):
+        answer = await client.embeddings.create(model=MODEL, input=texts)
+        records = await usage_records(raw, app)
+    counted = sum(text_tokens(t, MODEL) for t in texts)  # text-embedding-3-small: cl100k_base
+    assert answer.usage.prompt_tokens == counted == 2 + 5
+    assert (answer.model_extra or {})["cx_relay"]["usage_estimated"] is True
+    assert (records[0]["prompt_tokens"], records[0]["estimated"]) == (counted, True)
 
 
 async def test_the_session_budget_refuses_what_it_cannot_hold_and_the_tenant_budget_too(

@@ -98,7 +98,7 @@ async def test_ready_when_the_store_answers_and_a_route_is_usable(
     checks = body["checks"]
     assert checks["config"] == {"ok": True, "source": "env", "default_model": "gpt-4o-mini"}
     assert checks["store"]["ok"] is True and checks["store"]["backend"] == "sqlite"
-    assert checks["providers"]["routes"] == {"gpt-4o-mini": True}
+    assert checks["providers"]["routes"] == {"gpt-4o-mini": True, "text-embedding-3-small": True}
     assert checks["providers"]["providers"]["default"] == {
         "usable": True,
         "circuit": "closed",
@@ -227,7 +227,7 @@ async def test_not_ready_while_every_circuit_is_open_then_ready_in_half_open(
         status, body = await get(client, "/health/ready")
         assert status == 503 and body["failing"] == ["providers"]
         providers = body["checks"]["providers"]
-        assert providers["routes"] == {"gpt-4o-mini": False}
+        assert providers["routes"] == {"gpt-4o-mini": False, "text-embedding-3-small": False}
         assert providers["providers"]["default"]["circuit"] == "open"
         assert "circuit not open" in providers["error"]
         await asyncio.sleep(0.6)  # the reset period: the router will send one trial again
@@ -274,7 +274,10 @@ async def test_health_details_a_reachable_provider(
     assert body["simulated"] == {}
     assert body["version"]
     assert body["store"]["ok"] is True
-    assert body["routes"] == {"gpt-4o-mini": {"usable": True, "chain": ["default/gpt-4o-mini"]}}
+    assert body["routes"] == {
+        "gpt-4o-mini": {"usable": True, "chain": ["default/gpt-4o-mini"]},
+        "text-embedding-3-small": {"usable": True, "chain": ["default/text-embedding-3-small"]},
+    }
     assert body["config_checks"] == {  # the integration tutorial's shape
         "ok": True,
         "source": "env",
@@ -300,11 +303,20 @@ async def test_health_details_a_reachable_provider(
     assert default["models"] == [
         {
             "name": "gpt-4o-mini",
+            "kind": "chat",
             "max_tokens": 4096,
             "max_context_tokens": 128000,
             "max_tokens_ok": True,
             "routes": {"gpt-4o-mini": True},
-        }
+        },
+        {  # LLM_EMBEDDING_MODELS' default
+            "name": "text-embedding-3-small",
+            "kind": "embedding",
+            "max_tokens": 4096,
+            "max_context_tokens": 8192,
+            "max_tokens_ok": True,
+            "routes": {"text-embedding-3-small": True},
+        },
     ]
 
 

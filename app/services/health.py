@@ -144,7 +144,8 @@ def provider_report(
             warnings.append(f"{name}: {label} {value:g} is outside {spec.kind}'s {low:g}-{high:g}")
     models = []
     for model in spec.models:
-        max_tokens_ok = settings.llm_max_tokens <= model.max_tokens
+        # an embedding model answers no text: LLM_MAX_TOKENS is not asked of it
+        max_tokens_ok = model.kind != "chat" or settings.llm_max_tokens <= model.max_tokens
         if not max_tokens_ok:
             warnings.append(
                 f"{name}/{model.name}: LLM_MAX_TOKENS {settings.llm_max_tokens} is above the "
@@ -158,6 +159,7 @@ def provider_report(
         models.append(
             {
                 "name": model.name,
+                "kind": model.kind,
                 "max_tokens": model.max_tokens,
                 "max_context_tokens": model.max_context_tokens,
                 "max_tokens_ok": max_tokens_ok,

@@ -255,7 +255,7 @@ class LLMRouter:
 
         # The route is walked with a chat request whose messages are the texts: what the
         # outgoing tpm limits estimate (settled to the provider's usage after the call).
-        texts = [{"role": "user", "content": i} for i in request.inputs if isinstance(i, str)]
+        texts = [{"role": "user", "content": t} for t in request.inputs if isinstance(t, str)]
         walked = ChatRequest(messages=texts, model=request.model, temperature=0.0, max_tokens=0)
         result = await self._run(walked, deadline, send, trail, None, kind="embedding")
         assert isinstance(result, EmbeddingResult)
