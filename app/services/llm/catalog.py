@@ -37,6 +37,11 @@ class ModelSpec(_Strict):
     price_per_1k_prompt: float = 0.0
     price_per_1k_completion: float = 0.0
     structured_outputs: bool | None = None  # None: the provider's setting
+    # What the model takes beside text (a request that needs what no model of its route takes
+    # is refused with a 400 naming them): image parts, input_audio parts, tool definitions.
+    vision: bool = False
+    audio: bool = False
+    tools: bool = True
 
 
 class OAuthSpec(_Strict):
@@ -258,6 +263,10 @@ def _semantic_problems(
                 )
             if model.price_per_1k_prompt < 0 or model.price_per_1k_completion < 0:
                 problems.append(Problem(f"{at}.models[{m}]", "prices cannot be negative"))
+            if model.audio and provider.kind == "anthropic":
+                problems.append(
+                    Problem(f"{at}.models[{m}].audio", "Anthropic's Messages API takes no audio")
+                )
     for r, route in zip(route_at, config.routes, strict=True):
         at = f"routes[{r}]"
         if not route.chain:

@@ -1,0 +1,49 @@
+"""The runnable examples in examples/, run as a reader would run them: against the service as
+`make run` starts it (`python -m app serve --simulate`), with the official `openai` client."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT, ServiceProcess, running_service, service_env
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    with running_service(tmp_path_factory.mktemp("examples"), "--simulate") as service:
+        yield service
+
+
+def run_example(name: str, service: ServiceProcess) -> str:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / name)],
+        env=service_env(CX_RELAY_BASE_URL=f"{service.url}/v1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_tool_calling_example_completes_both_loops(simulated: ServiceProcess) -> None:
+    out = run_example("tool_calling.py", simulated)
+    lines = out.splitlines()
+    assert lines[0].startswith("step 1: tool_calls [ChatCompletionMessageFunctionToolCall(")
+    assert "get_order_status" in lines[0]
+    assert lines[1].startswith('step 2: (simulated) The tool answered: {"order_number": "')
+    assert '"status": "shipped"' in lines[1]
+    assert lines[2].startswith("streamed step 1: [") and "usage: CompletionUsage(" in lines[2]
+    assert lines[3].startswith("(simulated) The tool answered:")
+
+
+def test_examples_are_listed_in_the_readme() -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    for example in sorted(Path(REPO_ROOT / "examples").glob("*.py")):
+        assert f"examples/{example.name}" in readme, example.name
