@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from openai import OpenAI
 
+from app.config import DEV_CLIENT_API_KEY
 from tests.helpers import REPO_ROOT, ServiceProcess, running_service, service_env
 
 
@@ -47,3 +50,43 @@ def test_examples_are_listed_in_the_readme() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     for example in sorted(Path(REPO_ROOT / "examples").glob("*.py")):
         assert f"examples/{example.name}" in readme, example.name
+
+
+def test_make_run_answers_an_image_part_and_a_strict_json_schema(
+    simulated: ServiceProcess,
+) -> None:
+    """What Cognigy's AI Agent nodes and agent frameworks send, against `make run` as it is."""
+    client = OpenAI(base_url=f"{simulated.url}/v1", api_key=DEV_CLIENT_API_KEY, max_retries=0)
+    pixel = (
+        "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQ"
+        "DwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    )
+    seen = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": pixel}},
+                ],
+            }
+        ],
+    )
+    assert "(and 1 attachment)" in (seen.choices[0].message.content or "")
+    schema = {
+        "type": "object",
+        "properties": {"intent": {"type": "string"}, "urgent": {"type": "boolean"}},
+        "required": ["intent", "urgent"],
+        "additionalProperties": False,
+    }
+    structured = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "My card was charged twice!"}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "triage", "schema": schema, "strict": True},
+        },
+    )
+    answer = json.loads(structured.choices[0].message.content or "")
+    assert set(answer) == {"intent", "urgent"} and isinstance(answer["urgent"], bool)
