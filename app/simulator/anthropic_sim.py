@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.simulator.answers import (
     SIMULATED_MODEL_SUFFIX,
+    content_text,
     conversational_reply,
     customer_text,
     paced,
@@ -42,17 +43,6 @@ _ANTHROPIC_ERROR_TYPES = {
     429: "rate_limit_error",
     529: "overloaded_error",
 }
-
-
-def _block_text(content: Any) -> str:
-    """Anthropic content is a string or a list of blocks; only text blocks matter here."""
-    if isinstance(content, list):
-        return "\n".join(
-            str(block.get("text", ""))
-            for block in content
-            if isinstance(block, dict) and block.get("type") == "text"
-        )
-    return "" if content is None else str(content)
 
 
 def anthropic_error_body(status: int, message: str | None = None) -> dict[str, Any]:
@@ -146,10 +136,10 @@ async def messages(plan: FaultPlan, request: Request) -> Response:
         return JSONResponse(error, fault.status, fault.headers)
     raw = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     turns: list[dict[str, Any]] = [
-        {"role": m.get("role"), "content": _block_text(m.get("content"))} for m in raw
+        {"role": m.get("role"), "content": content_text(m.get("content"))} for m in raw
     ]
     results = _tool_results(raw[-1].get("content")) if raw else []
-    system = _block_text(body.get("system"))
+    system = content_text(body.get("system"))
     call = None
     if fault.content is not None:
         content = fault.content
@@ -182,7 +172,7 @@ def _tool_results(content: Any) -> list[str]:
     if not isinstance(content, list):
         return []
     return [
-        _block_text(block.get("content"))
+        content_text(block.get("content"))
         for block in content
         if isinstance(block, dict) and block.get("type") == "tool_result"
     ]
