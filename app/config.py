@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     # The LLM_GATEWAY_* provider's model: its context window and prices (USD per 1,000 tokens)
     # for the cost ledger. A provider file states these per model instead.
     llm_context_tokens: int = Field(128_000, ge=256, le=10_000_000)
+    # What the LLM_GATEWAY_* model takes beside text (gpt-4o-mini: images, not audio); a /v1
+    # request with a part the model does not take is refused with a 400 naming it.
+    llm_vision: bool = True
+    llm_audio: bool = False
     token_counting: Literal["exact", "estimate"] = "exact"  # estimate: no tokenizer (-140 MiB)
     llm_price_per_1k_prompt: float | None = Field(None, ge=0.0)
     llm_price_per_1k_completion: float | None = Field(None, ge=0.0)

@@ -114,6 +114,15 @@ class OutputInvalid(CxRelayError):
         self.errors = errors
 
 
+class RequestUnsupported(CxRelayError):
+    """No model of the route can take what the request asks for (image or audio parts, tools,
+    an option its provider's API has not): refused before anything is spent, naming `param`."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class UnknownModel(CxRelayError):
     """The requested model is neither a route nor a model of any configured provider."""
 

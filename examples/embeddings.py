@@ -1,23 +1,27 @@
-"""Embeddings through cx-relay with the official OpenAI Python client, unmodified.
+"""Embeddings through cx-relay with the official `openai` client, unchanged.
 
-    make run                                  # one terminal: the service, simulated
-    .venv/bin/python examples/embeddings.py   # another: embed a question and three FAQ entries
+    make run                                  # in one terminal: the simulated service
+    .venv/bin/python examples/embeddings.py   # in another
 
-The client is pointed at cx-relay's `/v1` with a client key (by default the development key that
-`make run` accepts) and asks for the model `text-embedding-3-small` (LLM_EMBEDDING_MODELS, or a
-provider file model with `kind: embedding`). It sends a session id as `user`, so the call counts
-against that session's budget and shows in `GET /budget/sessions/example-faq`. Against `make run`
-the vectors come from the simulated provider: deterministic but not semantic, so the ranking
-printed means something only against a real provider.
+A question and three FAQ entries are embedded in one request (`dimensions` shortens the vectors)
+and the entries ranked by their cosine similarity to the question. The request names a session
+(`user`), so it counts against that session's budget and shows in
+`GET /budget/sessions/example-faq`. Against `make run` the vectors come from the simulated
+provider: deterministic but not semantic, so the ranking means something only against a real
+model; point CX_RELAY_BASE_URL and CX_RELAY_KEY at your deployment (and CX_RELAY_EMBEDDING_MODEL
+at one of its embedding models) for that.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 
 from openai import OpenAI
+
+BASE_URL = os.environ.get("CX_RELAY_BASE_URL", "http://127.0.0.1:8080/v1")
+KEY = os.environ.get("CX_RELAY_KEY", "cx-relay-dev-key")  # make run's development client key
+MODEL = os.environ.get("CX_RELAY_EMBEDDING_MODEL", "text-embedding-3-small")
 
 FAQ = [
     "How do I reset my password?",
@@ -33,26 +37,18 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--base-url", default=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8080/v1")
-    )
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "cx-relay-dev-key"))
-    parser.add_argument("--model", default="text-embedding-3-small")
-    args = parser.parse_args()
-
-    client = OpenAI(base_url=args.base_url, api_key=args.api_key)
-    # The client asks for base64 (compact) and hands back floats; `dimensions` shortens them.
+    client = OpenAI(base_url=BASE_URL, api_key=KEY)
+    # The client asks for base64 (compact on the wire) and hands back floats.
     answer = client.embeddings.create(
-        model=args.model, input=[QUESTION, *FAQ], dimensions=256, user="example-faq"
+        model=MODEL, input=[QUESTION, *FAQ], dimensions=256, user="example-faq"
     )
     question, *entries = (item.embedding for item in answer.data)
-    ranked = sorted(zip(FAQ, entries), key=lambda pair: cosine(question, pair[1]), reverse=True)
     print(f"{len(answer.data)} vectors of {len(question)} dimensions from {answer.model}")
+    ranked = sorted(zip(FAQ, entries), key=lambda pair: cosine(question, pair[1]), reverse=True)
     for text, vector in ranked:
         print(f"  {cosine(question, vector):+.3f}  {text}")
-    extras = (answer.model_extra or {}).get("cx_relay", {})
-    print(f"usage: {answer.usage.prompt_tokens} tokens, cost ${extras.get('cost', 0):.8f}")
+    cost = (answer.model_extra or {}).get("cx_relay", {}).get("cost", 0.0)
+    print(f"usage: {answer.usage.prompt_tokens} tokens, cost ${cost:.8f}")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ from app.errors import (
 )
 from app.services.llm.anthropic import (
     ANTHROPIC_VERSION,
-    LEADING_USER_TURN,
     AnthropicProvider,
     messages_url,
 )
+from app.services.llm.anthropic_messages import LEADING_USER_TURN
 from app.services.llm.openai_compat import OpenAICompatibleProvider
 from app.services.llm.types import ChatRequest, ProviderClient
 from app.services.llm.wire import JSON_INSTRUCTION

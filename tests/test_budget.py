@@ -318,13 +318,36 @@ def test_fit_history_keeps_every_system_message_and_the_newest_user_turn() -> No
     messages = [
         {"role": "system", "content": "policy " * 10},
         {"role": "user", "content": "old " * 40},
+        {"role": "assistant", "content": "earlier " * 40},
         {"role": "system", "content": "context " * 10},
         {"role": "user", "content": "newest " * 10},
-        {"role": "assistant", "content": "partial " * 40},
+        {"role": "assistant", "content": "partial " * 5},  # after the newest: the turn's own
     ]
     fit = fit_history(messages, count_tokens=estimate_tokens, max_prompt_tokens=70)
-    assert [m["role"] for m in fit.messages] == ["system", "system", "user"]
+    assert [m["role"] for m in fit.messages] == ["system", "system", "user", "assistant"]
     assert fit.dropped == 2
+
+
+def test_fit_history_drops_a_tool_call_with_its_results_never_apart() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "first " * 30},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "result " * 30},
+        {"role": "assistant", "content": "done"},
+        {"role": "user", "content": "next"},
+        {"role": "assistant", "content": None, "tool_calls": [{**call, "id": "c2"}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "now"},
+    ]
+    whole = estimate_tokens(messages)
+    fit = fit_history(messages, count_tokens=estimate_tokens, max_prompt_tokens=whole - 40)
+    kept = fit.messages
+    assert kept[-3:] == messages[-3:]  # the turn under way: its call and result stay
+    for i, message in enumerate(kept):  # no result without the call just before it
+        if message["role"] == "tool":
+            assert kept[i - 1].get("tool_calls") or kept[i - 1]["role"] == "tool"
+    assert messages[3] not in kept and messages[2] not in kept
 
 
 def test_fit_history_without_a_user_turn_keeps_the_newest_message() -> None:

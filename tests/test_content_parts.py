@@ -157,8 +157,8 @@ async def test_chat_refuses_a_non_text_part_naming_it(
     (error,) = on_chat.json()["detail"]
     assert error["loc"][-3:] == ["messages", 0, "content"]
     assert "only text content parts are supported, got type 'image_url'" in error["msg"]
-    assert on_v1.value.param == "messages[0].content"
-    assert "got type 'image_url'" in on_v1.value.message
+    assert on_v1.value.param == "messages[0].content"  # /v1 takes images, but not this URL
+    assert "an image_url is an http(s) URL or a data:image/" in on_v1.value.message
     assert llm_plan.requests == []
 
 

@@ -1,7 +1,6 @@
 """POST /v1/embeddings as its users call it: the official `openai` client, unmodified, against the
 app with its real lifespan and simulated providers on loopback (routing, keys, fallback, circuit,
-budgets, ledger, metrics, refusals), and the runnable example against `python -m app serve
---simulate`, which is what `make run` starts."""
+budgets, ledger, metrics, refusals). Against `make run` itself: tests/test_examples.py."""
 
 from __future__ import annotations
 
@@ -9,8 +8,6 @@ import base64
 import json
 import math
 import struct
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +21,6 @@ from app.services.tokens import text_tokens
 from app.simulator.answers import token_count
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.llm import embedding_vector
-from tests.helpers import REPO_ROOT, running_service
 from tests.metric_samples import changes, labels, snapshot
 from tests.test_openai_api import KEY, gateway
 
@@ -417,54 +413,3 @@ async def test_a_missing_key_is_401(app_client: Callable[..., Any]) -> None:
         response = await raw.post("/v1/embeddings", json={"model": MODEL, "input": "hi"})
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "invalid_api_key"
-
-
-# --- make run ------------------------------------------------------------------------------------
-
-
-def readme_embeddings_sample() -> str:
-    """The README's /v1/embeddings Python sample, as it is written there."""
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("\n### OpenAI-compatible embeddings: `/v1/embeddings`\n", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_the_example_and_the_readme_sample_run_against_the_simulated_service(
-    tmp_path: Path,
-) -> None:
-    """What `make run` starts (`serve --simulate`, no settings) answers the official client's
-    embeddings out of the box, and the calls show in the session's budget and the ledger."""
-    sample = readme_embeddings_sample()
-    assert "http://127.0.0.1:8080/v1" in sample
-    with running_service(tmp_path, "--simulate") as service:
-        example = subprocess.run(
-            [
-                sys.executable,
-                str(REPO_ROOT / "examples/embeddings.py"),
-                "--base-url",
-                f"{service.url}/v1",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-        )
-        readme = subprocess.run(
-            [sys.executable, "-c", sample.replace("http://127.0.0.1:8080", service.url)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-        )
-        dev_key = {"Authorization": "Bearer cx-relay-dev-key"}
-        session = httpx.get(f"{service.url}/budget/sessions/example-faq", headers=dev_key)
-        usage = httpx.get(f"{service.url}/budget/usage", headers=dev_key).json()["records"]
-    assert example.returncode == 0, example.stderr
-    assert "4 vectors of 256 dimensions from text-embedding-3-small-simulated" in example.stdout
-    assert readme.returncode == 0, readme.stderr
-    assert readme.stdout.startswith("2 256 ")
-    assert session.status_code == 200 and session.json()["cost"] > 0
-    assert [(r["surface"], r["session"]) for r in usage] == [
-        ("embeddings", "kb-sync-1"),
-        ("embeddings", "example-faq"),
-    ]

@@ -316,14 +316,27 @@ async def test_budget_is_spent_per_user_session(app_client: Callable[..., Any]) 
 @pytest.mark.parametrize(
     ("messages", "param", "says"),
     [
-        ([{"role": "bot", "content": "hi"}], "messages[0].role", "'system', 'user' or 'assistant'"),
-        ([{"role": "tool", "content": "42", "tool_call_id": "t"}], "messages[0].role", "'user'"),
+        ([{"role": "bot", "content": "hi"}], "messages[0].role", "'assistant' or 'tool'"),
+        ([{"role": "function", "content": "42"}], "messages[0].role", "send a \"tool\" message"),
+        (
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "tool", "content": "42", "tool_call_id": "t"},
+            ],
+            None,
+            "answers no earlier tool call",
+        ),
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
             "messages[0].content",
-            "got type 'image_url'",
+            "part[0].image_url.url: an image_url is an http(s) URL or a data:image/",
         ),
-        ([{"role": "user", "content": "   "}], "messages[0].content", "empty"),
+        (
+            [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}],
+            "messages[0].content",
+            "content part type 'file' is not supported",
+        ),
+        ([{"role": "user", "content": "   "}], "messages[0]", "content is empty"),
         ([{"role": "system", "content": "Be brief."}], None, "at least one user message"),
     ],
 )
@@ -344,26 +357,31 @@ async def test_text_parts_are_joined(app_client: Callable[..., Any], llm_plan: F
         await client.chat.completions.create(
             model="gpt-4o-mini",
             messages=[{"role": "user", "content": parts}],
-            top_p=0.5,  # accepted and ignored
+            top_p=0.5,  # passed on, as every sampling option
             seed=7,
         )
-    sent = llm_plan.requests[-1]["body"]["messages"]
-    assert sent[-1] == {"role": "user", "content": "Where is\nmy order?"}
+    sent = llm_plan.requests[-1]["body"]
+    assert sent["messages"][-1] == {"role": "user", "content": "Where is\nmy order?"}
+    assert (sent["top_p"], sent["seed"]) == (0.5, 7)
 
 
-async def test_n_above_one_and_tools_are_refused(app_client: Callable[..., Any]) -> None:
-    tool: Any = {"type": "function", "function": {"name": "f", "parameters": {}}}
+async def test_n_above_one_logprobs_and_legacy_functions_are_refused_naming_them(
+    app_client: Callable[..., Any],
+) -> None:
+    function: Any = {"name": "f", "parameters": {}}
     async with gateway(app_client) as (client, _, _):
         with pytest.raises(openai.BadRequestError) as n_error:
             await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, n=2)
-        with pytest.raises(openai.BadRequestError) as tools_error:
+        with pytest.raises(openai.BadRequestError) as logprobs_error:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, logprobs=True)
+        with pytest.raises(openai.BadRequestError) as functions_error:
             await client.chat.completions.create(
-                model="gpt-4o-mini",
-                messages=HELLO,
-                tools=[tool],
+                model="gpt-4o-mini", messages=HELLO, functions=[function]
             )
     assert n_error.value.param == "n" and n_error.value.code == "invalid_value"
-    assert tools_error.value.param == "tools"
+    assert logprobs_error.value.param == "logprobs"
+    assert functions_error.value.param == "functions"
+    assert "send tools and tool_choice" in functions_error.value.message
 
 
 async def test_missing_model_and_broken_json_are_bad_requests(

@@ -196,6 +196,11 @@ def test_an_embedding_model_takes_8192_tokens_per_input_unless_told() -> None:
             "answers no text",
         ),
         (
+            lambda r: r["providers"][0]["models"].append(embedding(vision=True)),
+            "providers[0].models[2].vision",
+            "/v1/embeddings takes text",
+        ),
+        (
             lambda r: r["routes"][0]["chain"].insert(
                 1, {"provider": "openai", "model": "text-embedding-3-small"}
             ),

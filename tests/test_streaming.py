@@ -498,7 +498,7 @@ async def test_anthropic_events_split_across_reads_and_other_blocks_skipped() ->
         chunks = await drain(AnthropicProvider("c", "http://x"), client)
     assert text_of(chunks) == "Hello, world."
     assert chunks[-1].usage == Usage(11, 3)
-    assert chunks[-1].finish_reason == "max_tokens"
+    assert chunks[-1].finish_reason == "length"  # Anthropic's max_tokens, in OpenAI's words
     assert {c.model for c in chunks} == {"claude-x"}
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from app.services import tokens
+from app.services.llm.messages import IMAGE_BASE_TOKENS, IMAGE_MAX_TOKENS
 from app.services.tokens import (
     CL100K_BASE,
     DEFAULT_ENCODING,
@@ -156,17 +157,13 @@ def test_chat_overhead_rule() -> None:
     # a name costs its text and 1 more
     named = [{"role": "user", "name": "bob", "content": "hello"}]
     assert counter.count_messages(named) == 3 + 3 + 1 + 1 + counter.count_text("bob") + 1
-    # content given as parts: the text parts count, the rest does not
-    parts = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "hello world"},
-                {"type": "image_url", "image_url": {"url": "data:,"}},
-            ],
-        }
-    ]
-    assert counter.count_messages(parts) == 3 + 3 + 1 + 2
+    # content given as parts: the text parts count as text; an image by OpenAI's rule (85 at
+    # low detail; of a size that cannot be read, the most an image can cost)
+    low = {"type": "image_url", "image_url": {"url": "https://x.test/a.png", "detail": "low"}}
+    unread = {"type": "image_url", "image_url": {"url": "data:,"}}
+    for image, cost in ((low, IMAGE_BASE_TOKENS), (unread, IMAGE_MAX_TOKENS)):
+        parts = [{"role": "user", "content": [{"type": "text", "text": "hello world"}, image]}]
+        assert counter.count_messages(parts) == 3 + 3 + 1 + 2 + cost
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from app.services.budget import BudgetExhausted
 from app.services.cache import CachedAnswer
 from app.services.chat_errors import describe
 from app.services.injection import InjectionRules
+from app.services.llm.messages import SYSTEM_ROLES, Message, message_text, with_text
 from app.services.llm.types import ChatRequest, ChatResult
 from app.services.metering import Metering, Plan
 from app.services.metrics import BUDGET_EXHAUSTED, TURNS
@@ -73,8 +74,9 @@ class ChatPipeline:
             check_json_schema(call.json_schema)  # SchemaInvalid: the caller's fault, nothing spent
         deadline = Deadline.after(self.options.deadline_seconds)
         models = [call.model or self.options.default_model, *call.fallback_models]
-        for name in models:
-            self.metering.llm.current.route(name)  # UnknownModel before anything is spent
+        router = self.metering.llm.current
+        for name in models:  # UnknownModel, RequestUnsupported before anything is spent
+            router.check_request(self._request(call, name, call.messages, 1))
         injection = self._sanitise(call)
         headroom = await self.metering.headroom(call.principal, call.session_id)
         messages = self._with_instruction(call.messages, headroom.lightweight)
@@ -109,6 +111,7 @@ class ChatPipeline:
                 route_name=name,
                 max_tokens=call.max_tokens or self.options.max_tokens,
                 remaining_tokens=headroom.remaining_tokens,
+                tools=call.tools,
             )
             try:
                 outcome = await self._answer(call, plan, deadline, on_text)
@@ -127,24 +130,26 @@ class ChatPipeline:
     # --- steps ---------------------------------------------------------------------------------
 
     def _sanitise(self, call: ChatCall) -> tuple[str, ...]:
-        """Prompt-injection check of the caller's user turns (in place in redact mode)."""
+        """Prompt-injection check of the caller's user turns and of the tool results it sends
+        back (a tool's output is outside text too), in place in redact mode."""
         mode = self.options.injection_mode if "injection" in call.filters() else "off"
         found: list[str] = []
-        for message in call.messages:
-            if message["role"] != "user":
+        for i, message in enumerate(call.messages):
+            if message["role"] not in ("user", "tool"):
                 continue
-            checked = self.injection.sanitise(message["content"], mode)
-            message["content"] = checked.text
+            checked = self.injection.sanitise(message_text(message), mode)
+            if checked.text != message_text(message):
+                call.messages[i] = with_text(message, checked.text)
             found += [name for name in checked.matches if name not in found]
         call.injection = tuple(found)
         return call.injection
 
     def _with_instruction(
-        self, messages: list[dict[str, str]], lightweight: bool
-    ) -> list[dict[str, str]]:
+        self, messages: list[Message], lightweight: bool
+    ) -> list[Message]:
         """The caller's own system message is kept; without one, ours leads (the lightweight
         one once the budget runs low)."""
-        if any(m["role"] == "system" for m in messages):
+        if any(m["role"] in SYSTEM_ROLES for m in messages):
             return messages
         template = (
             self.options.lightweight_template if lightweight else self.options.system_template
@@ -167,15 +172,26 @@ class ChatPipeline:
         qualifier = "[output filters: " + ",".join(output_filters) + "]"
         if call.json_schema is not None:
             qualifier += "\n" + json.dumps(call.json_schema, sort_keys=True)
-        return qualifier
+        shaping = {
+            "json_object": call.json_object,
+            "tools": call.tools,
+            "tool_choice": call.tool_choice,
+            "parallel_tool_calls": call.parallel_tool_calls,
+            "options": call.options,
+            "temperature": temperature_band(call.temperature),
+        }
+        return qualifier + "\n" + json.dumps(shaping, sort_keys=True, default=str)
 
-    def _cached(
-        self, call: ChatCall, model: str, messages: list[dict[str, str]]
-    ) -> CachedAnswer | None:
-        return self.cache.get(call.principal.tenant, model, messages, self._cache_qualifier(call))
+    def _cached(self, call: ChatCall, model: str, messages: list[Message]) -> CachedAnswer | None:
+        """An answer cached for this very request; one longer than the caller's own max_tokens
+        is not it (that caller would have got a cut answer)."""
+        cached = self.cache.get(call.principal.tenant, model, messages, self._cache_qualifier(call))
+        if cached is not None and call.max_tokens and cached.completion_tokens > call.max_tokens:
+            return None
+        return cached
 
     def _remember(
-        self, call: ChatCall, model: str, messages: list[dict[str, str]], outcome: ChatOutcome
+        self, call: ChatCall, model: str, messages: list[Message], outcome: ChatOutcome
     ) -> None:
         """Only a complete, safe (and, with a schema, valid) answer is cached."""
         if outcome.blocked or outcome.finish_reason != "stop":
@@ -207,15 +223,19 @@ class ChatPipeline:
             content = guard.released
         else:
             content = guard.check(result.content).text
+        tool_calls = guard.check_tool_calls(result.tool_calls)
         outcome = await self._settle(call, plan, result)
         outcome.content = content
+        outcome.tool_calls = tool_calls
         outcome.redactions = dict(guard.redactions)
         if guard.blocked is not None:
             outcome.blocked, outcome.finish_reason = guard.blocked, "content_filter"
             outcome.content = content if on_text is not None else self.options.fallback_text
+            outcome.tool_calls = ()
             return outcome
-        if result.finish_reason == "length":
-            outcome.finish_reason = "length"
+        outcome.finish_reason = result.finish_reason or "stop"
+        if tool_calls and outcome.finish_reason == "stop":
+            outcome.finish_reason = "tool_calls"  # some gateways say stop beside their calls
         if call.json_schema is not None:
             await self._validate(call, plan, deadline, outcome)
         return outcome
@@ -246,20 +266,13 @@ class ChatPipeline:
         self,
         call: ChatCall,
         plan: Plan,
-        messages: list[dict[str, str]],
+        messages: list[Message],
         deadline: Deadline,
         guard: OutputGuard,
         on_text: OnText | None,
         received: list[str] | None = None,
     ) -> ChatResult:
-        request = ChatRequest(
-            messages=messages,
-            model=plan.route,
-            temperature=self.options.temperature if call.temperature is None else call.temperature,
-            max_tokens=plan.max_tokens,
-            json_output=call.json_schema is not None or call.json_object,
-            output_schema=call.output_schema,  # the model sees the schema on the first call
-        )
+        request = self._request(call, plan.route, messages, plan.max_tokens)
         router = self.metering.llm.current
         if on_text is None:
             return await asyncio.wait_for(router.complete(request, deadline), deadline.remaining())
@@ -274,6 +287,22 @@ class ChatPipeline:
         return await asyncio.wait_for(
             router.complete_streamed(request, deadline, self.options.first_token_timeout, forward),
             deadline.remaining(),
+        )
+
+    def _request(
+        self, call: ChatCall, route: str, messages: list[Message], max_tokens: int
+    ) -> ChatRequest:
+        return ChatRequest(
+            messages=messages,
+            model=route,
+            temperature=self.options.temperature if call.temperature is None else call.temperature,
+            max_tokens=max_tokens,
+            json_output=call.json_schema is not None or call.json_object,
+            output_schema=call.output_schema,  # the model sees the schema on the first call
+            tools=call.tools,
+            tool_choice=call.tool_choice,
+            parallel_tool_calls=call.parallel_tool_calls,
+            options=call.options,
         )
 
     async def _settle(self, call: ChatCall, plan: Plan, result: ChatResult) -> ChatOutcome:
@@ -393,4 +422,16 @@ def _log_failure(call: ChatCall, error: CxRelayError, started: float) -> None:
             "error": failure.code if failure else type(error).__name__,
             "latency_ms": round((time.perf_counter() - started) * 1000, 1),
         },
+    )
+
+
+def temperature_band(temperature: float | None) -> str:
+    """Answers at nearby temperatures are alike enough to share a cache entry; answers at 0 and
+    at 1.5 are not. None is the service's configured default."""
+    if temperature is None:
+        return "default"
+    if temperature == 0:
+        return "0"
+    return next(
+        band for limit, band in ((0.5, "low"), (1.0, "mid"), (2.0, "high")) if temperature <= limit
     )

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from app.principal import Principal
 from app.services.injection import InjectionMode
+from app.services.llm.messages import Message
 from app.services.llm.types import OutputSchema, Usage
 
 SafetyFilter = Literal["pii", "unsafe", "injection", "profanity", "self_harm"]
@@ -38,7 +39,7 @@ class ChatCall:
 
     principal: Principal
     session_id: str
-    messages: list[dict[str, str]]
+    messages: list[Message]
     surface: str
     model: str | None = None
     max_tokens: int | None = None
@@ -47,6 +48,10 @@ class ChatCall:
     safety_filters: Collection[str] | None = None  # None: every filter
     output_schema: OutputSchema | None = None  # the answer's JSON Schema, name and strictness
     json_object: bool = False
+    tools: list[dict[str, Any]] | None = None  # OpenAI's tool definitions (/v1)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # stop, seed, top_p ... (CHAT_OPTIONS)
     # set by the pipeline once the input is checked, before any text: the prompt-injection
     # pattern names found, so a streaming surface can put them in its response headers
     injection: tuple[str, ...] = ()
@@ -87,3 +92,4 @@ class ChatOutcome:
     latency_ms: float = 0.0
     repaired: bool = False
     model_used: str = ""  # the configured model that answered (the provider may echo another)
+    tool_calls: tuple[dict[str, Any], ...] = ()  # OpenAI's, after the guard checked arguments

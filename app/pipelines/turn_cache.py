@@ -9,21 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from app.errors import UnknownModel
 from app.services.cache import CachedAnswer, IntentCache
+from app.services.llm.messages import SYSTEM_ROLES, cache_text
 from app.services.metering import Metering
 
 
 def conversation_parts(
-    messages: Sequence[Mapping[str, str]], qualifier: str = ""
+    messages: Sequence[Mapping[str, Any]], qualifier: str = ""
 ) -> tuple[str, str]:
     """(instruction, input): every system message (and what else shapes the answer, such as a
     caller's output filters and schema), then the whole conversation after them."""
-    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    system = "\n".join(cache_text(m) for m in messages if m["role"] in SYSTEM_ROLES)
     if qualifier:
         system += "\n" + qualifier
-    turns = "\n".join(f"{m['role']}: {m['content']}" for m in messages if m["role"] != "system")
+    turns = "\n".join(
+        f"{m['role']}: {cache_text(m)}" for m in messages if m["role"] not in SYSTEM_ROLES
+    )
     return system, turns
 
 
@@ -45,7 +49,7 @@ class TurnCache:
         self,
         tenant: str,
         route: str,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         qualifier: str = "",
     ) -> CachedAnswer | None:
         model = self._model(route) if self.enabled else None
@@ -57,7 +61,7 @@ class TurnCache:
         self,
         tenant: str,
         route: str,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         answer: CachedAnswer,
         qualifier: str = "",
     ) -> None:

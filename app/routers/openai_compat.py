@@ -41,12 +41,15 @@ from app.schemas.openai_chat import (
     Choice,
     ChunkChoice,
     ChunkDelta,
+    ChunkFunction,
+    ChunkToolCall,
     CompletionUsage,
     CxRelayExtras,
     ErrorBody,
     ErrorDetail,
     ModelCard,
     ModelList,
+    ToolCall,
     valid_session_id,
 )
 from app.schemas.openapi import json_request_body, response_schema, sse_response
@@ -153,7 +156,7 @@ def from_failure(failure: ChatFailure) -> OpenAIError:
         failure.message,
         type=kind,
         code=failure.code,
-        param=params.get(failure.code),
+        param=failure.detail.get("param") or params.get(failure.code),
         headers=NO_RETRY if failure.code == "upstream_rejected" else None,
     )
 
@@ -246,7 +249,10 @@ async def chat_completions(request: Request, principal: CallerDep, services: Ser
         model=outcome.model,
         choices=[
             Choice(
-                message=AssistantMessage(content=outcome.content),
+                message=AssistantMessage(
+                    content=outcome.content or (None if outcome.tool_calls else ""),
+                    tool_calls=[ToolCall.model_validate(c) for c in outcome.tool_calls] or None,
+                ),
                 finish_reason=outcome.finish_reason,
             )
         ],
@@ -280,14 +286,19 @@ def build_call(body: ChatCompletionRequest, principal: Principal, session_id: st
     return ChatCall(
         principal=principal,
         session_id=session_id,
-        messages=[{"role": m.role, "content": m.content} for m in body.messages],
+        messages=[m.wire() for m in body.messages],
         surface="openai",
         model=body.model,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature,
         fallback_models=body.fallback_models,
+        safety_filters=body.safety_filters,
         output_schema=body.output_schema,
         json_object=rf is not None and rf.type == "json_object",
+        tools=body.tool_definitions(),
+        tool_choice=body.tool_choice_value(),
+        parallel_tool_calls=body.parallel_tool_calls,
+        options=body.options(),
     )
 
 
@@ -353,6 +364,21 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
             yield sse(ErrorBody(error=failure.detail).model_dump(mode="json"))
             return
         await stream.close()  # the slot is free before the client can read [DONE]
+        for index, call_made in enumerate(outcome.tool_calls):
+            # OpenAI's pieces: the id, type and name first, then the arguments (whole here: they
+            # were checked by the guard before anything of them went out)
+            function = call_made["function"]
+            opening = ChunkToolCall(
+                index=index,
+                id=call_made["id"],
+                type="function",
+                function=ChunkFunction(name=function["name"], arguments=""),
+            )
+            rest = ChunkToolCall(
+                index=index, function=ChunkFunction(arguments=function["arguments"])
+            )
+            for piece in (opening, rest):
+                yield chunk([ChunkChoice(delta=ChunkDelta(tool_calls=[piece]))])
         finish = ChunkChoice(finish_reason=outcome.finish_reason)
         yield chunk([finish], cx_relay=extras(call, outcome))
         if body.include_usage:

@@ -323,23 +323,29 @@ def fit_history(
 ) -> FitResult[M]:
     """Drop the oldest turns until `count_tokens(messages) <= max_prompt_tokens`.
 
-    System messages and the newest user turn (the newest message, if none is from the user) are
-    never dropped; every other message may be, oldest first, and no more are dropped than needed
-    (counting is assumed not to grow when a message is removed, which lets the search bisect
-    instead of counting once per dropped turn). Raises HistoryTooLong when even the kept messages
-    alone do not fit.
+    System messages, the newest user turn and everything after it (the tool calls and results
+    of the turn under way; the newest message, if none is from the user) are never dropped;
+    every other message may be, oldest first, and no more are dropped than needed (counting is
+    assumed not to grow when a message is removed, which lets the search bisect instead of
+    counting once per dropped turn). An assistant turn that called tools goes together with the
+    tool results that answer it: a result without its call is refused by every provider.
+    Raises HistoryTooLong when even the kept messages alone do not fit.
     """
     items = list(messages)
-    protected = {i for i, m in enumerate(items) if m.get("role") == "system"}
+    protected = {i for i, m in enumerate(items) if m.get("role") in ("system", "developer")}
     users = [i for i, m in enumerate(items) if m.get("role") == "user"]
-    if users:
-        protected.add(users[-1])
-    elif items:
-        protected.add(len(items) - 1)
-    droppable = [i for i in range(len(items)) if i not in protected]
+    protected |= set(range(users[-1] if users else max(len(items) - 1, 0), len(items)))
+    droppable: list[list[int]] = []  # units, oldest first
+    for i, message in enumerate(items):
+        if i in protected:
+            continue
+        if message.get("role") == "tool" and droppable and droppable[-1][-1] == i - 1:
+            droppable[-1].append(i)  # a result goes with the call before it
+        else:
+            droppable.append([i])
 
     def keep(k: int) -> list[M]:
-        gone = set(droppable[:k])
+        gone = {i for unit in droppable[:k] for i in unit}
         return [m for i, m in enumerate(items) if i not in gone]
 
     counted = count_tokens(items)
@@ -356,4 +362,4 @@ def fit_history(
             high, high_count = mid, mid_count
         else:
             low = mid
-    return FitResult(keep(high), high, high_count)
+    return FitResult(keep(high), sum(len(unit) for unit in droppable[:high]), high_count)

@@ -9,6 +9,7 @@ from typing import Any
 from app.errors import (
     OutputInvalid,
     RateLimited,
+    RequestUnsupported,
     UnknownModel,
     UpstreamError,
     UpstreamRejected,
@@ -47,6 +48,8 @@ def describe(error: Exception, *, raw_output: bool = False) -> ChatFailure | Non
         )
     if isinstance(error, UnknownModel):
         return ChatFailure(404, "model_not_found", str(error))
+    if isinstance(error, RequestUnsupported):
+        return ChatFailure(400, "unsupported_parameter", str(error), {"param": error.param})
     if isinstance(error, BudgetUnavailable):
         return ChatFailure(503, "budget_unavailable", f"the budget store cannot be read: {error}")
     if isinstance(error, OutputInvalid):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from app.principal import Principal
 from app.services.budget import (
@@ -36,12 +37,13 @@ from app.services.budget import (
 )
 from app.services.inbound_limits import InboundLimiter, TokenCharge
 from app.services.ledger import Ledger
+from app.services.llm.messages import Message
 from app.services.llm.router import RouterSlot
 from app.services.llm.routes import Route
 from app.services.llm.types import ChatResult, Usage
 from app.services.metrics import COST, TOKENS
 from app.services.store import Refusal, UsageRecord
-from app.services.tokens import estimate_tokens, text_tokens
+from app.services.tokens import estimate_tokens, text_tokens, tool_tokens
 
 # Shortening max_tokens below this to squeeze a call into a budget would only buy a cut answer.
 MIN_COMPLETION_TOKENS = 16
@@ -54,7 +56,7 @@ class Plan:
     principal: Principal
     session_id: str
     route: str
-    messages: list[dict[str, str]]
+    messages: list[Message]
     max_tokens: int
     prompt_tokens: int  # our count of `messages`, chat framing included
     dropped: int  # history turns left out to fit
@@ -89,12 +91,13 @@ class Metering:
         self,
         principal: Principal,
         session_id: str,
-        messages: Sequence[Mapping[str, str]],
+        messages: Sequence[Mapping[str, Any]],
         *,
         route_name: str,
         max_tokens: int,
         remaining_tokens: int | None,
         min_tokens: int = MIN_COMPLETION_TOKENS,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> Plan:
         """Fit and reserve. Raises UnknownModel, HistoryTooLong (the context window is too small
         for even the kept messages) or BudgetExhausted (the budget cannot take the call).
@@ -107,8 +110,10 @@ class Metering:
         max_tokens = _answer_limit(route, max_tokens)
         counting_model = route.targets[0].model.name
 
-        def count(candidate: list[dict[str, str]]) -> int:
-            return estimate_tokens(candidate, model=counting_model)
+        overhead = tool_tokens(tools, counting_model)  # the definitions go with every call
+
+        def count(candidate: list[Message]) -> int:
+            return estimate_tokens(candidate, model=counting_model) + overhead
 
         items = [dict(m) for m in messages]
         window = route.context_window

@@ -1,5 +1,6 @@
 """The output side of the safety rules for the chat surfaces: PII redaction and unsafe-output
-blocking, on a whole answer or on a stream as it passes through.
+blocking, on a whole answer or on a stream as it passes through, and on the arguments of the
+tool calls a model makes (each string in them, so they stay JSON).
 
 A stream cannot be redacted delta by delta: a card number arrives in several deltas. The guard
 releases each delta's text at once up to the last space, except from where a PII pattern or an
@@ -14,9 +15,11 @@ with a content-filter stop instead.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.services.metrics import SAFETY_EVENTS
 from app.services.safety import SafetyRules
@@ -76,6 +79,46 @@ class OutputGuard:
             return ""
         return self._release(ready)
 
+    def check_tool_calls(self, calls: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+        """Tool calls by the same rules as text: each string in a call's JSON arguments is
+        redacted (the arguments stay valid JSON), and an unsafe one blocks the whole answer (the
+        caller gets no calls then). Arguments that are not JSON are checked as one string."""
+        checked = []
+        for call in calls:
+            function = call.get("function") or {}
+            arguments = str(function.get("arguments") or "")
+            try:
+                parsed = json.loads(arguments)
+            except ValueError:
+                safe = self._argument(arguments)
+            else:
+                safe = json.dumps(self._walk(parsed), ensure_ascii=False)
+            if self.blocked is not None:
+                return ()
+            checked.append({**call, "function": {**function, "arguments": safe}})
+        return tuple(checked)
+
+    def _walk(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._argument(value)
+        if isinstance(value, list):
+            return [self._walk(item) for item in value]
+        if isinstance(value, dict):
+            return {key: self._walk(item) for key, item in value.items()}
+        return value
+
+    def _argument(self, text: str) -> str:
+        """One argument string: redacted, checked on its own (not joined to the answer's text)."""
+        if self.blocked is not None:
+            return ""
+        text = self._redacted(text)
+        if self.categories:
+            category = self.rules.unsafe_category(text, self.categories)
+            if category is not None:
+                self.blocked = category
+                SAFETY_EVENTS.labels(self.surface, f"unsafe_{category}").inc()
+        return text
+
     @property
     def released(self) -> str:
         """Everything passed on so far."""
@@ -87,13 +130,17 @@ class OutputGuard:
         hold = _stream_hold(self.rules)
         return hold.cut(text, limit, pii=self.redact, categories=self.categories)
 
+    def _redacted(self, text: str) -> str:
+        if not self.redact:
+            return text
+        redaction = self.rules.redact(text)
+        for name, n in redaction.counts.items():
+            self.redactions[name] = self.redactions.get(name, 0) + n
+            SAFETY_EVENTS.labels(self.surface, f"redacted_{name}").inc(n)
+        return redaction.text
+
     def _release(self, text: str) -> str:
-        if self.redact:
-            redaction = self.rules.redact(text)
-            text = redaction.text
-            for name, n in redaction.counts.items():
-                self.redactions[name] = self.redactions.get(name, 0) + n
-                SAFETY_EVENTS.labels(self.surface, f"redacted_{name}").inc(n)
+        text = self._redacted(text)
         if self.categories:
             category = self.rules.unsafe_category(self._released + text, self.categories)
             if category is not None:

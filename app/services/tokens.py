@@ -23,12 +23,15 @@ Rust tokenizer. Nothing is fetched at run time, and its token ids equal tiktoken
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
+
+from app.services.llm.messages import call_texts, media_tokens
 
 log = logging.getLogger("cxrelay.tokens")
 
@@ -42,6 +45,7 @@ FALLBACK_ENCODING = "chars/4"
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING_TOKENS = 3
+TOOLS_FRAMING_TOKENS = 12  # the tool section's own wrapping, beside the definitions' JSON
 CHARS_PER_TOKEN = 4
 
 # Longest names first where one is a prefix of another (gpt-4.1 before gpt-4).
@@ -144,7 +148,8 @@ def _chunks(text: str) -> Iterator[str]:
 
 
 def _message_texts(message: Mapping[str, object]) -> Iterator[str]:
-    """The strings of a chat message that reach the model: role, name, content (text parts)."""
+    """The strings of a chat message that reach the model: role, name, content (text parts),
+    tool call id, and the names and JSON arguments of an assistant turn's tool calls."""
     for key, value in message.items():
         if isinstance(value, str):
             yield value
@@ -152,6 +157,7 @@ def _message_texts(message: Mapping[str, object]) -> Iterator[str]:
             for part in value:
                 if isinstance(part, Mapping) and isinstance(part.get("text"), str):
                     yield part["text"]
+    yield from call_texts(message)
 
 
 class TokenCounter:
@@ -184,12 +190,20 @@ class TokenCounter:
     def count_messages(self, messages: Iterable[Mapping[str, object]]) -> int:
         """Prompt tokens of a chat request: each message's text plus the chat format's framing."""
         total = REPLY_PRIMING_TOKENS
+        messages = list(messages)
         for message in messages:
             total += TOKENS_PER_MESSAGE
             if "name" in message:
                 total += TOKENS_PER_NAME
             total += sum(self.count_text(text) for text in _message_texts(message))
-        return total
+        return total + media_tokens(messages)
+
+    def count_tools(self, tools: Sequence[Mapping[str, object]] | None) -> int:
+        """Tool definitions reach the model as text beside the messages: their JSON, counted
+        (OpenAI renders them its own way; the JSON is close, and counted, not guessed)."""
+        if not tools:
+            return 0
+        return TOOLS_FRAMING_TOKENS + self.count_text(json.dumps(list(tools), ensure_ascii=False))
 
 
 class TokenCounters:
@@ -269,3 +283,7 @@ def text_tokens(text: str, model: str | None = None) -> int:
 
 def estimate_tokens(messages: Iterable[Mapping[str, object]], model: str | None = None) -> int:
     return load_counter(model).count_messages(messages)
+
+
+def tool_tokens(tools: Sequence[Mapping[str, object]] | None, model: str | None = None) -> int:
+    return load_counter(model).count_tools(tools)

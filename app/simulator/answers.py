@@ -51,12 +51,39 @@ _ORDER_NUMBER = re.compile(r"\b\d{5,}\b")
 _QUOTED = re.compile(r'"""\s*(.*?)\s*"""', re.DOTALL)
 
 
+def content_text(content: Any) -> str:
+    """A content's words: the string, or its text parts (OpenAI's and Anthropic's blocks)."""
+    if isinstance(content, list):
+        return "\n".join(
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return "" if content is None else str(content)
+
+
+def media_count(content: Any) -> int:
+    """Image and audio parts (OpenAI's image_url / input_audio, Anthropic's image blocks)."""
+    kinds = ("image_url", "input_audio", "image")
+    if not isinstance(content, list):
+        return 0
+    return sum(1 for part in content if isinstance(part, dict) and part.get("type") in kinds)
+
+
 def customer_text(messages: list[dict[str, Any]]) -> str:
     """The last user turn, or the last triple-quoted part of it (how prompts quote customers)."""
     user_turns = [m for m in messages if m.get("role") == "user"]
-    text = str(user_turns[-1].get("content", "")) if user_turns else ""
+    text = content_text(user_turns[-1].get("content")) if user_turns else ""
     quoted = _QUOTED.findall(text)
     return quoted[-1] if quoted else text
+
+
+def conversational_reply(messages: list[dict[str, Any]]) -> str:
+    """The plain answer: what the customer said, and how many images or recordings came."""
+    user_turns = [m for m in messages if m.get("role") == "user"]
+    media = media_count(user_turns[-1].get("content")) if user_turns else 0
+    seen = f" (and {media} attachment{'s' if media != 1 else ''})" if media else ""
+    return f"(simulated) You said: {customer_text(messages)[:200]}{seen}"
 
 
 def routing_decision(text: str) -> dict[str, Any]:

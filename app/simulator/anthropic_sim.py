@@ -22,6 +22,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.simulator.answers import (
     SIMULATED_MODEL_SUFFIX,
+    content_text,
+    conversational_reply,
     customer_text,
     paced,
     routing_decision,
@@ -30,6 +32,7 @@ from app.simulator.answers import (
 )
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.schema_answers import schema_answer, schema_in_text
+from app.simulator.tool_answers import SimulatedCall, tool_call, tool_result_reply
 
 _ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error",
@@ -42,17 +45,6 @@ _ANTHROPIC_ERROR_TYPES = {
 }
 
 
-def _block_text(content: Any) -> str:
-    """Anthropic content is a string or a list of blocks; only text blocks matter here."""
-    if isinstance(content, list):
-        return "\n".join(
-            str(block.get("text", ""))
-            for block in content
-            if isinstance(block, dict) and block.get("type") == "text"
-        )
-    return "" if content is None else str(content)
-
-
 def anthropic_error_body(status: int, message: str | None = None) -> dict[str, Any]:
     error_type = _ANTHROPIC_ERROR_TYPES.get(status, "api_error")
     return {
@@ -61,22 +53,33 @@ def anthropic_error_body(status: int, message: str | None = None) -> dict[str, A
     }
 
 
-def message_body(model: str, content: str, prompt_text: str) -> dict[str, Any]:
-    """An Anthropic Messages API response carrying `content` as one text block."""
+def message_body(
+    model: str, content: str, prompt_text: str, call: SimulatedCall | None = None
+) -> dict[str, Any]:
+    """An Anthropic Messages API response carrying `content` as one text block, or a call."""
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": content}]
+    if call is not None:
+        blocks = [_tool_use(call)]
+        content = call.name + call.arguments
     return {
         "id": f"msg_{uuid.uuid4().hex[:24]}",
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": content}],
-        "stop_reason": "end_turn",
+        "content": blocks,
+        "stop_reason": "end_turn" if call is None else "tool_use",
         "stop_sequence": None,
         "usage": {"input_tokens": token_count(prompt_text), "output_tokens": token_count(content)},
     }
 
 
+def _tool_use(call: SimulatedCall) -> dict[str, Any]:
+    input_ = json.loads(call.arguments)
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": input_}
+
+
 async def anthropic_stream_events(
-    fault: Fault, model: str, content: str, prompt_text: str
+    fault: Fault, model: str, content: str, prompt_text: str, call: SimulatedCall | None = None
 ) -> AsyncIterator[str]:
     """A streamed Messages API answer as SSE text; a cut stream stops without message_stop."""
 
@@ -89,6 +92,19 @@ async def anthropic_stream_events(
     if fault.omit_usage:
         del message["usage"]
     yield event("message_start", {"message": message})
+    if call is not None:  # a tool_use block: its id and name, then its input in JSON pieces
+        block = {**_tool_use(call), "input": {}}
+        yield event("content_block_start", {"index": 0, "content_block": block})
+        half = len(call.arguments) // 2
+        for piece in (call.arguments[:half], call.arguments[half:]):
+            fragment = {"type": "input_json_delta", "partial_json": piece}
+            yield event("content_block_delta", {"index": 0, "delta": fragment})
+        yield event("content_block_stop", {"index": 0})
+        end: dict[str, Any] = {"delta": {"stop_reason": "tool_use", "stop_sequence": None}}
+        end["usage"] = {"output_tokens": token_count(call.name + call.arguments)}
+        yield event("message_delta", end)
+        yield event("message_stop", {})
+        return
     yield event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
     yield event("ping", {})
     deltas = stream_deltas(fault, content)
@@ -118,12 +134,13 @@ async def messages(plan: FaultPlan, request: Request) -> Response:
     if fault.json_body is not None or fault.status >= 400:
         error = fault.json_body or anthropic_error_body(fault.status)
         return JSONResponse(error, fault.status, fault.headers)
+    raw = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     turns: list[dict[str, Any]] = [
-        {"role": m.get("role"), "content": _block_text(m.get("content"))}
-        for m in body.get("messages") or []
-        if isinstance(m, dict)
+        {"role": m.get("role"), "content": content_text(m.get("content"))} for m in raw
     ]
-    system = _block_text(body.get("system"))
+    results = _tool_results(raw[-1].get("content")) if raw else []
+    system = content_text(body.get("system"))
+    call = None
     if fault.content is not None:
         content = fault.content
     elif fault.chunks is not None:
@@ -132,14 +149,43 @@ async def messages(plan: FaultPlan, request: Request) -> Response:
         content = json.dumps(schema_answer(schema, customer_text(turns)))
     elif "JSON" in system:
         content = json.dumps(routing_decision(customer_text(turns)))
+    elif results:
+        content = tool_result_reply(results[-1])
     else:
-        content = f"(simulated) You said: {customer_text(turns)[:200]}"
+        content = conversational_reply(raw)
+        call = tool_call(_tools(body), _choice(body), False, customer_text(turns))
     model = str(body.get("model", "model")) + SIMULATED_MODEL_SUFFIX
     prompt_text = " ".join([system, *(str(t["content"]) for t in turns)])
     if body.get("stream"):
-        events = anthropic_stream_events(fault, model, content, prompt_text)
+        events = anthropic_stream_events(fault, model, content, prompt_text, call)
         return StreamingResponse(events, headers=fault.headers, media_type="text/event-stream")
-    whole = message_body(model, content, prompt_text)
+    whole = message_body(model, content, prompt_text, call)
+    if fault.finish_reason is not None:  # Anthropic's own words: "max_tokens", "tool_use" ...
+        whole["stop_reason"] = fault.finish_reason
     if fault.omit_usage:
         del whole["usage"]
     return JSONResponse(whole, headers=fault.headers)
+
+
+def _tool_results(content: Any) -> list[str]:
+    """The texts of a user turn's `tool_result` blocks."""
+    if not isinstance(content, list):
+        return []
+    return [
+        content_text(block.get("content"))
+        for block in content
+        if isinstance(block, dict) and block.get("type") == "tool_result"
+    ]
+
+
+def _tools(body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and t.get("name")]
+    return [(str(t["name"]), t.get("input_schema") or {}) for t in tools]
+
+
+def _choice(body: dict[str, Any]) -> str | None:
+    choice = body.get("tool_choice") or {}
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "tool":
+        return str(choice.get("name"))
+    return "none" if kind == "none" else None

@@ -34,6 +34,7 @@ class Fault:
     chunks: list[str] | None = None  # exactly these content deltas (default: the content's words)
     reject_handshake: bool = False  # WebSocket: refuse the upgrade with `status` (no error frame)
     omit_usage: bool = False  # no usage anywhere in the answer (whole or streamed)
+    finish_reason: str | None = None  # this finish reason instead of the natural one ("length")
 
 
 class FaultPlan:

@@ -57,6 +57,8 @@ from starlette.requests import HTTPConnection
 from app.simulator import anthropic_sim
 from app.simulator.answers import (
     SIMULATED_MODEL_SUFFIX,
+    content_text,
+    conversational_reply,
     customer_text,
     paced,
     routing_decision,
@@ -65,10 +67,17 @@ from app.simulator.answers import (
 )
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.schema_answers import schema_answer, schema_in_text, strict_mode_problem
+from app.simulator.tool_answers import SimulatedCall, tool_call, tool_result_reply
 
 
-def completion_body(model: str, content: str, prompt_text: str) -> dict[str, Any]:
+def completion_body(
+    model: str, content: str, prompt_text: str, call: SimulatedCall | None = None
+) -> dict[str, Any]:
     prompt_tokens, completion_tokens = token_count(prompt_text), token_count(content)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if call is not None:
+        completion_tokens = token_count(call.name + call.arguments)
+        message = {"role": "assistant", "content": None, "tool_calls": [_tool_call(call)]}
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
@@ -77,8 +86,8 @@ def completion_body(model: str, content: str, prompt_text: str) -> dict[str, Any
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": "stop",
+                "message": message,
+                "finish_reason": "stop" if call is None else "tool_calls",
             }
         ],
         "usage": {
@@ -92,6 +101,11 @@ def completion_body(model: str, content: str, prompt_text: str) -> dict[str, Any
 REVOKED_KEY_PREFIX = "revoked"
 
 
+def _tool_call(call: SimulatedCall) -> dict[str, Any]:
+    function = {"name": call.name, "arguments": call.arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
+
 async def openai_stream_frames(
     fault: Fault,
     model: str,
@@ -99,6 +113,7 @@ async def openai_stream_frames(
     prompt_text: str,
     include_usage: bool,
     pause: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    call: SimulatedCall | None = None,
 ) -> AsyncIterator[str]:
     """The payloads of one streamed chat completion, SSE and WebSocket alike: chunk JSONs, then
     "[DONE]" — unless the fault cuts the stream, which then just stops."""
@@ -117,12 +132,20 @@ async def openai_stream_frames(
         return json.dumps(body)
 
     yield chunk({"role": "assistant", "content": ""})
-    deltas = stream_deltas(fault, content)
+    deltas = stream_deltas(fault, content) if call is None else []
     async for delta in paced(fault, deltas, pause):
         yield chunk({"content": delta})
+    if call is not None:  # as OpenAI streams a call: id and name, then the arguments in pieces
+        opening = {"index": 0, **_tool_call(call)}
+        opening["function"] = {"name": call.name, "arguments": ""}
+        yield chunk({"tool_calls": [opening]})
+        half = len(call.arguments) // 2
+        for piece in (call.arguments[:half], call.arguments[half:]):
+            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        deltas = [call.name, call.arguments]
     if fault.cut_after is not None:
         return
-    yield chunk({}, "stop")
+    yield chunk({}, fault.finish_reason or ("stop" if call is None else "tool_calls"))
     if include_usage and not fault.omit_usage:
         prompt_tokens, completion_tokens = token_count(prompt_text), token_count("".join(deltas))
         usage = {
@@ -274,10 +297,13 @@ def _strict_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _openai_answer(body: dict[str, Any], fault: Fault) -> tuple[str, str, str]:
-    """(model, content, prompt text) of the answer to an OpenAI chat completion request."""
+def _openai_answer(
+    body: dict[str, Any], fault: Fault
+) -> tuple[str, str, str, SimulatedCall | None]:
+    """(model, content, prompt text, tool call) of the answer to a chat completion request."""
     messages = body.get("messages") or []
     schema = _response_schema(body)
+    call = None
     if fault.content is not None:
         content = fault.content
     elif fault.chunks is not None:
@@ -286,11 +312,26 @@ def _openai_answer(body: dict[str, Any], fault: Fault) -> tuple[str, str, str]:
         content = json.dumps(schema_answer(schema, customer_text(messages)))
     elif (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
         content = json.dumps(routing_decision(customer_text(messages)))
+    elif messages and messages[-1].get("role") == "tool":
+        content = tool_result_reply(content_text(messages[-1].get("content")))
     else:
-        content = f"(simulated) You said: {customer_text(messages)[:200]}"
+        content = conversational_reply(messages)
+        call = tool_call(_openai_tools(body), _openai_choice(body), False, customer_text(messages))
     model = str(body.get("model", "model")) + SIMULATED_MODEL_SUFFIX
-    prompt_text = " ".join(str(m.get("content", "")) for m in messages)
-    return model, content, prompt_text
+    prompt_text = " ".join(content_text(m.get("content")) for m in messages)
+    return model, content, prompt_text, call
+
+
+def _openai_tools(body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    functions = [t.get("function") or {} for t in body.get("tools") or [] if isinstance(t, dict)]
+    return [(str(f.get("name")), f.get("parameters") or {}) for f in functions if f.get("name")]
+
+
+def _openai_choice(body: dict[str, Any]) -> str | None:
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        return str((choice.get("function") or {}).get("name"))
+    return str(choice) if choice else None
 
 
 EMBEDDING_DIMENSIONS = 1536  # text-embedding-3-small's
@@ -392,16 +433,20 @@ def create_llm_simulator(
             return JSONResponse(error, fault.status, fault.headers)
         if (refusal := _strict_refusal(body)) is not None:
             return JSONResponse(refusal, 400)
-        model, content, prompt_text = _openai_answer(body, fault)
+        model, content, prompt_text, call = _openai_answer(body, fault)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            frames = openai_stream_frames(fault, model, content, prompt_text, include_usage)
+            frames = openai_stream_frames(
+                fault, model, content, prompt_text, include_usage, call=call
+            )
             return StreamingResponse(
                 _openai_sse(frames), headers=fault.headers, media_type="text/event-stream"
             )
-        whole = completion_body(model, content, prompt_text)
+        whole = completion_body(model, content, prompt_text, call)
         if fault.omit_usage:
             del whole["usage"]
+        if fault.finish_reason is not None:
+            whole["choices"][0]["finish_reason"] = fault.finish_reason
         return JSONResponse(whole, headers=fault.headers)
 
     @app.post("/v1/embeddings")
@@ -456,7 +501,7 @@ def create_llm_simulator(
                 refusal["error"]["code"] = 400
                 await websocket.send_text(json.dumps(refusal))
             else:
-                model, content, prompt_text = _openai_answer(body, fault)
+                model, content, prompt_text, call = _openai_answer(body, fault)
                 include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 frames = openai_stream_frames(
                     fault,
@@ -465,6 +510,7 @@ def create_llm_simulator(
                     prompt_text,
                     include_usage,
                     lambda seconds: _pause_unless_gone(websocket, seconds),
+                    call=call,
                 )
                 async for frame in frames:
                     await websocket.send_text(frame)

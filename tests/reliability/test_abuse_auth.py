@@ -97,8 +97,9 @@ async def test_a_captured_delivery_outside_the_tolerance_is_refused_even_if_neve
 ) -> None:
     """Ids are remembered for twice the tolerance; older captures fail on their timestamp."""
     raw = json.dumps(trigger(conversationId="replay-3")).encode()
-    headers = _standard(raw, f"msg_old_{age}", int(time.time()) - age)
     async with app_client() as client:
+        # signed once the app is up: a slow start must not bring a future timestamp in range
+        headers = _standard(raw, f"msg_old_{age}", int(time.time()) - age)
         response = await client.post(WEBHOOK, content=raw, headers=headers)
     assert response.status_code == 401
     assert "webhook-timestamp" in response.json()["detail"]

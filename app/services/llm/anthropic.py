@@ -1,14 +1,17 @@
 """One request to Anthropic's Messages API (`/v1/messages`), mapped to the same typed errors.
 
 Anthropic differs from the OpenAI wire in ways the pipeline must not see: the system prompt is a
-top-level field, turns must alternate user/assistant starting with a user turn, `max_tokens` is
-mandatory, there is no `response_format`, and overload is its own status (529). This module hides
-those differences behind the `ProviderClient` protocol; retries and fallbacks stay in the router.
+top-level field, turns must alternate user/assistant starting with a user turn, tools and their
+calls and results are content blocks, `max_tokens` is mandatory, there is no `response_format`,
+and overload is its own status (529). This module hides those differences behind the
+`ProviderClient` protocol (the request and answer translation: anthropic_messages); retries and
+fallbacks stay in the router.
 
 `stream` sends `stream: true` and reads Anthropic's named events: `message_start` (model, input
-tokens), `content_block_delta` (`text_delta` pieces; other delta types such as thinking or tool
-input are skipped), `message_delta` (stop reason, output tokens), `message_stop` (the end);
-`ping` is a keep-alive and `error` an error that arrived mid-stream (e.g. overloaded).
+tokens), `content_block_start` (a `tool_use` block's id and name), `content_block_delta`
+(`text_delta` pieces, a tool's `input_json_delta` fragments; other delta types such as thinking
+are skipped), `message_delta` (stop reason, output tokens), `message_stop` (the end); `ping` is a
+keep-alive and `error` an error that arrived mid-stream (e.g. overloaded).
 """
 
 from __future__ import annotations
@@ -24,13 +27,20 @@ from app.errors import (
     UpstreamError,
     UpstreamProtocolError,
 )
+from app.services.llm.anthropic_messages import (
+    answer_tool_calls,
+    finish_reason,
+    options_payload,
+    split_messages,
+    tools_payload,
+)
 from app.services.llm.streaming import (
     iter_sse,
     stream_cut,
     stream_transport_error,
     whole_as_chunk,
 )
-from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
+from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, ToolCallDelta, Usage
 from app.services.llm.wire import (
     json_instruction,
     post_json,
@@ -41,11 +51,6 @@ from app.services.llm.wire import (
 )
 
 ANTHROPIC_VERSION = "2023-06-01"
-
-# Anthropic rejects a conversation that starts with an assistant turn (or has no turn at all).
-LEADING_USER_TURN = "(start of conversation)"
-
-_SYSTEM_ROLES = frozenset({"system", "developer"})
 
 # The status each error type of an in-stream `error` event stands for; other types are a
 # protocol error (nothing the router could retry into a different outcome it understands).
@@ -79,39 +84,6 @@ def anthropic_headers(api_key: str | None, auth_header: str | None) -> dict[str,
     return headers
 
 
-def split_messages(
-    messages: list[dict[str, str]],
-) -> tuple[str | None, list[dict[str, str]]]:
-    """OpenAI-style turns to Anthropic's `(system, messages)`.
-
-    System turns are lifted out and joined with blank lines; the remaining turns are made to
-    alternate (consecutive same-role turns merged) and to start with a user turn, since Anthropic
-    answers 400 otherwise. Empty turns are dropped for the same reason.
-    """
-    system_parts: list[str] = []
-    turns: list[dict[str, str]] = []
-    for message in messages:
-        role = str(message.get("role", "user"))
-        content = str(message.get("content") or "")
-        if role in _SYSTEM_ROLES:
-            if content.strip():
-                system_parts.append(content)
-            continue
-        if not content.strip():
-            continue
-        role = "assistant" if role == "assistant" else "user"
-        if turns and turns[-1]["role"] == role:
-            turns[-1] = {"role": role, "content": turns[-1]["content"] + "\n\n" + content}
-        else:
-            turns.append({"role": role, "content": content})
-    if not turns or turns[0]["role"] == "assistant":
-        turns.insert(0, {"role": "user", "content": LEADING_USER_TURN})
-    if turns[-1]["role"] == "assistant":
-        # A final assistant turn is a prefill, and Anthropic refuses one ending in whitespace.
-        turns[-1] = {"role": "assistant", "content": turns[-1]["content"].rstrip()}
-    return ("\n\n".join(system_parts) or None), turns
-
-
 class AnthropicProvider:
     """A provider reached over Anthropic's Messages API (api.anthropic.com or a gateway)."""
 
@@ -136,10 +108,11 @@ class AnthropicProvider:
             # Anthropic accepts 0..1 where OpenAI accepts 0..2: clamp rather than get a 400.
             "temperature": min(max(request.temperature, 0.0), 1.0),
             "messages": turns,
+            **tools_payload(request.tools, request.tool_choice, request.parallel_tool_calls),
+            **options_payload(request.options),
         }
         if system:
             body["system"] = system
-        body.update(request.extra)
         return body
 
     async def complete(
@@ -174,6 +147,7 @@ class AnthropicProvider:
         model: str | None = None
         input_tokens = 0
         stopped = False
+        tools: dict[int, int] = {}  # a tool_use block's index -> its tool call's index
         try:
             async with http.stream(
                 "POST", self.url, json=body, headers=headers, timeout=timeout
@@ -190,7 +164,7 @@ class AnthropicProvider:
                 if str(response.headers.get("content-type", "")).startswith("application/json"):
                     # A gateway that ignores `stream: true` answers one whole message.
                     await response.aread()
-                    yield whole_as_chunk(self._result(response, request, 0.0), "end_turn")
+                    yield whole_as_chunk(self._result(response, request, 0.0), "stop")
                     return
                 async for event in iter_sse(response.aiter_bytes()):
                     payload = self._decode(event.data)
@@ -201,6 +175,10 @@ class AnthropicProvider:
                         raise self._stream_error(payload.get("error"), api_key)
                     if kind == "message_start":
                         model, input_tokens = self._message_start(payload)
+                    elif kind == "content_block_start":
+                        call = self._tool_use_start(payload, tools)
+                        if call is not None:
+                            yield StreamChunk(model=model, tool_calls=(call,))
                     elif kind == "content_block_delta":
                         delta = payload.get("delta")
                         if isinstance(delta, dict) and delta.get("type") == "text_delta":
@@ -209,6 +187,10 @@ class AnthropicProvider:
                                 raise self._malformed("content_block_delta")
                             if text:
                                 yield StreamChunk(delta=text, model=model)
+                        elif isinstance(delta, dict) and delta.get("type") == "input_json_delta":
+                            piece = self._tool_input(payload, delta, tools)
+                            if piece is not None:
+                                yield StreamChunk(model=model, tool_calls=(piece,))
                     elif kind == "message_delta":
                         chunk = self._message_delta(payload, model, input_tokens)
                         stopped = stopped or chunk.finish_reason is not None
@@ -246,6 +228,36 @@ class AnthropicProvider:
         except (KeyError, AttributeError, TypeError, ValueError) as exc:
             raise self._malformed("message_start") from exc
 
+    def _tool_use_start(
+        self, payload: dict[str, Any], tools: dict[int, int]
+    ) -> ToolCallDelta | None:
+        """A `tool_use` block opening: its call's id and name (its input follows in pieces)."""
+        block = payload.get("content_block")
+        if not isinstance(block, dict) or block.get("type") != "tool_use":
+            return None
+        try:
+            position = int(payload["index"])
+            name = block["name"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise self._malformed("content_block_start") from exc
+        if not isinstance(name, str):
+            raise self._malformed("content_block_start")
+        tools[position] = len(tools)
+        return ToolCallDelta(index=tools[position], id=str(block.get("id") or ""), name=name)
+
+    def _tool_input(
+        self, payload: dict[str, Any], delta: dict[str, Any], tools: dict[int, int]
+    ) -> ToolCallDelta | None:
+        fragment = delta.get("partial_json")
+        if not isinstance(fragment, str):
+            raise self._malformed("input_json_delta")
+        index = (
+            tools.get(payload.get("index", -1)) if isinstance(payload.get("index"), int) else None
+        )
+        if index is None or not fragment:
+            return None
+        return ToolCallDelta(index=index, arguments=fragment)
+
     def _message_delta(
         self, payload: dict[str, Any], model: str | None, input_tokens: int
     ) -> StreamChunk:
@@ -265,9 +277,7 @@ class AnthropicProvider:
             )
         except (AttributeError, TypeError, ValueError) as exc:
             raise self._malformed("message_delta") from exc
-        return StreamChunk(
-            usage=parsed, model=model, finish_reason=str(stop_reason) if stop_reason else None
-        )
+        return StreamChunk(usage=parsed, model=model, finish_reason=finish_reason(stop_reason))
 
     def _stream_error(self, error: Any, api_key: str | None) -> UpstreamError:
         fields = error if isinstance(error, dict) else {}
@@ -300,6 +310,7 @@ class AnthropicProvider:
                 for block in blocks
                 if isinstance(block, dict) and block.get("type") == "text"
             )
+            tool_calls = answer_tool_calls(blocks)
         except (ValueError, KeyError, TypeError) as exc:
             raise UpstreamProtocolError(
                 f"{self.name} answered 2xx without a Messages API message", upstream=self.name
@@ -320,7 +331,8 @@ class AnthropicProvider:
             usage=parsed_usage,
             latency_ms=latency_ms,
             usage_reported=isinstance(body.get("usage"), dict),
-            finish_reason=str(body.get("stop_reason") or "") or None,
+            finish_reason=finish_reason(body.get("stop_reason")),
+            tool_calls=tool_calls,
         )
 
 

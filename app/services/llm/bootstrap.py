@@ -49,6 +49,8 @@ def provider_config_from_env(settings: Settings) -> ProviderConfig:
                         max_context_tokens=settings.llm_context_tokens,
                         price_per_1k_prompt=settings.llm_price_per_1k_prompt or 0.0,
                         price_per_1k_completion=settings.llm_price_per_1k_completion or 0.0,
+                        vision=settings.llm_vision,
+                        audio=settings.llm_audio,
                     ),
                     *(
                         ModelSpec(name=name, kind="embedding", price_per_1k_prompt=embedding_price)

@@ -39,7 +39,8 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     """A model of a provider. An embedding model's `max_context_tokens` is its longest single
     input (EMBEDDING_CONTEXT_TOKENS unless given) and `price_per_1k_prompt` its input price: it
-    answers no text, so it has no completion price, answer limit or structured outputs."""
+    answers no text, so it has no completion price, answer limit, structured outputs or parts
+    beside text."""
 
     name: str = Field(min_length=1)
     kind: ModelKind = "chat"
@@ -48,6 +49,11 @@ class ModelSpec(_Strict):
     price_per_1k_prompt: float = 0.0
     price_per_1k_completion: float = 0.0
     structured_outputs: bool | None = None  # None: the provider's setting
+    # What the model takes beside text (a request that needs what no model of its route takes
+    # is refused with a 400 naming them): image parts, input_audio parts, tool definitions.
+    vision: bool = False
+    audio: bool = False
+    tools: bool = True
 
     @model_validator(mode="after")
     def _embedding_window(self) -> ModelSpec:
@@ -247,6 +253,11 @@ def _embedding_model_problems(at: str, provider: ProviderSpec, model: ModelSpec)
         )
     if model.structured_outputs is not None:
         found.append(Problem(f"{at}.structured_outputs", f"{no_text}: leave it unset"))
+    for part in ("vision", "audio", "tools"):
+        if part in model.model_fields_set:
+            found.append(
+                Problem(f"{at}.{part}", "/v1/embeddings takes text (or token ids): leave it unset")
+            )
     return found
 
 
@@ -316,6 +327,10 @@ def _semantic_problems(
                 )
             if model.price_per_1k_prompt < 0 or model.price_per_1k_completion < 0:
                 problems.append(Problem(f"{at}.models[{m}]", "prices cannot be negative"))
+            if model.audio and provider.kind == "anthropic":
+                problems.append(
+                    Problem(f"{at}.models[{m}].audio", "Anthropic's Messages API takes no audio")
+                )
             if model.kind == "embedding":
                 problems += _embedding_model_problems(f"{at}.models[{m}]", provider, model)
     for r, route in zip(route_at, config.routes, strict=True):

@@ -10,6 +10,7 @@ passed on (the prefix) and what each broken stream had produced (its provider bi
 from __future__ import annotations
 
 from app.errors import StreamBroken
+from app.services.llm.messages import Message
 from app.services.llm.routes import Target
 from app.services.llm.streaming import OnDelta
 from app.services.llm.types import BrokenPart, ChatRequest
@@ -21,7 +22,7 @@ CONTINUE_INSTRUCTION = (
 )
 
 
-def continuation(messages: list[dict[str, str]], so_far: str, kind: str) -> list[dict[str, str]]:
+def continuation(messages: list[Message], so_far: str, kind: str) -> list[Message]:
     """The conversation for the entry that continues a broken answer: the text so far is the
     assistant's own. Anthropic continues a last assistant turn by itself (a prefill, which may
     not end in whitespace); an OpenAI-compatible model is asked to go on."""

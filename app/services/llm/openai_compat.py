@@ -35,7 +35,7 @@ from app.services.llm.streaming import (
     stream_transport_error,
     whole_as_chunk,
 )
-from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, Usage
+from app.services.llm.types import ChatRequest, ChatResult, StreamChunk, ToolCallDelta, Usage
 from app.services.llm.wire import (
     json_instruction,
     json_schema_format,
@@ -185,6 +185,7 @@ class OpenAICompatibleProvider:
             body = response.json()
             choice = body["choices"][0]
             content = choice["message"].get("content") or ""
+            tool_calls = whole_tool_calls(choice["message"].get("tool_calls"))
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise UpstreamProtocolError(
                 f"{self.name} answered 2xx without a chat completion", upstream=self.name
@@ -201,6 +202,7 @@ class OpenAICompatibleProvider:
             latency_ms=latency_ms,
             usage_reported=reported,
             finish_reason=str(choice.get("finish_reason") or "") or None,
+            tool_calls=tool_calls,
         )
 
 
@@ -246,7 +248,13 @@ def chat_payload(
         body["response_format"] = json_schema_format(schema)
     elif request.json_output or schema is not None:
         body["response_format"] = {"type": "json_object"}
-    body.update(request.extra)
+    if request.tools:
+        body["tools"] = request.tools
+        if request.tool_choice is not None:
+            body["tool_choice"] = request.tool_choice
+        if request.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = request.parallel_tool_calls
+    body.update(request.options)
     if stream:
         options = body.get("stream_options")
         body["stream"] = True
@@ -281,12 +289,14 @@ def parse_chunk(provider: str, payload: Any, api_key: str | None) -> StreamChunk
         if not isinstance(choices, list):
             raise TypeError("choices is not a list")
         delta, finish_reason = "", None
+        calls: tuple[ToolCallDelta, ...] = ()
         if choices:
             choice = choices[0]
             content = (choice.get("delta") or {}).get("content")
             if content is not None and not isinstance(content, str):
                 raise TypeError("delta.content is not a string")
             delta = content or ""
+            calls = tool_call_deltas((choice.get("delta") or {}).get("tool_calls"))
             finish_reason = choice.get("finish_reason")
         raw_usage = payload.get("usage")
         usage = (
@@ -301,7 +311,7 @@ def parse_chunk(provider: str, payload: Any, api_key: str | None) -> StreamChunk
         raise UpstreamProtocolError(
             f"{provider} streamed a malformed chat completion chunk", upstream=provider
         ) from exc
-    if not delta and usage is None and not finish_reason:
+    if not delta and usage is None and not finish_reason and not calls:
         return None
     model = payload.get("model")
     return StreamChunk(
@@ -309,7 +319,55 @@ def parse_chunk(provider: str, payload: Any, api_key: str | None) -> StreamChunk
         usage=usage,
         model=str(model) if model else None,
         finish_reason=str(finish_reason) if finish_reason else None,
+        tool_calls=calls,
     )
+
+
+def whole_tool_calls(raw: Any) -> tuple[dict[str, Any], ...]:
+    """A whole answer's `message.tool_calls`, checked and in OpenAI's shape (TypeError when a
+    call is malformed: the caller maps it to a protocol error)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise TypeError("tool_calls is not a list")
+    calls = []
+    for call in raw:
+        function = call["function"]
+        name, arguments = function["name"], function.get("arguments") or "{}"
+        if not isinstance(name, str) or not isinstance(arguments, str):
+            raise TypeError("a tool call's name and arguments are strings")
+        calls.append(
+            {
+                "id": str(call.get("id") or ""),
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    return tuple(calls)
+
+
+def tool_call_deltas(raw: Any) -> tuple[ToolCallDelta, ...]:
+    """A chunk's `delta.tool_calls` pieces (TypeError when malformed)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise TypeError("delta.tool_calls is not a list")
+    pieces = []
+    for piece in raw:
+        function = piece.get("function") or {}
+        arguments = function.get("arguments") or ""
+        if not isinstance(arguments, str):
+            raise TypeError("tool call arguments are a string")
+        name = function.get("name")
+        pieces.append(
+            ToolCallDelta(
+                index=int(piece.get("index") or 0),
+                id=str(piece["id"]) if piece.get("id") else None,
+                name=str(name) if name else None,
+                arguments=arguments,
+            )
+        )
+    return tuple(pieces)
 
 
 def stream_error(provider: str, error: Any, api_key: str | None) -> UpstreamError:

@@ -41,6 +41,7 @@ from app.deadline import Deadline
 from app.errors import (
     CircuitOpen,
     ContextLengthExceeded,
+    RequestUnsupported,
     StreamBroken,
     UnknownModel,
     UpstreamError,
@@ -50,12 +51,14 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.services.llm.anthropic_messages import ANTHROPIC_OPTIONS
 from app.services.llm.attempts import Attempt, ms, observe, reason, rejection
 from app.services.llm.catalog import ModelKind, ModelSpec, ProviderConfig, resolve_key
 from app.services.llm.circuit import CircuitBreaker
 from app.services.llm.continuation import Answered, continuation
 from app.services.llm.embeddings import EmbeddingProviderClient, EmbeddingRequest, EmbeddingResult
 from app.services.llm.keys import KeyPool
+from app.services.llm.messages import capabilities_needed
 from app.services.llm.ratelimit import ProviderLimiter, request_tokens
 from app.services.llm.retry import (
     DEADLINE_MARGIN_SECONDS,
@@ -160,6 +163,18 @@ class LLMRouter:
         if kind is not None and route.kind != kind:
             raise UnknownModel(f"model {name!r} is {_a(route.kind)} model, not {_a(kind)} model")
         return route
+
+    def check_request(self, request: ChatRequest) -> None:
+        """RequestUnsupported when no (provider, model) of the request's route can take it; a
+        route some of whose entries can is walked over those only."""
+        route = self.route(request.model)
+        reasons = [cannot_take(t, request) for t in route.targets]
+        if all(reasons):
+            param, what = next(r for r in reasons if r)
+            models = ", ".join(f"{t.provider.spec.name}/{t.model.name}" for t in route.targets)
+            raise RequestUnsupported(
+                f"{what}: no model of {route.name!r} takes it ({models})", param=param
+            )
 
     def model_spec(self, provider: str, model: str) -> ModelSpec | None:
         """The configured model (prices, limits) behind an attempt, if it is still configured."""
@@ -336,10 +351,11 @@ class LLMRouter:
         answered: Answered | None,
     ) -> ChatResult:
         errors: list[UpstreamError] = []
-        for index, target in enumerate(route.targets):
+        targets = [t for t in route.targets if cannot_take(t, request) is None]
+        for index, target in enumerate(targets):
             if deadline.remaining() < MIN_ATTEMPT_SECONDS:
                 raise UpstreamTimeout("deadline reached", upstream=target.provider.spec.name)
-            later = len(route.targets) - index - 1
+            later = len(targets) - index - 1
             try:
                 return await self._try_target(
                     route, target, request, deadline, trail, send, later, answered
@@ -537,3 +553,19 @@ class RouterSlot:
         previous, self.current = self.current, router
         return previous
 
+
+def cannot_take(target: Target, request: ChatRequest) -> tuple[str, str] | None:
+    """(the request field, what of it) this (provider, model) cannot take, or None."""
+    model, kind = target.model, target.provider.spec.kind
+    needs = capabilities_needed(request.messages)
+    if "vision" in needs and not model.vision:
+        return "messages", "image content parts need a model with vision: true"
+    if "audio" in needs and not model.audio:
+        return "messages", "input_audio content parts need a model with audio: true"
+    if request.tools and not model.tools:
+        return "tools", "tools need a model that takes them (tools: false in the provider file)"
+    if kind == "anthropic":
+        refused = sorted(set(request.options) - ANTHROPIC_OPTIONS)
+        if refused:
+            return refused[0], f"{', '.join(refused)} has no equivalent in Anthropic's API"
+    return None

@@ -13,11 +13,12 @@ import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
 from app.errors import StreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from app.services.llm.types import ChatResult, StreamChunk, Usage
+from app.services.llm.types import ChatResult, StreamChunk, ToolCallDelta, Usage
 from app.services.llm.wire import transport_failure
 
 OnDelta = Callable[[str], Awaitable[None]]
@@ -131,11 +132,16 @@ def stream_cut(provider: str, detail: str) -> UpstreamUnavailable:
 def whole_as_chunk(result: ChatResult, default_finish: str) -> StreamChunk:
     """A whole answer to a streamed request (a gateway that ignored `stream: true`) as the one
     chunk of its stream; `default_finish` is the wire's own stop reason when none was given."""
+    calls = tuple(
+        ToolCallDelta(i, call["id"], call["function"]["name"], call["function"]["arguments"])
+        for i, call in enumerate(result.tool_calls)
+    )
     return StreamChunk(
         delta=result.content,
         usage=result.usage if result.usage_reported else None,
         model=result.model,
         finish_reason=result.finish_reason or default_finish,
+        tool_calls=calls,
     )
 
 
@@ -170,6 +176,7 @@ async def collect_stream(
     answered_model: str | None = None
     finish_reason: str | None = None
     ttft_ms: float | None = None
+    calls = ToolCallAssembly()
     try:
         try:
             while True:
@@ -192,12 +199,13 @@ async def collect_stream(
                         f"{provider}: stream not complete within {total_timeout:.2f}s",
                         upstream=provider,
                     ) from None
+                if (chunk.delta or chunk.tool_calls) and ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - started) * 1000
                 if chunk.delta:
-                    if ttft_ms is None:
-                        ttft_ms = (time.perf_counter() - started) * 1000
                     parts.append(chunk.delta)
                     if on_delta is not None:
                         await on_delta(chunk.delta)
+                calls.add(chunk.tool_calls)
                 if chunk.usage is not None:
                     usage = chunk.usage
                 if chunk.model:
@@ -223,7 +231,31 @@ async def collect_stream(
         usage_reported=usage is not None,
         ttft_ms=ttft_ms,
         finish_reason=finish_reason,
+        tool_calls=calls.whole(),
     )
+
+
+class ToolCallAssembly:
+    """Streamed tool call pieces put back together, by their index (the id and name come with
+    a call's first piece, its arguments in fragments), as OpenAI's whole `tool_calls`."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, Any]] = {}
+
+    def add(self, pieces: tuple[ToolCallDelta, ...]) -> None:
+        for piece in pieces:
+            call = self._calls.setdefault(
+                piece.index,
+                {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+            )
+            if piece.id:
+                call["id"] = piece.id
+            if piece.name:
+                call["function"]["name"] += piece.name
+            call["function"]["arguments"] += piece.arguments
+
+    def whole(self) -> tuple[dict[str, Any], ...]:
+        return tuple(self._calls[i] for i in sorted(self._calls))
 
 
 async def _close(chunks: AsyncIterator[StreamChunk]) -> None:

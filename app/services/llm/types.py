@@ -8,6 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
+from app.services.llm.messages import Message
+
 
 @dataclass(frozen=True)
 class Usage:
@@ -50,13 +52,21 @@ class OutputSchema:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    messages: list[dict[str, str]]
+    """A chat call in OpenAI's terms (messages: app.services.llm.messages); each wire sends it
+    as its provider takes it."""
+
+    messages: list[Message]
     model: str
     temperature: float
     max_tokens: int
     json_output: bool = False  # one JSON object (OpenAI's json_object), schema or not
     output_schema: OutputSchema | None = None  # the object's JSON Schema, when the caller has one
-    extra: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None  # OpenAI's [{type: function, function: {...}}]
+    tool_choice: str | dict[str, Any] | None = None  # "auto", "none", "required" or a function
+    parallel_tool_calls: bool | None = None
+    # OpenAI's other request fields, by their names (stop, seed, top_p, penalties, logit_bias,
+    # metadata, store, service_tier): passed on, or mapped, by each wire (CHAT_OPTIONS below)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ class BrokenPart:
 
     provider: str
     model: str
-    prompt: list[dict[str, str]]
+    prompt: list[Message]
     text: str
 
 
@@ -81,8 +91,9 @@ class ChatResult:
     trail: tuple[Any, ...] = ()  # attempts.Attempt records, oldest first
     usage_reported: bool = True  # False: a stream ended without a usage chunk (usage is 0/0)
     ttft_ms: float | None = None  # streamed answers: time to the first content delta
-    finish_reason: str | None = None  # streamed answers: "stop", "length", "end_turn" ...
+    finish_reason: str | None = None  # OpenAI's: "stop", "length", "tool_calls", ...
     broken: tuple[BrokenPart, ...] = ()  # streams that broke before this one continued them
+    tool_calls: tuple[dict[str, Any], ...] = ()  # OpenAI's [{id, type, function: {name, args}}]
 
 
 class ProviderClient(Protocol):
@@ -104,14 +115,26 @@ class ProviderClient(Protocol):
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call: the call at `index`, its id and name when it starts,
+    then fragments of its JSON arguments (OpenAI's `delta.tool_calls[]`)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class StreamChunk:
-    """One piece of a streamed answer: a content delta, and/or the usage, model or finish reason
-    the provider reported with it (usage usually arrives alone in the last chunk)."""
+    """One piece of a streamed answer: a content delta, tool call pieces, and/or the usage,
+    model or finish reason the provider reported with it (usage usually arrives alone last)."""
 
     delta: str = ""
     usage: Usage | None = None
     model: str | None = None
     finish_reason: str | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @runtime_checkable
@@ -132,3 +155,19 @@ class StreamingProviderClient(ProviderClient, Protocol):
     def stream(
         self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
     ) -> AsyncIterator[StreamChunk]: ...
+
+
+# OpenAI's request fields beside messages, model, temperature and max tokens that a caller may
+# send and cx-relay passes on (ChatRequest.options): what each provider kind does with them is
+# the wire's (the Anthropic wire maps stop and top_p, and cannot take the others).
+CHAT_OPTIONS = (
+    "stop",
+    "seed",
+    "top_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "metadata",
+    "store",
+    "service_tier",
+)

@@ -19,6 +19,7 @@ from app.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.services.llm.messages import SYSTEM_ROLES, Message, message_text
 from app.services.llm.types import OutputSchema
 from app.services.safety import SafetyRules
 
@@ -44,12 +45,12 @@ def json_instruction(output_schema: OutputSchema | None) -> str:
     return text + ":\n" + json.dumps(output_schema.schema, separators=(",", ":"))
 
 
-def with_system_text(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+def with_system_text(messages: list[Message], text: str) -> list[Message]:
     """`text` added to the leading system message (one leads when there is none): some models'
     chat templates refuse a second system message, or one that is not first."""
-    if messages and messages[0].get("role") == "system":
+    if messages and messages[0].get("role") in SYSTEM_ROLES:
         first = messages[0]
-        return [{**first, "content": f"{first['content']}\n\n{text}"}, *messages[1:]]
+        return [{**first, "content": f"{message_text(first)}\n\n{text}"}, *messages[1:]]
     return [{"role": "system", "content": text}, *messages]
 
 
