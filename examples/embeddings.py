@@ -32,7 +32,7 @@ QUESTION = "I forgot my login details"
 
 
 def cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
     return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
@@ -44,7 +44,8 @@ def main() -> None:
     )
     question, *entries = (item.embedding for item in answer.data)
     print(f"{len(answer.data)} vectors of {len(question)} dimensions from {answer.model}")
-    ranked = sorted(zip(FAQ, entries), key=lambda pair: cosine(question, pair[1]), reverse=True)
+    pairs = zip(FAQ, entries, strict=True)
+    ranked = sorted(pairs, key=lambda pair: cosine(question, pair[1]), reverse=True)
     for text, vector in ranked:
         print(f"  {cosine(question, vector):+.3f}  {text}")
     cost = (answer.model_extra or {}).get("cx_relay", {}).get("cost", 0.0)
