@@ -8,7 +8,8 @@ app/simulator/llm.py and app/simulator/cxone.py:
 
   POST /v1/chat/completions   chat.completion JSON; with `"stream": true` an SSE stream (a role
                               chunk, 5 content chunks, a finish chunk, a usage chunk, [DONE]);
-                              with `response_format` a RoutingDecision JSON as the content
+                              with `response_format` a RoutingDecision JSON as the content;
+                              offered `tools` (and no tool result yet), a tool call
   POST /v1/embeddings         an embeddings list: one fixed 8-dimension unit vector per input,
                               as floats or base64 (`encoding_format`)
   GET  /v1/models             a model list
@@ -43,6 +44,11 @@ ROUTING = {
     "requires_human_agent": False,
 }
 USAGE = {"prompt_tokens": 120, "completion_tokens": 18, "total_tokens": 138}
+TOOL_CALL = {
+    "id": "call_bench0000000000000000000",
+    "type": "function",
+    "function": {"name": "get_order_status", "arguments": '{"order_number":"123456"}'},
+}
 HISTORY = [  # oldest first; served newest first
     ("inbound", "Hi, I have a question about my account."),
     ("outbound", "Hello! I'm the virtual assistant. How can I help you today?"),
@@ -71,7 +77,10 @@ def response(
     return head.encode() + body
 
 
-def completion(content: str) -> bytes:
+def completion(content: str, call: dict[str, Any] | None = None) -> bytes:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if call is not None:
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
     return _dumps(
         {
             "id": "chatcmpl-bench000000000000000000",
@@ -81,8 +90,8 @@ def completion(content: str) -> bytes:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
+                    "message": message,
+                    "finish_reason": "stop" if call is None else "tool_calls",
                 }
             ],
             "usage": USAGE,
@@ -90,8 +99,9 @@ def completion(content: str) -> bytes:
     )
 
 
-def sse_stream(content: str, parts: int = 5) -> bytes:
-    """A whole OpenAI SSE stream: role chunk, `parts` content chunks, finish, usage, [DONE]."""
+def sse_stream(content: str, parts: int = 5, call: dict[str, Any] | None = None) -> bytes:
+    """A whole OpenAI SSE stream: role chunk, `parts` content chunks (or a tool call: its id and
+    name, then its arguments in two pieces), finish, usage, [DONE]."""
     words = content.split(" ")
     size = max(1, -(-len(words) // parts))
     pieces = [" ".join(words[i : i + size]) for i in range(0, len(words), size)]
@@ -110,8 +120,15 @@ def sse_stream(content: str, parts: int = 5) -> bytes:
         return b"data: " + _dumps(body) + b"\n\n"
 
     frames = [chunk({"role": "assistant", "content": ""})]
-    frames += [chunk({"content": piece}) for piece in pieces]
-    frames.append(chunk({}, "stop"))
+    if call is None:
+        frames += [chunk({"content": piece}) for piece in pieces]
+    else:
+        arguments = call["function"]["arguments"]
+        opening = {**call, "index": 0, "function": {**call["function"], "arguments": ""}}
+        frames.append(chunk({"tool_calls": [opening]}))
+        for piece in (arguments[: len(arguments) // 2], arguments[len(arguments) // 2 :]):
+            frames.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+    frames.append(chunk({}, "stop" if call is None else "tool_calls"))
     usage = {
         "id": "chatcmpl-bench000000000000000000",
         "object": "chat.completion.chunk",
@@ -182,6 +199,10 @@ class Canned:
         self.stream_json = response(
             200, sse_stream(json.dumps(ROUTING)), "text/event-stream", "Cache-Control: no-cache\r\n"
         )
+        self.chat_tools = response(200, completion("", TOOL_CALL))
+        self.stream_tools = response(
+            200, sse_stream("", call=TOOL_CALL), "text/event-stream", "Cache-Control: no-cache\r\n"
+        )
         self.models = response(
             200, _dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
         )
@@ -232,7 +253,10 @@ def route(method: bytes, target: bytes, headers: dict[bytes, bytes], body: bytes
     if path.endswith(b"/chat/completions") and method == b"POST":
         stream = b'"stream":true' in body or b'"stream": true' in body
         as_json = b"response_format" in body
-        key = ("stream" if stream else "chat") + ("_json" if as_json else "")
+        # offered tools and no tool result sent back yet: the model calls the tool
+        calls = b'"tools"' in body and b'"tool_call_id"' not in body
+        kind = "_tools" if calls else ("_json" if as_json else "")
+        key = ("stream" if stream else "chat") + kind
         COUNTS[key] = COUNTS.get(key, 0) + 1
         return getattr(CANNED, key)  # type: ignore[no-any-return]
     if path.endswith(b"/embeddings") and method == b"POST":

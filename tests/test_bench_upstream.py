@@ -19,6 +19,8 @@ from app.services.llm.embeddings import (
     in_format,
     parse_embeddings,
 )
+from app.services.llm.openai_compat import parse_chunk, whole_tool_calls
+from app.services.llm.streaming import ToolCallAssembly
 from bench import fake_upstream
 
 
@@ -99,3 +101,36 @@ async def test_fake_upstream_embeddings_parse(encoding: str) -> None:
     answer = parse_embeddings("bench", httpx.Response(status, content=body), request, 0.0)
     assert status == 200 and answer.usage_reported and answer.usage.prompt_tokens > 0
     assert [in_format(v, "float") for v in answer.vectors] == [fake_upstream.EMBEDDING] * 3
+
+
+async def test_fake_upstream_tool_calls_parse_with_the_services_own_readers() -> None:
+    """Offered tools, the fake calls one (whole and streamed, OpenAI's pieces); with the tool's
+    result sent back, it answers in text."""
+    server = await fake_upstream.start("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    tool = {"type": "function", "function": {"name": "get_order_status", "parameters": {}}}
+    asked = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        body = json.dumps({**asked, "tools": [tool]}).encode()
+        _, whole = await _exchange(port, "POST", "/v1/chat/completions", body)
+        message = json.loads(whole)["choices"][0]["message"]
+        assert whole_tool_calls(message["tool_calls"]) == (fake_upstream.TOOL_CALL,)
+        streamed = json.dumps({**asked, "tools": [tool], "stream": True}).encode()
+        _, raw = await _exchange(port, "POST", "/v1/chat/completions", streamed)
+        assembly = ToolCallAssembly()
+        for event in raw.decode().split("\n\n"):
+            payload = event.removeprefix("data: ")
+            if payload and payload != "[DONE]":
+                chunk = parse_chunk("fake", json.loads(payload), None)
+                if chunk is not None:
+                    assembly.add(chunk.tool_calls)
+        assert assembly.whole() == (fake_upstream.TOOL_CALL,)
+        result = {"role": "tool", "tool_call_id": fake_upstream.TOOL_CALL["id"], "content": "{}"}
+        answered = {**asked, "tools": [tool], "messages": [*asked["messages"], result]}
+        _, text = await _exchange(
+            port, "POST", "/v1/chat/completions", json.dumps(answered).encode()
+        )
+        assert json.loads(text)["choices"][0]["message"]["content"] == fake_upstream.REPLY
+    finally:
+        server.close()
+        await server.wait_closed()
