@@ -301,7 +301,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings, simulated = _start_simulators(app.state.settings, stack)
         _warn_about_development_settings(settings)
         audit, startup = await open_audit_log(settings, stack)
-        models = [settings.llm_model, *(m.name for p in startup.config.providers for m in p.models)]
+        # chat models' encodings now; an embedding model's when it is first used (tokens.ready)
+        chat = [m for p in startup.config.providers for m in p.models if m.kind != "embedding"]
+        models = [settings.llm_model, *(m.name for m in chat)]
         tokens.use_exact_counting(settings.token_counting == "exact")
         stack.callback(tokens.use_exact_counting, True)  # process-wide: back to the default
         await asyncio.to_thread(tokens.preload, models)  # never load an encoding per request

@@ -390,3 +390,21 @@ def test_a_tokenizer_with_wrong_ids_is_not_trusted(caplog: pytest.LogCaptureFixt
     assert counter.estimated
     assert counter.encoding == FALLBACK_ENCODING
     assert any("TOKENIZER UNAVAILABLE" in r.getMessage() for r in caplog.records)
+
+
+def test_an_encoding_start_up_left_out_is_ready_once_loaded() -> None:
+    """The embedding models' encodings are not loaded at start-up (tokens.ready loads one on
+    the first call that needs it): `ready` tells whether a load is still to come."""
+    loads: list[str] = []
+
+    def loader(encoding: str) -> Encoder:
+        loads.append(encoding)
+        raise RuntimeError("no tables in this test")  # counted by characters then
+
+    counters = TokenCounters(loader=loader)
+    assert not counters.ready(["text-embedding-3-small"])
+    counters.preload(["text-embedding-3-small"])
+    assert counters.ready(["text-embedding-3-small"])
+    assert "cl100k_base" in loads
+    counters.preload(["text-embedding-3-small"])
+    assert loads.count("cl100k_base") == 1  # once, however often it is asked for

@@ -27,7 +27,7 @@ from app.services.llm.routes import Route
 from app.services.llm.types import Usage
 from app.services.metering import Metering
 from app.services.metrics import BUDGET_EXHAUSTED
-from app.services.tokens import text_tokens
+from app.services.tokens import ready, text_tokens
 
 log = logging.getLogger("cxrelay.embeddings")
 
@@ -89,7 +89,9 @@ class EmbeddingsPipeline:
         await self.metering.limits.admit(call.principal)  # RateLimited: over the key's rpm
         deadline = Deadline.after(self.deadline_seconds)
         router = self.metering.llm.current
-        tokens = _input_tokens(call.inputs, router.route(call.model, "embedding"))
+        route = router.route(call.model, "embedding")
+        await ready([route.targets[0].model.name])  # its encoding, loaded by the first call
+        tokens = _input_tokens(call.inputs, route)
         plan = await self.metering.plan_input(
             call.principal, call.session_id, route_name=call.model, input_tokens=tokens
         )

@@ -23,6 +23,7 @@ Rust tokenizer. Nothing is fetched at run time, and its token ids equal tiktoken
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -224,6 +225,11 @@ class TokenCounters:
         for encoding in {DEFAULT_ENCODING, *(encoding_for_model(m) for m in models)}:
             self._encoder(encoding)
 
+    def ready(self, models: Iterable[str | None]) -> bool:
+        """Are the encodings of `models` loaded (or known not to load) already?"""
+        with self._lock:
+            return all(encoding_for_model(m) in self._encoders for m in models)
+
     def for_model(self, model: str | None) -> TokenCounter:
         encoding = encoding_for_model(model)
         return TokenCounter(model, encoding, self._encoder(encoding))
@@ -270,6 +276,15 @@ def use_exact_counting(exact: bool) -> None:
 def preload(models: Iterable[str | None] = ()) -> None:
     """Load, once, the encodings these models need (and the default one). Call at start-up."""
     _counters.preload(models)
+
+
+async def ready(models: Iterable[str | None]) -> None:
+    """Load, once and off the event loop, encodings that start-up left out: an embedding
+    model's tables (cl100k_base, ~35 MiB) are loaded by the first call that needs them, so a
+    service that never embeds never holds them."""
+    models = list(models)
+    if not _counters.ready(models):
+        await asyncio.to_thread(_counters.preload, models)
 
 
 def load_counter(model: str | None = None) -> TokenCounter:
