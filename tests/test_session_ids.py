@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from app.config import DEV_BOT_STATE_SECRET as DEV_STATE
 from app.config import Settings
 from app.main import create_app
-from app.schemas.openai_chat import valid_session_id
+from app.schemas.openai_messages import valid_session_id
 from app.services.safety import SafetyRules
 from app.services.session_ids import SessionIds
 from app.services.store import NO_SESSION

@@ -33,7 +33,6 @@ from app.request_metrics import note_failure, note_status
 from app.routers.caller import CallerDep
 from app.routers.chat import event_stream, injection_header, sse
 from app.schemas.openai_chat import (
-    SESSION_ID_RULE,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -49,9 +48,8 @@ from app.schemas.openai_chat import (
     ErrorDetail,
     ModelCard,
     ModelList,
-    ToolCall,
-    valid_session_id,
 )
+from app.schemas.openai_messages import SESSION_ID_RULE, ToolCall, valid_session_id
 from app.schemas.openapi import json_request_body, response_schema, sse_response
 from app.services.body import read_limited_body
 from app.services.chat_errors import ChatFailure, describe

@@ -1,7 +1,8 @@
 """OpenAI's chat completion wire: the request the official clients send and the `chat.completion`
 / `chat.completion.chunk` / error / model-list shapes they parse.
 
-Every request field the official client can send is passed on, mapped or refused with a 400
+Every request field the official client can send (its messages and tools: openai_messages)
+is passed on, mapped or refused with a 400
 that names it, never dropped silently (the README's field table says which, per provider kind):
 messages of every role (system, developer, user, assistant with `tool_calls`, tool with
 `tool_call_id`), content as a string or parts (`text`, `image_url`, `input_audio`), tools,
@@ -15,288 +16,31 @@ legacy `functions` / `function_call` (tools / tool_choice say the same).
 
 from __future__ import annotations
 
-import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    TypeAdapter,
-    ValidationError,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
 from app.schemas.chat import (
     MAX_MESSAGES,
-    SESSION_ID_PATTERN,
-    TEXT_PARTS_SEPARATOR,
     ResponseFormat,
     SafetyFilterName,
 )
+from app.schemas.openai_messages import (
+    NamedToolChoice,
+    OpenAIMessage,
+    SessionUser,
+    Tool,
+    ToolCall,
+)
 from app.services.llm.types import CHAT_OPTIONS, OutputSchema
 
-SESSION_ID_RULE = "1-128 characters: letters, digits and _ . : @ -, starting with a letter or digit"
-FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_TOOLS = 128
-
-
-def valid_session_id(value: str) -> bool:
-    return re.fullmatch(SESSION_ID_PATTERN, value) is not None
-
-
-# --- content parts -------------------------------------------------------------------------------
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text"]
-    text: str
-
-
-class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _fetchable(cls, url: str) -> str:
-        if url.startswith(("http://", "https://")):
-            return url
-        if re.match(r"^data:image/[a-z0-9.+-]+;base64,", url):
-            return url
-        raise ValueError("an image_url is an http(s) URL or a data:image/...;base64, URL")
-
-
-class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-class InputAudio(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    data: str = Field(min_length=1)  # base64
-    format: Literal["wav", "mp3"]
-
-
-class AudioPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["input_audio"]
-    input_audio: InputAudio
-
-
-ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
-
-
-_PARTS: TypeAdapter[list[ContentPart]] = TypeAdapter(list[ContentPart])
-
-def _part_schema(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {"type": {"enum": [kind]}, **fields},
-        "required": ["type", *fields],
-    }
-
-
-# What `_content` takes, said in the published OpenAPI document (documentation only).
-_CONTENT_SCHEMA: dict[str, Any] = {
-    "anyOf": [
-        {"type": "string"},
-        {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "anyOf": [
-                    _part_schema("text", {"text": {"type": "string"}}),
-                    _part_schema(
-                        "image_url",
-                        {
-                            "image_url": {
-                                "type": "object",
-                                "properties": {
-                                    "url": {"type": "string"},
-                                    "detail": {"enum": ["auto", "low", "high"]},
-                                },
-                                "required": ["url"],
-                            }
-                        },
-                    ),
-                    _part_schema(
-                        "input_audio",
-                        {
-                            "input_audio": {
-                                "type": "object",
-                                "properties": {
-                                    "data": {"type": "string"},
-                                    "format": {"enum": ["wav", "mp3"]},
-                                },
-                                "required": ["data", "format"],
-                            }
-                        },
-                    ),
-                ]
-            },
-        },
-        {"type": "null"},
-    ]
-}
-
-
-def _content(value: Any) -> Any:
-    """A string, None, or the parts validated here, so that a bad part is one error at
-    `messages[i].content` saying which part and why (a part of a type cx-relay cannot forward,
-    such as a file, is named)."""
-    if value is None or isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise ValueError("content is a string or a list of parts")
-    for part in value:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("text", "image_url", "input_audio"):
-            raise ValueError(
-                f"content part type {kind!r} is not supported (text, image_url, input_audio)"
-            )
-    try:
-        return _PARTS.validate_python(value)
-    except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        loc = list(first["loc"])
-        if len(loc) > 1 and isinstance(loc[0], int):
-            del loc[1]  # the discriminator's tag: the part's own type, said twice otherwise
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise ValueError(f"part{where}: {message}") from None
-
-
-Content = Annotated[
-    str | list[ContentPart] | None, BeforeValidator(_content), WithJsonSchema(_CONTENT_SCHEMA)
-]
-
-
-# --- messages and tools --------------------------------------------------------------------------
-
-
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    name: str = Field(pattern=FUNCTION_NAME)
-    arguments: str
-
-
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    id: str = Field(min_length=1, max_length=200)
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class OpenAIMessage(BaseModel):
-    """One message; `refusal`, `audio` and other fields a client echoes back are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Content = None
-    name: str | None = Field(None, max_length=64)
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = Field(None, min_length=1, max_length=200)
-
-    @field_validator("role", mode="before")
-    @classmethod
-    def _legacy_role(cls, role: Any) -> Any:
-        if role == "function":
-            raise ValueError('the legacy "function" role: send a "tool" message with tool_call_id')
-        return role
-
-    @model_validator(mode="after")
-    def _shape(self) -> OpenAIMessage:
-        if isinstance(self.content, list) and not self.content:
-            raise ValueError("content is an empty list")
-        has_words = bool(self.text.strip()) or self.media
-        if self.role == "assistant":
-            if not has_words and not self.tool_calls:
-                raise ValueError("an assistant message needs content or tool_calls")
-        elif self.tool_calls:
-            raise ValueError("only an assistant message carries tool_calls")
-        elif self.role == "tool":
-            if self.tool_call_id is None:
-                raise ValueError("a tool message needs the tool_call_id it answers")
-            if self.media:
-                raise ValueError("a tool message's content is text")
-        elif not has_words:
-            raise ValueError("message content is empty")
-        if self.media and self.role != "user":
-            raise ValueError("image and audio parts go in user messages")
-        return self
-
-    @property
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return TEXT_PARTS_SEPARATOR.join(
-            p.text for p in self.content or [] if isinstance(p, TextPart)
-        )
-
-    @property
-    def media(self) -> bool:
-        return isinstance(self.content, list) and any(
-            not isinstance(p, TextPart) for p in self.content
-        )
-
-    def wire(self) -> dict[str, Any]:
-        """The message as the pipeline and the providers take it: text parts alone become one
-        string (so every later step treats them as that string), media parts stay parts."""
-        message: dict[str, Any] = {"role": self.role}
-        if isinstance(self.content, list) and self.media:
-            message["content"] = [p.model_dump(exclude_none=True) for p in self.content]
-        elif self.content is not None:
-            message["content"] = self.text
-        elif self.role == "assistant":
-            message["content"] = None
-        if self.name is not None:
-            message["name"] = self.name
-        if self.tool_calls:
-            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
-        if self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        return message
-
-
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    name: str = Field(pattern=FUNCTION_NAME)
-    description: str | None = Field(None, max_length=8192)
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(BaseModel):
-    name: str = Field(pattern=FUNCTION_NAME)
-
-
-class NamedToolChoice(BaseModel):
-    type: Literal["function"]
-    function: NamedFunction
-
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -318,7 +62,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=32768)
     max_completion_tokens: int | None = Field(None, ge=1, le=32768)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    user: str | None = Field(None, json_schema_extra={"pattern": SESSION_ID_PATTERN})
+    user: SessionUser = None
     response_format: ResponseFormat | None = None
     n: int | None = Field(None, json_schema_extra={"enum": [1, None]})
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
@@ -339,13 +83,6 @@ class ChatCompletionRequest(BaseModel):
     function_call: Any = Field(None, json_schema_extra={"enum": [None]})
     fallback_models: list[str] = Field(default_factory=list, max_length=5)  # cx-relay extension
     safety_filters: list[SafetyFilterName] | None = None  # cx-relay extension (as /chat's)
-
-    @field_validator("user")
-    @classmethod
-    def _user_is_session(cls, value: str | None) -> str | None:
-        if value is not None and not valid_session_id(value):
-            raise ValueError(f"user is used as the session id: {SESSION_ID_RULE}")
-        return value
 
     @field_validator("n")
     @classmethod

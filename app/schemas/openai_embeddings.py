@@ -14,8 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from app.schemas.chat import SESSION_ID_PATTERN
-from app.schemas.openai_chat import SESSION_ID_RULE, valid_session_id
+from app.schemas.openai_messages import SessionUser
 from app.services.llm.embeddings import Input
 
 MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one request
@@ -51,7 +50,7 @@ class EmbeddingsRequest(BaseModel):
     input: Annotated[Any, WithJsonSchema(INPUT_SCHEMA)]  # checked below, for messages that say
     dimensions: int | None = Field(None, ge=1, le=MAX_DIMENSIONS)
     encoding_format: Literal["float", "base64"] = "float"
-    user: str | None = Field(None, json_schema_extra={"pattern": SESSION_ID_PATTERN})
+    user: SessionUser = None
 
     @field_validator("input")
     @classmethod
@@ -77,13 +76,6 @@ class EmbeddingsRequest(BaseModel):
             if not texts and not all(_token_id(token) for token in item):
                 raise ValueError(f"input[{index}] must be token ids (integers from 0)")
         return value if texts else [[int(token) for token in item] for item in value]
-
-    @field_validator("user")
-    @classmethod
-    def _user_is_session(cls, value: str | None) -> str | None:
-        if value is not None and not valid_session_id(value):
-            raise ValueError(f"user is used as the session id: {SESSION_ID_RULE}")
-        return value
 
     @property
     def inputs(self) -> tuple[Input, ...]:
