@@ -24,7 +24,7 @@ from app.pipelines.turn_cache import TurnCache
 from app.request_metrics import note_outcome
 from app.services.budget import BudgetExhausted
 from app.services.cache import CachedAnswer
-from app.services.chat_errors import describe
+from app.services.chat_errors import failure_fields
 from app.services.injection import InjectionRules
 from app.services.llm.messages import SYSTEM_ROLES, Message, message_text, with_text
 from app.services.llm.types import ChatRequest, ChatResult
@@ -407,22 +407,9 @@ class ChatPipeline:
 
 
 def _log_failure(call: ChatCall, error: CxRelayError, started: float) -> None:
-    """A call that ended without an answer still gets its turn line (the attempt lines and the
-    access line alone would not say which session or tenant it was). Only the error's code is
-    logged: an upstream's message may quote the customer's words."""
-    failure = describe(error)
-    log.info(
-        "chat turn failed",
-        extra={
-            "surface": call.surface,
-            "tenant": call.principal.tenant,
-            "key_id": call.principal.key_id,
-            "session_id": call.session_id or None,
-            "status": "failed",
-            "error": failure.code if failure else type(error).__name__,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-        },
-    )
+    """A call that ended without an answer still gets its turn line."""
+    fields = failure_fields(call.surface, call.principal, call.session_id, error, started)
+    log.info("chat turn failed", extra=fields)
 
 
 def temperature_band(temperature: float | None) -> str:

@@ -21,7 +21,7 @@ from app.errors import CxRelayError
 from app.principal import Principal
 from app.request_metrics import note_outcome
 from app.services.budget import BudgetExhausted
-from app.services.chat_errors import describe
+from app.services.chat_errors import failure_fields
 from app.services.llm.embeddings import EmbeddingRequest, EncodingFormat, Input, Vector, in_format
 from app.services.llm.routes import Route
 from app.services.llm.types import Usage
@@ -148,18 +148,6 @@ def _input_tokens(inputs: tuple[Input, ...], route: Route) -> int:
 
 
 def _log_failure(call: EmbeddingsCall, error: CxRelayError, started: float) -> None:
-    """The call's own line for a failure (only the error's code: a provider's message may quote
-    the caller's text)."""
-    failure = describe(error)
-    log.info(
-        "embeddings call failed",
-        extra={
-            "surface": SURFACE,
-            "tenant": call.principal.tenant,
-            "key_id": call.principal.key_id,
-            "session_id": call.session_id or None,
-            "status": "failed",
-            "error": failure.code if failure else type(error).__name__,
-            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-        },
-    )
+    """The call's own line for a failure."""
+    fields = failure_fields(SURFACE, call.principal, call.session_id, error, started)
+    log.info("embeddings call failed", extra=fields)

@@ -3,6 +3,7 @@ error type, shared by /chat, /v1/chat/completions (in OpenAI's error shape) and 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from app.errors import (
     UpstreamRejected,
     UpstreamTimeout,
 )
+from app.principal import Principal
 from app.services.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
 from app.services.validation import SchemaInvalid, output_problems
 
@@ -70,3 +72,20 @@ def describe(error: Exception, *, raw_output: bool = False) -> ChatFailure | Non
     if isinstance(error, UpstreamError):
         return ChatFailure(502, "upstream_unavailable", f"no provider could answer: {error}")
     return None
+
+
+def failure_fields(
+    surface: str, principal: Principal, session_id: str, error: Exception, started: float
+) -> dict[str, Any]:
+    """A failed call's log line (the attempt and access lines alone would not say which session
+    or tenant it was). Only the error's code: a provider's message may quote the caller's text."""
+    failure = describe(error)
+    return {
+        "surface": surface,
+        "tenant": principal.tenant,
+        "key_id": principal.key_id,
+        "session_id": session_id or None,
+        "status": "failed",
+        "error": failure.code if failure else type(error).__name__,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+    }
