@@ -129,25 +129,22 @@ class Metering:
                 raise BudgetExhausted(await self._refusal(principal, session_id, minimum)) from None
             max_tokens = room
             fit = fit_history(items, count_tokens=count, max_prompt_tokens=bound - max_tokens)
-        requested = fit.prompt_tokens + max_tokens
-        charge = await self.limits.charge(principal, requested)  # RateLimited: over the tpm
-        try:
-            outcome = await self._reserve(
-                principal, session_id, route, fit.prompt_tokens, max_tokens
-            )
+        answer = max_tokens
+
+        async def reserve() -> Grant | Refusal:
+            nonlocal answer
+            outcome = await self._reserve(principal, session_id, route, fit.prompt_tokens, answer)
             if isinstance(outcome, Refusal) and outcome.dimension == "tokens":
                 room = (outcome.remaining_tokens or 0) - fit.prompt_tokens
-                if min_tokens <= room < max_tokens:  # squeezed, then asked once more
-                    max_tokens = room
+                if min_tokens <= room < answer:  # squeezed, then asked once more
+                    answer = room
                     outcome = await self._reserve(
-                        principal, session_id, route, fit.prompt_tokens, max_tokens
+                        principal, session_id, route, fit.prompt_tokens, answer
                     )
-        except BaseException:
-            await self.limits.settle(charge, 0)
-            raise
-        if isinstance(outcome, Refusal):
-            await self.limits.settle(charge, 0)
-            raise BudgetExhausted(outcome)
+            return outcome
+
+        grant, charge = await self._held(principal, fit.prompt_tokens + max_tokens, reserve)
+        max_tokens = answer
         return Plan(
             principal,
             session_id,
@@ -156,9 +153,28 @@ class Metering:
             max_tokens,
             fit.prompt_tokens,
             fit.dropped,
-            outcome,
+            grant,
             charge,
         )
+
+    async def _held(
+        self,
+        principal: Principal,
+        tokens: int,
+        reserve: Callable[[], Awaitable[Grant | Refusal]],
+    ) -> tuple[Grant, TokenCharge | None]:
+        """`tokens` taken from the inbound tokens per minute (RateLimited), then the budgets'
+        reservation (BudgetExhausted); a refusal or a failure gives the minute's tokens back."""
+        charge = await self.limits.charge(principal, tokens)
+        try:
+            outcome = await reserve()
+        except BaseException:
+            await self.limits.settle(charge, 0)
+            raise
+        if isinstance(outcome, Refusal):
+            await self.limits.settle(charge, 0)
+            raise BudgetExhausted(outcome)
+        return outcome, charge
 
     async def _reserve(
         self, principal: Principal, session_id: str, route: Route, prompt: int, max_tokens: int
@@ -268,16 +284,12 @@ class Metering:
         """Reserve an embeddings call's input tokens; RateLimited or BudgetExhausted when the
         tokens per minute or a budget cannot take them."""
         route = self.llm.current.route(route_name, "embedding")
-        charge = await self.limits.charge(principal, input_tokens)
-        try:
-            outcome = await self._reserve(principal, session_id, route, input_tokens, 0)
-        except BaseException:
-            await self.limits.settle(charge, 0)
-            raise
-        if isinstance(outcome, Refusal):
-            await self.limits.settle(charge, 0)
-            raise BudgetExhausted(outcome)
-        return Plan(principal, session_id, route_name, [], 0, input_tokens, 0, outcome, charge)
+
+        async def reserve() -> Grant | Refusal:
+            return await self._reserve(principal, session_id, route, input_tokens, 0)
+
+        grant, charge = await self._held(principal, input_tokens, reserve)
+        return Plan(principal, session_id, route_name, [], 0, input_tokens, 0, grant, charge)
 
     async def settle_input(
         self, plan: Plan, result: ChatResult, *, surface: str, latency_ms: float
