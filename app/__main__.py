@@ -12,10 +12,10 @@ from pathlib import Path
 
 import uvicorn
 
-from app.errors import ConfigError
-from app.observability import configure_logging
+from app.core.errors import ConfigError
+from app.core.settings_loading import load_settings
+from app.observability.logs import configure_logging
 from app.serving import serve as run_service
-from app.settings_loading import load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_config(path: Path) -> int:
     """Every problem of the file at once, each with its path in the file; "ok" when none."""
-    from app.services.llm.catalog import ProviderConfigInvalid, load_provider_file
+    from app.llm.catalog import ProviderConfigInvalid, load_provider_file
 
     try:
         config = load_provider_file(path)

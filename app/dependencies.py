@@ -8,22 +8,22 @@ from typing import Annotated
 import httpx
 from fastapi import Depends, Request
 
-from app.config import Settings
+from app.accounting.inbound_limits import InboundLimiter
+from app.accounting.ledger import Ledger
+from app.accounting.metering import Metering
+from app.auth.clients import ClientAuthenticator
+from app.auth.signatures import AuthorizationAuthenticator, WebhookAuthenticator
+from app.core.settings import Settings
+from app.llm.provisioning import Provisioner
+from app.llm.router import RouterSlot
 from app.pipelines.chat import ChatPipeline
-from app.pipelines.cognigy import CognigyPipeline
-from app.pipelines.cxone import CXoneBotPipeline
-from app.pipelines.embeddings import EmbeddingsPipeline
-from app.services.audit import AuditLog
-from app.services.caller_templates import CallerTemplates
-from app.services.clients import ClientAuthenticator
-from app.services.inbound_limits import InboundLimiter
-from app.services.ledger import Ledger
-from app.services.llm.router import RouterSlot
-from app.services.metering import Metering
-from app.services.provisioning import Provisioner
-from app.services.session_ids import SessionIds
-from app.services.signatures import AuthorizationAuthenticator, WebhookAuthenticator
-from app.services.store import Store
+from app.prompts.caller_templates import CallerTemplates
+from app.safety.session_ids import SessionIds
+from app.store import Store
+from app.store.audit import AuditLog
+from app.surfaces.cognigy.pipeline import CognigyPipeline
+from app.surfaces.cxone.pipeline import CXoneBotPipeline
+from app.surfaces.openai.embeddings_pipeline import EmbeddingsPipeline
 
 
 @dataclass

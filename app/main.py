@@ -16,51 +16,49 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 
 from app import __version__
-from app.config import (
+from app.accounting.budget import BudgetService
+from app.accounting.ledger import Ledger
+from app.accounting.metering import Metering
+from app.auth.clients import ClientAuthenticator, split_tenant
+from app.auth.signatures import ReplayGuard, WebhookAuthenticator
+from app.cache.turn_cache import TurnCache
+from app.core.settings import (
     DEV_BOT_STATE_SECRET,
     DEV_CLIENT_API_KEY,
     DEV_CXONE_AUTHORIZATION,
     Settings,
 )
+from app.core.settings_loading import load_settings
 from app.dependencies import Services
-from app.observability import RequestIdMiddleware
-from app.pipelines.embeddings import EmbeddingsPipeline
-from app.pipelines.turn_cache import TurnCache
-from app.request_metrics import RequestMetricsMiddleware
-from app.routers import (
-    admin,
-    budget,
-    chat,
-    cognigy,
-    cxone,
-    embeddings,
-    health,
-    metrics,
-    openai_compat,
-    ws_chat,
-)
-from app.services import tokens
-from app.services.audit import AuditLog
-from app.services.budget import BudgetService
-from app.services.caller_templates import CallerTemplates
-from app.services.clients import ClientAuthenticator, split_tenant
-from app.services.cxone import CXoneContextClient
-from app.services.http import build_http_client
-from app.services.ledger import Ledger
-from app.services.llm.bootstrap import router_options, startup_provider_config
-from app.services.llm.catalog import ProviderConfig
-from app.services.llm.router import LLMRouter, RouterSlot
-from app.services.metering import Metering
-from app.services.oauth import TokenCache, TokenRequest
-from app.services.prompts import PromptRenderer
-from app.services.provisioning import Provisioner
-from app.services.session_ids import SessionIds
-from app.services.signatures import ReplayGuard, WebhookAuthenticator
-from app.services.store import Store
-from app.settings_loading import load_settings
+from app.http.request_ids import RequestIdMiddleware
+from app.http.request_metrics import RequestMetricsMiddleware
+from app.llm import tokens
+from app.llm.bootstrap import router_options, startup_provider_config
+from app.llm.catalog import ProviderConfig
+from app.llm.provisioning import Provisioner
+from app.llm.router import LLMRouter, RouterSlot
+from app.prompts.caller_templates import CallerTemplates
+from app.prompts.renderer import PromptRenderer
+from app.safety.session_ids import SessionIds
 from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
+from app.store import Store
+from app.store.audit import AuditLog
+from app.surfaces.admin import router as admin
+from app.surfaces.budget import router as budget
+from app.surfaces.chat import router as chat
+from app.surfaces.chat import websocket as ws_chat
+from app.surfaces.cognigy import router as cognigy
+from app.surfaces.cxone import router as cxone
+from app.surfaces.health import router as health
+from app.surfaces.metrics import router as metrics
+from app.surfaces.openai import embeddings_router as embeddings
+from app.surfaces.openai import router as openai_compat
+from app.surfaces.openai.embeddings_pipeline import EmbeddingsPipeline
+from app.upstream.cxone_context import CXoneContextClient
+from app.upstream.http_client import build_http_client
+from app.upstream.oauth import TokenCache, TokenRequest
 from app.wiring import (
     budget_policy,
     build_chat,

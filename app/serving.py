@@ -23,12 +23,12 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from app.config import Settings
-from app.header_limits import HeaderLimits, bounded_http_protocol
+from app.core.settings import Settings
+from app.core.settings_loading import load_settings
+from app.http.header_limits import HeaderLimits, bounded_http_protocol
 from app.main import create_app
-from app.observability import configure_logging
-from app.services.metrics import MULTIPROC_ENV, forget_this_process, wipe_process_files
-from app.settings_loading import load_settings
+from app.observability.logs import configure_logging
+from app.observability.metrics import MULTIPROC_ENV, forget_this_process, wipe_process_files
 
 
 def prepare_metrics_dir(

@@ -10,28 +10,28 @@ from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from zoneinfo import ZoneInfo
 
-from app.config import Settings
+from app.accounting.budget import BudgetPolicy, PeriodLimits
+from app.accounting.inbound_limits import InboundLimiter, Limits
+from app.accounting.ledger import Ledger
+from app.accounting.metering import Metering
+from app.auth.clients import split_tenant
+from app.auth.signatures import AuthorizationAuthenticator
+from app.cache.intent_cache import IntentCache
+from app.cache.turn_cache import TurnCache
+from app.core.settings import Settings
+from app.llm.router import RouterSlot
 from app.pipelines.chat import ChatPipeline
 from app.pipelines.chat_call import ChatOptions
-from app.pipelines.cognigy import CognigyOptions, CognigyPipeline
-from app.pipelines.cxone import CXoneBotPipeline
-from app.pipelines.cxone_reply import BotOptions
-from app.pipelines.turn_cache import TurnCache
-from app.services.bot_state import StateCodec
-from app.services.budget import BudgetPolicy, PeriodLimits
-from app.services.cache import IntentCache
-from app.services.clients import split_tenant
-from app.services.cxone import CXoneContextClient, Turn
-from app.services.inbound_limits import InboundLimiter, Limits
-from app.services.injection import InjectionRules
-from app.services.ledger import Ledger
-from app.services.llm.router import RouterSlot
-from app.services.metering import Metering
-from app.services.prompts import PromptRenderer
-from app.services.safety import RULES_DIR, SafetyRules
-from app.services.signatures import AuthorizationAuthenticator
-from app.services.store import RedisStore, Store, open_store
-from app.services.store.counters import LimitCounters, MemoryCounters, RedisCounters
+from app.prompts.renderer import PromptRenderer
+from app.safety.injection import InjectionRules
+from app.safety.rules import RULES_DIR, SafetyRules
+from app.store import RedisStore, Store, open_store
+from app.store.counters import LimitCounters, MemoryCounters, RedisCounters
+from app.surfaces.cognigy.pipeline import CognigyOptions, CognigyPipeline
+from app.surfaces.cxone.bot_state import StateCodec
+from app.surfaces.cxone.pipeline import CXoneBotPipeline
+from app.surfaces.cxone.reply import BotOptions
+from app.upstream.cxone_context import CXoneContextClient, Turn
 
 log = logging.getLogger("cxrelay")
 

@@ -212,7 +212,7 @@ class Bench:
                 "CXONE_TOKEN_URL": f"{up}/auth/token",
                 "CXONE_API_BASE_URL": up,
                 # unlimited session limit: sessions are still reserved on and settled
-                # (app/services/budget.py BudgetPolicy: "None means unlimited (still counted)")
+                # (app/accounting/budget.py BudgetPolicy: "None means unlimited (still counted)")
                 "BUDGET_SESSION_TOKENS": "none",
                 "INTENT_CACHE_ENABLED": "false",
                 # inbound limits on, but far above the load: their checks are measured, never hit

@@ -71,7 +71,7 @@ def read_sqlite(path: Path) -> Snapshot:
 
 
 def read_redis(url: str, prefix: str) -> Snapshot:
-    """The key layout of app/services/store/redis_budget.py and redis_ledger.py."""
+    """The key layout of app/store/redis_budget.py and redis_ledger.py."""
     snap = Snapshot()
     client = redis.Redis.from_url(url, decode_responses=True)
     try:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import fake_upstream  # bench/ is not a package
 
-from app.services.tokens import estimate_tokens, preload
+from app.llm.tokens import estimate_tokens, preload
 
 _CANNED_USAGE = fake_upstream._dumps(fake_upstream.USAGE)
 _bench_route = fake_upstream.route

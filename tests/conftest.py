@@ -15,7 +15,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from app.config import Settings
+from app.core.settings import Settings
 from app.main import create_app
 from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
 from app.simulator.faults import FaultPlan

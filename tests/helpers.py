@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 
-from app.config import Settings
-from app.observability import JsonFormatter
-from app.services.metrics import MULTIPROC_ENV
-from app.services.signatures import sign_hmac
+from app.auth.signatures import sign_hmac
+from app.core.settings import Settings
+from app.observability.logs import JsonFormatter
+from app.observability.metrics import MULTIPROC_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,23 +17,29 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from app.deadline import Deadline
-from app.errors import CxRelayError, OutputInvalid, StreamBroken, UpstreamError, UpstreamRejected
+from app.accounting.budget import BudgetExhausted
+from app.accounting.metering import Metering, Plan
+from app.cache.intent_cache import CachedAnswer
+from app.cache.turn_cache import TurnCache
+from app.core.deadline import Deadline
+from app.core.errors import (
+    CxRelayError,
+    OutputInvalid,
+    StreamBroken,
+    UpstreamError,
+    UpstreamRejected,
+)
+from app.http.chat_errors import failure_fields
+from app.http.request_metrics import note_outcome
+from app.llm.messages import SYSTEM_ROLES, Message, message_text, with_text
+from app.llm.types import ChatRequest, ChatResult
+from app.observability.metrics import BUDGET_EXHAUSTED, TURNS
 from app.pipelines.chat_call import ChatCall, ChatOptions, ChatOutcome, OnText
-from app.pipelines.turn_cache import TurnCache
-from app.request_metrics import note_outcome
-from app.services.budget import BudgetExhausted
-from app.services.cache import CachedAnswer
-from app.services.chat_errors import failure_fields
-from app.services.injection import InjectionRules
-from app.services.llm.messages import SYSTEM_ROLES, Message, message_text, with_text
-from app.services.llm.types import ChatRequest, ChatResult
-from app.services.metering import Metering, Plan
-from app.services.metrics import BUDGET_EXHAUSTED, TURNS
-from app.services.output_guard import OutputGuard
-from app.services.prompts import PromptRenderer
-from app.services.safety import SafetyRules
-from app.services.validation import (
+from app.prompts.renderer import PromptRenderer
+from app.safety.injection import InjectionRules
+from app.safety.output_guard import OutputGuard
+from app.safety.rules import SafetyRules
+from app.safety.validation import (
     OutputMismatch,
     check_json_schema,
     output_problems,

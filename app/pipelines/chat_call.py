@@ -7,10 +7,10 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from app.principal import Principal
-from app.services.injection import InjectionMode
-from app.services.llm.messages import Message
-from app.services.llm.types import OutputSchema, Usage
+from app.core.principal import Principal
+from app.llm.messages import Message
+from app.llm.types import OutputSchema, Usage
+from app.safety.injection import InjectionMode
 
 SafetyFilter = Literal["pii", "unsafe", "injection", "profanity", "self_harm"]
 ALL_FILTERS: frozenset[str] = frozenset({"pii", "unsafe", "injection"})

@@ -15,7 +15,7 @@ Asked to stream (`"stream": true`) both routes answer `text/event-stream` the wa
 do: OpenAI `data: {chat.completion.chunk}` events (a role chunk, the content word by word, a
 finish chunk, a usage chunk when `stream_options.include_usage`, then `data: [DONE]`), Anthropic
 `message_start` / `content_block_delta` ... `message_stop`. `/v1/chat/completions/ws` speaks the
-WebSocket protocol of `app.services.llm.websocket` (it refuses the handshake with 401 for a
+WebSocket protocol of `app.llm.websocket_provider` (it refuses the handshake with 401 for a
 "revoked" key). The FaultPlan's streaming knobs slow the first token, pace the chunks, fix the
 chunks or cut the stream without its end marker.
 
@@ -470,7 +470,7 @@ def create_llm_simulator(
 
     @app.websocket("/v1/chat/completions/ws")
     async def chat_completions_ws(websocket: WebSocket) -> None:
-        """The chat completion stream over a WebSocket (see app.services.llm.websocket)."""
+        """The chat completion stream over a WebSocket (see app.llm.websocket_provider)."""
         headers = dict(websocket.headers)
         if refused(websocket):
             await websocket.send_denial_response(JSONResponse(_KEY_REFUSAL, 401))

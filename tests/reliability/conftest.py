@@ -37,12 +37,12 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from app.config import Settings
-from app.schemas.chat import ChatReply
-from app.schemas.cognigy import CognigyResponse
+from app.core.settings import Settings
+from app.surfaces.chat.schemas import ChatReply
+from app.surfaces.cognigy.schemas import CognigyResponse
 from tests.helpers import cxone_turn, post_turn, trigger
 from tests.metric_samples import Labels, samples
-from tests.test_cxone_webhook import validate_against_spec
+from tests.surfaces.cxone.test_cxone_webhook import validate_against_spec
 
 REPORT_ENV = "CXRELAY_RELIABILITY_REPORT"
 CLIENT_KEY = "reliability-client-key-01"

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
-from app.services.signatures import (
+from app.auth.signatures import (
     sign_hmac,
     sign_standard_webhook,
 )

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from app.observability import JsonFormatter
+from app.observability.logs import JsonFormatter
 from app.simulator.cxone import CXoneSimulatorState
 from app.simulator.faults import Fault, FaultPlan
 from tests.helpers import API_KEY, CXONE_AUTH, SECRET, WEBHOOK, cxone_turn, post_turn, trigger

@@ -23,14 +23,14 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from app.errors import AuthenticationFailed
-from app.services.clients import ClientAuthenticator
-from app.services.signatures import (
+from app.auth.clients import ClientAuthenticator
+from app.auth.signatures import (
     ReplayGuard,
     WebhookAuthenticator,
     sign_hmac,
     sign_standard_webhook,
 )
+from app.core.errors import AuthenticationFailed
 from tests.helpers import API_KEY, CXONE_WEBHOOK, SECRET
 
 CLIENT_KEY = "timing-client-key-6e0c2b"

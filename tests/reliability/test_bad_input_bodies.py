@@ -16,7 +16,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from app.services.signatures import sign_hmac
+from app.auth.signatures import sign_hmac
 from app.simulator.cxone import CXoneSimulatorState
 from app.simulator.faults import FaultPlan
 from tests.helpers import API_KEY, CXONE_AUTH, CXONE_WEBHOOK, SECRET, WEBHOOK, cxone_turn, trigger

@@ -1,4 +1,4 @@
-"""Property tests of webhook signature verification (app/services/signatures.py), alone and as the
+"""Property tests of webhook signature verification (app/auth/signatures.py), alone and as the
 Cognigy route uses it: for any secret, body, id and timestamp, the right signature is accepted and
 any change to the body, the timestamp, the id or the signature is rejected — for HMAC
 (`X-Webhook-Signature`) and Standard Webhooks (`webhook-id`, `webhook-timestamp`,
@@ -19,15 +19,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from app.config import Settings
-from app.errors import AuthenticationFailed
-from app.main import create_app
-from app.services.signatures import (
+from app.auth.signatures import (
     ReplayGuard,
     WebhookAuthenticator,
     sign_hmac,
     sign_standard_webhook,
 )
+from app.core.errors import AuthenticationFailed
+from app.core.settings import Settings
+from app.main import create_app
 from app.simulator.cxone import CXoneSimulatorState
 from app.simulator.faults import FaultPlan
 from tests.helpers import SECRET, WEBHOOK, trigger

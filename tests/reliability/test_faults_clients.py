@@ -29,13 +29,13 @@ import websockets
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from app.config import Settings
+from app.accounting.inbound_limits import LEASE_SECONDS
+from app.core.settings import Settings
 from app.main import create_app
-from app.services.inbound_limits import LEASE_SECONDS
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.server import LoopbackServer
 from tests.helpers import running_service
-from tests.test_store import REDIS_URL, redis_prefix
+from tests.store.test_store import REDIS_URL, redis_prefix
 
 KEY, OTHER_KEY = "slot-key-one", "slot-key-two"  # two keys of one tenant
 LIMIT = 20  # CLIENT_MAX_CONCURRENT_STREAMS' default

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import redis
 
-from app.services.store import RedisStore
 from app.simulator.cxone import CXoneSimulatorState
 from app.simulator.faults import Fault, FaultPlan
+from app.store import RedisStore
 from tests.reliability.conftest import (
     AUTH,
     MetricWatch,

@@ -50,9 +50,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from app.config import Settings
+from app.auth.signatures import sign_hmac, sign_standard_webhook
+from app.core.settings import Settings
 from app.main import create_app
-from app.services.signatures import sign_hmac, sign_standard_webhook
 from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
 from app.simulator.faults import FaultPlan
 from app.simulator.llm import create_llm_simulator

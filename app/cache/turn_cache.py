@@ -1,0 +1,71 @@
+"""The intent cache as the webhooks use it: keyed on everything the model would be sent.
+
+The chat surfaces key on the instruction and the conversation; a webhook turn's whole input is
+its rendered messages (history included), so only an identical turn (same instruction, same
+history, same words, same tenant and answering chain) is served from the cache, at no cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from app.accounting.metering import Metering
+from app.cache.intent_cache import CachedAnswer, IntentCache
+from app.core.errors import UnknownModel
+from app.llm.messages import SYSTEM_ROLES, cache_text
+
+
+def conversation_parts(
+    messages: Sequence[Mapping[str, Any]], qualifier: str = ""
+) -> tuple[str, str]:
+    """(instruction, input): every system message (and what else shapes the answer, such as a
+    caller's output filters and schema), then the whole conversation after them."""
+    system = "\n".join(cache_text(m) for m in messages if m["role"] in SYSTEM_ROLES)
+    if qualifier:
+        system += "\n" + qualifier
+    turns = "\n".join(
+        f"{m['role']}: {cache_text(m)}" for m in messages if m["role"] not in SYSTEM_ROLES
+    )
+    return system, turns
+
+
+@dataclass(frozen=True)
+class TurnCache:
+    """The shared IntentCache, off when INTENT_CACHE_ENABLED is false."""
+
+    cache: IntentCache
+    metering: Metering
+    enabled: bool = True
+
+    def _model(self, route: str) -> str | None:
+        try:
+            return self.metering.answerers(route)
+        except UnknownModel:
+            return None  # the call itself reports it
+
+    def get(
+        self,
+        tenant: str,
+        route: str,
+        messages: Sequence[Mapping[str, Any]],
+        qualifier: str = "",
+    ) -> CachedAnswer | None:
+        model = self._model(route) if self.enabled else None
+        if model is None:
+            return None
+        return self.cache.get(tenant, model, *conversation_parts(messages, qualifier))
+
+    def put(
+        self,
+        tenant: str,
+        route: str,
+        messages: Sequence[Mapping[str, Any]],
+        answer: CachedAnswer,
+        qualifier: str = "",
+    ) -> None:
+        """Callers put only answers that passed validation and the safety checks."""
+        model = self._model(route) if self.enabled else None
+        if model is not None:
+            self.cache.put(tenant, model, *conversation_parts(messages, qualifier), answer)

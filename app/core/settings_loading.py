@@ -1,0 +1,28 @@
+"""Building Settings with an error message a person can act on (kept apart from app.core.settings,
+which holds the settings themselves)."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from app.core.errors import ConfigError
+from app.core.settings import Settings
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, naming the environment variable rather than the Python field."""
+    lines = []
+    for problem in error.errors():
+        names = [str(part).upper() for part in problem["loc"] if isinstance(part, str)]
+        where = names[0] if names else "settings"
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if names else message)
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings or raise ConfigError with a message a person can act on."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from error

@@ -1,0 +1,72 @@
+"""The client credential every client route takes: a CLIENT_API_KEYS key (or the admin token),
+and how a failed credential attempt on any route is recorded."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from typing import Annotated, Literal
+
+from fastapi import Depends, HTTPException, Request
+from starlette.requests import HTTPConnection
+
+from app.core.errors import AuthenticationFailed
+from app.core.principal import Principal
+from app.dependencies import ServicesDep
+from app.observability.metrics import AUTH_FAILURES
+
+log = logging.getLogger("cxrelay.clients")
+
+
+def route_of(connection: HTTPConnection) -> str:
+    """The matched route's template (`/budget/sessions/{session_id}`): a bounded metric label,
+    unlike the path a caller sent."""
+    path = getattr(connection.scope.get("route"), "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+def record_auth_failure(
+    logger: logging.Logger, message: str, connection: HTTPConnection, reason: str, detail: str
+) -> None:
+    """Every failed credential attempt, on every route: counted in cxrelay_auth_failures_total
+    {route, reason} and logged at WARNING with the route, the remote address, the reason (a word
+    of AUTH_FAILURE_REASONS) and the detail the caller was told; never the presented secret
+    (the log line's `ts` is the time)."""
+    route = route_of(connection)
+    AUTH_FAILURES.labels(route, reason).inc()
+    logger.warning(
+        message,
+        extra={
+            "route": route,
+            "remote": connection.client.host if connection.client else "",
+            "reason": reason,
+            "detail": detail,
+        },
+    )
+
+
+def bearer_failure(request: Request, secret: str) -> Literal["missing", "invalid"] | None:
+    """None when `Authorization: Bearer <secret>` was sent, else why not. Compared in constant
+    time over SHA-256 digests, so neither the content nor the length leaks through timing."""
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    presented = presented.strip()
+    if scheme.lower() != "bearer" or not presented:
+        return "missing"
+    expected = hashlib.sha256(secret.encode()).digest()
+    if hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), expected):
+        return None
+    return "invalid"
+
+
+async def caller(request: Request, services: ServicesDep) -> Principal:
+    try:
+        return services.client_auth.authenticate(request.headers)
+    except AuthenticationFailed as failure:
+        record_auth_failure(
+            log, "client authentication failed", request, failure.reason, str(failure)
+        )
+        raise HTTPException(401, str(failure), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+CallerDep = Annotated[Principal, Depends(caller)]

@@ -1,0 +1,398 @@
+"""Changing the provider configuration at run time: validated, health-checked, atomic, audited.
+
+An operator replaces the whole configuration at once. A candidate must validate completely (and
+still serve LLM_MODEL, which the webhooks ask for); every key of every provider it adds or changes
+is probed, and each such provider must serve with at least one (the keys that fail are reported
+and start set aside); only then is a new router built and swapped into the RouterSlot. Requests
+in flight keep the router they read, so nothing is cut off and the old router is never modified.
+Every attempt, good or bad, is written to the audit log; a change that took effect is also
+persisted, so a restart comes back with it, and announced to ADMIN_NOTIFY_URLS.
+
+Applies and reverts are serialised by one lock: two operators cannot interleave a
+probe-then-swap and end with a configuration nobody applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import httpx
+
+from app.auth.signatures import fingerprint
+from app.core.errors import ConfigError
+from app.core.settings import Settings
+from app.llm.bootstrap import (
+    base_source,
+    initial_provider_config,
+    router_options,
+    validate_candidate,
+)
+from app.llm.catalog import (
+    Problem,
+    ProviderConfig,
+    ProviderConfigInvalid,
+    ProviderSpec,
+    canonical_json,
+    resolve_key,
+)
+from app.llm.notifications import ChangeNotifier, public_url
+from app.llm.router import LLMRouter, RouterSlot
+from app.llm.routes import build_client
+from app.llm.types import StreamingProviderClient
+from app.store.audit import AuditAction, AuditLog, AuditRecord, AuditResult
+
+log = logging.getLogger("cxrelay.provisioning")
+
+PROBE_TIMEOUT_SECONDS = 5.0
+NOTIFY_EVENT = "provider_config_changed"
+
+
+def payload_sha256(payload: object) -> str:
+    """SHA-256 of the canonical JSON of what was submitted (or of the configuration loaded)."""
+    try:
+        text = canonical_json(payload)  # type: ignore[arg-type]  # any JSON value serialises
+    except (TypeError, ValueError):  # YAML can carry dates and other non-JSON values
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    outcome: AuditResult
+    sha256: str
+    problems: list[Problem] = field(default_factory=list)
+    record: AuditRecord | None = None
+    providers: list[str] = field(default_factory=list)
+    routes: list[str] = field(default_factory=list)
+    unhealthy_keys: list[UnhealthyKey] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+@dataclass(frozen=True)
+class UnhealthyKey:
+    """A key that failed its probe: named by its fingerprint (as in the logs) and its masked
+    directive (which variable or file to fix), never by the key."""
+
+    provider: str
+    index: int  # position in the provider's api_keys
+    key_id: str
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.provider} key {self.key_id} ({self.source})"
+
+
+@dataclass(frozen=True)
+class _ProviderProbe:
+    url: str
+    passed: bool  # the provider served with at least one of its keys (or without one)
+    failed: list[UnhealthyKey]
+    keys: int  # how many keys were probed (0: a provider without keys, or behind OAuth)
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """What every audit record of one operation shares."""
+
+    action: AuditAction
+    actor: str
+    digest: str
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Provisioner:
+    def __init__(
+        self,
+        *,
+        slot: RouterSlot,
+        http: httpx.AsyncClient,
+        settings: Settings,
+        audit: AuditLog,
+        source: str,
+        sha256: str | None = None,
+    ) -> None:
+        self._slot = slot
+        self._http = http
+        self._settings = settings
+        self._audit = audit
+        self._lock = asyncio.Lock()
+        self._notifier = ChangeNotifier(http, settings.admin_notify_urls)
+        self.source = source  # "applied", "providers_file" or "env"
+        self.sha256 = sha256 or payload_sha256(slot.current.config)
+
+    async def aclose(self) -> None:
+        await self._notifier.aclose()
+
+    # --- validation ------------------------------------------------------------------------------
+
+    def validate(self, raw: object) -> list[Problem]:
+        return validate_candidate(raw, self._settings)[1]
+
+    async def dry_run(self, raw: object, actor: str) -> list[Problem]:
+        """Validate without changing anything; audited as `validate` (no provider is called)."""
+        attempt = _Attempt("validate", actor, payload_sha256(raw))
+        problems = self.validate(raw)
+        await self._record(attempt, "invalid" if problems else "ok", _summary(problems))
+        return problems
+
+    async def record_unparsable(
+        self, action: AuditAction, actor: str, body: bytes, problems: list[Problem]
+    ) -> AuditRecord:
+        """A body that does not parse is audited as `invalid`, hashed as the bytes received."""
+        attempt = _Attempt(action, actor, hashlib.sha256(body).hexdigest())
+        return await self._record(attempt, "invalid", _summary(problems))
+
+    # --- apply and revert ------------------------------------------------------------------------
+
+    async def apply(self, raw: object, actor: str) -> ApplyResult:
+        attempt = _Attempt("apply", actor, payload_sha256(raw))
+        async with self._lock:
+            config, problems = validate_candidate(raw, self._settings)
+            if config is None or problems or not isinstance(raw, Mapping):
+                return await self._rejected(attempt, "invalid", problems)
+            failures, unhealthy = await self._health_check(config, self._slot.current.config)
+            if failures:
+                return await self._rejected(attempt, "health_check_failed", failures)
+            try:
+                router = LLMRouter(self._http, config, router_options(self._settings))
+                _set_aside(router, unhealthy)
+                await self._audit.save_applied(canonical_json(raw), attempt.digest, actor)
+            except Exception as error:
+                return await self._failed(attempt, error)
+            self._slot.swap(router)  # the old router is left alone: requests on it finish there
+            self.source, self.sha256 = "applied", attempt.digest
+            return await self._changed(attempt, config, unhealthy)
+
+    async def revert(self, actor: str) -> ApplyResult:
+        """Forget the applied configuration; serve PROVIDERS_FILE (or the env provider) again.
+
+        No health check: this is the way back when an applied configuration misbehaves, and it
+        must not be blocked by the outage it is meant to escape."""
+        attempt = _Attempt("revert", actor, "")
+        async with self._lock:
+            try:
+                config = initial_provider_config(self._settings)
+            except ConfigError as error:
+                return await self._rejected(attempt, "invalid", _config_error_problems(error))
+            attempt = replace(attempt, digest=payload_sha256(config))
+            try:
+                router = LLMRouter(self._http, config, router_options(self._settings))
+                await self._audit.clear_applied()
+            except Exception as error:
+                return await self._failed(attempt, error)
+            self._slot.swap(router)
+            self.source, self.sha256 = base_source(self._settings), attempt.digest
+            return await self._changed(attempt, config)
+
+    async def _rejected(
+        self, attempt: _Attempt, result: AuditResult, problems: list[Problem]
+    ) -> ApplyResult:
+        """Nothing changed: the candidate was invalid or one of its providers did not answer."""
+        record = await self._record(attempt, result, _summary(problems))
+        log.warning(
+            "provider configuration %s refused (%s)",
+            attempt.action,
+            result,
+            extra={"actor": attempt.actor, "config_sha256": attempt.digest},
+        )
+        return ApplyResult(result, attempt.digest, problems, record)
+
+    async def _changed(
+        self,
+        attempt: _Attempt,
+        config: ProviderConfig,
+        unhealthy: list[UnhealthyKey] | None = None,
+    ) -> ApplyResult:
+        unhealthy = unhealthy or []
+        providers = [p.name for p in config.providers]
+        routes = [r.name for r in config.routes]
+        detail = f"providers: {', '.join(providers)}; routes: {', '.join(routes) or 'none'}"
+        if unhealthy:
+            detail += f"; unhealthy keys: {', '.join(str(k) for k in unhealthy)}"
+        record = await self._record(attempt, "ok", detail)
+        where: dict[str, object] = {
+            "actor": attempt.actor,
+            "config_sha256": attempt.digest,
+            "source": self.source,
+        }
+        if unhealthy:
+            where["unhealthy_keys"] = [f"{k.provider}:{k.key_id}" for k in unhealthy]
+        log.warning("provider configuration %s: changed", attempt.action, extra=where)
+        self._notifier.notify(NOTIFY_EVENT, record.as_dict())
+        return ApplyResult("ok", attempt.digest, [], record, providers, routes, unhealthy)
+
+    async def _failed(self, attempt: _Attempt, error: Exception) -> ApplyResult:
+        log.exception("provider configuration %s failed unexpectedly", attempt.action)
+        problem = Problem("(server)", f"{type(error).__name__}: {error}"[:300])
+        record = await self._record(attempt, "error", problem.message)
+        return ApplyResult("error", attempt.digest, [problem], record)
+
+    async def _record(self, attempt: _Attempt, result: AuditResult, detail: str) -> AuditRecord:
+        return await self._audit.append(
+            actor=attempt.actor,
+            action=attempt.action,
+            payload_sha256=attempt.digest,
+            result=result,
+            latency_ms=(time.perf_counter() - attempt.started) * 1000,
+            detail=detail,
+        )
+
+    # --- health check ----------------------------------------------------------------------------
+
+    async def _health_check(
+        self, config: ProviderConfig, current: ProviderConfig
+    ) -> tuple[list[Problem], list[UnhealthyKey]]:
+        """Probe, concurrently, every key of every provider that is new or whose spec changed.
+
+        A provider passes when it serves with at least one key: a pool's revoked key, wherever
+        it stands in the list, does not refuse the change (the router sets it aside) but is
+        reported; a provider that serves with none of its keys is a problem."""
+        changed = [
+            (i, spec)
+            for i, spec in enumerate(config.providers)
+            if current.provider(spec.name) != spec
+        ]
+        probes = await asyncio.gather(
+            *(self._probe(spec, config.allow_literal_keys) for _, spec in changed)
+        )
+        problems = [
+            Problem(f"providers[{i}]", _failed_provider(spec.name, probe))
+            for (i, spec), probe in zip(changed, probes, strict=True)
+            if not probe.passed
+        ]
+        unhealthy = [key for probe in probes if probe.passed for key in probe.failed]
+        return problems, unhealthy
+
+    async def _probe(self, spec: ProviderSpec, allow_literal: bool) -> _ProviderProbe:
+        """Each key once, all at once, each bounded by PROBE_TIMEOUT_SECONDS."""
+        client = build_client(spec)
+        url = public_url(str(getattr(client, "models_url", spec.base_url)))
+        if not spec.api_keys:  # no key, or an OAuth token the client fetches itself
+            return _ProviderProbe(url, await self._probe_key(client, None), [], 0)
+        secrets: list[str | None] = []
+        for directive in spec.api_keys:
+            try:
+                secrets.append(resolve_key(directive, allow_literal=allow_literal, env=os.environ))
+            except ValueError:  # validated a moment ago; gone since (a deleted key file)
+                secrets.append(None)
+        served = await asyncio.gather(
+            *(self._probe_key(client, s) if s is not None else _false() for s in secrets)
+        )
+        failed = [
+            UnhealthyKey(
+                spec.name,
+                index,
+                fingerprint(secret) if secret is not None else "unresolved",
+                mask_directive(str(directive)),
+            )
+            for index, (directive, secret, ok) in enumerate(
+                zip(spec.api_keys, secrets, served, strict=True)
+            )
+            if not ok
+        ]
+        return _ProviderProbe(url, any(served), failed, len(secrets))
+
+    async def _probe_key(self, client: StreamingProviderClient, key: str | None) -> bool:
+        try:
+            return await asyncio.wait_for(
+                client.probe(self._http, key, PROBE_TIMEOUT_SECONDS), PROBE_TIMEOUT_SECONDS
+            )
+        except (asyncio.TimeoutError, ValueError, httpx.HTTPError):
+            return False
+
+    # --- display ---------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration in service for display; keys as directives and fingerprints only."""
+        router = self._slot.current
+        now = time.monotonic()
+        providers = []
+        for spec in router.config.providers:
+            runtime = router.providers[spec.name]
+            keys = [
+                {
+                    "source": mask_directive(directive),
+                    "key_id": key.key_id,
+                    "healthy": key.healthy,
+                    "cooling": key.cooling_until > now,
+                }
+                for directive, key in zip(spec.api_keys, runtime.keys.keys, strict=False)
+            ]
+            providers.append(
+                {
+                    "name": spec.name,
+                    "kind": spec.kind,
+                    "base_url": public_url(spec.base_url),
+                    "timeout_seconds": spec.timeout_seconds,
+                    "rpm": spec.rpm,
+                    "tpm": spec.tpm,
+                    "max_concurrent": spec.max_concurrent,
+                    "circuit": runtime.breaker.state,
+                    "healthy_keys": sum(1 for k in keys if k["healthy"]),
+                    "keys": keys,
+                    "models": [m.model_dump(mode="json") for m in spec.models],
+                }
+            )
+        return {
+            "source": self.source,
+            "sha256": self.sha256,
+            "default_model": self._settings.llm_model,
+            "providers": providers,
+            "routes": [r.model_dump(mode="json") for r in router.config.routes],
+            "limits": limits.model_dump(mode="json", exclude_unset=True)
+            if (limits := router.config.limits) is not None
+            else None,
+        }
+
+
+def mask_directive(directive: str) -> str:
+    """`env:NAME` and `file:/path` name where a key lives, not the key; a literal is hidden."""
+    kind, sep, _ = directive.partition(":")
+    if sep and kind in ("env", "file"):
+        return directive
+    return f"{kind}:***" if sep and kind == "literal" else "***"
+
+
+def _failed_provider(name: str, probe: _ProviderProbe) -> str:
+    with_keys = {0: "", 1: " with its key"}.get(probe.keys, f" with any of its {probe.keys} keys")
+    ids = f" ({', '.join(k.key_id for k in probe.failed)})" if probe.failed else ""
+    return (
+        f"provider {name!r} failed the health check: GET {probe.url}{with_keys}{ids} did not "
+        f"return 200 (unreachable, key refused, or no answer within {PROBE_TIMEOUT_SECONDS:g}s)"
+    )
+
+
+async def _false() -> bool:
+    return False
+
+
+def _set_aside(router: LLMRouter, unhealthy: list[UnhealthyKey]) -> None:
+    """The new router starts with the keys that failed their probe set aside, as if a call had
+    been refused with them: no turn tries them first, and the periodic re-probe brings each
+    back once it works."""
+    for key in unhealthy:
+        pool = router.providers[key.provider].keys
+        if key.index < len(pool.keys):
+            pool.mark_unauthorized(pool.keys[key.index], None)
+
+
+def _summary(problems: list[Problem]) -> str:
+    return "; ".join(str(p) for p in problems)
+
+
+def _config_error_problems(error: ConfigError) -> list[Problem]:
+    cause = error.__cause__
+    if isinstance(cause, ProviderConfigInvalid):
+        return cause.problems
+    return [Problem("routes", str(error))]

@@ -1,0 +1,192 @@
+"""The audit log of configuration changes, in the embedded SQLite store (DATA_DIR/cx-relay.sqlite3).
+
+An operator must be able to answer "who changed the providers, when, to what, and did it work"
+after the fact and after a restart, so every attempt is written durably (WAL, synchronous=FULL)
+before the API answers. Rows are append-only: triggers refuse UPDATE and DELETE, so a record
+cannot be rewritten through this store. The configuration last applied through the admin API is
+kept beside the log (one row) so a restart comes back with it instead of silently reverting.
+
+sqlite3 blocks, so every statement runs in a worker thread (asyncio.to_thread) on one connection
+guarded by a lock; the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from app.store.sqlite_init import preparing
+
+DB_FILENAME = "cx-relay.sqlite3"
+MAX_DETAIL_CHARS = 2000
+
+AuditAction = Literal["apply", "revert", "validate"]
+AuditResult = Literal["ok", "invalid", "health_check_failed", "error"]
+
+_T = TypeVar("_T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    result TEXT NOT NULL,
+    latency_ms REAL NOT NULL,
+    detail TEXT NOT NULL DEFAULT ''
+);
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TABLE IF NOT EXISTS applied_provider_config (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    config_json TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    applied_at TEXT NOT NULL,
+    actor TEXT NOT NULL
+);
+"""
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC with milliseconds and a `Z`, sortable as text."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    time: str
+    actor: str
+    action: str
+    payload_sha256: str
+    result: str
+    latency_ms: float
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_COLUMNS = "id, time, actor, action, payload_sha256, result, latency_ms, detail"
+
+
+class AuditLog:
+    """Open with `await AuditLog.open(data_dir)`; `await close()` on shutdown."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self.path = path
+        self._db = connection
+        self._lock = threading.Lock()
+
+    @classmethod
+    async def open(cls, data_dir: Path) -> AuditLog:
+        path = Path(data_dir) / DB_FILENAME
+        connection = await asyncio.to_thread(_connect, path)
+        return cls(connection, path)
+
+    async def close(self) -> None:
+        await self._run(lambda db: db.close())
+
+    async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        def locked() -> _T:
+            with self._lock:
+                return work(self._db)
+
+        return await asyncio.to_thread(locked)
+
+    # --- the log ---------------------------------------------------------------------------------
+
+    async def append(
+        self,
+        *,
+        actor: str,
+        action: AuditAction,
+        payload_sha256: str,
+        result: AuditResult,
+        latency_ms: float,
+        detail: str = "",
+    ) -> AuditRecord:
+        row = (utc_now(), actor, action, payload_sha256, result, round(latency_ms, 1))
+        short = detail if len(detail) <= MAX_DETAIL_CHARS else detail[: MAX_DETAIL_CHARS - 1] + "…"
+
+        def insert(db: sqlite3.Connection) -> AuditRecord:
+            with db:
+                cursor = db.execute(
+                    "INSERT INTO audit_log (time, actor, action, payload_sha256, result, "
+                    "latency_ms, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (*row, short),
+                )
+            return AuditRecord(int(cursor.lastrowid or 0), *row, short)
+
+        return await self._run(insert)
+
+    async def list(self, limit: int = 50, offset: int = 0) -> list[AuditRecord]:
+        """Newest first."""
+
+        def select(db: sqlite3.Connection) -> list[AuditRecord]:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM audit_log ORDER BY id DESC LIMIT ? OFFSET ?",
+                (limit, offset),
+            ).fetchall()
+            return [AuditRecord(*row) for row in rows]
+
+        return await self._run(select)
+
+    async def count(self) -> int:
+        return await self._run(
+            lambda db: int(db.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0])
+        )
+
+    # --- the configuration applied through the API ----------------------------------------------
+
+    async def save_applied(self, config_json: str, sha256: str, actor: str) -> None:
+        values = (config_json, sha256, utc_now(), actor)
+
+        def upsert(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute(
+                    "INSERT OR REPLACE INTO applied_provider_config "
+                    "(id, config_json, sha256, applied_at, actor) VALUES (1, ?, ?, ?, ?)",
+                    values,
+                )
+
+        await self._run(upsert)
+
+    async def load_applied(self) -> dict[str, str] | None:
+        """`{"config_json", "sha256", "applied_at", "actor"}`, or None if none is applied."""
+
+        def select(db: sqlite3.Connection) -> dict[str, str] | None:
+            row = db.execute(
+                "SELECT config_json, sha256, applied_at, actor FROM applied_provider_config"
+            ).fetchone()
+            if row is None:
+                return None
+            return dict(zip(("config_json", "sha256", "applied_at", "actor"), row, strict=True))
+
+        return await self._run(select)
+
+    async def clear_applied(self) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("DELETE FROM applied_provider_config")
+
+        await self._run(delete)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with preparing(path):
+        db = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # an audit record must survive a power cut
+        db.executescript(_SCHEMA)
+    return db

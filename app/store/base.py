@@ -1,0 +1,194 @@
+"""The Store protocol: what budgets and the ledger need from persistence, whatever the backend.
+
+Every method is scoped by tenant: a scope carries its tenant, and every ledger read takes one and
+only ever returns that tenant's rows. Session ids are only unique within a tenant.
+
+Budget arithmetic, the same in every store:
+
+* `reserve` checks every scope and holds `tokens`/`cost` on all of them, or on none (a Refusal
+  naming the first scope that cannot take it). A scope refuses when
+  `used + reserved + requested > limit`. Reserving is atomic across concurrent callers (and across
+  replicas for Redis; across processes on one file for SQLite), so reservations alone never take
+  a scope past its limit.
+* `settle` replaces the reservation by the real usage: the held amount is released and the actual
+  amount is added to `used`, *even past the limit*. The provider has already spent it; refusing to
+  record it would hide real spend. The overshoot is bounded by what calls used beyond their own
+  reservations (zero when the caller reserves prompt + max_tokens and the provider honours
+  max_tokens). Settling twice counts once.
+* `release` gives the held amount back (the call failed); releasing twice, or after a settle, does
+  nothing.
+* `settle_and_record` is what a finished call does: the settle (with the record's tokens and cost)
+  and the ledger record in ONE atomic write, both or neither, so a crash at any moment leaves the
+  budgets equal to the sum of the ledger. It is idempotent on the reservation (a retried write
+  after an ambiguous failure writes nothing twice) and completes before the answer goes out.
+* A reservation neither settled nor released within the store's reservation TTL is released by the
+  store (lazily, on the next operation on that scope), so a replica that dies mid-call cannot hold
+  budget forever. A late settle of such a reservation still adds its actual usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from app.core.errors import CxRelayError
+from app.store.models import (
+    BudgetScope,
+    Refusal,
+    Reservation,
+    ScopeUsage,
+    SessionSummary,
+    TenantStatus,
+    UsagePage,
+    UsageRecord,
+    from_micros,
+)
+
+DEFAULT_RESERVATION_TTL_SECONDS = 300.0
+DEFAULT_ACTIVE_WINDOW_SECONDS = 1800.0
+MAX_PAGE_SIZE = 500
+
+
+class StoreUnavailable(CxRelayError):
+    """The store could not be reached or refused the operation (disk, database, network)."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Async persistence for budgets and the ledger. Open with the class's `open`, then `close`."""
+
+    # --- budgets ---------------------------------------------------------------------------------
+
+    async def reserve(
+        self, scopes: Sequence[BudgetScope], tokens: int, cost: float = 0.0
+    ) -> Reservation | Refusal: ...
+
+    async def settle(
+        self, reservation: Reservation, actual_tokens: int, actual_cost: float = 0.0
+    ) -> bool:
+        """True if this call recorded the usage, False if the reservation was already settled."""
+        ...
+
+    async def release(self, reservation: Reservation) -> bool:
+        """True if budget was given back by this call."""
+        ...
+
+    async def settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
+        """settle(reservation, record.total_tokens, record.cost) and append_usage(record) as one
+        atomic write. True if this call counted them; False if the reservation was already
+        settled, and then nothing is written (a retry of a write that had committed)."""
+        ...
+
+    async def usage(self, scope: BudgetScope) -> ScopeUsage: ...
+
+    async def usages(self, scopes: Sequence[BudgetScope]) -> list[ScopeUsage]:
+        """usage() of several scopes in one round trip (one transaction where the store has
+        them): a call's headroom reads the session and the tenant's day and month at once."""
+        ...
+
+    async def remaining(self, scope: BudgetScope) -> tuple[int | None, float | None]:
+        """(tokens_left, cost_left) under the scope's limits; None where it has no limit."""
+        ...
+
+    # --- the ledger ------------------------------------------------------------------------------
+
+    async def append_usage(self, record: UsageRecord) -> bool:
+        """True if written, False if a record with this id already exists (idempotent)."""
+        ...
+
+    async def append_usages(self, records: Sequence[UsageRecord]) -> int:
+        """Idempotent batch write; the number of records that were new."""
+        ...
+
+    async def list_usage(
+        self,
+        tenant: str,
+        session: str | None = None,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> UsagePage:
+        """Newest first (by record time, then id). ValueError on a cursor not given out here."""
+        ...
+
+    async def session_summary(self, tenant: str, session_id: str) -> SessionSummary | None: ...
+
+    async def tenant_status(
+        self,
+        tenant: str,
+        *,
+        active_window_seconds: float = DEFAULT_ACTIVE_WINDOW_SECONDS,
+        session_limit: int = 100,
+    ) -> TenantStatus: ...
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raises StoreUnavailable when the store cannot serve (readiness)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# --- shared by the implementations ---------------------------------------------------------------
+
+
+def check_reserve_args(scopes: Sequence[BudgetScope], tokens: int, cost: float) -> None:
+    if not scopes:
+        raise ValueError("reserve needs at least one scope")
+    if tokens < 0 or cost < 0:
+        raise ValueError("cannot reserve a negative amount")
+    tenants = {scope.tenant for scope in scopes}
+    if len(tenants) != 1:
+        raise ValueError("all scopes of one reservation belong to one tenant")
+    keys = [(scope.kind, scope.id) for scope in scopes]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a scope appears twice in one reservation")
+
+
+def check_settle_args(reservation: Reservation, record: UsageRecord) -> None:
+    if record.tenant != reservation.tenant:
+        raise ValueError("a usage record is settled against a reservation of its own tenant")
+
+
+def check_page_args(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+
+
+def decide(
+    usages: Sequence[ScopeUsage], tokens: int, cost_micros: int
+) -> Refusal | tuple[tuple[int | None, float | None], ...]:
+    """The first scope that cannot take the request, or every scope's remaining before it."""
+    remaining: list[tuple[int | None, float | None]] = []
+    for usage in usages:
+        tokens_left = usage.remaining_tokens
+        cost_left = usage.remaining_cost_micros
+        if tokens_left is not None and tokens > tokens_left:
+            return refusal(usage.scope, "tokens", tokens_left, cost_left, tokens, cost_micros)
+        if cost_left is not None and cost_micros > cost_left:
+            return refusal(usage.scope, "cost", tokens_left, cost_left, tokens, cost_micros)
+        remaining.append((tokens_left, None if cost_left is None else from_micros(cost_left)))
+    return tuple(remaining)
+
+
+def refusal(
+    scope: BudgetScope,
+    dimension: str,
+    tokens_left: int | None,
+    cost_left_micros: int | None,
+    tokens: int,
+    cost_micros: int,
+) -> Refusal:
+    return Refusal(
+        scope=scope,
+        dimension="tokens" if dimension == "tokens" else "cost",
+        remaining_tokens=tokens_left,
+        remaining_cost=None if cost_left_micros is None else from_micros(cost_left_micros),
+        requested_tokens=tokens,
+        requested_cost=from_micros(cost_micros),
+    )
+
+
+def remaining_of(usage: ScopeUsage) -> tuple[int | None, float | None]:
+    return usage.remaining_tokens, usage.remaining_cost

@@ -1,0 +1,298 @@
+"""An in-memory Store, for tests only: nothing survives the process, nothing is shared.
+
+Each method runs without awaiting in between its reads and writes, so on one event loop every
+operation is atomic, which is all the budget arithmetic needs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from app.store.base import (
+    DEFAULT_ACTIVE_WINDOW_SECONDS,
+    DEFAULT_RESERVATION_TTL_SECONDS,
+    check_page_args,
+    check_reserve_args,
+    check_settle_args,
+    decide,
+    remaining_of,
+)
+from app.store.models import (
+    NO_SESSION,
+    BudgetScope,
+    Refusal,
+    Reservation,
+    ScopeUsage,
+    SessionSummary,
+    TenantStatus,
+    UsagePage,
+    UsageRecord,
+    UsageTotals,
+    from_epoch_us,
+    parse_cursor,
+    reservation_id,
+    to_micros,
+)
+
+_ScopeKey = tuple[str, str, str]  # tenant, kind, id
+_KEEP_FINISHED_SECONDS = 86400.0  # how long a settled reservation is remembered (double settle)
+
+
+@dataclass
+class _Counters:
+    used_tokens: int = 0
+    used_cost: int = 0
+    reserved_tokens: int = 0
+    reserved_cost: int = 0
+
+
+@dataclass
+class _Held:
+    scopes: tuple[_ScopeKey, ...]
+    tokens: int
+    cost: int
+    expires: float
+    state: str = "reserved"  # reserved | settled | released | expired
+    counted: set[_ScopeKey] | None = None  # scopes still holding it
+
+
+@dataclass
+class _Session:
+    totals: UsageTotals
+    first_us: int
+    last_us: int
+
+
+def _key(scope: BudgetScope) -> _ScopeKey:
+    return (scope.tenant, scope.kind, scope.id)
+
+
+def _add(totals: UsageTotals, record: UsageRecord) -> UsageTotals:
+    return UsageTotals(
+        calls=totals.calls + 1,
+        prompt_tokens=totals.prompt_tokens + record.prompt_tokens,
+        completion_tokens=totals.completion_tokens + record.completion_tokens,
+        cost_micros=totals.cost_micros + record.cost_micros,
+        cached_calls=totals.cached_calls + int(record.cached),
+        estimated_calls=totals.estimated_calls + int(record.estimated),
+    )
+
+
+class MemoryStore:
+    def __init__(
+        self,
+        *,
+        reservation_ttl_seconds: float = DEFAULT_RESERVATION_TTL_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._ttl = reservation_ttl_seconds
+        self._clock = clock
+        self._counters: dict[_ScopeKey, _Counters] = {}
+        self._held: dict[str, _Held] = {}
+        self._records: dict[tuple[str, str], UsageRecord] = {}  # (tenant, id)
+        self._order: dict[str, list[tuple[str, UsageRecord]]] = {}  # tenant -> sorted by key
+        self._sessions: dict[tuple[str, str], _Session] = {}
+        self._tenant_totals: dict[str, UsageTotals] = {}
+        self.closed = False
+
+    @classmethod
+    async def open(
+        cls, *, reservation_ttl_seconds: float = DEFAULT_RESERVATION_TTL_SECONDS
+    ) -> MemoryStore:
+        return cls(reservation_ttl_seconds=reservation_ttl_seconds)
+
+    # --- budgets ---------------------------------------------------------------------------------
+
+    def _expire(self) -> None:
+        now = self._clock()
+        finished: list[str] = []
+        for rid, held in self._held.items():
+            if held.state == "reserved" and held.expires <= now:
+                self._unhold(held)
+                held.state = "expired"
+            elif held.state != "reserved" and held.expires + _KEEP_FINISHED_SECONDS < now:
+                finished.append(rid)
+        for rid in finished:
+            del self._held[rid]
+
+    def _unhold(self, held: _Held) -> None:
+        for key in held.counted or ():
+            counters = self._counters[key]
+            counters.reserved_tokens -= held.tokens
+            counters.reserved_cost -= held.cost
+        held.counted = set()
+
+    def _usage(self, scope: BudgetScope) -> ScopeUsage:
+        c = self._counters.get(_key(scope), _Counters())
+        return ScopeUsage(scope, c.used_tokens, c.used_cost, c.reserved_tokens, c.reserved_cost)
+
+    async def reserve(
+        self, scopes: Sequence[BudgetScope], tokens: int, cost: float = 0.0
+    ) -> Reservation | Refusal:
+        check_reserve_args(scopes, tokens, cost)
+        self._expire()
+        cost_micros = to_micros(cost)
+        decision = decide([self._usage(s) for s in scopes], tokens, cost_micros)
+        if isinstance(decision, Refusal):
+            return decision
+        keys = tuple(_key(s) for s in scopes)
+        for key in keys:
+            counters = self._counters.setdefault(key, _Counters())
+            counters.reserved_tokens += tokens
+            counters.reserved_cost += cost_micros
+        rid = reservation_id()
+        self._held[rid] = _Held(
+            keys, tokens, cost_micros, self._clock() + self._ttl, counted=set(keys)
+        )
+        return Reservation(rid, scopes[0].tenant, tuple(scopes), tokens, cost_micros, decision)
+
+    async def settle(
+        self, reservation: Reservation, actual_tokens: int, actual_cost: float = 0.0
+    ) -> bool:
+        if actual_tokens < 0 or actual_cost < 0:
+            raise ValueError("actual usage cannot be negative")
+        held = self._held.get(reservation.id)
+        if held is not None and held.state == "settled":
+            return False
+        if held is not None:
+            self._unhold(held)
+            held.state = "settled"
+        else:  # forgotten: record the usage anyway, and remember it was settled
+            expires = self._clock() + self._ttl
+            self._held[reservation.id] = _Held((), 0, 0, expires, state="settled", counted=set())
+        cost_micros = to_micros(actual_cost)
+        for scope in reservation.scopes:
+            counters = self._counters.setdefault(_key(scope), _Counters())
+            counters.used_tokens += actual_tokens
+            counters.used_cost += cost_micros
+        return True
+
+    async def settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
+        check_settle_args(reservation, record)
+        # neither awaits anything, so nothing runs in between: one atomic step on the loop
+        if not await self.settle(reservation, record.total_tokens, record.cost):
+            return False
+        await self.append_usages([record])
+        return True
+
+    async def release(self, reservation: Reservation) -> bool:
+        held = self._held.get(reservation.id)
+        if held is None or held.state != "reserved":
+            return False
+        self._unhold(held)
+        held.state = "released"
+        return True
+
+    async def usage(self, scope: BudgetScope) -> ScopeUsage:
+        self._expire()
+        return self._usage(scope)
+
+    async def usages(self, scopes: Sequence[BudgetScope]) -> list[ScopeUsage]:
+        self._expire()
+        return [self._usage(scope) for scope in scopes]
+
+    async def remaining(self, scope: BudgetScope) -> tuple[int | None, float | None]:
+        return remaining_of(await self.usage(scope))
+
+    # --- the ledger ------------------------------------------------------------------------------
+
+    async def append_usage(self, record: UsageRecord) -> bool:
+        return await self.append_usages([record]) == 1
+
+    async def append_usages(self, records: Sequence[UsageRecord]) -> int:
+        written = 0
+        for record in records:
+            if (record.tenant, record.id) in self._records:
+                continue
+            self._records[(record.tenant, record.id)] = record
+            bisect.insort(self._order.setdefault(record.tenant, []), (record.sort_key, record))
+            if record.session != NO_SESSION:
+                self._add_to_session(record)
+            self._tenant_totals[record.tenant] = _add(
+                self._tenant_totals.get(record.tenant, UsageTotals()), record
+            )
+            written += 1
+        return written
+
+    def _add_to_session(self, record: UsageRecord) -> None:
+        key = (record.tenant, record.session)
+        time_us = record.time_us
+        session = self._sessions.get(key)
+        if session is None:
+            self._sessions[key] = _Session(_add(UsageTotals(), record), time_us, time_us)
+        else:
+            session.totals = _add(session.totals, record)
+            session.first_us = min(session.first_us, time_us)
+            session.last_us = max(session.last_us, time_us)
+
+    async def list_usage(
+        self,
+        tenant: str,
+        session: str | None = None,
+        *,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> UsagePage:
+        check_page_args(limit)
+        if cursor is not None:
+            parse_cursor(cursor)
+        page: list[UsageRecord] = []
+        for sort_key, record in reversed(self._order.get(tenant, [])):
+            if cursor is not None and sort_key >= cursor:
+                continue
+            if session and record.session != session:
+                continue
+            page.append(record)
+            if len(page) > limit:
+                break
+        more = len(page) > limit
+        page = page[:limit]
+        return UsagePage(page, page[-1].sort_key if more and page else None)
+
+    async def session_summary(self, tenant: str, session_id: str) -> SessionSummary | None:
+        session = self._sessions.get((tenant, session_id))
+        if session is None:
+            return None
+        return SessionSummary(
+            tenant,
+            session_id,
+            replace(session.totals),
+            from_epoch_us(session.first_us),
+            from_epoch_us(session.last_us),
+        )
+
+    async def tenant_status(
+        self,
+        tenant: str,
+        *,
+        active_window_seconds: float = DEFAULT_ACTIVE_WINDOW_SECONDS,
+        session_limit: int = 100,
+    ) -> TenantStatus:
+        mine = [(sid, s) for (t, sid), s in self._sessions.items() if t == tenant]
+        mine.sort(key=lambda item: (item[1].last_us, item[0]), reverse=True)
+        since_us = int((self._clock() - active_window_seconds) * 1_000_000)
+        summaries = [
+            SessionSummary(
+                tenant, sid, s.totals, from_epoch_us(s.first_us), from_epoch_us(s.last_us)
+            )
+            for sid, s in mine[:session_limit]
+        ]
+        return TenantStatus(
+            tenant=tenant,
+            totals=self._tenant_totals.get(tenant, UsageTotals()),
+            sessions=summaries,
+            sessions_total=len(mine),
+            active_sessions=sum(1 for _, s in mine if s.last_us >= since_us),
+            active_window_seconds=active_window_seconds,
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,94 @@
+"""Wire formats of the provisioning (admin) API under /admin."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from app.llm.catalog import ModelSpec, Problem, RouteSpec
+
+
+class ProblemOut(BaseModel):
+    path: str
+    message: str
+
+    @classmethod
+    def of(cls, problem: Problem) -> ProblemOut:
+        return cls(path=problem.path, message=problem.message)
+
+
+class ValidateResponse(BaseModel):
+    valid: bool
+    problems: list[ProblemOut]
+
+
+class UnhealthyKeyOut(BaseModel):
+    """A key that failed the apply's health check while its provider served with another: the
+    change went through and the router set the key aside until a re-probe succeeds."""
+
+    provider: str
+    key_id: str  # fingerprint (first 8 hex of SHA-256), as in the logs
+    source: str  # `env:NAME`, `file:/path` or `literal:***`: where the key lives, never the key
+
+
+class ApplyResponse(BaseModel):
+    applied: bool
+    sha256: str
+    providers: list[str]
+    routes: list[str]
+    unhealthy_keys: list[UnhealthyKeyOut] = []
+
+
+class ProblemsResponse(BaseModel):
+    """422 (invalid candidate), 424 (a provider failed its health check), 500 (apply failed)."""
+
+    detail: str
+    problems: list[ProblemOut]
+
+
+class KeyView(BaseModel):
+    source: str  # `env:NAME`, `file:/path` or `literal:***`: where the key lives, never the key
+    key_id: str  # fingerprint (first 8 hex of SHA-256), as in the logs
+    healthy: bool
+    cooling: bool
+
+
+class ProviderView(BaseModel):
+    name: str
+    kind: str
+    base_url: str
+    timeout_seconds: float
+    rpm: int | None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    circuit: Literal["closed", "open", "half_open"]
+    healthy_keys: int
+    keys: list[KeyView]
+    models: list[ModelSpec]
+
+
+class ProvidersResponse(BaseModel):
+    source: Literal["applied", "providers_file", "env"]
+    sha256: str
+    default_model: str
+    providers: list[ProviderView]
+    routes: list[RouteSpec]
+    # the provider file's inbound limits per tenant and key (fields left out keep the setting)
+    limits: dict[str, Any] | None = None
+
+
+class AuditRecordOut(BaseModel):
+    id: int
+    time: str
+    actor: str
+    action: Literal["apply", "revert", "validate"]
+    payload_sha256: str
+    result: Literal["ok", "invalid", "health_check_failed", "error"]
+    latency_ms: float
+    detail: str
+
+
+class AuditPage(BaseModel):
+    records: list[AuditRecordOut]
+    total: int

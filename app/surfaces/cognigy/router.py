@@ -1,0 +1,106 @@
+"""POST /webhook/cognigy/fallback: thin — read, authenticate, parse, call the pipeline, log.
+
+The pipeline meters every call (budget and ledger) itself; the router only logs the turn."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import ValidationError
+
+from app.core.deadline import Deadline
+from app.core.errors import AuthenticationFailed
+from app.dependencies import ServicesDep
+from app.http.body import invalid_body, read_limited_body
+from app.http.caller import record_auth_failure
+from app.http.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
+from app.http.request_metrics import note_outcome
+from app.observability.logs import request_id_var
+from app.observability.metrics import TURNS
+from app.surfaces.cognigy.pipeline import TurnRecord
+from app.surfaces.cognigy.schemas import CognigyResponse, CognigyTrigger
+
+router = APIRouter(tags=["cognigy"])
+log = logging.getLogger("cxrelay.cognigy")
+
+
+@router.post(
+    "/webhook/cognigy/fallback",
+    response_model=CognigyResponse,
+    responses={
+        400: error_response("confidence above the threshold: no fallback needed", HTTPError),
+        401: error_response("missing or invalid webhook credential", HTTPError),
+        413: error_response("body over MAX_BODY_BYTES", HTTPError),
+        422: error_response("malformed trigger; the detail names the field", ValidationErrorBody),
+    },
+    openapi_extra=json_request_body(CognigyTrigger),
+)
+async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyResponse:
+    settings = services.settings
+    body = await read_limited_body(request, settings.max_body_bytes)
+    try:
+        principal = services.webhook_auth.authenticate(request.headers, body)
+    except AuthenticationFailed as failure:
+        record_auth_failure(
+            log, "webhook authentication failed", request, failure.reason, str(failure)
+        )
+        raise HTTPException(401, str(failure), headers={"WWW-Authenticate": "Signature"}) from None
+    try:
+        trigger = CognigyTrigger.model_validate_json(body)
+    except ValidationError as error:
+        raise invalid_body(error) from None
+    threshold = settings.cognigy_confidence_threshold
+    if trigger.confidence_score > threshold:
+        raise HTTPException(
+            400,
+            f"confidenceScore {trigger.confidence_score} is above the fallback threshold "
+            f"{threshold}: the NLU result should be used instead of this fallback",
+        )
+
+    deadline = Deadline.after(settings.cognigy_deadline_seconds)
+    # the conversation id as stored and logged: a digest when it holds personal data
+    turn = TurnRecord.start(
+        request_id_var.get(), services.session_ids.stored(trigger.conversation_id)
+    )
+    try:
+        response = await asyncio.wait_for(
+            services.cognigy.decide(trigger, principal, deadline, turn),
+            timeout=deadline.remaining(),
+        )
+    except asyncio.TimeoutError:
+        response = services.cognigy.fallback(
+            trigger,
+            turn,
+            "deadline_exceeded",
+            f"no valid decision within {settings.cognigy_deadline_seconds}s",
+        )
+    if response.status == "success":
+        note_outcome("success")
+        TURNS.labels("cognigy", "cached" if turn.cached else "answered").inc()
+    else:  # the route-to-human fallback, still a 200
+        note_outcome("fallback", response.status)
+        TURNS.labels("cognigy", response.status).inc()
+    log.info(
+        "cognigy turn",
+        extra={
+            "surface": "cognigy",
+            "tenant": principal.tenant,
+            "key_id": principal.key_id,
+            "session_id": turn.session_id,
+            "status": response.status,
+            "context": response.context,
+            "provider": response.provider,
+            "model": response.model,
+            "attempts": turn.attempts,
+            "repaired": turn.repaired,
+            "cached": turn.cached,
+            "prompt_injection": list(turn.injection) or None,  # pattern names, never the text
+            "cost_usd": turn.cost,
+            "latency_ms": response.latency_ms,
+            "prompt_tokens": response.usage.prompt_tokens,
+            "completion_tokens": response.usage.completion_tokens,
+        },
+    )
+    return response

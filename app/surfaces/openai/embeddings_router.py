@@ -1,0 +1,81 @@
+"""POST /v1/embeddings for the official OpenAI clients (and Cognigy's Knowledge AI, retrieval
+tools): the same client keys, OpenAI error shapes and session rules as /v1/chat/completions
+(app.surfaces.openai.router), routed to embedding models and metered into the same budgets and
+ledger under the surface `embeddings` (app.surfaces.openai.embeddings_pipeline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from app.dependencies import ServicesDep
+from app.http.body import read_limited_body
+from app.http.caller import CallerDep
+from app.http.openapi import json_request_body
+from app.surfaces.openai.embeddings_pipeline import EmbeddingsCall, EmbeddingsOutcome, InputTooLong
+from app.surfaces.openai.embeddings_schemas import EmbeddingList, EmbeddingsRequest
+from app.surfaces.openai.router import ERRORS, OpenAIError, OpenAIRoute, from_validation, session_of
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+
+REFUSALS: dict[int | str, dict[str, Any]] = {
+    **{status: ERRORS[status] for status in (401, 404, 413, 429, 502, 503)},
+    400: {**ERRORS[400], "description": "invalid request, or an input longer than the model takes"},
+    504: {**ERRORS[504], "description": "no answer within EMBEDDINGS_DEADLINE_SECONDS"},
+}
+
+
+@router.post(
+    "/embeddings",
+    response_model=EmbeddingList,
+    responses=REFUSALS,
+    openapi_extra=json_request_body(EmbeddingsRequest),
+)
+async def embeddings(request: Request, principal: CallerDep, services: ServicesDep) -> Any:
+    raw = await read_limited_body(request, services.settings.max_body_bytes)
+    try:
+        body = EmbeddingsRequest.model_validate_json(raw)
+    except ValidationError as error:
+        raise from_validation(error.errors(include_url=False)) from None
+    call = EmbeddingsCall(
+        principal=principal,
+        session_id=session_of(request, body, services.session_ids),
+        model=body.model,
+        inputs=body.inputs,
+        dimensions=body.dimensions,
+        encoding_format=body.encoding_format,
+    )
+    try:
+        outcome = await services.embeddings.run(call)
+    except InputTooLong as error:
+        raise OpenAIError(
+            400, str(error), code="context_length_exceeded", param=f"input[{error.index}]"
+        ) from None
+    return JSONResponse(_answer(call, outcome))
+
+
+def _answer(call: EmbeddingsCall, outcome: EmbeddingsOutcome) -> dict[str, Any]:
+    """EmbeddingList, built as a dict: a model per vector would cost more than the call."""
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": vector}
+            for index, vector in enumerate(outcome.vectors)
+        ],
+        "model": outcome.model,
+        "usage": {
+            "prompt_tokens": outcome.usage.prompt_tokens,
+            "total_tokens": outcome.usage.prompt_tokens,
+        },
+        "cx_relay": {
+            "session_id": call.session_id or None,
+            "cost": outcome.cost,
+            "provider": outcome.provider,
+            "model": outcome.model_used,
+            "usage_estimated": outcome.usage_estimated,
+            "latency_ms": outcome.latency_ms,
+        },
+    }
