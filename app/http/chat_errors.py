@@ -1,91 +1,44 @@
-"""What a refused or failed chat call looks like to the caller: one status, code and message per
-error type, shared by /chat, /v1/chat/completions (in OpenAI's error shape) and /ws/chat."""
+"""/chat's and /ws/chat's wire for a failed call: the JSON error body of /chat, and the error
+frame that ends a streamed answer (SSE on /chat, the /ws/chat socket). What the failure is
+comes from the one table (app.pipelines.failures); this only shapes it."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from app.accounting.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
-from app.core.errors import (
-    OutputInvalid,
-    RateLimited,
-    RequestUnsupported,
-    UnknownModel,
-    UpstreamError,
-    UpstreamRejected,
-    UpstreamTimeout,
-)
-from app.core.principal import Principal
-from app.safety.validation import SchemaInvalid, output_problems
+from fastapi.responses import JSONResponse
+
+from app.http.request_metrics import note_failure
+from app.pipelines.failures import Failure, describe
+
+INTERNAL_ERROR_FRAME = {"type": "error", "code": "internal_error", "message": "internal error"}
 
 
-@dataclass(frozen=True)
-class ChatFailure:
-    status: int
-    code: str
-    message: str
-    detail: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def describe(error: Exception, *, raw_output: bool = False) -> ChatFailure | None:
-    """The caller-facing failure for an error the pipeline raises on purpose; None otherwise.
-
-    An answer that broke the caller's schema lists each problem as `errors: [{path, message}]`;
-    the answer itself only with `raw_output` (DEBUG_FAILED_OUTPUT): it is the model's text."""
-    if isinstance(error, SchemaInvalid):
-        return ChatFailure(400, "invalid_response_format", str(error))
-    if isinstance(error, RateLimited):
-        retry = {} if error.retry_after is None else {"Retry-After": str(error.retry_after_header)}
-        return ChatFailure(429, "rate_limit_exceeded", str(error), error.as_dict(), retry)
-    if isinstance(error, BudgetExhausted):
-        return ChatFailure(429, "budget_exhausted", error.refusal.message, error.refusal.as_dict())
-    if isinstance(error, HistoryTooLong):
-        return ChatFailure(
-            400,
-            "context_length_exceeded",
-            f"{error}: shorten the newest message or the system instruction",
-        )
-    if isinstance(error, UnknownModel):
-        return ChatFailure(404, "model_not_found", str(error))
-    if isinstance(error, RequestUnsupported):
-        return ChatFailure(400, "unsupported_parameter", str(error), {"param": error.param})
-    if isinstance(error, BudgetUnavailable):
-        return ChatFailure(503, "budget_unavailable", f"the budget store cannot be read: {error}")
-    if isinstance(error, OutputInvalid):
-        detail: dict[str, Any] = {"errors": output_problems(error)}
-        if raw_output:
-            detail["raw_output"] = error.raw
-        return ChatFailure(
-            422,
-            "output_invalid",
-            "the model's answer did not match response_format after one repair: "
-            + "; ".join(error.errors[:5]),
-            detail,
-        )
-    if isinstance(error, UpstreamTimeout | TimeoutError):
-        return ChatFailure(504, "upstream_timeout", f"no answer in time: {error}")
-    if isinstance(error, UpstreamRejected):
-        return ChatFailure(502, "upstream_rejected", f"the provider refused the request: {error}")
-    if isinstance(error, UpstreamError):
-        return ChatFailure(502, "upstream_unavailable", f"no provider could answer: {error}")
-    return None
-
-
-def failure_fields(
-    surface: str, principal: Principal, session_id: str, error: Exception, started: float
-) -> dict[str, Any]:
-    """A failed call's log line (the attempt and access lines alone would not say which session
-    or tenant it was). Only the error's code: a provider's message may quote the caller's text."""
+def failure_response(error: Exception, *, raw_output: bool = False) -> JSONResponse:
+    """The error's status and body, its outcome noted for the request metrics; an error the
+    pipeline does not raise on purpose is re-raised. `raw_output` (DEBUG_FAILED_OUTPUT) adds the
+    model's text to an output_invalid body."""
     failure = describe(error)
-    return {
-        "surface": surface,
-        "tenant": principal.tenant,
-        "key_id": principal.key_id,
-        "session_id": session_id or None,
-        "status": "failed",
-        "error": failure.code if failure else type(error).__name__,
-        "latency_ms": round((time.perf_counter() - started) * 1000, 1),
-    }
+    if failure is None:
+        raise error
+    note_failure(failure)  # a rate-limit refusal is counted by its own reason, not just 429
+    body = {"error": failure.code, "message": failure.message, **failure.detail}
+    if raw_output and failure.raw_output is not None:
+        body["raw_output"] = failure.raw_output
+    return JSONResponse(body, status_code=failure.status, headers=failure.headers)
+
+
+def error_frame(failure: Failure | None) -> dict[str, Any]:
+    """The frame that ends a streamed /chat answer; None (not a failure on purpose) is an
+    internal error."""
+    if failure is None:
+        return dict(INTERNAL_ERROR_FRAME)
+    return {"type": "error", "code": failure.code, "message": failure.message}
+
+
+def failure_frame(failure: Failure | None) -> dict[str, Any]:
+    """/ws/chat's error frame: a refusal's detail (scope, what is left) goes with it."""
+    frame = error_frame(failure)
+    if failure is not None and failure.detail:
+        frame["detail"] = {k: v for k, v in failure.detail.items() if k not in ("error", "message")}
+    return frame

@@ -1,9 +1,10 @@
 """`cxrelay_requests_total`: every request to a product surface, counted exactly once.
 
-Each request gets a Tally (a context variable, so the pipeline's tasks see it too). The pipeline
-or the route notes how an answered request went (`note_outcome`: success, or a fallback and its
-reason: a 200 either way); a streamed answer that fails after its 200 notes the failure
-(`note_failure`). The tally is counted once, when the request is over:
+Each request gets a Tally (app.observability.request_tally: a context variable, so the
+pipeline's tasks see it too). The pipeline or the route notes how an answered request went
+(`note_outcome`: success, or a fallback and its reason: a 200 either way); a failure the caller
+is told of notes the outcome its described failure implies (`note_failure`: the status, or
+`rate_limited`). The tally is counted once, when the request is over:
 
 - HTTP (the webhooks, /chat, /v1/chat/completions, /v1/embeddings): by
   RequestMetricsMiddleware, after the response. A 4xx is `rejected` and a 5xx `error`, whatever
@@ -20,16 +21,18 @@ The latency of every request that was not rejected is observed with it.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.http.chat_errors import describe
-from app.observability.metrics import REQUESTS, TURN_LATENCY
+from app.observability.metrics import REQUESTS
+from app.observability.request_tally import (
+    CLIENT_CLOSED,
+    RATE_LIMITED,
+    Tally,
+    classify,
+    current_tally,
+    note_outcome,
+)
+from app.pipelines.failures import RATE_LIMIT_EXCEEDED, Failure
 
 # The HTTP routes of each product surface (/ws/chat counts itself, per frame).
 SURFACES = {
@@ -39,74 +42,24 @@ SURFACES = {
     "/v1/chat/completions": "openai",
     "/v1/embeddings": "embeddings",
 }
-CLIENT_CLOSED = 499
-RATE_LIMITED = "rate_limited"  # refused by an inbound limit (a 429, or a webhook's fallback)
 
 
-def classify(status: int) -> tuple[str, str]:
-    """A refused or failed request's (outcome, reason)."""
-    return ("error" if status >= 500 else "rejected"), str(status)
+def failure_outcome(failure: Failure | None) -> tuple[str, str]:
+    """The (outcome, reason) of a failure the caller is told of: an unexpected error (None) is a
+    500; a refusal by the inbound limits has reason `rate_limited` rather than its status."""
+    if failure is not None and failure.code == RATE_LIMIT_EXCEEDED:
+        return "rejected", RATE_LIMITED
+    return classify(failure.status if failure is not None else 500)
 
 
-@dataclass
-class Tally:
-    surface: str
-    started: float = field(default_factory=time.perf_counter)
-    outcome: str | None = None
-    reason: str = ""
-
-    def count(self, outcome: str, reason: str) -> None:
-        REQUESTS.labels(self.surface, outcome, reason).inc()
-        if outcome != "rejected":
-            TURN_LATENCY.labels(self.surface).observe(time.perf_counter() - self.started)
+def note_failure(failure: Failure | None) -> None:
+    """This request failed as described (an error response, event or frame)."""
+    note_outcome(*failure_outcome(failure))
 
 
-_current: ContextVar[Tally | None] = ContextVar("cxrelay_request_tally", default=None)
-
-
-def note_outcome(outcome: str, reason: str = "") -> None:
-    """How an answered request went: "success", or "fallback" with the fallback's reason."""
-    tally = _current.get()
-    if tally is not None:
-        tally.outcome, tally.reason = outcome, reason
-
-
-def note_failure(error: BaseException) -> None:
-    """A failure the caller is told of (an error response, event or frame); a refusal by the
-    inbound limits is counted with reason `rate_limited` rather than its status."""
-    failure = describe(error) if isinstance(error, Exception) else None
-    if failure is not None and failure.code == "rate_limit_exceeded":
-        note_outcome("rejected", RATE_LIMITED)
-        return
-    note_status(failure.status if failure is not None else 500)
-
-
-def note_status(status: int) -> None:
-    tally = _current.get()
-    if tally is not None:
-        tally.outcome, tally.reason = classify(status)
-
-
-def count_status(surface: str, status: int, reason: str = "") -> None:
-    """A request refused outright (a /ws/chat frame or handshake); `reason` instead of the
-    status when it says more (`rate_limited`)."""
-    outcome, by_status = classify(status)
-    REQUESTS.labels(surface, outcome, reason or by_status).inc()
-
-
-@contextmanager
-def counted(surface: str) -> Iterator[Tally]:
-    """One request handled inside the block, counted when it ends."""
-    tally = Tally(surface)
-    token = _current.set(tally)
-    try:
-        yield tally
-    finally:
-        _current.reset(token)
-        if tally.outcome is None:
-            tally.count(*classify(CLIENT_CLOSED))
-        else:
-            tally.count(tally.outcome, tally.reason)
+def count_failure(surface: str, failure: Failure | None) -> None:
+    """A request refused outright with a described failure (a /ws/chat handshake)."""
+    REQUESTS.labels(surface, *failure_outcome(failure)).inc()
 
 
 class RequestMetricsMiddleware:
@@ -128,7 +81,7 @@ class RequestMetricsMiddleware:
             await send(message)
 
         tally = Tally(surface)
-        token = _current.set(tally)
+        token = current_tally.set(tally)
         crashed = False
         try:
             await self.app(scope, receive, noting_status)
@@ -136,7 +89,7 @@ class RequestMetricsMiddleware:
             crashed = True
             raise
         finally:
-            _current.reset(token)
+            current_tally.reset(token)
             if status and status[0] == 429 and tally.reason == RATE_LIMITED:
                 tally.count("rejected", RATE_LIMITED)
             elif status and status[0] >= 400:

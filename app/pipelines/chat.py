@@ -29,12 +29,12 @@ from app.core.errors import (
     UpstreamError,
     UpstreamRejected,
 )
-from app.http.chat_errors import failure_fields
-from app.http.request_metrics import note_outcome
 from app.llm.messages import SYSTEM_ROLES, Message, message_text, with_text
 from app.llm.types import ChatRequest, ChatResult
 from app.observability.metrics import BUDGET_EXHAUSTED, TURNS
+from app.observability.request_tally import note_outcome
 from app.pipelines.chat_call import ChatCall, ChatOptions, ChatOutcome, OnText
+from app.pipelines.failures import failure_fields
 from app.prompts.renderer import PromptRenderer
 from app.safety.injection import InjectionRules
 from app.safety.output_guard import OutputGuard

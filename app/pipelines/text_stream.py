@@ -5,6 +5,8 @@ a proper 4xx, and only failures after the first text become an in-stream error f
 A stream may hold a concurrent-stream slot (a StreamLease); `close` ends both together, on every
 way a stream ends, and is safe to call from a request that is being cancelled (a client that
 hangs up mid-stream has its response task cancelled over and over while it unwinds).
+`leased_stream` takes the slot and starts the stream for an HTTP streaming surface;
+`stream_slot` holds one for as long as a /ws/chat socket is open.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-from app.accounting.inbound_limits import StreamLease
+from app.accounting.inbound_limits import InboundLimiter, StreamLease
+from app.core.principal import Principal
 
 T = TypeVar("T")
 _END = object()
 
 
+Run = Callable[[Callable[[str], Awaitable[None]]], Awaitable[T]]
+
+
 class TextStream(Generic[T]):
     def __init__(
         self,
-        run: Callable[[Callable[[str], Awaitable[None]]], Awaitable[T]],
+        run: Run[T],
         lease: StreamLease | None = None,
     ) -> None:
         self._queue: asyncio.Queue[object] = asyncio.Queue()
@@ -32,7 +38,7 @@ class TextStream(Generic[T]):
         self._closing: asyncio.Future[Any] | None = None
         self._task: asyncio.Task[T] = asyncio.ensure_future(self._produce(run))
 
-    async def _produce(self, run: Callable[[Callable[[str], Awaitable[None]]], Awaitable[T]]) -> T:
+    async def _produce(self, run: Run[T]) -> T:
         async def put(text: str) -> None:
             self._queue.put_nowait(text)
 
@@ -84,3 +90,18 @@ class TextStream(Generic[T]):
         await asyncio.wait([self._task])
         if not self._task.cancelled():
             self._task.exception()  # retrieved, so asyncio does not log it as never seen
+
+
+async def leased_stream(limits: InboundLimiter, principal: Principal, run: Run[T]) -> TextStream[T]:
+    """A started stream holding one of the caller's concurrent-stream slots: its first text (or
+    its end) has arrived. RateLimited when no slot is free; a failure before the first text
+    (or a cancellation) is raised with the slot already given back. From then on the caller
+    closes the stream, however its response ends (app.http.sse.ClosingStreamingResponse)."""
+    lease = await limits.open_stream(principal)
+    stream: TextStream[T] = TextStream(run, lease)
+    try:
+        await stream.start()
+    except BaseException:
+        await stream.close()
+        raise
+    return stream

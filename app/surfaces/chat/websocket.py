@@ -58,13 +58,15 @@ from app.core.errors import AuthenticationFailed, RateLimited
 from app.core.principal import Principal
 from app.dependencies import Services
 from app.http.caller import record_auth_failure
-from app.http.chat_errors import describe
+from app.http.chat_errors import INTERNAL_ERROR_FRAME, failure_frame
 from app.http.request_ids import new_request_id
-from app.http.request_metrics import RATE_LIMITED, count_status, counted, note_failure
+from app.http.request_metrics import count_failure, note_failure
 from app.observability.logs import request_id_var
+from app.observability.request_tally import count_status, counted
 from app.pipelines.chat_call import ChatCall, ChatOutcome
+from app.pipelines.failures import describe
 from app.pipelines.text_stream import TextStream
-from app.surfaces.chat.router import build_call, complete_frame, error_frame
+from app.surfaces.chat.calls import build_call, complete_frame
 from app.surfaces.chat.schemas import ChatBody
 
 router = APIRouter(tags=["chat"])
@@ -87,7 +89,6 @@ CLOSE_REASONS = {
 }
 # What Connection.answer returns when the socket is done: a disconnect, as receive() gives it.
 GONE: Message = {"type": "websocket.disconnect", "code": 1000}
-INTERNAL_ERROR_FRAME = {"type": "error", "code": "internal_error", "message": "internal error"}
 # A refused frame in cxrelay_requests_total: the status the same refusal has over HTTP.
 FRAME_STATUS = {"unauthorized": 401, "invalid_request": 400, "request_too_large": 413, "busy": 409}
 
@@ -149,15 +150,6 @@ def summarise(error: ValidationError, limit: int = 5) -> str:
         parts.append(f"{where}: {item['msg']}")
     more = error.error_count() - limit
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
-
-
-def failure_frame(error: BaseException) -> dict[str, Any]:
-    """A failed call's error frame, with a refusal's detail (scope, what is left)."""
-    frame = error_frame(error)
-    failure = describe(error) if isinstance(error, Exception) else None
-    if failure is not None and failure.detail:
-        frame["detail"] = {k: v for k, v in failure.detail.items() if k not in ("error", "message")}
-    return frame
 
 
 def has_header_credential(headers: Mapping[str, str]) -> bool:
@@ -247,8 +239,9 @@ class Connection:
         try:
             self.lease = await self.services.limits.open_stream(self.principal)
         except RateLimited as limited:
-            count_status(SURFACE, 429, RATE_LIMITED)
-            await self.send(failure_frame(limited), LIMITED)
+            failure = describe(limited)
+            count_failure(SURFACE, failure)
+            await self.send(failure_frame(failure), LIMITED)
             return False
         return True
 
@@ -353,10 +346,11 @@ class Connection:
         except WebSocketDisconnect:
             raise
         except Exception as error:
-            note_failure(error)
-            if describe(error) is None:
+            failure = describe(error)
+            note_failure(failure)
+            if failure is None:
                 log.exception("ws chat call failed", extra={"session_id": call.session_id})
-            await self._last(failure_frame(error))
+            await self._last(failure_frame(failure))
             return
         if whole and outcome.content:
             await self.send({"type": "content", "delta": outcome.content})

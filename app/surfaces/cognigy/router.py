@@ -16,9 +16,9 @@ from app.dependencies import ServicesDep
 from app.http.body import invalid_body, read_limited_body
 from app.http.caller import record_auth_failure
 from app.http.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
-from app.http.request_metrics import note_outcome
 from app.observability.logs import request_id_var
 from app.observability.metrics import TURNS
+from app.observability.request_tally import note_outcome
 from app.surfaces.cognigy.pipeline import TurnRecord
 from app.surfaces.cognigy.schemas import CognigyResponse, CognigyTrigger
 

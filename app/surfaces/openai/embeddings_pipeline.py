@@ -21,13 +21,13 @@ from app.accounting.metering import Metering
 from app.core.deadline import Deadline
 from app.core.errors import CxRelayError
 from app.core.principal import Principal
-from app.http.chat_errors import failure_fields
-from app.http.request_metrics import note_outcome
 from app.llm.embeddings import EmbeddingRequest, EncodingFormat, Input, Vector, in_format
 from app.llm.routes import Route
 from app.llm.tokens import ready, text_tokens
 from app.llm.types import Usage
 from app.observability.metrics import BUDGET_EXHAUSTED
+from app.observability.request_tally import note_outcome
+from app.pipelines.failures import failure_fields
 
 log = logging.getLogger("cxrelay.embeddings")
 

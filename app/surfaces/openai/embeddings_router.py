@@ -1,7 +1,8 @@
 """POST /v1/embeddings for the official OpenAI clients (and Cognigy's Knowledge AI, retrieval
-tools): the same client keys, OpenAI error shapes and session rules as /v1/chat/completions
-(app.surfaces.openai.router), routed to embedding models and metered into the same budgets and
-ledger under the surface `embeddings` (app.surfaces.openai.embeddings_pipeline)."""
+tools): the same client keys, OpenAI error shapes (app.surfaces.openai.errors) and session rules
+(app.surfaces.openai.session) as /v1/chat/completions, routed to embedding models and metered
+into the same budgets and ledger under the surface `embeddings`
+(app.surfaces.openai.embeddings_pipeline)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from app.http.caller import CallerDep
 from app.http.openapi import json_request_body
 from app.surfaces.openai.embeddings_pipeline import EmbeddingsCall, EmbeddingsOutcome, InputTooLong
 from app.surfaces.openai.embeddings_schemas import EmbeddingList, EmbeddingsRequest
-from app.surfaces.openai.router import ERRORS, OpenAIError, OpenAIRoute, from_validation, session_of
+from app.surfaces.openai.errors import ERRORS, OpenAIError, OpenAIRoute, from_validation
+from app.surfaces.openai.session import session_of
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 

@@ -13,32 +13,25 @@ month budgets hold the call, and its ledger record has no session.
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Any
 
-from fastapi import APIRouter, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException
 
 from app.core.principal import Principal
 from app.dependencies import Services, ServicesDep
 from app.http.body import read_limited_body
 from app.http.caller import CallerDep
-from app.http.chat_errors import ChatFailure, describe
 from app.http.openapi import json_request_body, response_schema, sse_response
-from app.http.request_metrics import note_failure, note_status
+from app.http.sse import event_stream, injection_header, sse
 from app.pipelines.chat_call import ChatCall, ChatOutcome
-from app.pipelines.text_stream import TextStream
-from app.safety.session_ids import SessionIds
-from app.store import NO_SESSION
-from app.surfaces.chat.router import event_stream, injection_header, sse
-from app.surfaces.openai.messages import SESSION_ID_RULE, ToolCall, valid_session_id
+from app.pipelines.text_stream import TextStream, leased_stream
+from app.surfaces.openai.errors import ERRORS, OpenAIRoute, from_validation, openai_failure
+from app.surfaces.openai.messages import ToolCall
 from app.surfaces.openai.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -52,161 +45,12 @@ from app.surfaces.openai.schemas import (
     CompletionUsage,
     CxRelayExtras,
     ErrorBody,
-    ErrorDetail,
     ModelCard,
     ModelList,
 )
-
-log = logging.getLogger("cxrelay.openai")
-
-NO_RETRY = {"x-should-retry": "false"}  # the official clients honour it: retrying cannot help
-
-
-class OpenAIError(Exception):
-    """A failure already in OpenAI's terms; the route class turns it into the response."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        extra: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.detail = ErrorDetail(message=message, type=type, code=code, param=param, **extra or {})
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = ErrorBody(error=self.detail).model_dump(mode="json")
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-def from_http(error: HTTPException) -> OpenAIError:
-    """The key check (401) and the body limit (413) raise FastAPI's HTTPException."""
-    codes = {401: "invalid_api_key", 413: "request_too_large"}
-    kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-    return OpenAIError(
-        error.status_code,
-        str(error.detail),
-        type=kind,
-        code=codes.get(error.status_code),
-        headers=dict(error.headers or {}),
-    )
-
-
-def from_validation(errors: Sequence[Any]) -> OpenAIError:
-    """OpenAI answers an invalid request with 400 naming the first offending parameter."""
-    if not errors:
-        return OpenAIError(400, "invalid request")
-    first = errors[0]
-    kind = str(first.get("type", ""))
-    if kind == "json_invalid":
-        reason = first.get("ctx", {}).get("error", "")
-        return OpenAIError(400, f"the request body is not valid JSON: {reason}")
-    loc = [part for part in first.get("loc", ()) if part != "body"]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if param is not None:
-        message = f"Invalid '{param}': {message}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem(s))"
-    if kind == "missing":
-        code = "missing_required_parameter"
-    elif kind.endswith(("_type", "_parsing")):
-        code = "invalid_type"
-    else:
-        code = "invalid_value"
-    return OpenAIError(400, message, code=code, param=param)
-
-
-def from_failure(failure: ChatFailure) -> OpenAIError:
-    """The chat pipeline's refusals (app.http.chat_errors) on OpenAI's wire."""
-    if failure.code == "rate_limit_exceeded":  # retrying after Retry-After helps
-        limit = {k: v for k, v in failure.detail.items() if k not in ("error", "message")}
-        headers = failure.headers or NO_RETRY  # no Retry-After: the call can never fit
-        return OpenAIError(
-            429,
-            failure.message,
-            type=failure.code,
-            code=failure.code,
-            extra={"limit": limit},
-            headers=headers,
-        )
-    if failure.code == "budget_exhausted":
-        budget = {k: v for k, v in failure.detail.items() if k not in ("error", "message")}
-        return OpenAIError(
-            429,
-            failure.message,
-            type="insufficient_quota",
-            code=failure.code,
-            extra={"budget": budget},
-            headers=NO_RETRY,
-        )
-    params = {"context_length_exceeded": "messages", "model_not_found": "model"}
-    kind = "invalid_request_error" if failure.status < 422 else "server_error"
-    return OpenAIError(
-        failure.status,
-        failure.message,
-        type=kind,
-        code=failure.code,
-        param=failure.detail.get("param") or params.get(failure.code),
-        headers=NO_RETRY if failure.code == "upstream_rejected" else None,
-    )
-
-
-def to_openai(error: Exception) -> OpenAIError:
-    if isinstance(error, OpenAIError):
-        return error
-    if isinstance(error, HTTPException):
-        return from_http(error)
-    if isinstance(error, RequestValidationError):
-        return from_validation(error.errors())
-    failure = describe(error)
-    if failure is not None:
-        return from_failure(failure)
-    log.error("unexpected error on the OpenAI surface", exc_info=error)
-    return OpenAIError(500, "internal error", type="server_error", code="internal_error")
-
-
-class OpenAIRoute(APIRoute):
-    """Failures leave these routes in OpenAI's shape, including the CallerDep's 401 and FastAPI's
-    own validation, which would otherwise get the app-wide `{"detail": ...}` body."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def guarded(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Exception as error:
-                note_failure(error)  # a rate-limit refusal is counted by its own reason
-                return to_openai(error).response()
-
-        return guarded
-
+from app.surfaces.openai.session import session_of
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody, "description": text}
-    for status, text in {
-        400: "invalid request, or the newest message does not fit the context window",
-        401: "missing or unknown client API key",
-        404: "unknown model",
-        413: "body over MAX_BODY_BYTES",
-        422: "an answer that broke response_format after one repair",
-        429: "an inbound limit (type rate_limit_exceeded, with Retry-After) or an exhausted "
-        "session or tenant budget (type insufficient_quota)",
-        502: "no provider could answer",
-        503: "the budget store cannot be read",
-        504: "no answer within CHAT_DEADLINE_SECONDS",
-    }.items()
-}
 
 
 @router.get("/models", response_model=ModelList, responses={401: ERRORS[401]})
@@ -260,23 +104,6 @@ async def chat_completions(request: Request, principal: CallerDep, services: Ser
     return JSONResponse(
         completion.model_dump(mode="json"), headers=injection_header(outcome.injection)
     )
-
-
-class NamesAUser(Protocol):
-    """A /v1 request body: chat completions and embeddings both take OpenAI's `user`."""
-
-    @property
-    def user(self) -> str | None: ...
-
-
-def session_of(request: Request, body: NamesAUser, session_ids: SessionIds) -> str:
-    """The stored session id (a digest when the one sent holds personal data), or NO_SESSION."""
-    header = request.headers.get("x-session-id")
-    if header is not None:
-        if not valid_session_id(header):
-            raise OpenAIError(400, f"X-Session-Id must be {SESSION_ID_RULE}", param="X-Session-Id")
-        return session_ids.stored(header)
-    return session_ids.stored(body.user) if body.user else NO_SESSION
 
 
 def build_call(body: ChatCompletionRequest, principal: Principal, session_id: str) -> ChatCall:
@@ -334,13 +161,9 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
     """Nothing is sent until the first text (or the end): a refusal before it is still a
     proper HTTP error; after it, an SSE `{"error": ...}` event ends the stream. Chunks carry
     the requested model name: the one that answered is only known at the end (cx_relay)."""
-    lease = await services.limits.open_stream(call.principal)  # RateLimited: 429
-    stream: TextStream[ChatOutcome] = TextStream(lambda put: services.chat.run(call, put), lease)
-    try:
-        await stream.start()
-    except BaseException:
-        await stream.close()
-        raise
+    stream: TextStream[ChatOutcome] = await leased_stream(  # RateLimited: 429
+        services.limits, call.principal, lambda put: services.chat.run(call, put)
+    )
     cid, created = completion_id(), int(time.time())
 
     def chunk(choices: list[ChunkChoice], **fields: Any) -> str:
@@ -357,8 +180,7 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
             outcome = await stream.result()
         except Exception as error:  # after the 200: the error travels as an event
             await stream.close()
-            failure = to_openai(error)
-            note_status(failure.status)
+            failure = openai_failure(error)
             yield sse(ErrorBody(error=failure.detail).model_dump(mode="json"))
             return
         await stream.close()  # the slot is free before the client can read [DONE]
@@ -383,4 +205,4 @@ async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Service
             yield chunk([], usage=usage_of(outcome))
         yield "data: [DONE]\n\n"
 
-    return event_stream(events(), call, stream)
+    return event_stream(events(), stream, call.injection)
