@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 
 from app.accounting.inbound_limits import InboundLimiter, StreamLease
@@ -105,3 +106,15 @@ async def leased_stream(limits: InboundLimiter, principal: Principal, run: Run[T
         await stream.close()
         raise
     return stream
+
+
+@asynccontextmanager
+async def stream_slot(limits: InboundLimiter, principal: Principal) -> AsyncIterator[StreamLease]:
+    """One of the caller's concurrent-stream slots, held while the block runs (a /ws/chat socket
+    is one stream however many answers it carries) and given back however the block ends, a
+    cancellation included (StreamLease.close); RateLimited on entry when none is free."""
+    lease = await limits.open_stream(principal)
+    try:
+        yield lease
+    finally:
+        await lease.close()

@@ -53,7 +53,6 @@ from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.types import Message
 
-from app.accounting.inbound_limits import StreamLease
 from app.core.errors import AuthenticationFailed, RateLimited
 from app.core.principal import Principal
 from app.dependencies import Services
@@ -65,7 +64,7 @@ from app.observability.logs import request_id_var
 from app.observability.request_tally import count_status, counted
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.pipelines.failures import describe
-from app.pipelines.text_stream import TextStream
+from app.pipelines.text_stream import TextStream, stream_slot
 from app.surfaces.chat.calls import build_call, complete_frame
 from app.surfaces.chat.schemas import ChatBody
 
@@ -166,8 +165,8 @@ async def ws_chat(websocket: WebSocket) -> None:
     connection = Connection(websocket, services)
     with contextlib.suppress(WebSocketDisconnect):
         try:
-            if await connection.authenticate() and await connection.hold_stream():
-                await connection.serve()
+            if await connection.authenticate():
+                await connection.serve_as_one_stream()
         except WebSocketDisconnect:
             raise
         except Exception:
@@ -175,9 +174,6 @@ async def ws_chat(websocket: WebSocket) -> None:
             count_status(SURFACE, 500)
             with contextlib.suppress(Exception):  # the socket may be gone already
                 await connection.send(INTERNAL_ERROR_FRAME, INTERNAL_ERROR)
-        finally:
-            if connection.lease is not None:
-                await connection.lease.close()
 
 
 class Connection:
@@ -188,7 +184,6 @@ class Connection:
         self.services = services
         self.limit = services.settings.max_body_bytes
         self.principal: Principal | None = None
-        self.lease: StreamLease | None = None  # the socket's concurrent-stream slot
         self._send_lock = asyncio.Lock()
         # the socket's id (from the handshake); each request frame gets `<this>.<n>`, so one
         # answer's log lines (turn, upstream attempts) share an id, and a socket's share a prefix
@@ -232,18 +227,19 @@ class Connection:
         await self.refuse(refused)
         return False
 
-    async def hold_stream(self) -> bool:
+    async def serve_as_one_stream(self) -> None:
         """The socket is one stream of its key and tenant from authentication to close.
         Refused: an error frame, then close 4429."""
         assert self.principal is not None
-        try:
-            self.lease = await self.services.limits.open_stream(self.principal)
-        except RateLimited as limited:
-            failure = describe(limited)
-            count_failure(SURFACE, failure)
-            await self.send(failure_frame(failure), LIMITED)
-            return False
-        return True
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                await held.enter_async_context(stream_slot(self.services.limits, self.principal))
+            except RateLimited as limited:
+                failure = describe(limited)
+                count_failure(SURFACE, failure)
+                await self.send(failure_frame(failure), LIMITED)
+                return
+            await self.serve()
 
     async def _credential(self) -> Mapping[str, str]:
         if has_header_credential(self.websocket.headers):
