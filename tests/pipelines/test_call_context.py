@@ -25,7 +25,7 @@ MODEL = "gpt-4o-mini"
 ADMIN = {"Authorization": "Bearer admin-token-for-call-context-tests"}
 CLIENT_KEY = "ck-call-context"
 CLIENT = {"Authorization": f"Bearer {CLIENT_KEY}"}
-IN_FLIGHT_SECONDS = 1.5  # how long the first call's provider takes to answer
+IN_FLIGHT_SECONDS = 2.5  # how long the first call's provider takes: time for the swap to land
 ANSWER = "Your parcel left the depot. It arrives tomorrow."
 
 # (price per 1k prompt tokens, per 1k completion tokens)
