@@ -209,7 +209,7 @@ def build_services(
     metering = Metering(budget, ledger, llm, limits)
     injection = load_injection_rules(settings)  # one of each, shared by every surface
     intent_cache = build_intent_cache(settings)
-    turn_cache = TurnCache(intent_cache, metering, settings.intent_cache_enabled)
+    turn_cache = TurnCache(intent_cache, settings.intent_cache_enabled)
     authenticator = WebhookAuthenticator(
         # `value:tenant` (split_tenant): the verified credential's tenant is the turn's
         secrets=[split_tenant(s.get_secret_value()) for s in settings.cognigy_webhook_secret],

@@ -34,8 +34,10 @@ from app.accounting.budget import (
     HistoryTooLong,
     fit_history,
 )
+from app.accounting.call_context import CallContext
 from app.accounting.inbound_limits import InboundLimiter, TokenCharge
 from app.accounting.ledger import Ledger
+from app.core.deadline import Deadline
 from app.core.principal import Principal
 from app.llm.messages import Message
 from app.llm.router import RouterSlot
@@ -53,8 +55,7 @@ MIN_COMPLETION_TOKENS = 16
 class Plan:
     """One reserved call: the messages to send, how long the answer may be, what was dropped."""
 
-    principal: Principal
-    session_id: str
+    context: CallContext  # who, and the router the call was planned (and is sent and priced) on
     route: str
     messages: list[Message]
     max_tokens: int
@@ -62,6 +63,14 @@ class Plan:
     dropped: int  # history turns left out to fit
     grant: Grant
     tokens: TokenCharge | None = None  # taken from the inbound tokens-per-minute limits
+
+    @property
+    def principal(self) -> Principal:
+        return self.context.principal
+
+    @property
+    def session_id(self) -> str:
+        return self.context.session_id
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,11 @@ class Spend:
 
 
 class Metering:
-    """Budget reservation and usage accounting around LLM calls, shared by every surface."""
+    """Budget reservation and usage accounting around LLM calls, shared by every surface.
+
+    Every call starts with `context`, the one read of the router slot; each step after takes
+    that context (or the Plan holding it), so one call is planned, sent and priced on one
+    router whatever configuration is applied meanwhile."""
 
     def __init__(
         self, budget: BudgetService, ledger: Ledger, llm: RouterSlot, limits: InboundLimiter
@@ -84,13 +97,22 @@ class Metering:
         self.llm = llm
         self.limits = limits  # the pipelines' requests and the calls' tokens per minute
 
-    async def headroom(self, principal: Principal, session_id: str) -> Headroom:
-        return await self.budget.headroom(principal, session_id)
+    def context(
+        self, principal: Principal, session_id: str, *, surface: str, deadline: Deadline
+    ) -> CallContext:
+        """A call's context, on the router in service now: built once at a pipeline's entry."""
+        return CallContext(principal, session_id, surface, deadline, self.llm.current)
+
+    async def admit(self, principal: Principal) -> None:
+        """RateLimited when the caller is over its requests per minute (nothing is spent)."""
+        await self.limits.admit(principal)
+
+    async def headroom(self, context: CallContext) -> Headroom:
+        return await self.budget.headroom(context.principal, context.session_id)
 
     async def plan(
         self,
-        principal: Principal,
-        session_id: str,
+        context: CallContext,
         messages: Sequence[Mapping[str, Any]],
         *,
         route_name: str,
@@ -106,7 +128,8 @@ class Metering:
         reserved; without it, a reservation refused for tokens is squeezed to what the refusing
         budget has left and asked once more. Either way the answer is shortened, down to
         `min_tokens`, before the call is refused."""
-        route = self.llm.current.route(route_name)
+        principal, session_id = context.principal, context.session_id
+        route = context.route(route_name)
         max_tokens = _answer_limit(route, max_tokens)
         counting_model = route.targets[0].model.name
 
@@ -146,8 +169,7 @@ class Metering:
         grant, charge = await self._held(principal, fit.prompt_tokens + max_tokens, reserve)
         max_tokens = answer
         return Plan(
-            principal,
-            session_id,
+            context,
             route_name,
             fit.messages,
             max_tokens,
@@ -195,7 +217,7 @@ class Metering:
     def spend(self, plan: Plan, result: ChatResult) -> Spend:
         """The provider's usage (our count when a stream sent none) and its cost, plus what
         each broken stream the answer continued had streamed (estimated, at its own prices)."""
-        router = self.llm.current
+        context = plan.context
         usage, estimated = result.usage, False
         if not result.usage_reported:
             model = result.trail[-1].model if result.trail else result.model
@@ -203,56 +225,47 @@ class Metering:
                 estimate_tokens(plan.messages, model=model), text_tokens(result.content, model)
             )
             estimated = True
-        cost = router.cost(result.trail, usage)
+        cost = context.cost(result.trail, usage)
         for part in result.broken:
             billed = Usage(
                 estimate_tokens(part.prompt, model=part.model), text_tokens(part.text, part.model)
             )
             usage, estimated = usage + billed, True
-            cost += router.price(part.provider, part.model, billed)
+            cost += context.price(part.provider, part.model, billed)
         return Spend(usage, round(cost, 8), estimated)
 
-    async def settle(
-        self,
-        plan: Plan,
-        result: ChatResult,
-        *,
-        surface: str,
-        latency_ms: float,
-    ) -> Spend:
+    async def settle(self, plan: Plan, result: ChatResult, *, latency_ms: float) -> Spend:
         """Count the real usage against the budget and append the ledger record."""
         spent = self.spend(plan, result)
         answered = result.trail[-1] if result.trail else None
         provider = answered.provider if answered else result.provider
         model = answered.model if answered else plan.route  # configured names only, as priced
-        await self._account(plan, spent, surface, provider, model, latency_ms)
+        await self._account(plan, spent, provider, model, latency_ms)
         return spent
 
-    async def settle_partial(
-        self, plan: Plan, text: str, *, surface: str, provider: str = ""
-    ) -> Spend:
+    async def settle_partial(self, plan: Plan, text: str, *, provider: str = "") -> Spend:
         """A streamed answer that never completed (cut, or the caller left): the provider bills
         what it produced, so the prompt and the text received so far are counted, estimated, at
         the prices of the provider that streamed it (the route's first when unknown)."""
-        route = self.llm.current.route(plan.route)
+        route = plan.context.route(plan.route)
         target = next(
             (t for t in route.targets if t.provider.spec.name == provider), route.targets[0]
         )
         provider, model = target.provider.spec.name, target.model.name
         usage = Usage(plan.prompt_tokens, text_tokens(text, model))
-        spent = Spend(usage, self.llm.current.price(provider, model, usage), estimated=True)
-        await self._account(plan, spent, surface, provider, model, 0.0)
+        spent = Spend(usage, plan.context.price(provider, model, usage), estimated=True)
+        await self._account(plan, spent, provider, model, 0.0)
         return spent
 
     async def _account(
         self,
         plan: Plan,
         spent: Spend,
-        surface: str,
         provider: str,
         model: str,
         latency_ms: float,
     ) -> None:
+        surface = plan.context.surface
         record = UsageRecord(
             tenant=plan.principal.tenant,
             session=plan.session_id,
@@ -278,33 +291,30 @@ class Metering:
         await self.budget.release(plan.grant)
         await self.limits.settle(plan.tokens, 0)
 
-    async def plan_input(
-        self, principal: Principal, session_id: str, *, route_name: str, input_tokens: int
-    ) -> Plan:
+    async def plan_input(self, context: CallContext, *, route_name: str, input_tokens: int) -> Plan:
         """Reserve an embeddings call's input tokens; RateLimited or BudgetExhausted when the
         tokens per minute or a budget cannot take them."""
-        route = self.llm.current.route(route_name, "embedding")
+        principal, session_id = context.principal, context.session_id
+        route = context.route(route_name, "embedding")
 
         async def reserve() -> Grant | Refusal:
             return await self._reserve(principal, session_id, route, input_tokens, 0)
 
         grant, charge = await self._held(principal, input_tokens, reserve)
-        return Plan(principal, session_id, route_name, [], 0, input_tokens, 0, grant, charge)
+        return Plan(context, route_name, [], 0, input_tokens, 0, grant, charge)
 
-    async def settle_input(
-        self, plan: Plan, result: ChatResult, *, surface: str, latency_ms: float
-    ) -> Spend:
+    async def settle_input(self, plan: Plan, result: ChatResult, *, latency_ms: float) -> Spend:
         """Count an embeddings call: the provider's usage, else the input tokens we counted."""
         usage = result.usage if result.usage_reported else Usage(plan.prompt_tokens, 0)
-        spent = Spend(usage, self.llm.current.cost(result.trail, usage), not result.usage_reported)
+        spent = Spend(usage, plan.context.cost(result.trail, usage), not result.usage_reported)
         answered = result.trail[-1] if result.trail else None
         provider = answered.provider if answered else result.provider
         model = answered.model if answered else plan.route
-        await self._account(plan, spent, surface, provider, model, latency_ms)
+        await self._account(plan, spent, provider, model, latency_ms)
         return spent
 
     async def run(
-        self, plan: Plan, send: Callable[[], Awaitable[ChatResult]], *, surface: str
+        self, plan: Plan, send: Callable[[], Awaitable[ChatResult]]
     ) -> tuple[ChatResult, Spend]:
         """Make the planned call and settle it; any failure (a cancelled deadline included)
         gives the reservation back, so a call that was not answered costs nothing."""
@@ -313,33 +323,17 @@ class Metering:
         except BaseException:
             await self.release(plan)
             raise
-        return result, await self.settle(
-            plan, result, surface=surface, latency_ms=result.latency_ms
-        )
-
-    def answerers(self, route_name: str) -> str:
-        """The route with the (provider, model) chain behind it: the intent cache keys on this,
-        so an answer from one provider configuration is not served once the chain changes."""
-        route = self.llm.current.route(route_name)
-        chain = ",".join(f"{t.provider.spec.name}/{t.model.name}" for t in route.targets)
-        return f"{route.name}={chain}"
+        return result, await self.settle(plan, result, latency_ms=result.latency_ms)
 
     async def record_cached(
-        self,
-        principal: Principal,
-        session_id: str,
-        *,
-        surface: str,
-        provider: str,
-        model: str,
-        latency_ms: float,
+        self, context: CallContext, *, provider: str, model: str, latency_ms: float
     ) -> None:
         """A cache hit spends nothing, but finance still sees that the session was answered."""
         await self.ledger.commit(
             UsageRecord(
-                tenant=principal.tenant,
-                session=session_id,
-                surface=surface,
+                tenant=context.principal.tenant,
+                session=context.session_id,
+                surface=context.surface,
                 provider=provider,
                 model=model,
                 prompt_tokens=0,
@@ -361,8 +355,4 @@ def _answer_limit(route: Route, requested: int) -> int:
 
 def _dearest_cost(route: Route, prompt_tokens: int, max_tokens: int) -> float:
     """The call's cost if the dearest model of the route answers at full length."""
-    return max(
-        prompt_tokens / 1000 * t.model.price_per_1k_prompt
-        + max_tokens / 1000 * t.model.price_per_1k_completion
-        for t in route.targets
-    )
+    return max(t.model.price(prompt_tokens, max_tokens) for t in route.targets)

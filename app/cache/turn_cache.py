@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.accounting.metering import Metering
+from app.accounting.call_context import CallContext
 from app.cache.intent_cache import CachedAnswer, IntentCache
 from app.core.errors import UnknownModel
 from app.llm.messages import SYSTEM_ROLES, cache_text
@@ -33,39 +33,43 @@ def conversation_parts(
 
 @dataclass(frozen=True)
 class TurnCache:
-    """The shared IntentCache, off when INTENT_CACHE_ENABLED is false."""
+    """The shared IntentCache, off when INTENT_CACHE_ENABLED is false. Entries are the call's
+    tenant's, keyed on the answering chain of the call's own router (see CallContext)."""
 
     cache: IntentCache
-    metering: Metering
     enabled: bool = True
 
-    def _model(self, route: str) -> str | None:
+    def _model(self, context: CallContext, route: str) -> str | None:
+        if not self.enabled:
+            return None
         try:
-            return self.metering.answerers(route)
+            return context.answerers(route)
         except UnknownModel:
             return None  # the call itself reports it
 
     def get(
         self,
-        tenant: str,
+        context: CallContext,
         route: str,
         messages: Sequence[Mapping[str, Any]],
         qualifier: str = "",
     ) -> CachedAnswer | None:
-        model = self._model(route) if self.enabled else None
+        model = self._model(context, route)
         if model is None:
             return None
+        tenant = context.principal.tenant
         return self.cache.get(tenant, model, *conversation_parts(messages, qualifier))
 
     def put(
         self,
-        tenant: str,
+        context: CallContext,
         route: str,
         messages: Sequence[Mapping[str, Any]],
         answer: CachedAnswer,
         qualifier: str = "",
     ) -> None:
         """Callers put only answers that passed validation and the safety checks."""
-        model = self._model(route) if self.enabled else None
+        model = self._model(context, route)
         if model is not None:
+            tenant = context.principal.tenant
             self.cache.put(tenant, model, *conversation_parts(messages, qualifier), answer)

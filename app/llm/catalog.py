@@ -55,6 +55,15 @@ class ModelSpec(_Strict):
     audio: bool = False
     tools: bool = True
 
+    def price(self, prompt_tokens: int, completion_tokens: int = 0) -> float:
+        """What that many tokens cost at this model's prices: the one cost formula, used for
+        the ledger's cost and for the reservation a call holds before it is answered."""
+        return round(
+            prompt_tokens / 1000 * self.price_per_1k_prompt
+            + completion_tokens / 1000 * self.price_per_1k_completion,
+            8,
+        )
+
     @model_validator(mode="after")
     def _embedding_window(self) -> ModelSpec:
         if self.kind == "embedding" and "max_context_tokens" not in self.model_fields_set:

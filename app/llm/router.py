@@ -164,10 +164,11 @@ class LLMRouter:
             raise UnknownModel(f"model {name!r} is {_a(route.kind)} model, not {_a(kind)} model")
         return route
 
-    def check_request(self, request: ChatRequest) -> None:
-        """RequestUnsupported when no (provider, model) of the request's route can take it; a
-        route some of whose entries can is walked over those only."""
-        route = self.route(request.model)
+    def check_request(self, request: ChatRequest, route: Route | None = None) -> None:
+        """RequestUnsupported when no (provider, model) of the request's route (`route`, when
+        the caller resolved it already) can take it; a route some of whose entries can is
+        walked over those only."""
+        route = self.route(request.model) if route is None else route
         reasons = [cannot_take(t, request) for t in route.targets]
         if all(reasons):
             param, what = next(r for r in reasons if r)
@@ -191,13 +192,7 @@ class LLMRouter:
     def price(self, provider: str, model: str, usage: Usage) -> float:
         """`usage` at the provider file's prices for (provider, model); 0 when unconfigured."""
         spec = self.model_spec(provider, model)
-        if spec is None:
-            return 0.0
-        return round(
-            usage.prompt_tokens / 1000 * spec.price_per_1k_prompt
-            + usage.completion_tokens / 1000 * spec.price_per_1k_completion,
-            8,
-        )
+        return 0.0 if spec is None else spec.price(usage.prompt_tokens, usage.completion_tokens)
 
     def model_names(self) -> list[str]:
         names = list(self.routes)
@@ -206,11 +201,18 @@ class LLMRouter:
         return names
 
     async def complete(
-        self, request: ChatRequest, deadline: Deadline, trail: list[Attempt] | None = None
+        self,
+        request: ChatRequest,
+        deadline: Deadline,
+        trail: list[Attempt] | None = None,
+        *,
+        route: Route | None = None,
     ) -> ChatResult:
         """The whole answer in one response from the provider. `trail`, when given, receives
-        each attempt as it ends, so a caller whose deadline cancelled the call still sees them."""
-        return await self._run(request, deadline, self._send_whole, trail, None)
+        each attempt as it ends, so a caller whose deadline cancelled the call still sees them.
+        `route`: the request's route as the caller resolved it on this router (app.accounting.
+        call_context), else resolved here from `request.model`."""
+        return await self._run(request, deadline, self._send_whole, trail, None, route=route)
 
     async def complete_streamed(
         self,
@@ -219,6 +221,8 @@ class LLMRouter:
         first_token_timeout: float,
         on_delta: OnDelta | None = None,
         trail: list[Attempt] | None = None,
+        *,
+        route: Route | None = None,
     ) -> ChatResult:
         """The answer streamed from the provider and reassembled: a slow first token or a
         stream cut mid-way counts as a failure of that (provider, model), so the route falls
@@ -247,14 +251,19 @@ class LLMRouter:
                 on_delta=forward,
             )
 
-        result = await self._run(request, deadline, send, trail, answered)
+        result = await self._run(request, deadline, send, trail, answered, route=route)
         if result.ttft_ms is not None and result.trail:
             answered_by = result.trail[-1]  # the configured names, not what the provider echoed
             TTFT.labels(answered_by.provider, answered_by.model).observe(result.ttft_ms / 1000)
         return result
 
     async def embed(
-        self, request: EmbeddingRequest, deadline: Deadline, trail: list[Attempt] | None = None
+        self,
+        request: EmbeddingRequest,
+        deadline: Deadline,
+        trail: list[Attempt] | None = None,
+        *,
+        route: Route | None = None,
     ) -> EmbeddingResult:
         """Embeddings from the first (provider, model) of the route named `request.model` that
         answers, with the keys, circuits, retries, fallback and deadline of a chat call."""
@@ -272,7 +281,7 @@ class LLMRouter:
         # outgoing tpm limits estimate (settled to the provider's usage after the call).
         texts = [{"role": "user", "content": t} for t in request.inputs if isinstance(t, str)]
         walked = ChatRequest(messages=texts, model=request.model, temperature=0.0, max_tokens=0)
-        result = await self._run(walked, deadline, send, trail, None, kind="embedding")
+        result = await self._run(walked, deadline, send, trail, None, "embedding", route=route)
         assert isinstance(result, EmbeddingResult)
         return result
 
@@ -294,8 +303,10 @@ class LLMRouter:
         trail: list[Attempt] | None,
         answered: Answered | None,
         kind: ModelKind = "chat",
+        *,
+        route: Route | None = None,
     ) -> ChatResult:
-        route = self.route(request.model, kind)
+        route = self.route(request.model, kind) if route is None else route
         trail = [] if trail is None else trail
         first = len(trail)  # a caller's trail may hold an earlier call's attempts
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from app.accounting.budget import BudgetExhausted
+from app.accounting.call_context import CallContext
 from app.accounting.metering import Metering, Plan
 from app.cache.intent_cache import CachedAnswer
 from app.cache.turn_cache import TurnCache
@@ -75,24 +76,26 @@ class ChatPipeline:
 
     async def _run(self, call: ChatCall, on_text: OnText | None) -> ChatOutcome:
         started = time.perf_counter()
-        await self.metering.limits.admit(call.principal)  # RateLimited: over the key's rpm
+        await self.metering.admit(call.principal)  # RateLimited: over the key's rpm
         if call.json_schema is not None:
             check_json_schema(call.json_schema)  # SchemaInvalid: the caller's fault, nothing spent
         deadline = Deadline.after(self.options.deadline_seconds)
+        context = self.metering.context(
+            call.principal, call.session_id, surface=call.surface, deadline=deadline
+        )
         models = [call.model or self.options.default_model, *call.fallback_models]
-        router = self.metering.llm.current
         for name in models:  # UnknownModel, RequestUnsupported before anything is spent
-            router.check_request(self._request(call, name, call.messages, 1))
+            context.check_request(self._request(call, name, call.messages, 1))
         injection = self._sanitise(call)
-        headroom = await self.metering.headroom(call.principal, call.session_id)
+        headroom = await self.metering.headroom(context)
         messages = self._with_instruction(call.messages, headroom.lightweight)
-        cached = self._cached(call, models[0], messages)
+        cached = self._cached(context, call, models[0], messages)
         if cached is None and headroom.lightweight:
             # A hit costs nothing, so the lightweight instruction saves nothing on it: an answer
             # cached under the standard one (before the budget ran low) is served too.
             standard = self._with_instruction(call.messages, lightweight=False)
             if standard != messages:
-                cached = self._cached(call, models[0], standard)
+                cached = self._cached(context, call, models[0], standard)
         if cached is not None:
             outcome = ChatOutcome(
                 content=cached.content,
@@ -107,12 +110,11 @@ class ChatPipeline:
                 outcome.parsed = parse_json_schema_output(cached.content, call.json_schema)
             if on_text is not None:
                 await on_text(cached.content)
-            return await self._finish(call, outcome, started)
+            return await self._finish(context, call, outcome, started)
         last_error: UpstreamError | None = None
         for name in models:
             plan = await self.metering.plan(
-                call.principal,
-                call.session_id,
+                context,
                 messages,
                 route_name=name,
                 max_tokens=call.max_tokens or self.options.max_tokens,
@@ -120,7 +122,7 @@ class ChatPipeline:
                 tools=call.tools,
             )
             try:
-                outcome = await self._answer(call, plan, deadline, on_text)
+                outcome = await self._answer(call, plan, on_text)
             except (StreamBroken, UpstreamRejected):
                 raise  # half an answer is out, or the request itself is wrong: no fallback
             except UpstreamError as error:
@@ -128,8 +130,8 @@ class ChatPipeline:
                 continue
             outcome.lightweight = headroom.lightweight
             outcome.injection = injection
-            self._remember(call, models[0], messages, outcome)
-            return await self._finish(call, outcome, started)
+            self._remember(context, call, models[0], messages, outcome)
+            return await self._finish(context, call, outcome, started)
         assert last_error is not None
         raise last_error
 
@@ -150,9 +152,7 @@ class ChatPipeline:
         call.injection = tuple(found)
         return call.injection
 
-    def _with_instruction(
-        self, messages: list[Message], lightweight: bool
-    ) -> list[Message]:
+    def _with_instruction(self, messages: list[Message], lightweight: bool) -> list[Message]:
         """The caller's own system message is kept; without one, ours leads (the lightweight
         one once the budget runs low)."""
         if any(m["role"] in SYSTEM_ROLES for m in messages):
@@ -188,16 +188,23 @@ class ChatPipeline:
         }
         return qualifier + "\n" + json.dumps(shaping, sort_keys=True, default=str)
 
-    def _cached(self, call: ChatCall, model: str, messages: list[Message]) -> CachedAnswer | None:
+    def _cached(
+        self, context: CallContext, call: ChatCall, model: str, messages: list[Message]
+    ) -> CachedAnswer | None:
         """An answer cached for this very request; one longer than the caller's own max_tokens
         is not it (that caller would have got a cut answer)."""
-        cached = self.cache.get(call.principal.tenant, model, messages, self._cache_qualifier(call))
+        cached = self.cache.get(context, model, messages, self._cache_qualifier(call))
         if cached is not None and call.max_tokens and cached.completion_tokens > call.max_tokens:
             return None
         return cached
 
     def _remember(
-        self, call: ChatCall, model: str, messages: list[Message], outcome: ChatOutcome
+        self,
+        context: CallContext,
+        call: ChatCall,
+        model: str,
+        messages: list[Message],
+        outcome: ChatOutcome,
     ) -> None:
         """Only a complete, safe (and, with a schema, valid) answer is cached."""
         if outcome.blocked or outcome.finish_reason != "stop":
@@ -210,15 +217,13 @@ class ChatPipeline:
             outcome.usage.completion_tokens,
             model_used=outcome.model_used,
         )
-        self.cache.put(call.principal.tenant, model, messages, answer, self._cache_qualifier(call))
+        self.cache.put(context, model, messages, answer, self._cache_qualifier(call))
 
-    async def _answer(
-        self, call: ChatCall, plan: Plan, deadline: Deadline, on_text: OnText | None
-    ) -> ChatOutcome:
+    async def _answer(self, call: ChatCall, plan: Plan, on_text: OnText | None) -> ChatOutcome:
         guard = self._guard(call)
         received: list[str] = []  # what the provider streamed, passed on or held by the guard
         try:
-            result = await self._call(call, plan, plan.messages, deadline, guard, on_text, received)
+            result = await self._call(call, plan, guard, on_text, received)
         except BaseException as error:
             await self._abandon(call, plan, received, error)
             raise
@@ -243,7 +248,7 @@ class ChatPipeline:
         if tool_calls and outcome.finish_reason == "stop":
             outcome.finish_reason = "tool_calls"  # some gateways say stop beside their calls
         if call.json_schema is not None:
-            await self._validate(call, plan, deadline, outcome)
+            await self._validate(call, plan, outcome)
         return outcome
 
     async def _abandon(
@@ -256,9 +261,7 @@ class ChatPipeline:
             await self.metering.release(plan)
             return
         provider = error.upstream if isinstance(error, UpstreamError) else ""
-        await self.metering.settle_partial(
-            plan, "".join(received), surface=call.surface, provider=provider
-        )
+        await self.metering.settle_partial(plan, "".join(received), provider=provider)
 
     def _guard(self, call: ChatCall) -> OutputGuard:
         return OutputGuard(
@@ -272,16 +275,16 @@ class ChatPipeline:
         self,
         call: ChatCall,
         plan: Plan,
-        messages: list[Message],
-        deadline: Deadline,
         guard: OutputGuard,
         on_text: OnText | None,
         received: list[str] | None = None,
     ) -> ChatResult:
-        request = self._request(call, plan.route, messages, plan.max_tokens)
-        router = self.metering.llm.current
+        """The planned call on the router the call started with, within its deadline."""
+        request = self._request(call, plan.route, plan.messages, plan.max_tokens)
+        context = plan.context
+        deadline = context.deadline
         if on_text is None:
-            return await asyncio.wait_for(router.complete(request, deadline), deadline.remaining())
+            return await asyncio.wait_for(context.complete(request), deadline.remaining())
 
         async def forward(delta: str) -> None:
             if received is not None:
@@ -291,7 +294,7 @@ class ChatPipeline:
                 await on_text(text)
 
         return await asyncio.wait_for(
-            router.complete_streamed(request, deadline, self.options.first_token_timeout, forward),
+            context.complete_streamed(request, self.options.first_token_timeout, forward),
             deadline.remaining(),
         )
 
@@ -312,9 +315,7 @@ class ChatPipeline:
         )
 
     async def _settle(self, call: ChatCall, plan: Plan, result: ChatResult) -> ChatOutcome:
-        spent = await self.metering.settle(
-            plan, result, surface=call.surface, latency_ms=result.latency_ms
-        )
+        spent = await self.metering.settle(plan, result, latency_ms=result.latency_ms)
         return ChatOutcome(
             content=result.content,
             model=result.model,
@@ -327,9 +328,7 @@ class ChatPipeline:
             model_used=str(result.trail[-1].model) if result.trail else result.model,
         )
 
-    async def _validate(
-        self, call: ChatCall, plan: Plan, deadline: Deadline, outcome: ChatOutcome
-    ) -> None:
+    async def _validate(self, call: ChatCall, plan: Plan, outcome: ChatOutcome) -> None:
         """Validate against the caller's schema; one repair call (metered like any other)."""
         assert call.json_schema is not None
         try:
@@ -340,8 +339,7 @@ class ChatPipeline:
             repair = repair_messages(plan.messages, invalid, call.json_schema)
         outcome.repaired = True
         again = await self.metering.plan(
-            call.principal,
-            call.session_id,
+            plan.context,
             repair,
             route_name=plan.route,
             max_tokens=plan.max_tokens,
@@ -349,7 +347,7 @@ class ChatPipeline:
         )
         guard = self._guard(call)  # the repaired answer is checked like the first one
         try:
-            result = await self._call(call, again, again.messages, deadline, guard, None)
+            result = await self._call(call, again, guard, None)
         except BaseException as error:
             await self.metering.release(again)
             if isinstance(error, UpstreamError):  # the first answer stands, and it is invalid
@@ -373,7 +371,9 @@ class ChatPipeline:
         outcome.content = checked.text
         outcome.parsed = parse_json_schema_output(outcome.content, call.json_schema)
 
-    async def _finish(self, call: ChatCall, outcome: ChatOutcome, started: float) -> ChatOutcome:
+    async def _finish(
+        self, context: CallContext, call: ChatCall, outcome: ChatOutcome, started: float
+    ) -> ChatOutcome:
         outcome.latency_ms = round((time.perf_counter() - started) * 1000, 1)
         status = "cached" if outcome.cached else ("blocked" if outcome.blocked else "answered")
         TURNS.labels(call.surface, status).inc()
@@ -382,9 +382,7 @@ class ChatPipeline:
         note_outcome("fallback" if blocked else "success", "content_filter" if blocked else "")
         if outcome.cached:
             await self.metering.record_cached(
-                call.principal,
-                call.session_id,
-                surface=call.surface,
+                context,
                 provider=outcome.provider,
                 model=outcome.model,
                 latency_ms=outcome.latency_ms,

@@ -27,7 +27,9 @@ import pytest
 from pydantic import SecretStr
 
 from app.accounting.budget import BudgetExhausted, BudgetService, Grant
+from app.accounting.call_context import CallContext
 from app.accounting.metering import MIN_COMPLETION_TOKENS
+from app.core.deadline import Deadline
 from app.core.principal import Principal
 from app.llm.tokens import estimate_tokens
 from app.prompts.renderer import PromptRenderer
@@ -115,6 +117,13 @@ class Relay:
             {"authorization": f"Bearer {key}"}
         )
         return principal
+
+    def context(self, session: str, key: str = KEY) -> CallContext:
+        """A /chat call's context, as the pipeline builds it at its entry."""
+        context: CallContext = self.services.metering.context(
+            self.principal(key), session, surface="chat", deadline=Deadline.after(30)
+        )
+        return context
 
     async def chat(
         self, session: str, messages: list[dict[str, str]], key: str = KEY, **fields: Any
@@ -268,12 +277,11 @@ async def test_plan_drops_no_more_turns_than_needed(relay: Callable[..., Any]) -
     full, floor, max_tokens = count(messages), count([messages[0], messages[-1]]), 64
     async with relay() as r:
         metering = r.services.metering
-        principal = r.principal()
+        context = r.context("unit")
         plans = 0
         for remaining in range(floor + max_tokens, full + max_tokens + 3, 5):
             plan = await metering.plan(
-                principal,
-                "unit",
+                context,
                 messages,
                 route_name=MODEL,
                 max_tokens=max_tokens,
@@ -296,8 +304,7 @@ async def test_plan_drops_no_more_turns_than_needed(relay: Callable[..., Any]) -
         assert plans > 50
         # One token short of the kept messages plus the answer: the answer is shortened instead.
         plan = await metering.plan(
-            principal,
-            "unit",
+            context,
             messages,
             route_name=MODEL,
             max_tokens=max_tokens,
@@ -711,8 +718,7 @@ async def test_plan_refuses_an_exhausted_session_with_the_store_refusal(
         await r.leave("unit-spent", floor + 15)
         with pytest.raises(BudgetExhausted) as caught:
             await r.services.metering.plan(
-                r.principal(),
-                "unit-spent",
+                r.context("unit-spent"),
                 messages,
                 route_name=MODEL,
                 max_tokens=64,

@@ -14,6 +14,7 @@ from app.core.errors import ConfigError
 from app.core.settings import Settings
 from app.llm.bootstrap import initial_provider_config, provider_config_from_env
 from app.llm.catalog import (
+    ModelSpec,
     ProviderConfigInvalid,
     canonical_json,
     load_provider_file,
@@ -279,6 +280,17 @@ def test_env_settings_serve_the_embedding_models_at_their_price() -> None:
     ]
     none = _settings(llm_gateway_base_url="http://127.0.0.1:1", llm_embedding_models="")
     assert [m.kind for m in provider_config_from_env(none).providers[0].models] == ["chat"]
+
+
+def test_a_model_prices_prompt_and_completion_tokens_per_thousand() -> None:
+    """The one cost formula: the ledger's cost and a call's reservation both come from it."""
+    model = ModelSpec(name="priced", price_per_1k_prompt=1.5, price_per_1k_completion=2.0)
+    assert model.price(2000, 500) == 4.0
+    assert model.price(1000) == 1.5  # an embeddings call has input tokens only
+    assert model.price(1, 1) == 0.0035
+    assert ModelSpec(name="free").price(10_000, 10_000) == 0.0
+    tiny = ModelSpec(name="tiny", price_per_1k_prompt=0.0000001)
+    assert tiny.price(1) == 0.0  # rounded to 8 decimals, as the ledger records it
 
 
 def test_llm_model_cannot_be_an_embedding_model() -> None:

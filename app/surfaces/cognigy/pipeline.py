@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from app.accounting.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
+from app.accounting.call_context import CallContext
 from app.accounting.metering import Metering, Spend
 from app.cache.intent_cache import CachedAnswer
 from app.cache.turn_cache import TurnCache
@@ -74,19 +75,23 @@ class CognigyPipeline:
     async def decide(
         self, trigger: CognigyTrigger, principal: Principal, deadline: Deadline, turn: TurnRecord
     ) -> CognigyResponse:
+        # the router in service now answers the whole turn, whatever is applied meanwhile
+        context = self.metering.context(
+            principal, turn.session_id, surface=SURFACE, deadline=deadline
+        )
         try:
-            await self.metering.limits.admit(principal)  # before anything reaches an upstream
+            await self.metering.admit(principal)  # before anything reaches an upstream
         except RateLimited as limited:
             return self.fallback(trigger, turn, "rate_limited", str(limited))
         last_message = self._sanitise(trigger.last_message, turn)
         history, turn.context = await self._history(trigger, deadline, turn)
         history = self._clean_history(history, trigger.last_message, last_message, turn)
         messages = self._messages(trigger, last_message, history)
-        cached = self.cache.get(principal.tenant, self.options.model, messages)
+        cached = self.cache.get(context, self.options.model, messages)
         if cached is not None:
-            return await self._from_cache(trigger, principal, turn, cached)
+            return await self._from_cache(trigger, context, turn, cached)
         try:
-            return await self._decide(trigger, principal, messages, deadline, turn)
+            return await self._decide(trigger, context, messages, turn)
         except BudgetExhausted as exhausted:
             BUDGET_EXHAUSTED.labels(SURFACE, exhausted.refusal.scope.kind).inc()
             return self.fallback(trigger, turn, "budget_exhausted", str(exhausted))
@@ -102,14 +107,13 @@ class CognigyPipeline:
     async def _decide(
         self,
         trigger: CognigyTrigger,
-        principal: Principal,
+        context: CallContext,
         messages: list[dict[str, str]],
-        deadline: Deadline,
         turn: TurnRecord,
     ) -> CognigyResponse:
-        session = turn.session_id
+        deadline = context.deadline
         try:
-            result = await self._complete(principal, session, messages, deadline, turn)
+            result = await self._complete(context, messages, turn)
         except UpstreamError as error:
             return self.fallback(trigger, turn, _unavailable(error, deadline), str(error))
         try:
@@ -120,7 +124,7 @@ class CognigyPipeline:
             turn.repaired = True
             repair = repair_messages(messages, invalid, RoutingDecision)
             try:
-                result = await self._complete(principal, session, repair, deadline, turn)
+                result = await self._complete(context, repair, turn)
                 decision = parse_output(result.content, RoutingDecision)
             except OutputInvalid as still_invalid:
                 return self.fallback(trigger, turn, "schema_validation_failed", _why(still_invalid))
@@ -133,20 +137,18 @@ class CognigyPipeline:
             turn.usage.prompt_tokens,
             turn.usage.completion_tokens,
         )
-        self.cache.put(principal.tenant, self.options.model, messages, answer)  # validated only
+        self.cache.put(context, self.options.model, messages, answer)  # validated only
         return _response(trigger, turn, "success", decision)
 
     async def _from_cache(
-        self, trigger: CognigyTrigger, principal: Principal, turn: TurnRecord, cached: CachedAnswer
+        self, trigger: CognigyTrigger, context: CallContext, turn: TurnRecord, cached: CachedAnswer
     ) -> CognigyResponse:
         """A decision validated for exactly this input before: no call, no tokens, no cost."""
         turn.cached = True
         turn.provider, turn.model = cached.provider, cached.model
         decision = parse_output(cached.content, RoutingDecision)
         await self.metering.record_cached(
-            principal,
-            turn.session_id,
-            surface=SURFACE,
+            context,
             provider=cached.provider,
             model=cached.model,
             latency_ms=turn.elapsed_ms(),
@@ -238,19 +240,13 @@ class CognigyPipeline:
         ]
 
     async def _complete(
-        self,
-        principal: Principal,
-        session: str,
-        messages: list[dict[str, str]],
-        deadline: Deadline,
-        turn: TurnRecord,
+        self, context: CallContext, messages: list[dict[str, str]], turn: TurnRecord
     ) -> ChatResult:
         """One metered call: reserved before it goes out, settled (and recorded in the ledger)
         after, released when it fails. A budget running low shortens the decision's max_tokens
         (down to what a decision needs at least) before it refuses the call."""
         plan = await self.metering.plan(
-            principal,
-            session,
+            context,
             messages,
             route_name=self.options.model,
             max_tokens=self.options.max_tokens,
@@ -264,11 +260,8 @@ class CognigyPipeline:
             max_tokens=plan.max_tokens,
             json_output=True,
         )
-        result, spent = await self.metering.run(
-            plan,
-            lambda: self.metering.llm.current.complete(request, deadline, turn.trail),
-            surface=SURFACE,
-        )
+        # the trail is the turn's, so the attempts are reported even when the deadline cuts in
+        result, spent = await self.metering.run(plan, lambda: context.complete(request, turn.trail))
         turn.record(result, spent)
         return result
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.accounting.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
+from app.accounting.call_context import CallContext
 from app.accounting.metering import Metering
 from app.cache.intent_cache import CachedAnswer
 from app.cache.turn_cache import TurnCache
@@ -71,6 +72,10 @@ class CXoneBotPipeline:
         deadline: Deadline,
         turn: BotTurn,
     ) -> BotExchangeResponse:
+        # the router in service now answers the whole turn, whatever is applied meanwhile
+        context = self.metering.context(
+            principal, session.session_id, surface=SURFACE, deadline=deadline
+        )
         kind = request.input_type
         text = (request.userInput or "").strip()
         if kind is UserInputType.USER_ENDED_SESSION:
@@ -108,14 +113,13 @@ class CXoneBotPipeline:
             )
         if not text and kind is not UserInputType.AUTOMATED_TEXT:
             return self._no_input(session, turn)
-        return await self._answer(request, session, principal, deadline, turn)
+        return await self._answer(request, session, context, turn)
 
     async def _answer(
         self,
         request: ExternalIntegrationBotExchangeRequest,
         session: BotSession,
-        principal: Principal,
-        deadline: Deadline,
+        context: CallContext,
         turn: BotTurn,
     ) -> BotExchangeResponse:
         greeting = request.input_type is UserInputType.AUTOMATED_TEXT
@@ -128,17 +132,17 @@ class CXoneBotPipeline:
             user_text = stored.text
             _count(turn.redactions, stored.counts, "input")
         try:
-            await self.metering.limits.admit(principal)  # before anything reaches an upstream
+            await self.metering.admit(context.principal)  # before anything reaches an upstream
         except RateLimited as limited:
             return self._handback(session, turn, stored.text, "rate_limited", str(limited))
         if session.is_new and not session.history:
-            await self._seed_history(request, session, deadline, turn)
+            await self._seed_history(request, session, context.deadline, turn)
         messages = self._messages(request, session, user_text, greeting)
-        cached = self.cache.get(principal.tenant, self.options.model, messages)
+        cached = self.cache.get(context, self.options.model, messages)
         if cached is not None:
-            return await self._from_cache(session, principal, turn, stored.text, cached)
+            return await self._from_cache(session, context, turn, stored.text, cached)
         try:
-            result = await self._complete(principal, session, messages, deadline, turn)
+            result = await self._complete(context, messages, turn)
         except BudgetExhausted as exhausted:
             BUDGET_EXHAUSTED.labels(SURFACE, exhausted.refusal.scope.kind).inc()
             return self._handback(session, turn, stored.text, "budget_exhausted", str(exhausted))
@@ -178,7 +182,7 @@ class CXoneBotPipeline:
             turn.usage.prompt_tokens,
             turn.usage.completion_tokens,
         )
-        self.cache.put(principal.tenant, self.options.model, messages, answer)  # safe ones only
+        self.cache.put(context, self.options.model, messages, answer)  # safe ones only
         return self._answered(session, turn, stored.text, redaction.text)
 
     def _answered(
@@ -198,7 +202,7 @@ class CXoneBotPipeline:
     async def _from_cache(
         self,
         session: BotSession,
-        principal: Principal,
+        context: CallContext,
         turn: BotTurn,
         utterance: str,
         cached: CachedAnswer,
@@ -207,9 +211,7 @@ class CXoneBotPipeline:
         turn.cached = True
         turn.provider, turn.model = cached.provider, cached.model
         await self.metering.record_cached(
-            principal,
-            session.session_id,
-            surface=SURFACE,
+            context,
             provider=cached.provider,
             model=cached.model,
             latency_ms=turn.elapsed_ms(),
@@ -329,18 +331,12 @@ class CXoneBotPipeline:
         return checked.text
 
     async def _complete(
-        self,
-        principal: Principal,
-        session: BotSession,
-        messages: list[dict[str, str]],
-        deadline: Deadline,
-        turn: BotTurn,
+        self, context: CallContext, messages: list[dict[str, str]], turn: BotTurn
     ) -> ChatResult:
         """Plan (drop the oldest turns to fit, reserve), stream the answer, settle or release."""
-        headroom = await self.metering.headroom(principal, session.session_id)
+        headroom = await self.metering.headroom(context)
         plan = await self.metering.plan(
-            principal,
-            session.session_id,
+            context,
             messages,
             route_name=self.options.model,
             max_tokens=self.options.max_tokens,
@@ -353,12 +349,9 @@ class CXoneBotPipeline:
             temperature=self.options.temperature,
             max_tokens=plan.max_tokens,
         )
+        first_token_timeout = self.options.first_token_timeout
         result, spent = await self.metering.run(
-            plan,
-            lambda: self.metering.llm.current.complete_streamed(
-                request, deadline, self.options.first_token_timeout
-            ),
-            surface=SURFACE,
+            plan, lambda: context.complete_streamed(request, first_token_timeout)
         )
         turn.result, turn.provider, turn.model = result, result.provider, result.model
         turn.usage, turn.usage_estimated, turn.cost = spent.usage, spent.estimated, spent.cost

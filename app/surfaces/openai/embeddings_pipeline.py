@@ -86,24 +86,22 @@ class EmbeddingsPipeline:
             raise
 
     async def _run(self, call: EmbeddingsCall, started: float) -> EmbeddingsOutcome:
-        await self.metering.limits.admit(call.principal)  # RateLimited: over the key's rpm
+        await self.metering.admit(call.principal)  # RateLimited: over the key's rpm
         deadline = Deadline.after(self.deadline_seconds)
-        router = self.metering.llm.current
-        route = router.route(call.model, "embedding")
+        context = self.metering.context(
+            call.principal, call.session_id, surface=SURFACE, deadline=deadline
+        )
+        route = context.route(call.model, "embedding")
         await ready([route.targets[0].model.name])  # its encoding, loaded by the first call
         tokens = _input_tokens(call.inputs, route)
-        plan = await self.metering.plan_input(
-            call.principal, call.session_id, route_name=call.model, input_tokens=tokens
-        )
+        plan = await self.metering.plan_input(context, route_name=call.model, input_tokens=tokens)
         request = EmbeddingRequest(call.model, call.inputs, call.dimensions, call.encoding_format)
         try:
-            result = await asyncio.wait_for(router.embed(request, deadline), deadline.remaining())
+            result = await asyncio.wait_for(context.embed(request), deadline.remaining())
         except BaseException:
             await self.metering.release(plan)
             raise
-        spent = await self.metering.settle_input(
-            plan, result, surface=SURFACE, latency_ms=result.latency_ms
-        )
+        spent = await self.metering.settle_input(plan, result, latency_ms=result.latency_ms)
         outcome = EmbeddingsOutcome(
             vectors=tuple(in_format(v, call.encoding_format) for v in result.vectors),
             model=result.model,
