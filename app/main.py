@@ -19,9 +19,10 @@ from app import __version__
 from app.accounting.budget import BudgetService
 from app.accounting.ledger import Ledger
 from app.accounting.metering import Metering
-from app.auth.clients import ClientAuthenticator, split_tenant
+from app.auth.clients import ClientAuthenticator
 from app.auth.signatures import ReplayGuard, WebhookAuthenticator
 from app.cache.turn_cache import TurnCache
+from app.core.credentials import split_tenant
 from app.core.settings import (
     DEV_BOT_STATE_SECRET,
     DEV_CLIENT_API_KEY,

@@ -14,10 +14,10 @@ from app.accounting.budget import BudgetPolicy, PeriodLimits
 from app.accounting.inbound_limits import InboundLimiter, Limits
 from app.accounting.ledger import Ledger
 from app.accounting.metering import Metering
-from app.auth.clients import split_tenant
 from app.auth.signatures import AuthorizationAuthenticator
 from app.cache.intent_cache import IntentCache
 from app.cache.turn_cache import TurnCache
+from app.core.credentials import split_tenant
 from app.core.settings import Settings
 from app.llm.router import RouterSlot
 from app.pipelines.chat import ChatPipeline

@@ -19,8 +19,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.accounting.budget import parse_limit_map
-from app.auth.clients import parse_client_key, split_tenant
+from app.core.credentials import parse_client_key, split_tenant
+from app.core.limits import parse_limit_map
 
 AuthScheme = Literal["hmac", "standard_webhooks", "api_key"]
 ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = ("hmac", "standard_webhooks", "api_key")
