@@ -17,7 +17,7 @@ from app.auth.signatures import sign_hmac, sign_standard_webhook
 from app.core.errors import ConfigError
 from app.core.principal import DEFAULT_TENANT, Principal
 from app.core.settings_loading import load_settings
-from tests.helpers import CXONE_WEBHOOK, SECRET, WEBHOOK, trigger
+from tests.helpers import CXONE_WEBHOOK, SECRET, WEBHOOK, parts, trigger
 
 HMAC_ACME = "hmac-secret-acme-5e1f"
 WHSEC_GLOBEX = "whsec_" + base64.b64encode(b"globex-standard-webhooks-key-32b").decode()
@@ -164,7 +164,7 @@ async def test_budgets_and_the_intent_cache_are_per_tenant_for_webhook_turns(
         again = await _cognigy(client, "standard-globex", conversationId="conv-3")
         default = await _cognigy(client, "plain", conversationId="conv-4")
         acme_status = await _status(client, "acme")
-        budget = running.app.state.services.metering.budget
+        budget = parts(running.app).metering.budget
         globex_usage = await budget.session_budget(Principal("globex", "t", "webhook"), "conv-2")
     assert acme["status"] == "budget_exhausted" and "50" in acme["reason"]
     assert acme_status["totals"]["calls"] == 0

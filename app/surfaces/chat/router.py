@@ -16,9 +16,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
+from app.accounting.inbound_limits import InboundLimiter
 from app.core.errors import RateLimited
 from app.core.principal import Principal
-from app.dependencies import Services, ServicesDep
+from app.deps import (
+    CallerTemplatesDep,
+    ChatPipelineDep,
+    LimiterDep,
+    SessionIdsDep,
+    SettingsDep,
+)
 from app.http.body import invalid_body, read_limited_body
 from app.http.caller import CallerDep
 from app.http.chat_errors import describe
@@ -32,8 +39,11 @@ from app.http.openapi import (
     sse_response,
 )
 from app.http.request_metrics import note_failure
+from app.pipelines.chat import ChatPipeline
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.pipelines.text_stream import TextStream
+from app.prompts.caller_templates import CallerTemplates
+from app.safety.session_ids import SessionIds
 from app.surfaces.chat.schemas import ChatBody, ChatReply
 
 router = APIRouter(tags=["chat"])
@@ -72,38 +82,50 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     },
     openapi_extra=json_request_body(ChatBody),
 )
-async def chat(request: Request, principal: CallerDep, services: ServicesDep) -> Any:
-    body = await read_limited_body(request, services.settings.max_body_bytes)
+async def chat(
+    request: Request,
+    principal: CallerDep,
+    settings: SettingsDep,
+    templates: CallerTemplatesDep,
+    session_ids: SessionIdsDep,
+    limits: LimiterDep,
+    pipeline: ChatPipelineDep,
+) -> Any:
+    body = await read_limited_body(request, settings.max_body_bytes)
     try:
         parsed = ChatBody.model_validate_json(body)
     except ValidationError as error:
         raise invalid_body(error) from None
-    call = build_call(parsed, principal, services)
+    call = build_call(parsed, principal, templates, session_ids)
     if parsed.stream:
-        return await _stream(call, services)
+        return await _stream(call, limits, pipeline, settings.debug_failed_output)
     try:
-        outcome = await services.chat.run(call)
+        outcome = await pipeline.run(call)
     except Exception as error:  # the deadline's TimeoutError too: a 504, not a 500
-        return failure_response(error, raw_output=services.settings.debug_failed_output)
+        return failure_response(error, raw_output=settings.debug_failed_output)
     return JSONResponse(
         reply(call, outcome).model_dump(), headers=injection_header(outcome.injection)
     )
 
 
 def build_call(
-    body: ChatBody, principal: Principal, services: Services, surface: str = "chat"
+    body: ChatBody,
+    principal: Principal,
+    templates: CallerTemplates,
+    session_ids: SessionIds,
+    surface: str = "chat",
 ) -> ChatCall:
     messages = [m.model_dump() for m in body.messages]
     if body.template is not None:
         try:
-            text = services.caller_templates.render(body.template, body.variables)
+            text = templates.render(body.template, body.variables)
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
         messages.append({"role": "user", "content": text})
     rf = body.response_format
     return ChatCall(
         principal=principal,
-        session_id=services.session_ids.stored(body.session_id),  # a digest when it is PII
+        session_id=session_ids.stored(body.session_id),  # a digest when it is PII
         messages=messages,
         surface=surface,
         model=body.model,
@@ -174,18 +196,20 @@ def error_frame(error: BaseException) -> dict[str, Any]:
     return {"type": "error", "code": failure.code, "message": failure.message}
 
 
-async def _stream(call: ChatCall, services: Services) -> Any:
+async def _stream(
+    call: ChatCall, limits: InboundLimiter, pipeline: ChatPipeline, raw_output: bool
+) -> Any:
     try:
-        lease = await services.limits.open_stream(call.principal)  # concurrent streams
+        lease = await limits.open_stream(call.principal)  # concurrent streams
     except RateLimited as limited:
         return failure_response(limited)
-    stream: TextStream[ChatOutcome] = TextStream(lambda put: services.chat.run(call, put), lease)
+    stream: TextStream[ChatOutcome] = TextStream(lambda put: pipeline.run(call, put), lease)
     try:
         await stream.start()
     except BaseException as error:
         await stream.close()
         if isinstance(error, Exception):  # refused before any text: a proper status
-            return failure_response(error, raw_output=services.settings.debug_failed_output)
+            return failure_response(error, raw_output=raw_output)
         raise  # cancelled: the client went away
 
     async def events() -> AsyncIterator[str]:
