@@ -2,7 +2,8 @@
 
 Readiness (`/health/ready`) reads local state only (a store ping, circuits, key pools): every
 replica's orchestrator polls it every few seconds, so it must never cost an upstream call. The
-detail (`/health`) probes each provider for real (`health_probes`: cached and single-flight).
+detail (`/health`) probes each provider for real (app.surfaces.health.probes: cached, single
+flight).
 Neither ever names a key or a fingerprint of one: both are served without authentication.
 """
 
