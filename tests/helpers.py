@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from app.auth.signatures import sign_hmac
+from app.bootstrap import Parts
 from app.core.settings import Settings
 from app.observability.logs import JsonFormatter
 from app.observability.metrics import MULTIPROC_ENV
@@ -33,6 +34,13 @@ WEBHOOK = "/webhook/cognigy/fallback"
 CXONE_AUTH = "Bearer cxone-test-token"
 CXONE_WEBHOOK = "/webhook/cxone"
 TEST_BASE_URL = "http://cx-relay.test"  # conftest's app_client
+
+
+def parts(app: Any) -> Parts:
+    """The shared parts a running app built (its lifespan), for a test to read. To replace one,
+    use `app.dependency_overrides` with its app.deps function instead."""
+    built: Parts = app.state.parts
+    return built
 
 
 def trigger(**fields: Any) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from app.auth.clients import TENANT_NAME
+from app.core.credentials import TENANT_NAME
 from app.core.errors import RateLimited
 from app.core.principal import Principal
 from app.store.base import StoreUnavailable

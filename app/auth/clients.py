@@ -1,48 +1,18 @@
 """Who is calling a client route: a client API key (`CLIENT_API_KEYS`: `key:tenant`, or
 `key:tenant:tokens` to give the key its own per-session token budget) or the admin token.
-Keys are held only as SHA-256 digests and compared in constant time.
-
-`split_tenant` is the one reading of `value:tenant` for every credential setting (client keys,
-Cognigy secrets and API keys, CXone Authorization values)."""
+Keys are held only as SHA-256 digests and compared in constant time. The `key:tenant[:tokens]`
+syntax is read by app.core.credentials (settings validate it too)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 from collections.abc import Mapping, Sequence
 
 from app.auth.signatures import fingerprint
+from app.core.credentials import parse_client_key
 from app.core.errors import AuthenticationFailed
 from app.core.principal import DEFAULT_TENANT, Principal
-
-# What may follow a credential's last ':' as its tenant: a letter or digit, then letters, digits,
-# '.', '_' or '-' (64 at most). Never '/', '+', '=' or a space, so the tail of a base64 value or a
-# "Bearer <token>" is not taken for a tenant; a tenant is a metric label, so it stays this plain.
-TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def split_tenant(entry: str) -> tuple[str, str]:
-    """`value:tenant` → (value, tenant). The split is at the LAST ':', and only when what follows
-    is a tenant name (or nothing: `value:` is the default tenant); otherwise the whole entry is
-    the value, of the default tenant. So `whsec_<base64>:acme` and `Bearer abc:acme` name acme,
-    `Basic dXNlcjpwYXNz` names none; a value that itself ends in `:<name>` must carry its tenant
-    explicitly (`a:b:default`)."""
-    value, sep, tenant = entry.rpartition(":")
-    if sep and value and (not tenant or TENANT_NAME.fullmatch(tenant)):
-        return value, tenant or DEFAULT_TENANT
-    return entry, DEFAULT_TENANT
-
-
-def parse_client_key(entry: str) -> tuple[str, str, int | None]:
-    """`key:tenant[:tokens]` → (key, tenant, session tokens or None); a bare key belongs to the
-    default tenant and the default session budget."""
-    tokens: int | None = None
-    head, sep, last = entry.rpartition(":")
-    if sep and head and last.isdigit() and ":" in head:
-        entry, tokens = head, int(last)
-    key, tenant = split_tenant(entry)
-    return key, tenant, tokens
 
 
 class ClientAuthenticator:

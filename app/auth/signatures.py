@@ -5,7 +5,7 @@ a gateway or Cognigy Extension in front can sign with either HMAC scheme. Severa
 active at once so one can be rotated without downtime. Every comparison is constant-time.
 
 Each secret and key may belong to a tenant (given as a `(value, tenant)` pair; the settings'
-`value:tenant` is read by app.auth.clients.split_tenant): the tenant of the credential that
+`value:tenant` is read by app.core.credentials.split_tenant): the tenant of the credential that
 verified becomes the Principal's, so budgets, the ledger and the cache count webhook turns per
 tenant. A bare string is the default tenant's.
 """

@@ -19,8 +19,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.accounting.budget import parse_limit_map
-from app.auth.clients import parse_client_key, split_tenant
+from app.core.credentials import parse_client_key, split_tenant
+from app.core.limits import parse_limit_map
 
 AuthScheme = Literal["hmac", "standard_webhooks", "api_key"]
 ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = ("hmac", "standard_webhooks", "api_key")
@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
     header_read_timeout_seconds: float = Field(10.0, gt=0.0, le=300.0)
     simulate: bool = False
+    # Which upstreams are served by the embedded simulators: set by `serve --simulate`, which
+    # starts them, so /health can say so (not for setting by hand).
+    simulated_upstreams: Annotated[list[Literal["llm", "cxone"]], NoDecode] = Field(
+        default_factory=list
+    )
     # Worker processes (uvicorn workers); over 1, /metrics adds up every worker's collectors
     # through PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory when it is not set).
     workers: int = Field(1, ge=1, le=64)
@@ -271,6 +276,7 @@ class Settings(BaseSettings):
         "cxone_webhook_authorization",
         "unsafe_output_categories",
         "client_api_keys",
+        "simulated_upstreams",
         mode="before",
     )(_split_commas)
 

@@ -13,7 +13,7 @@ from starlette.requests import HTTPConnection
 
 from app.core.errors import AuthenticationFailed
 from app.core.principal import Principal
-from app.dependencies import ServicesDep
+from app.deps import ClientAuthDep
 from app.observability.metrics import AUTH_FAILURES
 
 log = logging.getLogger("cxrelay.clients")
@@ -59,9 +59,9 @@ def bearer_failure(request: Request, secret: str) -> Literal["missing", "invalid
     return "invalid"
 
 
-async def caller(request: Request, services: ServicesDep) -> Principal:
+async def caller(request: Request, client_auth: ClientAuthDep) -> Principal:
     try:
-        return services.client_auth.authenticate(request.headers)
+        return client_auth.authenticate(request.headers)
     except AuthenticationFailed as failure:
         record_auth_failure(
             log, "client authentication failed", request, failure.reason, str(failure)

@@ -28,13 +28,7 @@ import httpx
 
 from app.auth.signatures import fingerprint
 from app.core.errors import ConfigError
-from app.core.settings import Settings
-from app.llm.bootstrap import (
-    base_source,
-    initial_provider_config,
-    router_options,
-    validate_candidate,
-)
+from app.llm.base_config import BaseConfig, validate_candidate
 from app.llm.catalog import (
     Problem,
     ProviderConfig,
@@ -44,7 +38,7 @@ from app.llm.catalog import (
     resolve_key,
 )
 from app.llm.notifications import ChangeNotifier, public_url
-from app.llm.router import LLMRouter, RouterSlot
+from app.llm.router import LLMRouter, RouterOptions, RouterSlot
 from app.llm.routes import build_client
 from app.llm.types import StreamingProviderClient
 from app.store.audit import AuditAction, AuditLog, AuditRecord, AuditResult
@@ -117,17 +111,20 @@ class Provisioner:
         *,
         slot: RouterSlot,
         http: httpx.AsyncClient,
-        settings: Settings,
+        base: BaseConfig,
+        router_options: RouterOptions,
+        notify_urls: list[str],
         audit: AuditLog,
         source: str,
         sha256: str | None = None,
     ) -> None:
         self._slot = slot
         self._http = http
-        self._settings = settings
+        self._base = base
+        self._router_options = router_options
         self._audit = audit
         self._lock = asyncio.Lock()
-        self._notifier = ChangeNotifier(http, settings.admin_notify_urls)
+        self._notifier = ChangeNotifier(http, notify_urls)
         self.source = source  # "applied", "providers_file" or "env"
         self.sha256 = sha256 or payload_sha256(slot.current.config)
 
@@ -137,7 +134,7 @@ class Provisioner:
     # --- validation ------------------------------------------------------------------------------
 
     def validate(self, raw: object) -> list[Problem]:
-        return validate_candidate(raw, self._settings)[1]
+        return validate_candidate(raw, self._base.default_model)[1]
 
     async def dry_run(self, raw: object, actor: str) -> list[Problem]:
         """Validate without changing anything; audited as `validate` (no provider is called)."""
@@ -158,14 +155,14 @@ class Provisioner:
     async def apply(self, raw: object, actor: str) -> ApplyResult:
         attempt = _Attempt("apply", actor, payload_sha256(raw))
         async with self._lock:
-            config, problems = validate_candidate(raw, self._settings)
+            config, problems = validate_candidate(raw, self._base.default_model)
             if config is None or problems or not isinstance(raw, Mapping):
                 return await self._rejected(attempt, "invalid", problems)
             failures, unhealthy = await self._health_check(config, self._slot.current.config)
             if failures:
                 return await self._rejected(attempt, "health_check_failed", failures)
             try:
-                router = LLMRouter(self._http, config, router_options(self._settings))
+                router = LLMRouter(self._http, config, self._router_options)
                 _set_aside(router, unhealthy)
                 await self._audit.save_applied(canonical_json(raw), attempt.digest, actor)
             except Exception as error:
@@ -182,17 +179,17 @@ class Provisioner:
         attempt = _Attempt("revert", actor, "")
         async with self._lock:
             try:
-                config = initial_provider_config(self._settings)
+                config = self._base.load()
             except ConfigError as error:
                 return await self._rejected(attempt, "invalid", _config_error_problems(error))
             attempt = replace(attempt, digest=payload_sha256(config))
             try:
-                router = LLMRouter(self._http, config, router_options(self._settings))
+                router = LLMRouter(self._http, config, self._router_options)
                 await self._audit.clear_applied()
             except Exception as error:
                 return await self._failed(attempt, error)
             self._slot.swap(router)
-            self.source, self.sha256 = base_source(self._settings), attempt.digest
+            self.source, self.sha256 = self._base.source, attempt.digest
             return await self._changed(attempt, config)
 
     async def _rejected(
@@ -347,7 +344,7 @@ class Provisioner:
         return {
             "source": self.source,
             "sha256": self.sha256,
-            "default_model": self._settings.llm_model,
+            "default_model": self._base.default_model,
             "providers": providers,
             "routes": [r.model_dump(mode="json") for r in router.config.routes],
             "limits": limits.model_dump(mode="json", exclude_unset=True)

@@ -19,7 +19,6 @@ from app.accounting.budget import (
     HistoryTooLong,
     PeriodLimits,
     fit_history,
-    parse_limit_map,
     prompt_allowance,
 )
 from app.core.principal import Principal
@@ -237,19 +236,6 @@ async def test_budgets_survive_a_restart_on_the_same_sqlite_file(
 
 
 # --- configuration helpers ------------------------------------------------------------------------
-
-
-def test_parse_limit_map() -> None:
-    assert parse_limit_map("acme=8192, beta=none,, gamma=0") == {
-        "acme": 8192,
-        "beta": None,
-        "gamma": 0,
-    }
-    assert parse_limit_map("") == {}
-    with pytest.raises(ValueError):
-        parse_limit_map("acme")
-    with pytest.raises(ValueError):
-        parse_limit_map("acme=lots")
 
 
 def test_prompt_allowance_takes_the_tighter_of_budget_and_window() -> None:

@@ -35,6 +35,7 @@ from app.llm.tokens import estimate_tokens
 from app.prompts.renderer import PromptRenderer
 from app.simulator.faults import Fault, FaultPlan
 from app.store import ScopeUsage
+from tests.helpers import parts
 from tests.store.test_store import REDIS_URL, redis_prefix
 
 MODEL = "gpt-4o-mini"  # the default LLM_MODEL: an OpenAI model, so counts are exact (o200k_base)
@@ -105,7 +106,7 @@ class Relay:
 
     @property
     def services(self) -> Any:
-        return self.running.app.state.services
+        return parts(self.running.app)
 
     @property
     def budget(self) -> BudgetService:

@@ -15,7 +15,7 @@ from app.simulator.cxone import CXoneSimulatorState
 from app.simulator.faults import Fault, FaultPlan
 from app.store import StoreUnavailable
 from app.surfaces.cxone.bot_state import BotSession, StateCodec
-from tests.helpers import post_turn, trigger
+from tests.helpers import parts, post_turn, trigger
 from tests.surfaces.cxone.test_cxone_webhook import answer, said
 
 DECISION = {
@@ -30,7 +30,7 @@ WEBHOOK_PRINCIPAL = Principal(DEFAULT_TENANT, "test", "webhook")  # sessions are
 
 
 def _services(running: Any) -> Any:
-    return running.app.state.services
+    return parts(running.app)
 
 
 async def _session(running: Any, session_id: str) -> Any:

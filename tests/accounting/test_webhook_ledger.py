@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from app.simulator.faults import Fault, FaultPlan
-from tests.helpers import cxone_turn, post_turn, trigger
+from tests.helpers import cxone_turn, parts, post_turn, trigger
 
 
 def _services(running: Any) -> Any:
-    return running.app.state.services
+    return parts(running.app)
 
 
 async def test_cognigy_and_cxone_turns_are_recorded_and_survive_a_restart(

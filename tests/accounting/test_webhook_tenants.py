@@ -13,12 +13,11 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from app.auth.clients import parse_client_key, split_tenant
 from app.auth.signatures import sign_hmac, sign_standard_webhook
 from app.core.errors import ConfigError
 from app.core.principal import DEFAULT_TENANT, Principal
 from app.core.settings_loading import load_settings
-from tests.helpers import CXONE_WEBHOOK, SECRET, WEBHOOK, trigger
+from tests.helpers import CXONE_WEBHOOK, SECRET, WEBHOOK, parts, trigger
 
 HMAC_ACME = "hmac-secret-acme-5e1f"
 WHSEC_GLOBEX = "whsec_" + base64.b64encode(b"globex-standard-webhooks-key-32b").decode()
@@ -110,36 +109,6 @@ async def _status(client: httpx.AsyncClient, tenant: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("entry", "expected"),
-    [
-        ("secret:acme", ("secret", "acme")),
-        ("secret", ("secret", DEFAULT_TENANT)),
-        ("secret:", ("secret", DEFAULT_TENANT)),
-        (f"{WHSEC_GLOBEX}:globex", (WHSEC_GLOBEX, "globex")),
-        (WHSEC_GLOBEX, (WHSEC_GLOBEX, DEFAULT_TENANT)),
-        ("Bearer abc:acme", ("Bearer abc", "acme")),
-        ("Basic dXNlcjpwYXNz", ("Basic dXNlcjpwYXNz", DEFAULT_TENANT)),
-        ("a:b:c", ("a:b", "c")),  # the LAST ':' splits
-        ("a:b:default", ("a:b", DEFAULT_TENANT)),  # a value with a ':' of its own
-        ("tok:en/+=", ("tok:en/+=", DEFAULT_TENANT)),  # not a tenant name: no split
-        ("tok:two words", ("tok:two words", DEFAULT_TENANT)),
-        (":acme", (":acme", DEFAULT_TENANT)),  # no value before the ':'
-    ],
-)
-def test_value_tenant_splits_at_the_last_colon_before_a_tenant_name(
-    entry: str, expected: tuple[str, str]
-) -> None:
-    assert split_tenant(entry) == expected
-
-
-def test_client_keys_read_the_same_syntax() -> None:
-    assert parse_client_key("ck:acme:500") == ("ck", "acme", 500)
-    assert parse_client_key("ck:acme") == ("ck", "acme", None)
-    assert parse_client_key("ck") == ("ck", DEFAULT_TENANT, None)
-    assert parse_client_key("ck:a/b") == ("ck:a/b", DEFAULT_TENANT, None)
-
-
-@pytest.mark.parametrize(
     ("setting", "value"),
     [
         ("COGNIGY_WEBHOOK_SECRET", "shared-secret:acme,shared-secret:globex"),
@@ -195,7 +164,7 @@ async def test_budgets_and_the_intent_cache_are_per_tenant_for_webhook_turns(
         again = await _cognigy(client, "standard-globex", conversationId="conv-3")
         default = await _cognigy(client, "plain", conversationId="conv-4")
         acme_status = await _status(client, "acme")
-        budget = running.app.state.services.metering.budget
+        budget = parts(running.app).metering.budget
         globex_usage = await budget.session_budget(Principal("globex", "t", "webhook"), "conv-2")
     assert acme["status"] == "budget_exhausted" and "50" in acme["reason"]
     assert acme_status["totals"]["calls"] == 0

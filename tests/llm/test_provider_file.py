@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from app.bootstrap import base_config, provider_config_from_env
 from app.core.errors import ConfigError
 from app.core.settings import Settings
-from app.llm.bootstrap import initial_provider_config, provider_config_from_env
 from app.llm.catalog import (
     ModelSpec,
     ProviderConfigInvalid,
@@ -302,7 +302,7 @@ def test_invalid_providers_file_stops_start_up_naming_it(tmp_path: Path) -> None
     path = tmp_path / "providers.yaml"
     path.write_text((ROOT / "examples/providers.broken.yaml").read_text())
     with pytest.raises(ConfigError) as caught:
-        initial_provider_config(_settings(providers_file=str(path)))
+        base_config(_settings(providers_file=str(path))).load()
     assert "PROVIDERS_FILE" in str(caught.value)
     assert "unknown provider 'azure'" in str(caught.value)
 
@@ -315,14 +315,14 @@ def test_llm_model_must_be_a_route_of_the_file(
     path = tmp_path / "providers.yaml"
     path.write_text((ROOT / "examples/providers.yaml").read_text())
     with pytest.raises(ConfigError, match="LLM_MODEL 'gpt-9'"):
-        initial_provider_config(_settings(providers_file=str(path), llm_model="gpt-9"))
-    assert initial_provider_config(
+        base_config(_settings(providers_file=str(path), llm_model="gpt-9")).load()
+    assert base_config(
         _settings(providers_file=str(path), llm_model="assistant")
-    ).route("assistant")
+    ).load().route("assistant")
     with pytest.raises(ConfigError, match="LLM_MODEL 'text-embedding-3-small' is an embedding"):
-        initial_provider_config(
+        base_config(
             _settings(providers_file=str(path), llm_model="text-embedding-3-small")
-        )
+        ).load()
 
 
 async def test_webhook_runs_on_a_providers_file_route(

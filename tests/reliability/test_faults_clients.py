@@ -34,7 +34,7 @@ from app.core.settings import Settings
 from app.main import create_app
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.server import LoopbackServer
-from tests.helpers import running_service
+from tests.helpers import parts, running_service
 from tests.store.test_store import REDIS_URL, redis_prefix
 
 KEY, OTHER_KEY = "slot-key-one", "slot-key-two"  # two keys of one tenant
@@ -75,7 +75,7 @@ def service(
 async def slots_held(service: Service) -> int:
     """Stream leases the service holds right now, whatever the store (a white-box look that
     backs up what the clients saw)."""
-    counters = service.app.state.services.limits.counters
+    counters = parts(service.app).limits.counters
     if hasattr(counters, "_leases"):
         return sum(len(held) for held in counters._leases.values())
     client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)

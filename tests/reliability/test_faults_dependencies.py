@@ -24,6 +24,7 @@ import redis
 from app.simulator.cxone import CXoneSimulatorState
 from app.simulator.faults import Fault, FaultPlan
 from app.store import RedisStore
+from tests.helpers import parts
 from tests.reliability.conftest import (
     AUTH,
     MetricWatch,
@@ -147,7 +148,7 @@ async def test_redis_restarted_mid_load_degrades_then_recovers_without_a_restart
     settings = {"store_backend": "redis", "redis_url": redis_server.url}
     running = relay(**settings, ledger_batch_interval_ms=20)
     async with running as client:
-        ledger = running.app.state.services.ledger
+        ledger = parts(running.app).ledger
         surfaces = ("cognigy", "cxone", "chat")
 
         async def everywhere(n: int, *also: str) -> list[Turn]:

@@ -18,6 +18,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from starlette.testclient import TestClient
 
+from app.bootstrap import session_id_key
 from app.core.settings import DEV_BOT_STATE_SECRET as DEV_STATE
 from app.core.settings import Settings
 from app.main import create_app
@@ -25,8 +26,7 @@ from app.safety.rules import SafetyRules
 from app.safety.session_ids import SessionIds
 from app.store import NO_SESSION
 from app.surfaces.openai.messages import valid_session_id
-from app.wiring import session_id_key
-from tests.helpers import SECRET, TEST_BASE_URL, WEBHOOK, Captured, signed, trigger
+from tests.helpers import SECRET, TEST_BASE_URL, WEBHOOK, Captured, parts, signed, trigger
 
 KEY = "ck-session-ids-7d41"
 CLIENT = {"Authorization": f"Bearer {KEY}"}
@@ -107,7 +107,7 @@ def test_personal_session_ids_never_reach_logs_ledger_or_budget(
     )
     budget_reads: list[Any] = []
     with TestClient(create_app(settings), base_url=TEST_BASE_URL) as tc:
-        stored = tc.app.state.services.session_ids.stored  # type: ignore[attr-defined]
+        stored = parts(tc.app).session_ids.stored
         client = openai.OpenAI(
             base_url=f"{TEST_BASE_URL}/v1", api_key=KEY, http_client=tc, max_retries=0
         )

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.bootstrap import http_client_options
 from app.upstream.http_client import build_http_client
 
 
@@ -23,7 +24,7 @@ def _dead_port() -> int:
 async def test_a_refused_connection_is_a_connect_error_not_a_timeout(
     make_settings: Any, transport: str
 ) -> None:
-    client = build_http_client(make_settings(http_transport=transport))
+    client = build_http_client(http_client_options(make_settings(http_transport=transport)))
     try:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"http://127.0.0.1:{_dead_port()}/v1/models")
@@ -41,7 +42,7 @@ async def test_a_server_that_hangs_up_is_a_transport_error_not_a_timeout(
 
     server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = build_http_client(make_settings(http_transport=transport))
+    client = build_http_client(http_client_options(make_settings(http_transport=transport)))
     try:
         with pytest.raises(httpx.TransportError) as caught:
             await client.get(f"http://127.0.0.1:{port}/v1/models")
@@ -55,7 +56,7 @@ async def test_a_server_that_hangs_up_is_a_transport_error_not_a_timeout(
 async def test_answers_come_back_through_the_aiohttp_transport(
     llm_server: Any, make_settings: Any
 ) -> None:
-    client = build_http_client(make_settings(http_transport="aiohttp"))
+    client = build_http_client(http_client_options(make_settings(http_transport="aiohttp")))
     try:
         response = await client.get(
             f"{llm_server.url}/v1/models", headers={"Authorization": "Bearer sk-test-provider-key"}

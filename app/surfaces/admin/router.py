@@ -14,12 +14,12 @@ from fastapi.responses import JSONResponse
 
 from app.auth.signatures import fingerprint
 from app.core.principal import DEFAULT_TENANT, Principal
-from app.dependencies import ServicesDep
+from app.deps import AuditLogDep, ProvisionerDep, SettingsDep
 from app.http.body import read_limited_body
 from app.http.caller import bearer_failure, record_auth_failure
 from app.http.openapi import HTTPError, error_response
 from app.llm.catalog import Problem, ProviderConfigInvalid, parse_provider_text
-from app.llm.provisioning import ApplyResult
+from app.llm.provisioning import ApplyResult, Provisioner
 from app.store.audit import AuditAction
 from app.surfaces.admin.schemas import (
     ApplyResponse,
@@ -72,9 +72,9 @@ def _unauthorized(request: Request, reason: str, message: str) -> HTTPException:
     return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-async def require_admin(request: Request, services: ServicesDep) -> Admin:
+async def require_admin(request: Request, settings: SettingsDep) -> Admin:
     """Authorization: Bearer <ADMIN_TOKEN> (bearer_failure: constant time over digests)."""
-    token = services.settings.admin_token
+    token = settings.admin_token
     secret = token.get_secret_value() if token is not None else ""
     if not secret:
         raise _unauthorized(
@@ -149,10 +149,10 @@ def _problems(status: int, detail: str, problems: list[Problem]) -> JSONResponse
 
 
 async def _unparsable(
-    services: ServicesDep, admin: Admin, action: AuditAction, error: _Unparsable
+    provisioner: Provisioner, admin: Admin, action: AuditAction, error: _Unparsable
 ) -> JSONResponse:
     """Refused before validation, but still an attempt: audited as `invalid`."""
-    await services.provisioner.record_unparsable(action, admin.actor, error.body, error.problems)
+    await provisioner.record_unparsable(action, admin.actor, error.body, error.problems)
     return _problems(422, "the body is not valid JSON or YAML", error.problems)
 
 
@@ -176,8 +176,8 @@ def _outcome(result: ApplyResult, invalid: str) -> ApplyResponse | JSONResponse:
 
 
 @router.get("/providers", response_model=ProvidersResponse)
-async def providers(services: ServicesDep) -> dict[str, Any]:
-    return services.provisioner.describe()
+async def providers(provisioner: ProvisionerDep) -> dict[str, Any]:
+    return provisioner.describe()
 
 
 @router.post(
@@ -187,14 +187,14 @@ async def providers(services: ServicesDep) -> dict[str, Any]:
     openapi_extra=_provider_file_body({}),  # any document: the answer lists its problems
 )
 async def validate(
-    request: Request, services: ServicesDep, admin: AdminDep
+    request: Request, settings: SettingsDep, provisioner: ProvisionerDep, admin: AdminDep
 ) -> ValidateResponse | JSONResponse:
     """Dry run: every problem of the candidate, nothing changes, no provider is called."""
     try:
-        raw = await _candidate(request, services.settings.max_body_bytes)
+        raw = await _candidate(request, settings.max_body_bytes)
     except _Unparsable as error:
-        return await _unparsable(services, admin, "validate", error)
-    problems = await services.provisioner.dry_run(raw, admin.actor)
+        return await _unparsable(provisioner, admin, "validate", error)
+    problems = await provisioner.dry_run(raw, admin.actor)
     return ValidateResponse(valid=not problems, problems=[ProblemOut.of(p) for p in problems])
 
 
@@ -205,31 +205,31 @@ async def validate(
     openapi_extra=_provider_file_body({"type": "object"}),
 )
 async def apply(
-    request: Request, services: ServicesDep, admin: AdminDep
+    request: Request, settings: SettingsDep, provisioner: ProvisionerDep, admin: AdminDep
 ) -> ApplyResponse | JSONResponse:
     try:
-        raw = await _candidate(request, services.settings.max_body_bytes)
+        raw = await _candidate(request, settings.max_body_bytes)
     except _Unparsable as error:
-        return await _unparsable(services, admin, "apply", error)
-    result = await services.provisioner.apply(raw, admin.actor)
+        return await _unparsable(provisioner, admin, "apply", error)
+    result = await provisioner.apply(raw, admin.actor)
     return _outcome(result, "the provider configuration is invalid; nothing changed")
 
 
 @router.delete("/config/applied", response_model=ApplyResponse, responses=_REVERT_RESPONSES)
-async def revert(services: ServicesDep, admin: AdminDep) -> ApplyResponse | JSONResponse:
+async def revert(provisioner: ProvisionerDep, admin: AdminDep) -> ApplyResponse | JSONResponse:
     """Back to PROVIDERS_FILE (or the LLM_GATEWAY_* provider), forgetting the applied one."""
-    result = await services.provisioner.revert(admin.actor)
+    result = await provisioner.revert(admin.actor)
     return _outcome(result, "the configuration to revert to is invalid; nothing changed")
 
 
 @router.get("/audit", response_model=AuditPage)
 async def audit(
-    services: ServicesDep,
+    audit_log: AuditLogDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=SQLITE_MAX_INT)] = 0,
 ) -> AuditPage:
-    records = await services.audit.list(limit, offset)
+    records = await audit_log.list(limit, offset)
     return AuditPage(
         records=[AuditRecordOut.model_validate(r.as_dict()) for r in records],
-        total=await services.audit.count(),
+        total=await audit_log.count(),
     )

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query
 
 from app.core.principal import Principal
-from app.dependencies import ServicesDep
+from app.deps import LedgerDep, SessionIdsDep
 from app.http.caller import CallerDep
 from app.http.openapi import HTTPError, error_response
 
@@ -38,10 +38,10 @@ def tenant_of(principal: Principal, requested: str | None) -> str:
 
 @router.get("/status", responses={403: FOREIGN_TENANT})
 async def status(
-    principal: CallerDep, services: ServicesDep, tenant: str | None = None
+    principal: CallerDep, ledger: LedgerDep, tenant: str | None = None
 ) -> dict[str, Any]:
     """The tenant's totals, per-session costs and active sessions."""
-    report = await services.ledger.tenant_status(tenant_of(principal, tenant))
+    report = await ledger.tenant_status(tenant_of(principal, tenant))
     body = report.as_dict()
     body["total_cost"] = report.totals.cost
     body["session_costs"] = {s.session_id: s.totals.cost for s in report.sessions}
@@ -56,10 +56,14 @@ async def status(
     },
 )
 async def session(
-    session_id: str, principal: CallerDep, services: ServicesDep, tenant: str | None = None
+    session_id: str,
+    principal: CallerDep,
+    ledger: LedgerDep,
+    session_ids: SessionIdsDep,
+    tenant: str | None = None,
 ) -> dict[str, Any]:
-    stored = services.session_ids.stored(session_id)
-    summary = await services.ledger.session_summary(tenant_of(principal, tenant), stored)
+    stored = session_ids.stored(session_id)
+    summary = await ledger.session_summary(tenant_of(principal, tenant), stored)
     if summary is None:
         raise HTTPException(404, f"no session {stored!r} for this tenant")
     return summary.as_dict()
@@ -71,7 +75,8 @@ async def session(
 )
 async def usage(
     principal: CallerDep,
-    services: ServicesDep,
+    ledger: LedgerDep,
+    session_ids: SessionIdsDep,
     tenant: str | None = None,
     session: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -79,9 +84,9 @@ async def usage(
 ) -> dict[str, Any]:
     """Usage records newest first; pass `next_cursor` back as `cursor` for the next page."""
     try:
-        page = await services.ledger.list_usage(
+        page = await ledger.list_usage(
             tenant_of(principal, tenant),
-            services.session_ids.stored(session) if session else None,  # blank: every session
+            session_ids.stored(session) if session else None,  # blank: every session
             limit=limit,
             cursor=cursor,
         )

@@ -8,25 +8,30 @@ from typing import Any
 from fastapi import HTTPException
 
 from app.core.principal import Principal
-from app.dependencies import Services
 from app.pipelines.chat_call import ChatCall, ChatOutcome
+from app.prompts.caller_templates import CallerTemplates
+from app.safety.session_ids import SessionIds
 from app.surfaces.chat.schemas import ChatBody, ChatReply
 
 
 def build_call(
-    body: ChatBody, principal: Principal, services: Services, surface: str = "chat"
+    body: ChatBody,
+    principal: Principal,
+    templates: CallerTemplates,
+    session_ids: SessionIds,
+    surface: str = "chat",
 ) -> ChatCall:
     messages = [m.model_dump() for m in body.messages]
     if body.template is not None:
         try:
-            text = services.caller_templates.render(body.template, body.variables)
+            text = templates.render(body.template, body.variables)
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
         messages.append({"role": "user", "content": text})
     rf = body.response_format
     return ChatCall(
         principal=principal,
-        session_id=services.session_ids.stored(body.session_id),  # a digest when it is PII
+        session_id=session_ids.stored(body.session_id),  # a digest when it is PII
         messages=messages,
         surface=surface,
         model=body.model,

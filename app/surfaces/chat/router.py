@@ -14,7 +14,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app.dependencies import Services, ServicesDep
+from app.accounting.inbound_limits import InboundLimiter
+from app.deps import (
+    CallerTemplatesDep,
+    ChatPipelineDep,
+    LimiterDep,
+    SessionIdsDep,
+    SettingsDep,
+)
 from app.http.body import invalid_body, read_limited_body
 from app.http.caller import CallerDep
 from app.http.chat_errors import error_frame, failure_response
@@ -29,6 +36,7 @@ from app.http.openapi import (
 )
 from app.http.request_metrics import note_failure
 from app.http.sse import event_stream, injection_header, sse
+from app.pipelines.chat import ChatPipeline
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.pipelines.failures import describe
 from app.pipelines.text_stream import TextStream, leased_stream
@@ -69,31 +77,41 @@ router = APIRouter(tags=["chat"])
     },
     openapi_extra=json_request_body(ChatBody),
 )
-async def chat(request: Request, principal: CallerDep, services: ServicesDep) -> Any:
-    body = await read_limited_body(request, services.settings.max_body_bytes)
+async def chat(
+    request: Request,
+    principal: CallerDep,
+    settings: SettingsDep,
+    templates: CallerTemplatesDep,
+    session_ids: SessionIdsDep,
+    limits: LimiterDep,
+    pipeline: ChatPipelineDep,
+) -> Any:
+    body = await read_limited_body(request, settings.max_body_bytes)
     try:
         parsed = ChatBody.model_validate_json(body)
     except ValidationError as error:
         raise invalid_body(error) from None
-    call = build_call(parsed, principal, services)
+    call = build_call(parsed, principal, templates, session_ids)
     if parsed.stream:
-        return await _stream(call, services)
+        return await _stream(call, limits, pipeline, settings.debug_failed_output)
     try:
-        outcome = await services.chat.run(call)
+        outcome = await pipeline.run(call)
     except Exception as error:  # the deadline's TimeoutError too: a 504, not a 500
-        return failure_response(error, raw_output=services.settings.debug_failed_output)
+        return failure_response(error, raw_output=settings.debug_failed_output)
     return JSONResponse(
         reply(call, outcome).model_dump(), headers=injection_header(outcome.injection)
     )
 
 
-async def _stream(call: ChatCall, services: Services) -> Any:
+async def _stream(
+    call: ChatCall, limits: InboundLimiter, pipeline: ChatPipeline, raw_output: bool
+) -> Any:
     try:
         stream: TextStream[ChatOutcome] = await leased_stream(
-            services.limits, call.principal, lambda put: services.chat.run(call, put)
+            limits, call.principal, lambda put: pipeline.run(call, put)
         )
     except Exception as error:  # no stream slot, or refused before any text: a proper status
-        return failure_response(error, raw_output=services.settings.debug_failed_output)
+        return failure_response(error, raw_output=raw_output)
 
     async def events() -> AsyncIterator[str]:
         try:

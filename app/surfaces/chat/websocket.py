@@ -53,18 +53,30 @@ from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.types import Message
 
+from app.accounting.inbound_limits import InboundLimiter
+from app.auth.clients import ClientAuthenticator
 from app.core.errors import AuthenticationFailed, RateLimited
 from app.core.principal import Principal
-from app.dependencies import Services
+from app.deps import (
+    CallerTemplatesDep,
+    ChatPipelineDep,
+    ClientAuthDep,
+    LimiterDep,
+    SessionIdsDep,
+    SettingsDep,
+)
 from app.http.caller import record_auth_failure
 from app.http.chat_errors import INTERNAL_ERROR_FRAME, failure_frame
 from app.http.request_ids import new_request_id
 from app.http.request_metrics import count_failure, note_failure
 from app.observability.logs import request_id_var
 from app.observability.request_tally import count_status, counted
+from app.pipelines.chat import ChatPipeline
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.pipelines.failures import describe
 from app.pipelines.text_stream import TextStream, stream_slot
+from app.prompts.caller_templates import CallerTemplates
+from app.safety.session_ids import SessionIds
 from app.surfaces.chat.calls import build_call, complete_frame
 from app.surfaces.chat.schemas import ChatBody
 
@@ -159,10 +171,26 @@ def has_header_credential(headers: Mapping[str, str]) -> bool:
 
 
 @router.websocket("/ws/chat")
-async def ws_chat(websocket: WebSocket) -> None:
-    services: Services = websocket.app.state.services
+async def ws_chat(
+    websocket: WebSocket,
+    settings: SettingsDep,
+    client_auth: ClientAuthDep,
+    limits: LimiterDep,
+    pipeline: ChatPipelineDep,
+    templates: CallerTemplatesDep,
+    session_ids: SessionIdsDep,
+) -> None:
     await websocket.accept()
-    connection = Connection(websocket, services)
+    connection = Connection(
+        websocket,
+        client_auth=client_auth,
+        limits=limits,
+        pipeline=pipeline,
+        templates=templates,
+        session_ids=session_ids,
+        max_frame_bytes=settings.max_body_bytes,
+        idle_seconds=settings.ws_idle_timeout_seconds,
+    )
     with contextlib.suppress(WebSocketDisconnect):
         try:
             if await connection.authenticate():
@@ -179,10 +207,26 @@ async def ws_chat(websocket: WebSocket) -> None:
 class Connection:
     """One socket: authenticate it, then answer its requests in turn."""
 
-    def __init__(self, websocket: WebSocket, services: Services) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        *,
+        client_auth: ClientAuthenticator,
+        limits: InboundLimiter,
+        pipeline: ChatPipeline,
+        templates: CallerTemplates,
+        session_ids: SessionIds,
+        max_frame_bytes: int,
+        idle_seconds: float,
+    ) -> None:
         self.websocket = websocket
-        self.services = services
-        self.limit = services.settings.max_body_bytes
+        self.client_auth = client_auth
+        self.limits = limits
+        self.pipeline = pipeline
+        self.templates = templates
+        self.session_ids = session_ids
+        self.limit = max_frame_bytes
+        self.idle_seconds = idle_seconds
         self.principal: Principal | None = None
         self._send_lock = asyncio.Lock()
         # the socket's id (from the handshake); each request frame gets `<this>.<n>`, so one
@@ -207,7 +251,7 @@ class Connection:
         """From the handshake headers, else from a first `auth` frame; False once closed."""
         reason = "missing"  # no auth frame in time, or a first frame that is not one
         try:
-            self.principal = self.services.client_auth.authenticate(await self._credential())
+            self.principal = self.client_auth.authenticate(await self._credential())
             return True
         except AuthenticationFailed as failure:
             reason = failure.reason
@@ -233,7 +277,7 @@ class Connection:
         assert self.principal is not None
         async with contextlib.AsyncExitStack() as held:
             try:
-                await held.enter_async_context(stream_slot(self.services.limits, self.principal))
+                await held.enter_async_context(stream_slot(self.limits, self.principal))
             except RateLimited as limited:
                 failure = describe(limited)
                 count_failure(SURFACE, failure)
@@ -267,7 +311,7 @@ class Connection:
         """Read, answer, repeat, until the client leaves, a frame closes the socket, or no request
         comes within the idle timeout (the clock restarts when an answer ends)."""
         assert self.principal is not None
-        idle = self.services.settings.ws_idle_timeout_seconds
+        idle = self.idle_seconds
         loop = asyncio.get_running_loop()
         deadline = loop.time() + idle
         message: Message | None = None  # a request that arrived as the last answer ended
@@ -289,7 +333,7 @@ class Connection:
             request_id_var.set(f"{self.request_id}.{self.frames}")  # the middleware resets it
             try:
                 body = parse_request(read_frame(received, self.limit))
-                call = build_call(body, self.principal, self.services, SURFACE)
+                call = build_call(body, self.principal, self.templates, self.session_ids, SURFACE)
             except FrameRefused as refused:
                 await self.refuse(refused)
                 if refused.close is not None:
@@ -308,7 +352,7 @@ class Connection:
         the answer's last frame was out (the next request), or None. The call is cancelled
         whenever it is left unfinished."""
         stream: TextStream[ChatOutcome] = TextStream(
-            lambda put: self.services.chat.run(call, None if whole else put)
+            lambda put: self.pipeline.run(call, None if whole else put)
         )
         self._answering = True
         pump = asyncio.create_task(self._pump(call, stream, whole))

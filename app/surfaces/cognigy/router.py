@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from app.core.deadline import Deadline
 from app.core.errors import AuthenticationFailed
-from app.dependencies import ServicesDep
+from app.deps import CognigyPipelineDep, SessionIdsDep, SettingsDep, WebhookAuthDep
 from app.http.body import invalid_body, read_limited_body
 from app.http.caller import record_auth_failure
 from app.http.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
@@ -37,11 +37,16 @@ log = logging.getLogger("cxrelay.cognigy")
     },
     openapi_extra=json_request_body(CognigyTrigger),
 )
-async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyResponse:
-    settings = services.settings
+async def cognigy_fallback(
+    request: Request,
+    settings: SettingsDep,
+    webhook_auth: WebhookAuthDep,
+    session_ids: SessionIdsDep,
+    pipeline: CognigyPipelineDep,
+) -> CognigyResponse:
     body = await read_limited_body(request, settings.max_body_bytes)
     try:
-        principal = services.webhook_auth.authenticate(request.headers, body)
+        principal = webhook_auth.authenticate(request.headers, body)
     except AuthenticationFailed as failure:
         record_auth_failure(
             log, "webhook authentication failed", request, failure.reason, str(failure)
@@ -62,15 +67,15 @@ async def cognigy_fallback(request: Request, services: ServicesDep) -> CognigyRe
     deadline = Deadline.after(settings.cognigy_deadline_seconds)
     # the conversation id as stored and logged: a digest when it holds personal data
     turn = TurnRecord.start(
-        request_id_var.get(), services.session_ids.stored(trigger.conversation_id)
+        request_id_var.get(), session_ids.stored(trigger.conversation_id)
     )
     try:
         response = await asyncio.wait_for(
-            services.cognigy.decide(trigger, principal, deadline, turn),
+            pipeline.decide(trigger, principal, deadline, turn),
             timeout=deadline.remaining(),
         )
     except asyncio.TimeoutError:
-        response = services.cognigy.fallback(
+        response = pipeline.fallback(
             trigger,
             turn,
             "deadline_exceeded",

@@ -16,7 +16,7 @@ from app.auth.signatures import AuthorizationAuthenticator
 from app.core.deadline import Deadline
 from app.core.errors import AuthenticationFailed
 from app.core.principal import DEFAULT_TENANT, Principal
-from app.dependencies import ServicesDep
+from app.deps import CXoneAuthorizationsDep, CXoneBotPipelineDep, SettingsDep
 from app.http.body import invalid_body, read_limited_body
 from app.http.caller import record_auth_failure
 from app.http.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
@@ -76,11 +76,13 @@ def _principal(
     },
     openapi_extra=json_request_body(ExternalIntegrationBotExchangeRequest),
 )
-async def cxone_exchange(request: Request, services: ServicesDep) -> JSONResponse:
-    settings = services.settings
-    principal = _principal(
-        request, services.cxone_authorizations, settings.allow_unauthenticated_webhooks
-    )
+async def cxone_exchange(
+    request: Request,
+    settings: SettingsDep,
+    authorizations: CXoneAuthorizationsDep,
+    pipeline: CXoneBotPipelineDep,
+) -> JSONResponse:
+    principal = _principal(request, authorizations, settings.allow_unauthenticated_webhooks)
     if not _is_json(request.headers.get("content-type", "")):
         raise HTTPException(
             415, "send the exchange as application/json, text/json or application/*+json"
@@ -91,7 +93,6 @@ async def cxone_exchange(request: Request, services: ServicesDep) -> JSONRespons
     except ValidationError as error:
         raise invalid_body(error) from None
 
-    pipeline = services.cxone_bot
     session = pipeline.codec.decode(exchange.botSessionState)
     if session.rejected not in ("", "missing"):
         BOT_STATE_REJECTED.labels(session.rejected).inc()

@@ -2,7 +2,8 @@
 
 Readiness (`/health/ready`) reads local state only (a store ping, circuits, key pools): every
 replica's orchestrator polls it every few seconds, so it must never cost an upstream call. The
-detail (`/health`) probes each provider for real (`health_probes`: cached and single-flight).
+detail (`/health`) probes each provider for real (app.surfaces.health.probes: cached, single
+flight).
 Neither ever names a key or a fingerprint of one: both are served without authentication.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,7 +20,6 @@ import httpx
 
 from app import __version__
 from app.core.errors import UnknownModel
-from app.core.settings import Settings
 from app.llm.router import LLMRouter
 from app.llm.routes import ProviderRuntime, Route
 from app.llm.wire import shown_url
@@ -28,6 +30,20 @@ from app.surfaces.health.probes import Probe, ProviderProbes
 TEMPERATURE_BOUNDS = {"openai": (0.0, 2.0), "anthropic": (0.0, 1.0)}
 MIN_KEY_LENGTH = 8
 NO_USABLE_ROUTE = "no route has a provider with its circuit not open and a key not set aside"
+
+
+@dataclass(frozen=True)
+class HealthOptions:
+    """What the checks hold the configuration in service against (the settings every provider
+    must accommodate), and which upstreams the serving command simulates (data, not an import
+    of the simulator)."""
+
+    default_model: str  # LLM_MODEL
+    store_backend: str
+    store_timeout_seconds: float
+    max_tokens: int  # LLM_MAX_TOKENS
+    temperatures: Mapping[str, float] = field(default_factory=dict)  # setting name -> value
+    simulated: tuple[str, ...] = ()
 
 
 def provider_usable(runtime: ProviderRuntime) -> bool:
@@ -68,11 +84,11 @@ async def check_store(store: Store, backend: str, timeout: float) -> dict[str, A
     return {"ok": True, "backend": backend, "latency_ms": _ms(started)}
 
 
-def check_config(router: LLMRouter, settings: Settings, source: str) -> dict[str, Any]:
+def check_config(router: LLMRouter, default_model: str, source: str) -> dict[str, Any]:
     """The configuration validated at start-up (and on every apply); LLM_MODEL must resolve."""
-    check: dict[str, Any] = {"ok": True, "source": source, "default_model": settings.llm_model}
+    check: dict[str, Any] = {"ok": True, "source": source, "default_model": default_model}
     try:
-        router.route(settings.llm_model)
+        router.route(default_model)
     except UnknownModel as exc:
         check.update(ok=False, error=str(exc))
     return check
@@ -104,14 +120,12 @@ def check_providers(router: LLMRouter) -> dict[str, Any]:
 
 
 async def readiness(
-    router: LLMRouter, store: Store, settings: Settings, source: str
+    router: LLMRouter, store: Store, options: HealthOptions, source: str
 ) -> tuple[bool, dict[str, Any]]:
     """(ready, body): ready when every check passes; otherwise the body names each failing one."""
     checks = {
-        "config": check_config(router, settings, source),
-        "store": await check_store(
-            store, settings.store_backend, settings.health_store_timeout_seconds
-        ),
+        "config": check_config(router, options.default_model, source),
+        "store": await check_store(store, options.store_backend, options.store_timeout_seconds),
         "providers": check_providers(router),
     }
     failing = [name for name, check in checks.items() if not check["ok"]]
@@ -125,17 +139,14 @@ def provider_report(
     probe: Probe,
     routes: dict[str, Route],
     usable: dict[str, bool],
-    settings: Settings,
+    options: HealthOptions,
 ) -> tuple[dict[str, Any], list[str]]:
     """One provider's detail and the warnings it raises (no key material, only counts)."""
     spec, name = runtime.spec, runtime.spec.name
     usable_now = provider_usable(runtime) and probe.reachable
     warnings: list[str] = []
     low, high = TEMPERATURE_BOUNDS[spec.kind]
-    temperatures = {
-        "LLM_TEMPERATURE": settings.llm_temperature,
-        "ROUTING_TEMPERATURE": settings.routing_temperature,
-    }
+    temperatures = dict(options.temperatures)
     for route in routes.values():
         if route.temperature is not None and any(t.provider is runtime for t in route.targets):
             temperatures[f"route {route.name!r} temperature"] = route.temperature
@@ -145,10 +156,10 @@ def provider_report(
     models = []
     for model in spec.models:
         # an embedding model answers no text: LLM_MAX_TOKENS is not asked of it
-        max_tokens_ok = model.kind != "chat" or settings.llm_max_tokens <= model.max_tokens
+        max_tokens_ok = model.kind != "chat" or options.max_tokens <= model.max_tokens
         if not max_tokens_ok:
             warnings.append(
-                f"{name}/{model.name}: LLM_MAX_TOKENS {settings.llm_max_tokens} is above the "
+                f"{name}/{model.name}: LLM_MAX_TOKENS {options.max_tokens} is above the "
                 f"model's max_tokens {model.max_tokens} (answers are capped at it)"
             )
         referencing = {
@@ -209,19 +220,18 @@ def provider_report(
 async def health_report(
     router: LLMRouter,
     store: Store,
-    settings: Settings,
+    options: HealthOptions,
     source: str,
     http: httpx.AsyncClient,
     probes: ProviderProbes,
-    simulated: dict[str, bool],
 ) -> dict[str, Any]:
     """The operator's view: `healthy`, `degraded` (something is wrong but a route works) or
     `unhealthy` (the store is down or no route can answer), with the detail that says why."""
     probe_round, store_check = await asyncio.gather(
         probes.results(router, http),
-        check_store(store, settings.store_backend, settings.health_store_timeout_seconds),
+        check_store(store, options.store_backend, options.store_timeout_seconds),
     )
-    config = check_config(router, settings, source)
+    config = check_config(router, options.default_model, source)
     routes = addressable_routes(router)
     live = {
         name: provider_usable(runtime) and probe_round.results[name].reachable
@@ -231,9 +241,9 @@ async def health_report(
         name: any(live[t.provider.spec.name] for t in route.targets)
         for name, route in routes.items()
     }
-    on = [name for name, flag in simulated.items() if flag]
     warnings = [
-        f"the {name} upstream is SIMULATED: answers are not from a real service" for name in on
+        f"the {name} upstream is SIMULATED: answers are not from a real service"
+        for name in options.simulated
     ]
     if not store_check["ok"]:
         warnings.append(f"store unavailable: {store_check['error']}")
@@ -245,13 +255,13 @@ async def health_report(
     providers: dict[str, Any] = {}
     for name, runtime in router.providers.items():
         detail, found = provider_report(
-            runtime, probe_round.results[name], routes, usable, settings
+            runtime, probe_round.results[name], routes, usable, options
         )
         providers[name], warnings = detail, warnings + found
     return {
         "status": _status(store_check["ok"] and config["ok"], usable, providers),
         "version": __version__,
-        "simulated": {name: True for name in on},
+        "simulated": {name: True for name in options.simulated},
         "warnings": warnings,
         "store": store_check,
         "config_checks": config_checks(config, providers),

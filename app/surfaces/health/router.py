@@ -3,28 +3,22 @@ takes the replica out of rotation while it cannot serve; `/health` is the operat
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.dependencies import ServicesDep
-from app.surfaces.health.probes import ProviderProbes
+from app.deps import (
+    HealthOptionsDep,
+    HttpClientDep,
+    ProbesDep,
+    ProvisionerDep,
+    RouterSlotDep,
+    StoreDep,
+)
 from app.surfaces.health.report import health_report, readiness
 
 router = APIRouter(tags=["health"])
-
-
-async def get_probes(request: Request, services: ServicesDep) -> ProviderProbes:
-    """One probe cache per app, made on first use (no await in between: no race)."""
-    probes: ProviderProbes | None = getattr(request.app.state, "health_probes", None)
-    if probes is None:
-        settings = services.settings
-        probes = ProviderProbes(
-            settings.health_cache_seconds, settings.health_probe_timeout_seconds
-        )
-        request.app.state.health_probes = probes
-    return probes
 
 
 @router.get("/health/live")
@@ -36,10 +30,10 @@ async def live() -> dict[str, str]:
     "/health/ready",
     responses={503: {"description": "not ready: out of rotation until it can serve"}},
 )
-async def ready(services: ServicesDep) -> JSONResponse:
-    ok, body = await readiness(
-        services.llm.current, services.store, services.settings, services.provisioner.source
-    )
+async def ready(
+    slot: RouterSlotDep, store: StoreDep, options: HealthOptionsDep, provisioner: ProvisionerDep
+) -> JSONResponse:
+    ok, body = await readiness(slot.current, store, options, provisioner.source)
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -47,15 +41,14 @@ async def ready(services: ServicesDep) -> JSONResponse:
     "/health", responses={503: {"description": "unhealthy: the report says which part failed"}}
 )
 async def health(
-    services: ServicesDep, probes: Annotated[ProviderProbes, Depends(get_probes)]
+    slot: RouterSlotDep,
+    store: StoreDep,
+    options: HealthOptionsDep,
+    provisioner: ProvisionerDep,
+    http: HttpClientDep,
+    probes: ProbesDep,
 ) -> JSONResponse:
     body: dict[str, Any] = await health_report(
-        services.llm.current,
-        services.store,
-        services.settings,
-        services.provisioner.source,
-        services.http,
-        probes,
-        services.simulated,
+        slot.current, store, options, provisioner.source, http, probes
     )
     return JSONResponse(body, status_code=503 if body["status"] == "unhealthy" else 200)

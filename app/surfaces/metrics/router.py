@@ -9,7 +9,7 @@ import logging
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 
-from app.dependencies import ServicesDep
+from app.deps import SettingsDep
 from app.http.caller import bearer_failure, record_auth_failure
 from app.http.openapi import HTTPError, error_response
 from app.observability.metrics import exposition
@@ -18,10 +18,10 @@ router = APIRouter(tags=["operations"])
 log = logging.getLogger("cxrelay.metrics")
 
 
-async def require_scraper(request: Request, services: ServicesDep) -> None:
+async def require_scraper(request: Request, settings: SettingsDep) -> None:
     """With METRICS_TOKEN set: Authorization: Bearer <METRICS_TOKEN>, checked as the admin
     token is (bearer_failure)."""
-    token = services.settings.metrics_token
+    token = settings.metrics_token
     secret = token.get_secret_value() if token is not None else ""
     if not secret:
         return

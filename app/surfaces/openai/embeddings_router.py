@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app.dependencies import ServicesDep
+from app.deps import EmbeddingsPipelineDep, SessionIdsDep, SettingsDep
 from app.http.body import read_limited_body
 from app.http.caller import CallerDep
 from app.http.openapi import json_request_body
@@ -36,22 +36,28 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
     responses=REFUSALS,
     openapi_extra=json_request_body(EmbeddingsRequest),
 )
-async def embeddings(request: Request, principal: CallerDep, services: ServicesDep) -> Any:
-    raw = await read_limited_body(request, services.settings.max_body_bytes)
+async def embeddings(
+    request: Request,
+    principal: CallerDep,
+    settings: SettingsDep,
+    session_ids: SessionIdsDep,
+    pipeline: EmbeddingsPipelineDep,
+) -> Any:
+    raw = await read_limited_body(request, settings.max_body_bytes)
     try:
         body = EmbeddingsRequest.model_validate_json(raw)
     except ValidationError as error:
         raise from_validation(error.errors(include_url=False)) from None
     call = EmbeddingsCall(
         principal=principal,
-        session_id=session_of(request, body, services.session_ids),
+        session_id=session_of(request, body, session_ids),
         model=body.model,
         inputs=body.inputs,
         dimensions=body.dimensions,
         encoding_format=body.encoding_format,
     )
     try:
-        outcome = await services.embeddings.run(call)
+        outcome = await pipeline.run(call)
     except InputTooLong as error:
         raise OpenAIError(
             400, str(error), code="context_length_exceeded", param=f"input[{error.index}]"

@@ -22,12 +22,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from app.accounting.inbound_limits import InboundLimiter
 from app.core.principal import Principal
-from app.dependencies import Services, ServicesDep
+from app.deps import ChatPipelineDep, LimiterDep, RouterSlotDep, SessionIdsDep, SettingsDep
 from app.http.body import read_limited_body
 from app.http.caller import CallerDep
 from app.http.openapi import json_request_body, response_schema, sse_response
 from app.http.sse import event_stream, injection_header, sse
+from app.pipelines.chat import ChatPipeline
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.pipelines.text_stream import TextStream, leased_stream
 from app.surfaces.openai.errors import ERRORS, OpenAIRoute, from_validation, openai_failure
@@ -54,9 +56,9 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
 
 @router.get("/models", response_model=ModelList, responses={401: ERRORS[401]})
-async def models(principal: CallerDep, services: ServicesDep) -> ModelList:
+async def models(principal: CallerDep, slot: RouterSlotDep) -> ModelList:
     """Every route and provider model the gateway can be asked for."""
-    return ModelList(data=[ModelCard(id=name) for name in services.llm.current.model_names()])
+    return ModelList(data=[ModelCard(id=name) for name in slot.current.model_names()])
 
 
 STREAMED: dict[int | str, dict[str, Any]] = {
@@ -75,16 +77,23 @@ STREAMED: dict[int | str, dict[str, Any]] = {
     responses={**STREAMED, **ERRORS},
     openapi_extra=json_request_body(ChatCompletionRequest),
 )
-async def chat_completions(request: Request, principal: CallerDep, services: ServicesDep) -> Any:
-    raw = await read_limited_body(request, services.settings.max_body_bytes)
+async def chat_completions(
+    request: Request,
+    principal: CallerDep,
+    settings: SettingsDep,
+    session_ids: SessionIdsDep,
+    limits: LimiterDep,
+    pipeline: ChatPipelineDep,
+) -> Any:
+    raw = await read_limited_body(request, settings.max_body_bytes)
     try:
         body = ChatCompletionRequest.model_validate_json(raw)
     except ValidationError as error:
         raise from_validation(error.errors(include_url=False)) from None
-    call = build_call(body, principal, session_of(request, body, services.session_ids))
+    call = build_call(body, principal, session_of(request, body, session_ids))
     if body.stream:
-        return await _stream(call, body, services)
-    outcome = await services.chat.run(call)
+        return await _stream(call, body, limits, pipeline)
+    outcome = await pipeline.run(call)
     completion = ChatCompletion(
         id=completion_id(),
         created=int(time.time()),
@@ -157,12 +166,14 @@ def extras(call: ChatCall, outcome: ChatOutcome) -> CxRelayExtras:
     )
 
 
-async def _stream(call: ChatCall, body: ChatCompletionRequest, services: Services) -> Any:
+async def _stream(
+    call: ChatCall, body: ChatCompletionRequest, limits: InboundLimiter, pipeline: ChatPipeline
+) -> Any:
     """Nothing is sent until the first text (or the end): a refusal before it is still a
     proper HTTP error; after it, an SSE `{"error": ...}` event ends the stream. Chunks carry
     the requested model name: the one that answered is only known at the end (cx_relay)."""
     stream: TextStream[ChatOutcome] = await leased_stream(  # RateLimited: 429
-        services.limits, call.principal, lambda put: services.chat.run(call, put)
+        limits, call.principal, lambda put: pipeline.run(call, put)
     )
     cid, created = completion_id(), int(time.time())
 

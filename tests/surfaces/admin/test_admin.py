@@ -29,7 +29,7 @@ from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
 from app.store.audit import DB_FILENAME, AuditLog
 from app.surfaces.admin.router import actor_name
-from tests.helpers import post_turn, trigger
+from tests.helpers import parts, post_turn, trigger
 
 TOKEN = "admin-token-for-tests-5f2c9e"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -210,7 +210,7 @@ async def test_admin_api_is_disabled_until_admin_token_is_set(
     async with running as client:
         listing = await client.get("/admin/providers", headers=AUTH)
         change = await put_config(client, config([provider("gamma", upstreams.recorder.url)], []))
-        config_in_service = running.app.state.services.llm.current.config
+        config_in_service = parts(running.app).llm.current.config
         assert await served_by(client) == "alpha"
     for response in (listing, change):
         assert response.status_code == 401

@@ -9,6 +9,7 @@ import pytest
 from pydantic import SecretStr
 
 from app.store import UsageRecord
+from tests.helpers import parts
 
 KEY_A, KEY_B, ADMIN = "key-tenant-a-123", "key-tenant-b-456", "admin-token-789"
 
@@ -34,7 +35,7 @@ async def budget_client(app_client: Any, tmp_path: Any) -> Any:
         admin_token=SecretStr(ADMIN),
     )
     async with running as client:
-        store = running.app.state.services.store
+        store = parts(running.app).store
         for tenant, session, cost in [
             ("acme", "a-1", 0.5),
             ("acme", "a-2", 0.25),

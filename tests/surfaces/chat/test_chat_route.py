@@ -20,6 +20,7 @@ from app.llm.catalog import canonical_json
 from app.llm.tokens import estimate_tokens, text_tokens
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.server import LoopbackServer
+from tests.helpers import parts
 
 KEY = "ck-1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -85,7 +86,7 @@ def last_user_text(plan: FaultPlan, index: int = -1) -> str:
 
 async def reserved_tokens(app: Any, session_id: str = SESSION) -> tuple[int, int]:
     """(reserved, used) tokens of the session's budget scope."""
-    services = app.state.services
+    services = parts(app)
     principal = services.client_auth.authenticate({"authorization": f"Bearer {KEY}"})
     usage = await services.metering.budget.session_budget(principal, session_id)
     return usage.reserved_tokens, usage.used_tokens
@@ -262,7 +263,7 @@ async def test_a_cut_stream_is_charged_for_what_the_provider_streamed(
         llm_plan.push(Fault(chunks=chunks, cut_after=2))
         await post(client, stream=True)
         reserved, used = await reserved_tokens(running_app.app)
-        ledger = running_app.app.state.services.ledger
+        ledger = parts(running_app.app).ledger
         await ledger.flush()
         page = await ledger.list_usage("acme", session=SESSION)
     prompt = estimate_tokens(upstream_messages(llm_plan), model="gpt-4o-mini")

@@ -31,7 +31,7 @@ from app.main import create_app
 from app.simulator.faults import Fault, FaultPlan
 from app.store import ScopeUsage
 from app.surfaces.chat import websocket as ws_chat
-from tests.helpers import REPO_ROOT, running_service
+from tests.helpers import REPO_ROOT, parts, running_service
 
 KEY = "ws-client-key-0123456789"
 BEARER = {"Authorization": f"Bearer {KEY}"}
@@ -77,7 +77,7 @@ def answer(ws: WebSocketTestSession) -> tuple[str, dict[str, Any]]:
 
 
 def session_usage(tc: TestClient, session: str) -> ScopeUsage:
-    services = tc.app.state.services  # type: ignore[attr-defined]
+    services = parts(tc.app)
     principal = services.client_auth.authenticate({"x-api-key": KEY})
     assert tc.portal is not None
     usage: ScopeUsage = tc.portal.call(services.metering.budget.session_budget, principal, session)

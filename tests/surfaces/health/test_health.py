@@ -17,11 +17,13 @@ import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.auth.signatures import fingerprint
+from app.deps import get_store
 from app.llm.catalog import canonical_json
 from app.simulator.faults import FaultPlan
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
 from app.store import StoreUnavailable
+from tests.helpers import parts
 
 TEST_KEY = "sk-test-provider-key"  # what conftest configures as LLM_GATEWAY_API_KEY
 DEAD_URL = "http://127.0.0.1:9"  # the discard port: nothing listens there
@@ -65,6 +67,23 @@ def providers_file(tmp_path: Path, providers: list[dict[str, Any]], **extra: Any
     return path
 
 
+class PingReplaced:
+    """The app's store with another ping, handed to the health routes through their store
+    dependency (app.deps.get_store)."""
+
+    def __init__(self, store: Any, ping: Callable[[], Any]) -> None:
+        self._store = store
+        self.ping = ping
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def replace_ping(running: Any, ping: Callable[[], Any]) -> None:
+    store = PingReplaced(parts(running.app).store, ping)
+    running.app.dependency_overrides[get_store] = lambda: store
+
+
 async def get(client: httpx.AsyncClient, path: str) -> tuple[int, dict[str, Any]]:
     response = await client.get(path)
     return response.status_code, response.json()
@@ -74,16 +93,15 @@ async def get(client: httpx.AsyncClient, path: str) -> tuple[int, dict[str, Any]
 
 
 async def test_liveness_answers_even_when_the_store_is_down(
-    app_client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    app_client: Callable[..., Any],
 ) -> None:
     running = app_client()
     async with running as client:
-        store = running.app.state.services.store
 
         async def down() -> None:
             raise StoreUnavailable("disk gone")
 
-        monkeypatch.setattr(store, "ping", down)
+        replace_ping(running, down)
         assert await get(client, "/health/live") == (200, {"status": "alive"})
         assert (await client.get("/health/ready")).status_code == 503
 
@@ -109,16 +127,15 @@ async def test_ready_when_the_store_answers_and_a_route_is_usable(
 
 
 async def test_not_ready_while_the_store_fails_and_ready_again_when_it_answers(
-    app_client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    app_client: Callable[..., Any],
 ) -> None:
     running = app_client()
     async with running as client:
-        store = running.app.state.services.store
 
         async def down() -> None:
             raise StoreUnavailable("SQLite store error: disk I/O error")
 
-        monkeypatch.setattr(store, "ping", down)
+        replace_ping(running, down)
         status, body = await get(client, "/health/ready")
         assert status == 503
         assert body["status"] == "not_ready" and body["failing"] == ["store"]
@@ -128,13 +145,13 @@ async def test_not_ready_while_the_store_fails_and_ready_again_when_it_answers(
             "error": "SQLite store error: disk I/O error",
         }
         assert body["checks"]["providers"]["ok"] is True
-        monkeypatch.undo()
+        running.app.dependency_overrides.clear()  # the store answers again
         status, body = await get(client, "/health/ready")
         assert (status, body["status"]) == (200, "ready")
 
 
 async def test_a_store_that_hangs_fails_readiness_within_the_timeout(
-    app_client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    app_client: Callable[..., Any],
 ) -> None:
     running = app_client(health_store_timeout_seconds=0.1)
     async with running as client:
@@ -142,7 +159,7 @@ async def test_a_store_that_hangs_fails_readiness_within_the_timeout(
         async def hangs() -> None:
             await asyncio.sleep(5)
 
-        monkeypatch.setattr(running.app.state.services.store, "ping", hangs)
+        replace_ping(running, hangs)
         started = time.monotonic()
         status, body = await get(client, "/health/ready")
     assert time.monotonic() - started < 1.0
@@ -222,7 +239,7 @@ async def test_not_ready_while_every_circuit_is_open_then_ready_in_half_open(
 ) -> None:
     running = app_client(circuit_failure_threshold=1, circuit_reset_seconds=0.5)
     async with running as client:
-        runtime = running.app.state.services.llm.current.providers["default"]
+        runtime = parts(running.app).llm.current.providers["default"]
         runtime.breaker.record_failure()
         status, body = await get(client, "/health/ready")
         assert status == 503 and body["failing"] == ["providers"]
@@ -241,7 +258,7 @@ async def test_not_ready_while_every_key_is_set_aside_then_ready_when_one_return
 ) -> None:
     running = app_client()
     async with running as client:
-        keys = running.app.state.services.llm.current.providers["default"].keys
+        keys = parts(running.app).llm.current.providers["default"].keys
         (key,) = keys.keys
         keys.mark_unauthorized(key, 401)
         status, body = await get(client, "/health/ready")
@@ -491,12 +508,12 @@ async def test_without_a_cache_concurrent_calls_still_share_one_probe(
 async def test_a_configuration_swap_is_probed_at_once_despite_the_cache(
     app_client: Callable[..., Any], probe_log: ProbeLog
 ) -> None:
-    from app.llm.bootstrap import provider_config_from_env, router_options
+    from app.bootstrap import provider_config_from_env, router_options
     from app.llm.router import LLMRouter
 
     running = app_client(health_cache_seconds=60)
     async with running as client:
-        services = running.app.state.services
+        services = parts(running.app)
         assert (await client.get("/health")).json()["providers"]["default"]["reachable"] is True
         dead = services.settings.model_copy(update={"llm_gateway_base_url": DEAD_URL})
         services.llm.swap(
@@ -511,7 +528,7 @@ async def test_no_key_material_appears_in_any_probe(app_client: Callable[..., An
     running = app_client()
     async with running as client:
         healthy = (await client.get("/health")).text
-        keys = running.app.state.services.llm.current.providers["default"].keys
+        keys = parts(running.app).llm.current.providers["default"].keys
         keys.mark_unauthorized(keys.keys[0], 401)  # the warnings path too
         texts = [healthy, (await client.get("/health")).text]
         texts.append((await client.get("/health/ready")).text)
@@ -523,7 +540,9 @@ async def test_no_key_material_appears_in_any_probe(app_client: Callable[..., An
 
 
 async def test_simulated_upstreams_are_flagged(app_client: Callable[..., Any]) -> None:
-    overrides = {"simulate": True, "llm_gateway_base_url": None, "llm_gateway_api_key": []}
+    """As `serve --simulate` runs it: conftest's simulated provider, keyless, named in
+    SIMULATED_UPSTREAMS by the command that started it."""
+    overrides = {"simulate": True, "simulated_upstreams": ["llm"], "llm_gateway_api_key": []}
     async with app_client(**overrides) as client:
         status, body = await get(client, "/health")
     assert status == 200

@@ -21,6 +21,7 @@ from app.llm.tokens import text_tokens
 from app.simulator.answers import token_count
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.llm import embedding_vector
+from tests.helpers import parts
 from tests.metric_samples import changes, labels, snapshot
 from tests.surfaces.openai.test_openai_api import KEY, gateway
 
@@ -39,7 +40,7 @@ def embeddings_requests(plan: FaultPlan) -> list[dict[str, Any]]:
 
 
 async def usage_records(raw: httpx.AsyncClient, app: Any) -> list[dict[str, Any]]:
-    await app.state.services.ledger.flush()
+    await parts(app).ledger.flush()
     response = await raw.get("/budget/usage", headers=AUTH)
     records: list[dict[str, Any]] = response.json()["records"]
     return records

@@ -16,6 +16,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from pydantic import SecretStr
 
 from app.simulator.faults import Fault, FaultPlan
+from tests.helpers import parts
 
 KEY = "ck-1"
 BASE = "http://cx-relay.test"
@@ -44,7 +45,7 @@ async def gateway(
 
 
 async def session(raw: httpx.AsyncClient, app: Any, session_id: str) -> httpx.Response:
-    await app.state.services.ledger.flush()
+    await parts(app).ledger.flush()
     return await raw.get(f"/budget/sessions/{session_id}", headers={"X-API-Key": KEY})
 
 
@@ -189,7 +190,7 @@ async def test_without_session_only_the_tenant_limits_apply(
                 messages=asking(LONG_PROMPT),
                 extra_headers={"X-Session-Id": "long-1"},
             )
-        await app.state.services.ledger.flush()
+        await parts(app).ledger.flush()
         usage = await raw.get("/budget/usage", headers={"X-API-Key": KEY})
         status = await raw.get("/budget/status", headers={"X-API-Key": KEY})
     assert answered.choices[0].finish_reason == "stop"
@@ -493,7 +494,7 @@ async def test_prompt_injection_is_flagged(app_client: Callable[..., Any]) -> No
 async def test_models_lists_the_configured_model(app_client: Callable[..., Any]) -> None:
     async with gateway(app_client) as (client, _, app):
         page = await client.models.list()
-        expected = app.state.services.llm.current.model_names()
+        expected = parts(app).llm.current.model_names()
     ids = [m.id for m in page.data]
     assert "gpt-4o-mini" in ids and ids == expected
     assert all(m.object == "model" for m in page.data)

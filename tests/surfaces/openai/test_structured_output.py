@@ -38,6 +38,7 @@ from app.simulator.answers import token_count
 from app.simulator.faults import FaultPlan
 from app.simulator.schema_answers import schema_answer, schema_in_text, strict_mode_problem
 from app.simulator.server import LoopbackServer
+from tests.helpers import parts
 from tests.surfaces.chat.test_chat_tutorial_payload import TUTORIAL_SCHEMA
 
 KEY = "ck-structured"
@@ -88,7 +89,7 @@ def running(app_client: Any) -> Running:
 
 async def usage_records(client: httpx.AsyncClient, app: Any, session: str) -> list[Any]:
     """The session's ledger rows: one per metered provider call."""
-    await app.state.services.ledger.flush()
+    await parts(app).ledger.flush()
     response = await client.get(f"/budget/usage?session={session}", headers=AUTH)
     assert response.status_code == 200, response.text
     records: list[Any] = response.json()["records"]

@@ -1,0 +1,134 @@
+"""One dependency per shared part, as `Annotated` aliases: a route's signature shows what it uses,
+and a test replaces one part with `app.dependency_overrides[get_store] = ...`.
+
+The lifespan builds the parts once (app.bootstrap.build_parts) and keeps them on `app.state`;
+each function below hands out one of them. `HTTPConnection` serves HTTP and WebSocket routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import httpx
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+from app.accounting.inbound_limits import InboundLimiter
+from app.accounting.ledger import Ledger
+from app.auth.clients import ClientAuthenticator
+from app.auth.signatures import AuthorizationAuthenticator, WebhookAuthenticator
+from app.bootstrap import Parts
+from app.core.settings import Settings
+from app.llm.provisioning import Provisioner
+from app.llm.router import RouterSlot
+from app.pipelines.chat import ChatPipeline
+from app.prompts.caller_templates import CallerTemplates
+from app.safety.session_ids import SessionIds
+from app.store import Store
+from app.store.audit import AuditLog
+from app.surfaces.cognigy.pipeline import CognigyPipeline
+from app.surfaces.cxone.pipeline import CXoneBotPipeline
+from app.surfaces.health.probes import ProviderProbes
+from app.surfaces.health.report import HealthOptions
+from app.surfaces.openai.embeddings_pipeline import EmbeddingsPipeline
+
+
+def parts_of(connection: HTTPConnection) -> Parts:
+    parts: Parts = connection.app.state.parts
+    return parts
+
+
+def get_settings(connection: HTTPConnection) -> Settings:
+    return parts_of(connection).settings
+
+
+def get_http_client(connection: HTTPConnection) -> httpx.AsyncClient:
+    return parts_of(connection).http
+
+
+def get_router_slot(connection: HTTPConnection) -> RouterSlot:
+    return parts_of(connection).llm
+
+
+def get_store(connection: HTTPConnection) -> Store:
+    return parts_of(connection).store
+
+
+def get_ledger(connection: HTTPConnection) -> Ledger:
+    return parts_of(connection).ledger
+
+
+def get_limiter(connection: HTTPConnection) -> InboundLimiter:
+    return parts_of(connection).limits
+
+
+def get_session_ids(connection: HTTPConnection) -> SessionIds:
+    return parts_of(connection).session_ids
+
+
+def get_client_auth(connection: HTTPConnection) -> ClientAuthenticator:
+    return parts_of(connection).client_auth
+
+
+def get_webhook_auth(connection: HTTPConnection) -> WebhookAuthenticator:
+    return parts_of(connection).webhook_auth
+
+
+def get_cxone_authorizations(connection: HTTPConnection) -> AuthorizationAuthenticator:
+    return parts_of(connection).cxone_authorizations
+
+
+def get_chat_pipeline(connection: HTTPConnection) -> ChatPipeline:
+    return parts_of(connection).chat
+
+
+def get_cognigy_pipeline(connection: HTTPConnection) -> CognigyPipeline:
+    return parts_of(connection).cognigy
+
+
+def get_cxone_bot_pipeline(connection: HTTPConnection) -> CXoneBotPipeline:
+    return parts_of(connection).cxone_bot
+
+
+def get_embeddings_pipeline(connection: HTTPConnection) -> EmbeddingsPipeline:
+    return parts_of(connection).embeddings
+
+
+def get_caller_templates(connection: HTTPConnection) -> CallerTemplates:
+    return parts_of(connection).caller_templates
+
+
+def get_provisioner(connection: HTTPConnection) -> Provisioner:
+    return parts_of(connection).provisioner
+
+
+def get_audit_log(connection: HTTPConnection) -> AuditLog:
+    return parts_of(connection).audit
+
+
+def get_probes(connection: HTTPConnection) -> ProviderProbes:
+    return parts_of(connection).probes
+
+
+def get_health_options(connection: HTTPConnection) -> HealthOptions:
+    return parts_of(connection).health
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+HttpClientDep = Annotated[httpx.AsyncClient, Depends(get_http_client)]
+RouterSlotDep = Annotated[RouterSlot, Depends(get_router_slot)]
+StoreDep = Annotated[Store, Depends(get_store)]
+LedgerDep = Annotated[Ledger, Depends(get_ledger)]
+LimiterDep = Annotated[InboundLimiter, Depends(get_limiter)]
+SessionIdsDep = Annotated[SessionIds, Depends(get_session_ids)]
+ClientAuthDep = Annotated[ClientAuthenticator, Depends(get_client_auth)]
+WebhookAuthDep = Annotated[WebhookAuthenticator, Depends(get_webhook_auth)]
+CXoneAuthorizationsDep = Annotated[AuthorizationAuthenticator, Depends(get_cxone_authorizations)]
+ChatPipelineDep = Annotated[ChatPipeline, Depends(get_chat_pipeline)]
+CognigyPipelineDep = Annotated[CognigyPipeline, Depends(get_cognigy_pipeline)]
+CXoneBotPipelineDep = Annotated[CXoneBotPipeline, Depends(get_cxone_bot_pipeline)]
+EmbeddingsPipelineDep = Annotated[EmbeddingsPipeline, Depends(get_embeddings_pipeline)]
+CallerTemplatesDep = Annotated[CallerTemplates, Depends(get_caller_templates)]
+ProvisionerDep = Annotated[Provisioner, Depends(get_provisioner)]
+AuditLogDep = Annotated[AuditLog, Depends(get_audit_log)]
+ProbesDep = Annotated[ProviderProbes, Depends(get_probes)]
+HealthOptionsDep = Annotated[HealthOptions, Depends(get_health_options)]
