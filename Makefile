@@ -24,6 +24,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check app tests reliability
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml [tool.importlinter]
 
 # Overhead and throughput against a fast fake upstream (needs wrk: apt-get install wrk);
 # writes bench/results/latest.{json,md,png}. `make bench BENCH_ARGS=--quick` for a smoke run.

@@ -20,7 +20,6 @@ import httpx
 from app.accounting.budget import BudgetPolicy, BudgetService, PeriodLimits
 from app.accounting.inbound_limits import InboundLimiter, Limits
 from app.accounting.ledger import Ledger
-from app.accounting.metering import Metering
 from app.auth.clients import ClientAuthenticator
 from app.auth.signatures import AuthorizationAuthenticator, ReplayGuard, WebhookAuthenticator
 from app.cache.intent_cache import IntentCache
@@ -38,6 +37,7 @@ from app.llm.catalog import ModelSpec, ProviderConfig, ProviderSpec, RouteSpec, 
 from app.llm.provisioning import Provisioner
 from app.llm.retry import RetryPolicy
 from app.llm.router import LLMRouter, RouterOptions, RouterSlot
+from app.metering.meter import Metering
 from app.pipelines.chat import ChatPipeline
 from app.pipelines.chat_call import ChatOptions
 from app.prompts.caller_templates import CallerTemplates

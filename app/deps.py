@@ -6,7 +6,7 @@ each function below hands out one of them. `HTTPConnection` serves HTTP and WebS
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import httpx
 from fastapi import Depends
@@ -16,7 +16,6 @@ from app.accounting.inbound_limits import InboundLimiter
 from app.accounting.ledger import Ledger
 from app.auth.clients import ClientAuthenticator
 from app.auth.signatures import AuthorizationAuthenticator, WebhookAuthenticator
-from app.bootstrap import Parts
 from app.core.settings import Settings
 from app.llm.provisioning import Provisioner
 from app.llm.router import RouterSlot
@@ -25,11 +24,9 @@ from app.prompts.caller_templates import CallerTemplates
 from app.safety.session_ids import SessionIds
 from app.store import Store
 from app.store.audit import AuditLog
-from app.surfaces.cognigy.pipeline import CognigyPipeline
-from app.surfaces.cxone.pipeline import CXoneBotPipeline
-from app.surfaces.health.probes import ProviderProbes
-from app.surfaces.health.report import HealthOptions
-from app.surfaces.openai.embeddings_pipeline import EmbeddingsPipeline
+
+if TYPE_CHECKING:  # the composition root builds the parts; this module only hands them out
+    from app.bootstrap import Parts
 
 
 def parts_of(connection: HTTPConnection) -> Parts:
@@ -81,18 +78,6 @@ def get_chat_pipeline(connection: HTTPConnection) -> ChatPipeline:
     return parts_of(connection).chat
 
 
-def get_cognigy_pipeline(connection: HTTPConnection) -> CognigyPipeline:
-    return parts_of(connection).cognigy
-
-
-def get_cxone_bot_pipeline(connection: HTTPConnection) -> CXoneBotPipeline:
-    return parts_of(connection).cxone_bot
-
-
-def get_embeddings_pipeline(connection: HTTPConnection) -> EmbeddingsPipeline:
-    return parts_of(connection).embeddings
-
-
 def get_caller_templates(connection: HTTPConnection) -> CallerTemplates:
     return parts_of(connection).caller_templates
 
@@ -103,14 +88,6 @@ def get_provisioner(connection: HTTPConnection) -> Provisioner:
 
 def get_audit_log(connection: HTTPConnection) -> AuditLog:
     return parts_of(connection).audit
-
-
-def get_probes(connection: HTTPConnection) -> ProviderProbes:
-    return parts_of(connection).probes
-
-
-def get_health_options(connection: HTTPConnection) -> HealthOptions:
-    return parts_of(connection).health
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -124,11 +101,6 @@ ClientAuthDep = Annotated[ClientAuthenticator, Depends(get_client_auth)]
 WebhookAuthDep = Annotated[WebhookAuthenticator, Depends(get_webhook_auth)]
 CXoneAuthorizationsDep = Annotated[AuthorizationAuthenticator, Depends(get_cxone_authorizations)]
 ChatPipelineDep = Annotated[ChatPipeline, Depends(get_chat_pipeline)]
-CognigyPipelineDep = Annotated[CognigyPipeline, Depends(get_cognigy_pipeline)]
-CXoneBotPipelineDep = Annotated[CXoneBotPipeline, Depends(get_cxone_bot_pipeline)]
-EmbeddingsPipelineDep = Annotated[EmbeddingsPipeline, Depends(get_embeddings_pipeline)]
 CallerTemplatesDep = Annotated[CallerTemplates, Depends(get_caller_templates)]
 ProvisionerDep = Annotated[Provisioner, Depends(get_provisioner)]
 AuditLogDep = Annotated[AuditLog, Depends(get_audit_log)]
-ProbesDep = Annotated[ProviderProbes, Depends(get_probes)]
-HealthOptionsDep = Annotated[HealthOptions, Depends(get_health_options)]

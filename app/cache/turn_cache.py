@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.accounting.call_context import CallContext
 from app.cache.intent_cache import CachedAnswer, IntentCache
 from app.core.errors import UnknownModel
 from app.llm.messages import SYSTEM_ROLES, cache_text
+from app.metering.context import CallContext
 
 
 def conversation_parts(

@@ -14,8 +14,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from app.surfaces.chat.schemas import ChatReply, ChatUsage
-
 
 class HTTPError(BaseModel):
     """FastAPI's HTTPException body: one sentence saying what was wrong."""
@@ -69,16 +67,17 @@ def sse_response(
     return {"description": description, "content": {"text/event-stream": {"schema": event}}}
 
 
-def chat_frames() -> list[dict[str, Any]]:
+def chat_frames(reply_model: type[BaseModel], usage_model: type[BaseModel]) -> list[dict[str, Any]]:
     """The frames of a streamed /chat answer (and /ws/chat): content deltas, then the complete
-    frame (the reply's fields but the text, with usage) or an error frame."""
-    reply = response_schema(ChatReply)
+    frame (the reply's fields but the text, with usage) or an error frame. The chat surface
+    passes its models in: this layer knows no surface."""
+    reply = response_schema(reply_model)
     complete = {
         **reply,
         "properties": {
             **{k: v for k, v in reply["properties"].items() if k != "response"},
             "type": {"const": "complete"},
-            "usage": response_schema(ChatUsage),
+            "usage": response_schema(usage_model),
         },
         "required": [*(r for r in reply.get("required", []) if r != "response"), "type", "usage"],
     }

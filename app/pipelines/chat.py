@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass, field
 
 from app.accounting.budget import BudgetExhausted
-from app.accounting.call_context import CallContext
-from app.accounting.metering import Metering, Plan
 from app.cache.intent_cache import CachedAnswer
 from app.cache.turn_cache import TurnCache
 from app.core.deadline import Deadline
@@ -32,6 +30,8 @@ from app.core.errors import (
 )
 from app.llm.messages import SYSTEM_ROLES, Message, message_text, with_text
 from app.llm.types import ChatRequest, ChatResult
+from app.metering.context import CallContext
+from app.metering.meter import Metering, Plan
 from app.observability.metrics import BUDGET_EXHAUSTED, TURNS
 from app.observability.request_tally import note_outcome
 from app.pipelines.chat_call import ChatCall, ChatOptions, ChatOutcome, OnText

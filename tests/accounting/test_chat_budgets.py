@@ -27,11 +27,11 @@ import pytest
 from pydantic import SecretStr
 
 from app.accounting.budget import BudgetExhausted, BudgetService, Grant
-from app.accounting.call_context import CallContext
-from app.accounting.metering import MIN_COMPLETION_TOKENS
 from app.core.deadline import Deadline
 from app.core.principal import Principal
 from app.llm.tokens import estimate_tokens
+from app.metering.context import CallContext
+from app.metering.meter import MIN_COMPLETION_TOKENS
 from app.prompts.renderer import PromptRenderer
 from app.simulator.faults import Fault, FaultPlan
 from app.store import ScopeUsage

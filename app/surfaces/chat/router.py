@@ -41,7 +41,7 @@ from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.pipelines.failures import describe
 from app.pipelines.text_stream import TextStream, leased_stream
 from app.surfaces.chat.calls import build_call, complete_frame, reply
-from app.surfaces.chat.schemas import ChatBody, ChatReply
+from app.surfaces.chat.schemas import ChatBody, ChatReply, ChatUsage
 
 router = APIRouter(tags=["chat"])
 
@@ -50,7 +50,10 @@ router = APIRouter(tags=["chat"])
     "/chat",
     response_model=ChatReply,
     responses={
-        200: sse_response("the answer; with `stream: true`, its frames as events", chat_frames()),
+        200: sse_response(
+            "the answer; with `stream: true`, its frames as events",
+            chat_frames(ChatReply, ChatUsage),
+        ),
         400: error_response(
             "the newest message does not fit the context window, or the response_format schema "
             "is not valid JSON Schema",

@@ -17,12 +17,16 @@ from pydantic import (
 )
 
 from app.llm.types import OutputSchema
+from app.pipelines.chat_wire import (
+    MAX_MESSAGES,
+    SESSION_ID_PATTERN,
+    TEXT_PARTS_SEPARATOR,
+    ResponseFormat,
+    SafetyFilterName,
+)
 
-SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
-MAX_MESSAGES = 500
 # What the validators below also refuse, said in the published JSON Schema (documentation only).
 NOT_BLANK: dict[str, Any] = {"pattern": r"\S"}
-TEXT_PARTS_SEPARATOR = "\n"
 _CONTENT_SCHEMA: dict[str, Any] = {
     "anyOf": [
         {"type": "string", **NOT_BLANK},
@@ -73,50 +77,6 @@ class ChatMessage(BaseModel):
     content: MessageText
 
 
-class JsonSchemaFormat(BaseModel):
-    """OpenAI's `json_schema` response format: a name and the schema the answer must match."""
-
-    name: str = Field("response", min_length=1, max_length=64)
-    schema_: dict[str, Any] = Field(alias="schema")
-    strict: bool | None = None
-    description: str | None = None
-
-    # Whether the schema is itself valid JSON Schema is the pipeline's check (a 400, before any
-    # upstream call), not this model's: a wrong schema is a bad request, not a malformed body.
-    model_config = ConfigDict(populate_by_name=True)
-
-
-class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: JsonSchemaFormat | None = None
-
-    needs_schema: ClassVar[str] = 'response_format type "json_schema" needs json_schema.schema'
-
-    @model_validator(mode="after")
-    def _schema_when_needed(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.answer_schema is None:
-            raise ValueError(self.needs_schema)
-        return self
-
-    @property
-    def answer_schema(self) -> dict[str, Any] | None:
-        """The JSON Schema the answer must match, when the type asks for one."""
-        if self.type == "json_schema" and self.json_schema is not None:
-            return self.json_schema.schema_
-        return None
-
-    def output_schema(self) -> OutputSchema | None:
-        """The schema as it goes to the model: named, and strict only when the caller said so
-        (strict mode refuses a schema outside its subset, which a caller may not know)."""
-        schema = self.answer_schema
-        if schema is None:
-            return None
-        spec = self.json_schema
-        if spec is None:
-            return OutputSchema(schema)
-        return OutputSchema(schema, spec.name, bool(spec.strict), spec.description)
-
-
 class ChatResponseFormat(ResponseFormat):
     """/chat's response_format: OpenAI's shape, or the gateway tutorial's flat one with the
     schema directly under it, `{"type": "json_schema", "schema": {...}}` (and, optionally, the
@@ -164,7 +124,6 @@ TUTORIAL_NAMES = {
     "safety_filters": "safetyFilters",
     "response_format": "responseFormat",
 }
-SafetyFilterName = Literal["pii", "unsafe", "injection", "profanity", "self_harm"]
 
 
 def _either(name: str) -> AliasChoices:

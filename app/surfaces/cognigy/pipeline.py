@@ -17,8 +17,6 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from app.accounting.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
-from app.accounting.call_context import CallContext
-from app.accounting.metering import Metering, Spend
 from app.cache.intent_cache import CachedAnswer
 from app.cache.turn_cache import TurnCache
 from app.core.deadline import Deadline
@@ -27,6 +25,8 @@ from app.core.principal import Principal
 from app.llm.attempts import Attempt
 from app.llm.retry import DEADLINE_MARGIN_SECONDS
 from app.llm.types import ChatRequest, ChatResult, Usage
+from app.metering.context import CallContext
+from app.metering.meter import Metering, Spend
 from app.observability.metrics import BUDGET_EXHAUSTED
 from app.prompts.renderer import PromptRenderer
 from app.safety.injection import InjectionMode, InjectionRules

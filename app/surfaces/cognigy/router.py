@@ -6,23 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import ValidationError
+from starlette.requests import HTTPConnection
 
 from app.core.deadline import Deadline
 from app.core.errors import AuthenticationFailed
-from app.deps import CognigyPipelineDep, SessionIdsDep, SettingsDep, WebhookAuthDep
+from app.deps import SessionIdsDep, SettingsDep, WebhookAuthDep, parts_of
 from app.http.body import invalid_body, read_limited_body
 from app.http.caller import record_auth_failure
 from app.http.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
 from app.observability.logs import request_id_var
 from app.observability.metrics import TURNS
 from app.observability.request_tally import note_outcome
-from app.surfaces.cognigy.pipeline import TurnRecord
+from app.surfaces.cognigy.pipeline import CognigyPipeline, TurnRecord
 from app.surfaces.cognigy.schemas import CognigyResponse, CognigyTrigger
 
 router = APIRouter(tags=["cognigy"])
+
+
+def get_cognigy_pipeline(connection: HTTPConnection) -> CognigyPipeline:
+    part: CognigyPipeline = parts_of(connection).cognigy
+    return part
+
+
+CognigyPipelineDep = Annotated[CognigyPipeline, Depends(get_cognigy_pipeline)]
 log = logging.getLogger("cxrelay.cognigy")
 
 
@@ -66,9 +76,7 @@ async def cognigy_fallback(
 
     deadline = Deadline.after(settings.cognigy_deadline_seconds)
     # the conversation id as stored and logged: a digest when it holds personal data
-    turn = TurnRecord.start(
-        request_id_var.get(), session_ids.stored(trigger.conversation_id)
-    )
+    turn = TurnRecord.start(request_id_var.get(), session_ids.stored(trigger.conversation_id))
     try:
         response = await asyncio.wait_for(
             pipeline.decide(trigger, principal, deadline, turn),

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.accounting.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
-from app.accounting.call_context import CallContext
-from app.accounting.metering import Metering
 from app.cache.intent_cache import CachedAnswer
 from app.cache.turn_cache import TurnCache
 from app.core.deadline import Deadline
 from app.core.errors import RateLimited, UnknownModel, UpstreamError
 from app.core.principal import Principal
 from app.llm.types import ChatRequest, ChatResult
+from app.metering.context import CallContext
+from app.metering.meter import Metering
 from app.observability.metrics import BUDGET_EXHAUSTED, SAFETY_EVENTS
 from app.prompts.renderer import PromptRenderer
 from app.safety.injection import InjectionRules

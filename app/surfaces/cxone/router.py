@@ -6,27 +6,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.requests import HTTPConnection
 
 from app.auth.signatures import AuthorizationAuthenticator
 from app.core.deadline import Deadline
 from app.core.errors import AuthenticationFailed
 from app.core.principal import DEFAULT_TENANT, Principal
-from app.deps import CXoneAuthorizationsDep, CXoneBotPipelineDep, SettingsDep
+from app.deps import CXoneAuthorizationsDep, SettingsDep, parts_of
 from app.http.body import invalid_body, read_limited_body
 from app.http.caller import record_auth_failure
 from app.http.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
 from app.observability.logs import request_id_var
 from app.observability.metrics import BOT_STATE_REJECTED, TURNS
 from app.observability.request_tally import note_outcome
+from app.surfaces.cxone.pipeline import CXoneBotPipeline
 from app.surfaces.cxone.reply import BotTurn
 from app.surfaces.cxone.schemas import BotExchangeResponse, ExternalIntegrationBotExchangeRequest
 
 router = APIRouter(tags=["cxone"])
+
+
+def get_cxone_bot_pipeline(connection: HTTPConnection) -> CXoneBotPipeline:
+    part: CXoneBotPipeline = parts_of(connection).cxone_bot
+    return part
+
+
+CXoneBotPipelineDep = Annotated[CXoneBotPipeline, Depends(get_cxone_bot_pipeline)]
 log = logging.getLogger("cxrelay.cxone")
 
 JSON_TYPES = ("application/json", "text/json")

@@ -3,22 +3,39 @@ takes the replica out of rotation while it cannot serve; `/health` is the operat
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
+from starlette.requests import HTTPConnection
 
 from app.deps import (
-    HealthOptionsDep,
     HttpClientDep,
-    ProbesDep,
     ProvisionerDep,
     RouterSlotDep,
     StoreDep,
+    parts_of,
 )
-from app.surfaces.health.report import health_report, readiness
+from app.surfaces.health.probes import ProviderProbes
+from app.surfaces.health.report import HealthOptions, health_report, readiness
 
 router = APIRouter(tags=["health"])
+
+
+def get_health_options(connection: HTTPConnection) -> HealthOptions:
+    part: HealthOptions = parts_of(connection).health
+    return part
+
+
+HealthOptionsDep = Annotated[HealthOptions, Depends(get_health_options)]
+
+
+def get_probes(connection: HTTPConnection) -> ProviderProbes:
+    part: ProviderProbes = parts_of(connection).probes
+    return part
+
+
+ProbesDep = Annotated[ProviderProbes, Depends(get_probes)]
 
 
 @router.get("/health/live")

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 
 from app.accounting.budget import BudgetExhausted
-from app.accounting.metering import Metering
 from app.core.deadline import Deadline
 from app.core.errors import CxRelayError
 from app.core.principal import Principal
@@ -25,6 +24,7 @@ from app.llm.embeddings import EmbeddingRequest, EncodingFormat, Input, Vector, 
 from app.llm.routes import Route
 from app.llm.tokens import ready, text_tokens
 from app.llm.types import Usage
+from app.metering.meter import Metering
 from app.observability.metrics import BUDGET_EXHAUSTED
 from app.observability.request_tally import note_outcome
 from app.pipelines.failures import failure_fields

@@ -6,22 +6,36 @@ into the same budgets and ledger under the surface `embeddings`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.requests import HTTPConnection
 
-from app.deps import EmbeddingsPipelineDep, SessionIdsDep, SettingsDep
+from app.deps import SessionIdsDep, SettingsDep, parts_of
 from app.http.body import read_limited_body
 from app.http.caller import CallerDep
 from app.http.openapi import json_request_body
-from app.surfaces.openai.embeddings_pipeline import EmbeddingsCall, EmbeddingsOutcome, InputTooLong
+from app.surfaces.openai.embeddings_pipeline import (
+    EmbeddingsCall,
+    EmbeddingsOutcome,
+    EmbeddingsPipeline,
+    InputTooLong,
+)
 from app.surfaces.openai.embeddings_schemas import EmbeddingList, EmbeddingsRequest
 from app.surfaces.openai.errors import ERRORS, OpenAIError, OpenAIRoute, from_validation
 from app.surfaces.openai.session import session_of
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+
+
+def get_embeddings_pipeline(connection: HTTPConnection) -> EmbeddingsPipeline:
+    part: EmbeddingsPipeline = parts_of(connection).embeddings
+    return part
+
+
+EmbeddingsPipelineDep = Annotated[EmbeddingsPipeline, Depends(get_embeddings_pipeline)]
 
 REFUSALS: dict[int | str, dict[str, Any]] = {
     **{status: ERRORS[status] for status in (401, 404, 413, 429, 502, 503)},

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.surfaces.chat.schemas import SESSION_ID_PATTERN, TEXT_PARTS_SEPARATOR
+from app.pipelines.chat_wire import SESSION_ID_PATTERN, TEXT_PARTS_SEPARATOR
 
 SESSION_ID_RULE = "1-128 characters: letters, digits and _ . : @ -, starting with a letter or digit"
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"

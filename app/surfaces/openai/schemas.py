@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from app.llm.types import CHAT_OPTIONS, OutputSchema
-from app.surfaces.chat.schemas import (
+from app.pipelines.chat_wire import (
     MAX_MESSAGES,
     ResponseFormat,
     SafetyFilterName,

@@ -34,7 +34,6 @@ from app.accounting.budget import (
     HistoryTooLong,
     fit_history,
 )
-from app.accounting.call_context import CallContext
 from app.accounting.inbound_limits import InboundLimiter, TokenCharge
 from app.accounting.ledger import Ledger
 from app.core.deadline import Deadline
@@ -44,6 +43,7 @@ from app.llm.router import RouterSlot
 from app.llm.routes import Route
 from app.llm.tokens import estimate_tokens, text_tokens, tool_tokens
 from app.llm.types import ChatResult, Usage
+from app.metering.context import CallContext
 from app.observability.metrics import COST, TOKENS
 from app.store import Refusal, UsageRecord
 
