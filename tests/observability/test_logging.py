@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -261,6 +262,10 @@ def test_each_ws_chat_request_frame_has_its_own_request_id(
                 pass
             assert frame["type"] == "complete", frame
         ws.close()
+        # TestClient cancels the app as the block ends: let it read the close and log first
+        give_up = time.monotonic() + 10
+        while not _websocket_access(captured) and time.monotonic() < give_up:
+            time.sleep(0.01)
 
     assert_well_formed(captured.lines())
     assert_nothing_leaked(captured.text, forbidden(cxone_state, []))
@@ -272,11 +277,15 @@ def test_each_ws_chat_request_frame_has_its_own_request_id(
     assert not CORE_TURN_FIELDS - turns[0].keys()
     attempts = [a["request_id"] for a in captured.with_message("llm attempt")]
     assert attempts == ["ws-socket-7.1", "ws-socket-7.2"]
-    access = [e for e in captured.with_message("request") if e.get("websocket")]
+    access = _websocket_access(captured)
     assert len(access) == 1
     assert access[0]["request_id"] == "ws-socket-7"  # the socket's, not its last frame's
     assert access[0]["path"] == "/ws/chat" and access[0]["status"] == 101
     assert access[0]["close_code"] == 1000
+
+
+def _websocket_access(captured: Captured) -> list[dict[str, Any]]:
+    return [e for e in captured.with_message("request") if e.get("websocket")]
 
 
 # --- X-Request-ID ---------------------------------------------------------------------------------
