@@ -110,6 +110,14 @@ class TokenCharge:
     tokens: int
 
 
+class Live:
+    """The overrides of the provider configuration in service, read now (a stream's slot, which
+    is taken before a call has its context)."""
+
+
+LIVE = Live()
+
+
 class InboundLimiter:
     def __init__(
         self,
@@ -138,10 +146,14 @@ class InboundLimiter:
         if self._unfinished:
             await asyncio.wait(set(self._unfinished), timeout=timeout)
 
-    def limits_for(self, principal: Principal) -> tuple[Limits, Limits]:
-        """(the key's limits, the tenant's limits)."""
+    def limits_for(
+        self, principal: Principal, spec: LimitsSpec | Live | None = LIVE
+    ) -> tuple[Limits, Limits]:
+        """(the key's limits, the tenant's limits), under `spec` (a call's own snapshot of the
+        provider configuration's overrides) or, by default, the configuration in service."""
         key = tenant = self.defaults
-        spec = self._overrides()
+        if isinstance(spec, Live):
+            spec = self._overrides()
         if spec is not None:
             if (own := spec.keys.get(principal.key_id)) is not None:
                 key = own.over(key)
@@ -149,9 +161,11 @@ class InboundLimiter:
                 tenant = shared.over(tenant)
         return key, tenant
 
-    def _chosen(self, principal: Principal, kind: Kind) -> list[tuple[str, Bucket]]:
+    def _chosen(
+        self, principal: Principal, kind: Kind, spec: LimitsSpec | Live | None = LIVE
+    ) -> list[tuple[str, Bucket]]:
         """(scope, (counter name, limit)) of each limit of this kind that applies."""
-        key, tenant = self.limits_for(principal)
+        key, tenant = self.limits_for(principal, spec)
         chosen = []
         for scope, limits, subject in (
             ("key", key, f"k:{principal.key_id}"),
@@ -162,9 +176,9 @@ class InboundLimiter:
                 chosen.append((scope, (f"{kind}:{subject}", int(allowed))))
         return chosen
 
-    async def admit(self, principal: Principal) -> None:
+    async def admit(self, principal: Principal, spec: LimitsSpec | Live | None = LIVE) -> None:
         """Count one request; RateLimited when the key or its tenant is over its rpm."""
-        chosen = self._chosen(principal, "rpm")
+        chosen = self._chosen(principal, "rpm", spec)
         if not chosen:
             return
         take = self.counters.take(principal.tenant, [b for _, b in chosen], 1)
@@ -172,9 +186,11 @@ class InboundLimiter:
         if index >= 0:
             raise _refusal(principal, chosen[index], "requests", wait)
 
-    async def charge(self, principal: Principal, tokens: int) -> TokenCharge | None:
+    async def charge(
+        self, principal: Principal, tokens: int, spec: LimitsSpec | Live | None = LIVE
+    ) -> TokenCharge | None:
         """Take a call's estimated tokens; RateLimited when they do not fit this minute."""
-        chosen = self._chosen(principal, "tpm")
+        chosen = self._chosen(principal, "tpm", spec)
         if not chosen or tokens <= 0:
             return None
         for scope, bucket in chosen:

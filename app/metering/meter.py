@@ -103,9 +103,10 @@ class Metering:
         """A call's context, on the router in service now: built once at a pipeline's entry."""
         return CallContext(principal, session_id, surface, deadline, self.llm.current)
 
-    async def admit(self, principal: Principal) -> None:
-        """RateLimited when the caller is over its requests per minute (nothing is spent)."""
-        await self.limits.admit(principal)
+    async def admit(self, context: CallContext) -> None:
+        """RateLimited when the caller is over its requests per minute (nothing is spent), under
+        the limits of the call's own configuration snapshot."""
+        await self.limits.admit(context.principal, context.router.config.limits)
 
     async def headroom(self, context: CallContext) -> Headroom:
         return await self.budget.headroom(context.principal, context.session_id)
@@ -166,7 +167,7 @@ class Metering:
                     )
             return outcome
 
-        grant, charge = await self._held(principal, fit.prompt_tokens + max_tokens, reserve)
+        grant, charge = await self._held(context, fit.prompt_tokens + max_tokens, reserve)
         max_tokens = answer
         return Plan(
             context,
@@ -181,13 +182,15 @@ class Metering:
 
     async def _held(
         self,
-        principal: Principal,
+        context: CallContext,
         tokens: int,
         reserve: Callable[[], Awaitable[Grant | Refusal]],
     ) -> tuple[Grant, TokenCharge | None]:
         """`tokens` taken from the inbound tokens per minute (RateLimited), then the budgets'
         reservation (BudgetExhausted); a refusal or a failure gives the minute's tokens back."""
-        charge = await self.limits.charge(principal, tokens)
+        charge = await self.limits.charge(
+            context.principal, tokens, context.router.config.limits
+        )
         try:
             outcome = await reserve()
         except BaseException:
@@ -300,7 +303,7 @@ class Metering:
         async def reserve() -> Grant | Refusal:
             return await self._reserve(principal, session_id, route, input_tokens, 0)
 
-        grant, charge = await self._held(principal, input_tokens, reserve)
+        grant, charge = await self._held(context, input_tokens, reserve)
         return Plan(context, route_name, [], 0, input_tokens, 0, grant, charge)
 
     async def settle_input(self, plan: Plan, result: ChatResult, *, latency_ms: float) -> Spend:

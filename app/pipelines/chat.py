@@ -76,13 +76,13 @@ class ChatPipeline:
 
     async def _run(self, call: ChatCall, on_text: OnText | None) -> ChatOutcome:
         started = time.perf_counter()
-        await self.metering.admit(call.principal)  # RateLimited: over the key's rpm
-        if call.json_schema is not None:
-            check_json_schema(call.json_schema)  # SchemaInvalid: the caller's fault, nothing spent
         deadline = Deadline.after(self.options.deadline_seconds)
         context = self.metering.context(
             call.principal, call.session_id, surface=call.surface, deadline=deadline
         )
+        await self.metering.admit(context)  # RateLimited: over the key's rpm
+        if call.json_schema is not None:
+            check_json_schema(call.json_schema)  # SchemaInvalid: the caller's fault, nothing spent
         models = [call.model or self.options.default_model, *call.fallback_models]
         for name in models:  # UnknownModel, RequestUnsupported before anything is spent
             context.check_request(self._request(call, name, call.messages, 1))

@@ -141,6 +141,34 @@ def test_overrides_keep_omitted_fields_and_null_lifts_a_limit() -> None:
     assert tenant == Limits(600, None, 20)
 
 
+async def test_a_call_is_limited_by_its_own_configuration_snapshot_not_one_applied_since() -> None:
+    """The pipeline passes its CallContext's overrides: a configuration applied between the
+    request's admission and its token charge does not give one call two sets of limits."""
+    tight = LimitsSpec.model_validate({"tenants": {"acme": {"rpm": 1, "tpm": 10}}})
+    caller = Principal("acme", "abcdef12", "client")
+
+    def limiter(in_service: LimitsSpec | None) -> InboundLimiter:
+        return InboundLimiter(MemoryCounters(), Limits(600, 1000, 20), lambda: in_service)
+
+    none_in_service = limiter(None)
+    await none_in_service.admit(caller, tight)
+    with pytest.raises(RateLimited):
+        await none_in_service.admit(caller, tight)  # the snapshot's 1 rpm
+
+    tight_in_service = limiter(tight)
+    await tight_in_service.admit(caller, None)
+    await tight_in_service.admit(caller, None)  # the snapshot has no overrides: 600 rpm
+    with pytest.raises(RateLimited):
+        await tight_in_service.admit(caller)  # no snapshot given: the one in service, 1 rpm
+
+    charged = limiter(tight)
+    with pytest.raises(RateLimited):
+        await charged.charge(caller, 11, tight)
+    assert await charged.charge(caller, 11, None) is not None
+    with pytest.raises(RateLimited):
+        await charged.charge(caller, 11)
+
+
 def test_the_limits_section_is_validated_with_paths() -> None:
     raw = {
         "providers": [{"name": "p", "base_url": "https://p.test", "models": [{"name": "m"}]}],

@@ -80,7 +80,7 @@ class CognigyPipeline:
             principal, turn.session_id, surface=SURFACE, deadline=deadline
         )
         try:
-            await self.metering.admit(principal)  # before anything reaches an upstream
+            await self.metering.admit(context)  # before anything reaches an upstream
         except RateLimited as limited:
             return self.fallback(trigger, turn, "rate_limited", str(limited))
         last_message = self._sanitise(trigger.last_message, turn)

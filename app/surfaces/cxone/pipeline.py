@@ -132,7 +132,7 @@ class CXoneBotPipeline:
             user_text = stored.text
             _count(turn.redactions, stored.counts, "input")
         try:
-            await self.metering.admit(context.principal)  # before anything reaches an upstream
+            await self.metering.admit(context)  # before anything reaches an upstream
         except RateLimited as limited:
             return self._handback(session, turn, stored.text, "rate_limited", str(limited))
         if session.is_new and not session.history:

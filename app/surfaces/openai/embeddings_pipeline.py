@@ -86,11 +86,11 @@ class EmbeddingsPipeline:
             raise
 
     async def _run(self, call: EmbeddingsCall, started: float) -> EmbeddingsOutcome:
-        await self.metering.admit(call.principal)  # RateLimited: over the key's rpm
         deadline = Deadline.after(self.deadline_seconds)
         context = self.metering.context(
             call.principal, call.session_id, surface=SURFACE, deadline=deadline
         )
+        await self.metering.admit(context)  # RateLimited: over the key's rpm
         route = context.route(call.model, "embedding")
         await ready([route.targets[0].model.name])  # its encoding, loaded by the first call
         tokens = _input_tokens(call.inputs, route)
