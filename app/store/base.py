@@ -42,6 +42,7 @@ from app.store.models import (
     UsagePage,
     UsageRecord,
     from_micros,
+    parse_cursor,
 )
 
 DEFAULT_RESERVATION_TTL_SECONDS = 300.0
@@ -151,9 +152,12 @@ def check_settle_args(reservation: Reservation, record: UsageRecord) -> None:
         raise ValueError("a usage record is settled against a reservation of its own tenant")
 
 
-def check_page_args(limit: int) -> None:
+def check_page_args(limit: int, cursor: str | None) -> tuple[int, str] | None:
+    """ValueError on a limit out of range or a cursor not given out here; the cursor's
+    (time_us, id), None for the first page."""
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+    return None if cursor is None else parse_cursor(cursor)
 
 
 def decide(
