@@ -147,6 +147,11 @@ def check_reserve_args(scopes: Sequence[BudgetScope], tokens: int, cost: float) 
         raise ValueError("a scope appears twice in one reservation")
 
 
+def check_settle_usage(actual_tokens: int, actual_cost: float) -> None:
+    if actual_tokens < 0 or actual_cost < 0:
+        raise ValueError("actual usage cannot be negative")
+
+
 def check_settle_args(reservation: Reservation, record: UsageRecord) -> None:
     if record.tenant != reservation.tenant:
         raise ValueError("a usage record is settled against a reservation of its own tenant")

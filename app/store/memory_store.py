@@ -17,6 +17,7 @@ from app.store.base import (
     check_page_args,
     check_reserve_args,
     check_settle_args,
+    check_settle_usage,
     decide,
     remaining_of,
 )
@@ -150,8 +151,7 @@ class MemoryStore:
     async def settle(
         self, reservation: Reservation, actual_tokens: int, actual_cost: float = 0.0
     ) -> bool:
-        if actual_tokens < 0 or actual_cost < 0:
-            raise ValueError("actual usage cannot be negative")
+        check_settle_usage(actual_tokens, actual_cost)
         held = self._held.get(reservation.id)
         if held is not None and held.state == "settled":
             return False
