@@ -124,14 +124,7 @@ class AnthropicProvider:
             http, self.name, self.url, self.payload(request), headers, timeout
         )
         latency_ms = (time.perf_counter() - started) * 1000
-        if response.status_code >= 400:
-            error_type, detail = _error_detail(response, api_key)
-            raise_for_status(
-                self.name,
-                response,
-                detail,
-                context_length=_is_prompt_too_long(error_type, detail),
-            )
+        _raise_for_error(self.name, response, api_key)
         return self._result(response, request, latency_ms)
 
     async def stream(
@@ -154,13 +147,7 @@ class AnthropicProvider:
             ) as response:
                 if response.status_code >= 400:
                     await response.aread()
-                    error_type, detail = _error_detail(response, api_key)
-                    raise_for_status(
-                        self.name,
-                        response,
-                        detail,
-                        context_length=_is_prompt_too_long(error_type, detail),
-                    )
+                    _raise_for_error(self.name, response, api_key)
                 if str(response.headers.get("content-type", "")).startswith("application/json"):
                     # A gateway that ignores `stream: true` answers one whole message.
                     await response.aread()
@@ -334,6 +321,17 @@ class AnthropicProvider:
             finish_reason=finish_reason(body.get("stop_reason")),
             tool_calls=tool_calls,
         )
+
+
+def _raise_for_error(provider: str, response: httpx.Response, api_key: str | None) -> None:
+    """Nothing for a success; else the typed error of `wire.raise_for_status`, quoting
+    Anthropic's own message and spotting a prompt too long for the context window."""
+    if response.status_code < 400:
+        return
+    error_type, detail = _error_detail(response, api_key)
+    raise_for_status(
+        provider, response, detail, context_length=_is_prompt_too_long(error_type, detail)
+    )
 
 
 def _is_prompt_too_long(error_type: str | None, detail: str) -> bool:

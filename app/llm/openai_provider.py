@@ -116,10 +116,7 @@ class OpenAICompatibleProvider:
             http, self.name, self.url, self.payload(request), headers, timeout
         )
         latency_ms = (time.perf_counter() - started) * 1000
-        detail = _error_message(response, api_key)
-        raise_for_status(
-            self.name, response, detail, context_length=_is_context_length_error(response, detail)
-        )
+        raise_for_error(self.name, response, api_key)
         return self._result(response, request, latency_ms)
 
     async def stream(

@@ -31,6 +31,7 @@ from app.llm.embeddings import EmbeddingProviderClient, EmbeddingRequest, Embedd
 from app.llm.keys import KeyPool
 from app.llm.openai_provider import OpenAICompatibleProvider
 from app.llm.ratelimit import ProviderLimiter
+from app.llm.streaming import close_stream
 from app.llm.types import (
     ChatRequest,
     ChatResult,
@@ -272,7 +273,7 @@ class OAuthProviderClient:
                 if not self._refused(error, token) or passed_on or attempt == 2:
                     raise
             finally:
-                await _close(chunks)  # also when our consumer stops early
+                await close_stream(chunks)  # also when our consumer stops early
             token = await self.token(http, timeout)
 
     async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
@@ -287,9 +288,3 @@ class OAuthProviderClient:
 
 def _left(started: float, timeout: float) -> float:
     return max(0.0, timeout - (time.monotonic() - started))
-
-
-async def _close(chunks: AsyncIterator[StreamChunk]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()

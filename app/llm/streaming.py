@@ -221,7 +221,7 @@ async def collect_stream(
                 partial="".join(parts),
             ) from error
     finally:
-        await _close(chunks)
+        await close_stream(chunks)
     return ChatResult(
         content="".join(parts),
         model=answered_model or model,
@@ -258,7 +258,8 @@ class ToolCallAssembly:
         return tuple(self._calls[i] for i in sorted(self._calls))
 
 
-async def _close(chunks: AsyncIterator[StreamChunk]) -> None:
+async def close_stream(chunks: AsyncIterator[StreamChunk]) -> None:
+    """Close a stream we stop reading, when it can be closed (an async generator can)."""
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()

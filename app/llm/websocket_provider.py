@@ -42,11 +42,9 @@ from app.llm.openai_provider import (
     OpenAICompatibleProvider,
     StructuredOutputs,
     auth_headers,
-    chat_payload,
     decode_event,
     parse_chunk,
     raise_for_error,
-    takes_json_schema,
 )
 from app.llm.streaming import collect_stream, stream_cut
 from app.llm.types import ChatRequest, ChatResult, StreamChunk
@@ -104,8 +102,10 @@ class OpenAIWebSocketProvider:
         self.name = name
         self.url = ws_url or websocket_url(base_url)
         self._auth_header = auth_header
-        self._structured_outputs = structured_outputs
-        self._http_wire = OpenAICompatibleProvider(name, base_url, auth_header)
+        # the same chat completions body, and embeddings, which have no WebSocket form
+        self._http_wire = OpenAICompatibleProvider(
+            name, base_url, auth_header, structured_outputs=structured_outputs
+        )
 
     async def complete(
         self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
@@ -126,11 +126,7 @@ class OpenAIWebSocketProvider:
         finished = False
         try:
             async with self._connect(api_key, timeout) as connection:
-                body = chat_payload(
-                    request,
-                    stream=True,
-                    json_schema=takes_json_schema(self._structured_outputs, request.model),
-                )
+                body = self._http_wire.payload(request, stream=True)
                 await asyncio.wait_for(connection.send(json.dumps(body)), timeout)
                 while True:
                     frame = await asyncio.wait_for(connection.recv(), timeout)

@@ -70,18 +70,21 @@ def media_count(content: Any) -> int:
     return sum(1 for part in content if isinstance(part, dict) and part.get("type") in kinds)
 
 
+def _last_user_content(messages: list[dict[str, Any]]) -> Any:
+    user_turns = [m for m in messages if m.get("role") == "user"]
+    return user_turns[-1].get("content") if user_turns else None
+
+
 def customer_text(messages: list[dict[str, Any]]) -> str:
     """The last user turn, or the last triple-quoted part of it (how prompts quote customers)."""
-    user_turns = [m for m in messages if m.get("role") == "user"]
-    text = content_text(user_turns[-1].get("content")) if user_turns else ""
+    text = content_text(_last_user_content(messages))
     quoted = _QUOTED.findall(text)
     return quoted[-1] if quoted else text
 
 
 def conversational_reply(messages: list[dict[str, Any]]) -> str:
     """The plain answer: what the customer said, and how many images or recordings came."""
-    user_turns = [m for m in messages if m.get("role") == "user"]
-    media = media_count(user_turns[-1].get("content")) if user_turns else 0
+    media = media_count(_last_user_content(messages))
     seen = f" (and {media} attachment{'s' if media != 1 else ''})" if media else ""
     return f"(simulated) You said: {customer_text(messages)[:200]}{seen}"
 

@@ -23,16 +23,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from app.simulator.answers import (
     SIMULATED_MODEL_SUFFIX,
     content_text,
-    conversational_reply,
-    customer_text,
     paced,
-    routing_decision,
     stream_deltas,
     token_count,
 )
-from app.simulator.faults import Fault, FaultPlan
-from app.simulator.schema_answers import schema_answer, schema_in_text
-from app.simulator.tool_answers import SimulatedCall, tool_call, tool_result_reply
+from app.simulator.faults import Fault, FaultPlan, fault_response, recorded_json
+from app.simulator.schema_answers import schema_in_text
+from app.simulator.tool_answers import SimulatedCall, simulated_answer, tool_call
 
 _ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error",
@@ -124,36 +121,24 @@ async def anthropic_stream_events(
 
 async def messages(plan: FaultPlan, request: Request) -> Response:
     """`POST /v1/messages`: record the request, play the plan's next fault, answer as Anthropic."""
-    body = await request.json()
-    plan.record({"body": body, "headers": dict(request.headers)})
+    body = await recorded_json(plan, request)
     fault = plan.next() or Fault()
-    if fault.delay:
-        await asyncio.sleep(fault.delay)
-    if fault.raw_body is not None:
-        return Response(fault.raw_body, fault.status, fault.headers, "application/json")
-    if fault.json_body is not None or fault.status >= 400:
-        error = fault.json_body or anthropic_error_body(fault.status)
-        return JSONResponse(error, fault.status, fault.headers)
+    if (scripted := await fault_response(fault, anthropic_error_body)) is not None:
+        return scripted
     raw = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     turns: list[dict[str, Any]] = [
         {"role": m.get("role"), "content": content_text(m.get("content"))} for m in raw
     ]
     results = _tool_results(raw[-1].get("content")) if raw else []
     system = content_text(body.get("system"))
-    call = None
-    if fault.content is not None:
-        content = fault.content
-    elif fault.chunks is not None:
-        content = "".join(fault.chunks)
-    elif (schema := schema_in_text(system)) is not None:
-        content = json.dumps(schema_answer(schema, customer_text(turns)))
-    elif "JSON" in system:
-        content = json.dumps(routing_decision(customer_text(turns)))
-    elif results:
-        content = tool_result_reply(results[-1])
-    else:
-        content = conversational_reply(raw)
-        call = tool_call(_tools(body), _choice(body), False, customer_text(turns))
+    content, call = simulated_answer(
+        fault,
+        raw,
+        schema=schema_in_text(system),
+        wants_json="JSON" in system,
+        tool_result=results[-1] if results else None,
+        call_for=lambda customer: tool_call(_tools(body), _choice(body), False, customer),
+    )
     model = str(body.get("model", "model")) + SIMULATED_MODEL_SUFFIX
     prompt_text = " ".join([system, *(str(t["content"]) for t in turns)])
     if body.get("stream"):

@@ -91,9 +91,16 @@ def message(direction: str, text: str, created: datetime) -> dict[str, Any]:
     }
 
 
-def _fault_response(fault: Fault) -> Response:
+async def _fault_response(fault: Fault | None) -> Response | None:
+    """After the fault's delay, its error status or raw body; None to answer as usual."""
+    if fault is None:
+        return None
+    if fault.delay:
+        await asyncio.sleep(fault.delay)
     if fault.raw_body is not None:
         return Response(fault.raw_body, fault.status, fault.headers, "application/json")
+    if fault.status < 400:
+        return None
     return JSONResponse(
         fault.json_body or {"error": f"simulated {fault.status}"}, fault.status, fault.headers
     )
@@ -108,11 +115,8 @@ def create_cxone_simulator(state: CXoneSimulatorState | None = None) -> FastAPI:
     async def token(request: Request) -> Response:
         form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
         state.token_faults.record({"form": form, "headers": dict(request.headers)})
-        fault = state.token_faults.next()
-        if fault and fault.delay:
-            await asyncio.sleep(fault.delay)
-        if fault and (fault.status >= 400 or fault.raw_body is not None):
-            return _fault_response(fault)
+        if (scripted := await _fault_response(state.token_faults.next())) is not None:
+            return scripted
         if state.token_delay:
             await asyncio.sleep(state.token_delay)
         expected = base64.b64encode(f"{state.client_id}:{state.client_secret}".encode()).decode()
@@ -167,11 +171,8 @@ def create_cxone_simulator(state: CXoneSimulatorState | None = None) -> FastAPI:
         state.message_faults.record(
             {"contact_id": contact_id, "params": dict(request.query_params)}
         )
-        fault = state.message_faults.next()
-        if fault and fault.delay:
-            await asyncio.sleep(fault.delay)
-        if fault and (fault.status >= 400 or fault.raw_body is not None):
-            return _fault_response(fault)
+        if (scripted := await _fault_response(state.message_faults.next())) is not None:
+            return scripted
         bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
         if not state._valid(bearer):
             return JSONResponse({"error": "invalid_token"}, 401)

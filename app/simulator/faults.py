@@ -12,11 +12,16 @@ marker.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 
 
 @dataclass(frozen=True)
@@ -68,3 +73,26 @@ class FaultPlan:
             self._queue.clear()
             self.requests.clear()
             self.events.clear()
+
+
+async def recorded_json(plan: FaultPlan, request: Request) -> Any:
+    """The request's JSON body, recorded in the plan with the headers."""
+    body = await request.json()
+    plan.record({"body": body, "headers": dict(request.headers)})
+    return body
+
+
+async def fault_response(
+    fault: Fault, error_body: Callable[[int], dict[str, Any]]
+) -> Response | None:
+    """After the fault's delay, the HTTP answer it scripts instead of the real one: its raw body,
+    or its JSON body or error status (`error_body` gives the wire's own error for a status).
+    None when the route answers as usual."""
+    if fault.delay:
+        await asyncio.sleep(fault.delay)
+    if fault.raw_body is not None:
+        return Response(fault.raw_body, fault.status, fault.headers, "application/json")
+    if fault.json_body is not None or fault.status >= 400:
+        error = fault.json_body or error_body(fault.status)
+        return JSONResponse(error, fault.status, fault.headers)
+    return None

@@ -58,16 +58,13 @@ from app.simulator import anthropic_sim
 from app.simulator.answers import (
     SIMULATED_MODEL_SUFFIX,
     content_text,
-    conversational_reply,
-    customer_text,
     paced,
-    routing_decision,
     stream_deltas,
     token_count,
 )
-from app.simulator.faults import Fault, FaultPlan
-from app.simulator.schema_answers import schema_answer, schema_in_text, strict_mode_problem
-from app.simulator.tool_answers import SimulatedCall, tool_call, tool_result_reply
+from app.simulator.faults import Fault, FaultPlan, fault_response, recorded_json
+from app.simulator.schema_answers import schema_in_text, strict_mode_problem
+from app.simulator.tool_answers import SimulatedCall, simulated_answer, tool_call
 
 
 def completion_body(
@@ -302,21 +299,18 @@ def _openai_answer(
 ) -> tuple[str, str, str, SimulatedCall | None]:
     """(model, content, prompt text, tool call) of the answer to a chat completion request."""
     messages = body.get("messages") or []
-    schema = _response_schema(body)
-    call = None
-    if fault.content is not None:
-        content = fault.content
-    elif fault.chunks is not None:
-        content = "".join(fault.chunks)
-    elif schema is not None:
-        content = json.dumps(schema_answer(schema, customer_text(messages)))
-    elif (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
-        content = json.dumps(routing_decision(customer_text(messages)))
-    elif messages and messages[-1].get("role") == "tool":
-        content = tool_result_reply(content_text(messages[-1].get("content")))
-    else:
-        content = conversational_reply(messages)
-        call = tool_call(_openai_tools(body), _openai_choice(body), False, customer_text(messages))
+    answered = bool(messages) and messages[-1].get("role") == "tool"
+    wants_json = (body.get("response_format") or {}).get("type") in ("json_object", "json_schema")
+    content, call = simulated_answer(
+        fault,
+        messages,
+        schema=_response_schema(body),
+        wants_json=wants_json,
+        tool_result=content_text(messages[-1].get("content")) if answered else None,
+        call_for=lambda customer: tool_call(
+            _openai_tools(body), _openai_choice(body), False, customer
+        ),
+    )
     model = str(body.get("model", "model")) + SIMULATED_MODEL_SUFFIX
     prompt_text = " ".join(content_text(m.get("content")) for m in messages)
     return model, content, prompt_text, call
@@ -417,20 +411,12 @@ def create_llm_simulator(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = await request.json()
-        plan.record({"body": body, "headers": dict(request.headers)})
+        body = await recorded_json(plan, request)
         if refused(request):  # refused before anything else: no fault is played
             return JSONResponse(_KEY_REFUSAL, 401)
         fault = plan.next() or Fault()
-        if fault.delay:
-            await asyncio.sleep(fault.delay)
-        if fault.raw_body is not None:
-            return Response(fault.raw_body, fault.status, fault.headers, "application/json")
-        if fault.json_body is not None or fault.status >= 400:
-            error = fault.json_body or {
-                "error": {"message": f"simulated {fault.status}", "type": "simulated_error"}
-            }
-            return JSONResponse(error, fault.status, fault.headers)
+        if (scripted := await fault_response(fault, _openai_error)) is not None:
+            return scripted
         if (refusal := _strict_refusal(body)) is not None:
             return JSONResponse(refusal, 400)
         model, content, prompt_text, call = _openai_answer(body, fault)
@@ -451,18 +437,12 @@ def create_llm_simulator(
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
-        body = await request.json()
-        plan.record({"body": body, "headers": dict(request.headers)})
+        body = await recorded_json(plan, request)
         if refused(request):
             return JSONResponse(_KEY_REFUSAL, 401)
         fault = plan.next() or Fault()
-        if fault.delay:
-            await asyncio.sleep(fault.delay)
-        if fault.raw_body is not None:
-            return Response(fault.raw_body, fault.status, fault.headers, "application/json")
-        if fault.json_body is not None or fault.status >= 400:
-            error = fault.json_body or _openai_error(fault.status)
-            return JSONResponse(error, fault.status, fault.headers)
+        if (scripted := await fault_response(fault, _openai_error)) is not None:
+            return scripted
         status, answer = _embeddings_answer(body if isinstance(body, dict) else {})
         if fault.omit_usage:
             answer.pop("usage", None)

@@ -42,6 +42,7 @@ from app.store.models import (
     UsagePage,
     UsageRecord,
     from_micros,
+    parse_cursor,
 )
 
 DEFAULT_RESERVATION_TTL_SECONDS = 300.0
@@ -146,14 +147,22 @@ def check_reserve_args(scopes: Sequence[BudgetScope], tokens: int, cost: float) 
         raise ValueError("a scope appears twice in one reservation")
 
 
+def check_settle_usage(actual_tokens: int, actual_cost: float) -> None:
+    if actual_tokens < 0 or actual_cost < 0:
+        raise ValueError("actual usage cannot be negative")
+
+
 def check_settle_args(reservation: Reservation, record: UsageRecord) -> None:
     if record.tenant != reservation.tenant:
         raise ValueError("a usage record is settled against a reservation of its own tenant")
 
 
-def check_page_args(limit: int) -> None:
+def check_page_args(limit: int, cursor: str | None) -> tuple[int, str] | None:
+    """ValueError on a limit out of range or a cursor not given out here; the cursor's
+    (time_us, id), None for the first page."""
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+    return None if cursor is None else parse_cursor(cursor)
 
 
 def decide(

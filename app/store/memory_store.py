@@ -17,6 +17,7 @@ from app.store.base import (
     check_page_args,
     check_reserve_args,
     check_settle_args,
+    check_settle_usage,
     decide,
     remaining_of,
 )
@@ -31,8 +32,6 @@ from app.store.models import (
     UsagePage,
     UsageRecord,
     UsageTotals,
-    from_epoch_us,
-    parse_cursor,
     reservation_id,
     to_micros,
 )
@@ -152,8 +151,7 @@ class MemoryStore:
     async def settle(
         self, reservation: Reservation, actual_tokens: int, actual_cost: float = 0.0
     ) -> bool:
-        if actual_tokens < 0 or actual_cost < 0:
-            raise ValueError("actual usage cannot be negative")
+        check_settle_usage(actual_tokens, actual_cost)
         held = self._held.get(reservation.id)
         if held is not None and held.state == "settled":
             return False
@@ -236,9 +234,7 @@ class MemoryStore:
         limit: int = 50,
         cursor: str | None = None,
     ) -> UsagePage:
-        check_page_args(limit)
-        if cursor is not None:
-            parse_cursor(cursor)
+        check_page_args(limit, cursor)
         page: list[UsageRecord] = []
         for sort_key, record in reversed(self._order.get(tenant, [])):
             if cursor is not None and sort_key >= cursor:
@@ -248,20 +244,14 @@ class MemoryStore:
             page.append(record)
             if len(page) > limit:
                 break
-        more = len(page) > limit
-        page = page[:limit]
-        return UsagePage(page, page[-1].sort_key if more and page else None)
+        return UsagePage.from_overfetch(page, limit)
 
     async def session_summary(self, tenant: str, session_id: str) -> SessionSummary | None:
         session = self._sessions.get((tenant, session_id))
         if session is None:
             return None
-        return SessionSummary(
-            tenant,
-            session_id,
-            replace(session.totals),
-            from_epoch_us(session.first_us),
-            from_epoch_us(session.last_us),
+        return SessionSummary.from_epoch_micros(
+            tenant, session_id, replace(session.totals), session.first_us, session.last_us
         )
 
     async def tenant_status(
@@ -275,9 +265,7 @@ class MemoryStore:
         mine.sort(key=lambda item: (item[1].last_us, item[0]), reverse=True)
         since_us = int((self._clock() - active_window_seconds) * 1_000_000)
         summaries = [
-            SessionSummary(
-                tenant, sid, s.totals, from_epoch_us(s.first_us), from_epoch_us(s.last_us)
-            )
+            SessionSummary.from_epoch_micros(tenant, sid, s.totals, s.first_us, s.last_us)
             for sid, s in mine[:session_limit]
         ]
         return TenantStatus(

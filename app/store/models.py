@@ -319,6 +319,13 @@ class UsagePage:
     records: list[UsageRecord]
     next_cursor: str | None
 
+    @classmethod
+    def from_overfetch(cls, records: list[UsageRecord], limit: int) -> UsagePage:
+        """`records` were read with `limit + 1`: the extra one only says another page follows."""
+        more = len(records) > limit
+        records = records[:limit]
+        return cls(records, records[-1].sort_key if more and records else None)
+
 
 @dataclass(frozen=True)
 class UsageTotals:
@@ -356,6 +363,13 @@ class SessionSummary:
     totals: UsageTotals
     first_at: datetime
     last_at: datetime
+
+    @classmethod
+    def from_epoch_micros(
+        cls, tenant: str, session_id: str, totals: UsageTotals, first_us: int, last_us: int
+    ) -> SessionSummary:
+        """The backends keep a session's first and last use as epoch microseconds."""
+        return cls(tenant, session_id, totals, from_epoch_us(first_us), from_epoch_us(last_us))
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from app.store.base import (
     DEFAULT_RESERVATION_TTL_SECONDS,
     check_reserve_args,
+    check_settle_usage,
     refusal,
     remaining_of,
 )
@@ -253,8 +254,7 @@ class RedisBudget(RedisConnection):
     async def settle(
         self, reservation: Reservation, actual_tokens: int, actual_cost: float = 0.0
     ) -> bool:
-        if actual_tokens < 0 or actual_cost < 0:
-            raise ValueError("actual usage cannot be negative")
+        check_settle_usage(actual_tokens, actual_cost)
         args = self._settle_args(reservation, actual_tokens, to_micros(actual_cost))
         out = await self._call(self._settle, self._reservation_keys(reservation), args)
         return int(out) == 1

@@ -38,8 +38,6 @@ from app.store.models import (
     UsagePage,
     UsageRecord,
     UsageTotals,
-    from_epoch_us,
-    parse_cursor,
 )
 from app.store.redis_connection import DEFAULT_PREFIX, RedisConnection, q
 
@@ -157,9 +155,7 @@ class RedisLedger(RedisConnection):
         limit: int = 50,
         cursor: str | None = None,
     ) -> UsagePage:
-        check_page_args(limit)
-        if cursor is not None:
-            parse_cursor(cursor)
+        check_page_args(limit, cursor)
         base = f"{self._tenant(tenant)}:u"
         index = f"{base}:s:{q(session)}:idx" if session else f"{base}:idx"
         upper = "+" if cursor is None else f"({cursor}"
@@ -171,9 +167,7 @@ class RedisLedger(RedisConnection):
             raise StoreUnavailable(f"Redis store error: {exc}") from exc
         # decode_responses=True: replies are str
         records = [UsageRecord.from_json(cast(str, t)) for t in texts if t is not None]
-        more = len(records) > limit
-        records = records[:limit]
-        return UsagePage(records, records[-1].sort_key if more and records else None)
+        return UsagePage.from_overfetch(records, limit)
 
     async def session_summary(self, tenant: str, session_id: str) -> SessionSummary | None:
         key = f"{self._tenant(tenant)}:u:s:{q(session_id)}"
@@ -221,10 +215,6 @@ class RedisLedger(RedisConnection):
 
 
 def _summary(tenant: str, session_id: str, fields: dict[str, str]) -> SessionSummary:
-    return SessionSummary(
-        tenant=tenant,
-        session_id=session_id,
-        totals=_totals(fields),
-        first_at=from_epoch_us(int(fields["first_us"])),
-        last_at=from_epoch_us(int(fields["last_us"])),
+    return SessionSummary.from_epoch_micros(
+        tenant, session_id, _totals(fields), int(fields["first_us"]), int(fields["last_us"])
     )

@@ -24,6 +24,7 @@ from pathlib import Path
 from app.store.base import (
     DEFAULT_RESERVATION_TTL_SECONDS,
     check_reserve_args,
+    check_settle_usage,
     decide,
     remaining_of,
 )
@@ -135,8 +136,7 @@ class SQLiteBudget(SQLiteConnection):
     async def settle(
         self, reservation: Reservation, actual_tokens: int, actual_cost: float = 0.0
     ) -> bool:
-        if actual_tokens < 0 or actual_cost < 0:
-            raise ValueError("actual usage cannot be negative")
+        check_settle_usage(actual_tokens, actual_cost)
         cost_micros = to_micros(actual_cost)
 
         def work(db: sqlite3.Connection) -> bool:

@@ -28,8 +28,6 @@ from app.store.models import (
     UsagePage,
     UsageRecord,
     UsageTotals,
-    from_epoch_us,
-    parse_cursor,
 )
 from app.store.sqlite_connection import SQLiteConnection
 
@@ -87,6 +85,15 @@ _RECORD_COLUMNS = (
 _TOTALS_COLUMNS = (
     "calls, prompt_tokens, completion_tokens, cost_micros, cached_calls, estimated_calls"
 )
+# an upsert's SET clause adding one record (the `excluded` row) to _TOTALS_COLUMNS
+_ADD_TOTALS = (
+    "calls = calls + 1, "
+    "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = completion_tokens + excluded.completion_tokens, "
+    "cost_micros = cost_micros + excluded.cost_micros, "
+    "cached_calls = cached_calls + excluded.cached_calls, "
+    "estimated_calls = estimated_calls + excluded.estimated_calls"
+)
 
 
 class SQLiteLedger(SQLiteConnection):
@@ -109,14 +116,14 @@ class SQLiteLedger(SQLiteConnection):
         limit: int = 50,
         cursor: str | None = None,
     ) -> UsagePage:
-        check_page_args(limit)
+        after = check_page_args(limit, cursor)
         where = ["tenant = ?"]
         params: list[object] = [tenant]
         if session:
             where.append("session = ?")
             params.append(session)
-        if cursor is not None:
-            time_us, record_id = parse_cursor(cursor)
+        if after is not None:
+            time_us, record_id = after
             where.append("(time_us < ? OR (time_us = ? AND id < ?))")
             params.extend([time_us, time_us, record_id])
         sql = (
@@ -129,9 +136,7 @@ class SQLiteLedger(SQLiteConnection):
             return [_record(row) for row in db.execute(sql, params).fetchall()]
 
         rows = await self._run(work, transaction=False)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return UsagePage(rows, rows[-1].sort_key if more and rows else None)
+        return UsagePage.from_overfetch(rows, limit)
 
     async def session_summary(self, tenant: str, session_id: str) -> SessionSummary | None:
         def work(db: sqlite3.Connection) -> SessionSummary | None:
@@ -228,13 +233,7 @@ def insert_records(db: sqlite3.Connection, records: Sequence[UsageRecord]) -> in
         db.execute(
             f"INSERT INTO usage_tenants (tenant, {_TOTALS_COLUMNS}) "
             "VALUES (?, 1, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (tenant) DO UPDATE SET "
-            "calls = calls + 1, "
-            "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-            "completion_tokens = completion_tokens + excluded.completion_tokens, "
-            "cost_micros = cost_micros + excluded.cost_micros, "
-            "cached_calls = cached_calls + excluded.cached_calls, "
-            "estimated_calls = estimated_calls + excluded.estimated_calls",
+            f"ON CONFLICT (tenant) DO UPDATE SET {_ADD_TOTALS}",
             (r.tenant, *totals),
         )
     return written
@@ -244,13 +243,7 @@ def _add_to_session(db: sqlite3.Connection, r: UsageRecord, totals: tuple[int, .
     db.execute(
         f"INSERT INTO usage_sessions (tenant, session, {_TOTALS_COLUMNS}, first_us, "
         "last_us) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (tenant, session) DO UPDATE SET "
-        "calls = calls + 1, "
-        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-        "completion_tokens = completion_tokens + excluded.completion_tokens, "
-        "cost_micros = cost_micros + excluded.cost_micros, "
-        "cached_calls = cached_calls + excluded.cached_calls, "
-        "estimated_calls = estimated_calls + excluded.estimated_calls, "
+        f"ON CONFLICT (tenant, session) DO UPDATE SET {_ADD_TOTALS}, "
         "first_us = min(first_us, excluded.first_us), "
         "last_us = max(last_us, excluded.last_us)",
         (r.tenant, r.session, *totals, r.time_us, r.time_us),
@@ -266,10 +259,10 @@ def _record(row: Any) -> UsageRecord:
 
 def _summary(tenant: str, row: Any) -> SessionSummary:
     session, *counts = row
-    return SessionSummary(
-        tenant=tenant,
-        session_id=str(session),
-        totals=UsageTotals(*(int(value) for value in counts[:6])),
-        first_at=from_epoch_us(int(counts[6])),
-        last_at=from_epoch_us(int(counts[7])),
+    return SessionSummary.from_epoch_micros(
+        tenant,
+        str(session),
+        UsageTotals(*(int(value) for value in counts[:6])),
+        int(counts[6]),
+        int(counts[7]),
     )
