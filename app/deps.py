@@ -1,7 +1,7 @@
 """One dependency per shared part, as `Annotated` aliases: a route's signature shows what it uses,
 and a test replaces one part with `app.dependency_overrides[get_store] = ...`.
 
-The lifespan builds the parts once (app.bootstrap.build_parts) and keeps them on `app.state`;
+The lifespan builds the parts once (app.bootstrap.parts.build_parts) and keeps them on `app.state`;
 each function below hands out one of them. `HTTPConnection` serves HTTP and WebSocket routes."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from app.store import Store
 from app.store.audit import AuditLog
 
 if TYPE_CHECKING:  # the composition root builds the parts; this module only hands them out
-    from app.bootstrap import Parts
+    from app.bootstrap.parts import Parts
 
 
 def parts_of(connection: HTTPConnection) -> Parts:

@@ -1,4 +1,4 @@
-"""create_app(settings) and the lifespan that builds (app.bootstrap) and closes the shared parts."""
+"""create_app(settings) and the lifespan that builds (app.bootstrap.parts) and closes the parts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from app import __version__
-from app.bootstrap import build_parts
+from app.bootstrap.parts import build_parts
 from app.core.settings import Settings
 from app.core.settings_loading import load_settings
 from app.http.request_ids import RequestIdMiddleware

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from app.auth.signatures import sign_hmac
-from app.bootstrap import Parts
+from app.bootstrap.parts import Parts
 from app.core.settings import Settings
 from app.observability.logs import JsonFormatter
 from app.observability.metrics import MULTIPROC_ENV

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from app.bootstrap import base_config, provider_config_from_env
+from app.bootstrap.options import base_config, provider_config_from_env
 from app.core.errors import ConfigError
 from app.core.settings import Settings
 from app.llm.catalog import (

@@ -18,7 +18,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from starlette.testclient import TestClient
 
-from app.bootstrap import session_id_key
+from app.bootstrap.credentials import session_id_key
 from app.core.settings import DEV_BOT_STATE_SECRET as DEV_STATE
 from app.core.settings import Settings
 from app.main import create_app

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.bootstrap import http_client_options
+from app.bootstrap.options import http_client_options
 from app.upstream.http_client import build_http_client
 
 

@@ -508,7 +508,7 @@ async def test_without_a_cache_concurrent_calls_still_share_one_probe(
 async def test_a_configuration_swap_is_probed_at_once_despite_the_cache(
     app_client: Callable[..., Any], probe_log: ProbeLog
 ) -> None:
-    from app.bootstrap import provider_config_from_env, router_options
+    from app.bootstrap.options import provider_config_from_env, router_options
     from app.llm.router import LLMRouter
 
     running = app_client(health_cache_seconds=60)

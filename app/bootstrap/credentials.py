@@ -1,0 +1,96 @@
+"""The service's own secrets and accepted credentials, from Settings: the key that signs CXone's
+botSessionState, the key of session-id digests, the CXone Authorization values; and the warnings
+about development values left in place."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+
+from app.auth.signatures import AuthorizationAuthenticator
+from app.core.credentials import split_tenant
+from app.core.settings import (
+    DEV_BOT_STATE_SECRET,
+    DEV_CLIENT_API_KEY,
+    DEV_CXONE_AUTHORIZATION,
+    Settings,
+)
+
+log = logging.getLogger("cxrelay")
+
+
+def state_secret(settings: Settings) -> bytes:
+    if settings.bot_state_secret is not None:
+        return settings.bot_state_secret.get_secret_value().encode()
+    log.warning(
+        "BOT_STATE_SECRET is not set: botSessionState is signed with a key of this process "
+        "only, so another replica (or a restart) starts CXone conversations afresh"
+    )
+    return secrets.token_bytes(32)
+
+
+SESSION_ID_KEY_LABEL = b"cx-relay session id digests"
+
+
+def session_id_key(settings: Settings) -> bytes:
+    """SESSION_ID_SECRET; else a key derived from BOT_STATE_SECRET (a shared secret already, and
+    never the same key as the state signature's; simulated mode has a development one); else
+    one of this process only (settings refuse that with several workers or replicas)."""
+    if settings.session_id_secret is not None:
+        return settings.session_id_secret.get_secret_value().encode()
+    if settings.bot_state_secret is not None:
+        secret = settings.bot_state_secret.get_secret_value().encode()
+        return hmac.new(secret, SESSION_ID_KEY_LABEL, hashlib.sha256).digest()
+    log.warning(
+        "SESSION_ID_SECRET is not set (nor BOT_STATE_SECRET): session ids holding personal data "
+        "are digested with a key of this process only, so after a restart such a session starts "
+        "afresh (its budget too) and its earlier records are found only by the digest shown"
+    )
+    return secrets.token_bytes(32)
+
+
+def cxone_authorizations(settings: Settings) -> AuthorizationAuthenticator:
+    """The accepted Authorization values (`value:tenant`, as every credential setting), held as
+    SHA-256 digests: no raw credential kept around."""
+    return AuthorizationAuthenticator(
+        [split_tenant(v.get_secret_value().strip()) for v in settings.cxone_webhook_authorization]
+    )
+
+
+def warn_about_development_settings(settings: Settings) -> None:
+    if settings.allow_unauthenticated_webhooks:
+        log.warning(
+            "ALLOW_UNAUTHENTICATED_WEBHOOKS=true: webhook requests WITHOUT a credential are "
+            "accepted. Development only; never run like this in front of customers."
+        )
+    if any(
+        v.get_secret_value() == DEV_CXONE_AUTHORIZATION
+        for v in settings.cxone_webhook_authorization
+    ):
+        log.warning(
+            "development CXone Authorization value %r accepted (simulated mode's, or compose's "
+            "default); set your own CXONE_WEBHOOK_AUTHORIZATION before exposing this service",
+            DEV_CXONE_AUTHORIZATION,
+        )
+    secret = settings.bot_state_secret
+    if secret is not None and secret.get_secret_value() == DEV_BOT_STATE_SECRET:
+        log.warning(
+            "development BOT_STATE_SECRET in use (simulated mode's, or compose's default): "
+            "anyone can forge CXone conversation state; set your own before exposing this "
+            "service"
+        )
+    if any(k.get_secret_value() == DEV_CLIENT_API_KEY for k in settings.client_api_keys):
+        log.warning(
+            "development client API key %r accepted for the chat and /budget routes (simulated "
+            "mode's, or compose's default); set your own CLIENT_API_KEYS before exposing this "
+            "service",
+            DEV_CLIENT_API_KEY,
+        )
+    if settings.using_dev_secret:
+        log.warning(
+            "development webhook secret %r in use (simulated mode's, or compose's default); set "
+            "your own COGNIGY_WEBHOOK_SECRET before exposing this service",
+            "cx-relay-dev-secret",
+        )
