@@ -3,6 +3,7 @@ keys cooled down, so one bad or throttled key never fails a turn that another ke
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -50,6 +51,22 @@ class KeyPool:
                 self._next = (self._next + offset + 1) % len(self.keys)
                 return key
         return None
+
+    async def acquire_waiting(self, budget: float) -> ApiKey | None:
+        """A key for a fresh pass, waiting for a cooling one if it is free within `budget` seconds.
+
+        Without the wait, a pass that finds every key still cooling (another turn's later 429 can
+        push a key's cooling past this turn's Retry-After) sends nothing yet spends a retry."""
+        while True:
+            key = self.acquire(set())
+            if key is not None:
+                return key
+            wait = self.next_available_in()
+            if wait is None or wait >= budget:
+                return None
+            pause = max(wait, 0.001)  # never a busy loop on a key whose cooling ends right now
+            await asyncio.sleep(pause)
+            budget -= pause
 
     def mark_unauthorized(self, key: ApiKey, status: int | None) -> None:
         if key.healthy:

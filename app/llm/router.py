@@ -423,6 +423,9 @@ class LLMRouter:
         try:
             while True:
                 key = runtime.keys.acquire(tried)
+                if key is None and not tried and not later:  # a fallback entry goes on at once
+                    budget = deadline.remaining() - MIN_ATTEMPT_SECONDS - DEADLINE_MARGIN_SECONDS
+                    key = await runtime.keys.acquire_waiting(budget)
                 if key is None:
                     break
                 tried.add(key.key_id)

@@ -150,6 +150,51 @@ async def test_rate_limited_key_cools_down_then_returns_by_itself(
     assert "sk-a-one" in keys_used(plan_a)[4:]
 
 
+async def test_a_pass_that_finds_every_key_cooling_waits_for_one_instead_of_spending_a_retry(
+    http: httpx.AsyncClient, servers: tuple[str, str], plan_a: FaultPlan
+) -> None:
+    """Another turn's 429 can re-cool a key after this turn's Retry-After was read: the pass
+    waits for the first key to cool down (within the deadline) rather than sending nothing and
+    failing with its only attempt."""
+    llm = router(http, config(servers))  # max_attempts=1: a wasted pass would fail the turn
+    pool = llm.providers["alpha"].keys
+    for key, seconds in zip(pool.keys, (0.3, 0.2, 0.4), strict=True):
+        pool.mark_rate_limited(key, seconds)
+    started = time.monotonic()
+    result = await llm.complete(request("gpt-4o-mini"), Deadline.after(5))
+    assert 0.2 <= time.monotonic() - started < 0.3
+    assert [a.outcome for a in result.trail] == ["ok"]
+    assert keys_used(plan_a) == ["sk-a-two"]
+
+
+async def test_a_cooling_wait_longer_than_the_deadline_is_not_waited(
+    http: httpx.AsyncClient, servers: tuple[str, str], plan_a: FaultPlan
+) -> None:
+    llm = router(http, config(servers))
+    pool = llm.providers["alpha"].keys
+    for key in pool.keys:
+        pool.mark_rate_limited(key, 3.0)
+    started = time.monotonic()
+    with pytest.raises(UpstreamError, match="every key is cooling down"):
+        await llm.complete(request("gpt-4o-mini"), Deadline.after(1))
+    assert time.monotonic() - started < 0.1
+    assert plan_a.requests == []
+
+
+async def test_cooling_keys_send_a_chain_to_its_next_entry_without_waiting(
+    http: httpx.AsyncClient, servers: tuple[str, str], plan_a: FaultPlan
+) -> None:
+    llm = router(http, config(servers))
+    pool = llm.providers["alpha"].keys
+    for key in pool.keys:
+        pool.mark_rate_limited(key, 0.5)
+    started = time.monotonic()
+    result = await llm.complete(request(), Deadline.after(5))
+    assert result.provider == "beta"
+    assert time.monotonic() - started < 0.3
+    assert plan_a.requests == []
+
+
 async def test_429_on_every_key_falls_back_to_the_next_route_entry(
     http: httpx.AsyncClient, servers: tuple[str, str], plan_a: FaultPlan, plan_b: FaultPlan
 ) -> None:
