@@ -4,14 +4,20 @@ Starts bench/fake_upstream.py (an OpenAI-compatible provider and CXone on one po
 service (`python -m app serve`, one worker, SQLite store in a temporary DATA_DIR, the whole
 pipeline on: client-key auth, budgets reserved and settled with an unlimited session limit,
 token counting, metrics, INFO logs to a file; the intent cache off so every request goes
-upstream), then measures, direct to the fake vs through the service:
+upstream), and two bare forwarders (bench/forwarder.py: uvicorn + FastAPI + a lifespan-held
+client making the same upstream calls and nothing else; `aiohttp`, the stack's ceiling, and
+`httpx` over the aiohttp transport, the service's client). Then it measures, direct to the fake
+vs through the service vs through each forwarder, one target under load at a time:
 
   * /v1/chat/completions non-streaming at concurrency 1 and 50 (wrk): requests/s, p50, p99;
   * `stream: true` at concurrency 1 and 50 (bench/rawclient.py): first SSE event and last byte;
   * the signed Cognigy fallback webhook and the CXone webhook at concurrency 50 (wrk);
-  * the service's peak RSS (VmHWM) and RSS growth over 10,000 new sessions.
+  * the service's peak RSS (VmHWM) and RSS growth over 10,000 new sessions; the forwarders' peak.
 
-Writes bench/results/latest.{json,md,png}. `--quick` is a ~1 minute smoke run.
+Every service figure is also given against the aiohttp forwarder of the same run, and the
+"Targets (issue 19)" section says which of the issue's goals the run meets.
+
+Writes bench/results/latest.{json,md,png}. `--quick` is a ~1.5 minute smoke run.
 """
 
 from __future__ import annotations
@@ -47,6 +53,23 @@ CLIENT_KEY = "bench-client-key"
 COGNIGY_SECRET = "bench-cognigy-secret"
 CXONE_AUTH = "Bearer bench-cxone-token"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# the bare forwarders (bench/forwarder.py), by their name in the results; the first is the
+# reference every service figure is compared with
+FORWARDERS = ("forwarder_aiohttp", "forwarder_httpx")
+REFERENCE = FORWARDERS[0]
+TARGET_LABELS = {
+    "direct": "direct",
+    "service": "service",
+    "forwarder_aiohttp": "forwarder (aiohttp)",
+    "forwarder_httpx": "forwarder (httpx)",
+}
+# issue 19's goals, against the aiohttp forwarder measured in the same run
+GOAL_RPS_PCT = 50.0  # at least this share of the forwarder's requests/s at c=50
+GOAL_MULTIPLE = 2.0  # overhead / p99 at most this multiple of the forwarder's
+GOAL_PEAK_RSS_MIB = 150.0
+# a process not under test that uses more CPU than this during a measurement is reported
+IDLE_CPU_WARN_MS = 200.0
 
 CHAT_BODY = {
     "model": "gpt-4o-mini",
@@ -166,7 +189,11 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="cx-relay-bench-"))
         self.up_port = free_port()
         self.svc_port = free_port()
+        self.fwd_ports = {name: free_port() for name in FORWARDERS}
         self.procs: list[subprocess.Popen[bytes]] = []
+        # the live processes by name ("fake_upstream", "service", the forwarders): their CPU is
+        # read around every measurement
+        self.named: dict[str, subprocess.Popen[bytes]] = {}
         self.results: dict[str, Any] = {}
         self.run_id = time.strftime("%H%M%S")
 
@@ -181,6 +208,7 @@ class Bench:
                 stderr=subprocess.STDOUT,
             )
         self.procs.append(self.upstream)
+        self.named["fake_upstream"] = self.upstream
         wait_until_up(
             f"http://{HOST}:{self.up_port}/health", self.upstream, "fake upstream", log_file
         )
@@ -244,10 +272,68 @@ class Bench:
                 cwd=self.tmp,
             )
         self.procs.append(self.service)
+        self.named["service"] = self.service
         wait_until_up(
             f"http://{HOST}:{self.svc_port}/health/live", self.service, "service", self.service_log
         )
         log(f"service pid {self.service.pid} on :{self.svc_port} (log {self.service_log})")
+
+    def start_forwarder(self, name: str) -> None:
+        log_file = self.tmp / f"{name}.log"
+        port = self.fwd_ports[name]
+        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TZ") if k in os.environ}
+        with log_file.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(BENCH / "forwarder.py"),
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(port),
+                    "--upstream",
+                    f"http://{HOST}:{self.up_port}",
+                    "--client",
+                    name.removeprefix("forwarder_"),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.tmp,
+            )
+        self.procs.append(proc)
+        self.named[name] = proc
+        wait_until_up(f"http://{HOST}:{port}/health", proc, name, log_file)
+        self.results.setdefault("forwarders_memory", {})[name] = {
+            "rss_at_start_kib": proc_status(proc.pid)["VmRSS"]
+        }
+        log(f"{name} pid {proc.pid} on :{port}")
+
+    def port(self, target: str) -> int:
+        if target == "direct":
+            return self.up_port
+        if target == "service":
+            return self.svc_port
+        return self.fwd_ports[target]
+
+    def cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(proc.pid) for name, proc in self.named.items()}
+
+    def cpu_used(
+        self, target: str, before: dict[str, float], requests: int, data: dict[str, Any]
+    ) -> None:
+        """Record into `data` the CPU each process used per request since `before`, the target's
+        own (for `direct`, the fake's) and warn when a process not under test was busy."""
+        after = self.cpu()
+        used = {name: after[name] - before.get(name, after[name]) for name in after}
+        data["cpu_ms_per_request"] = {
+            name: round(1000 * seconds / max(1, requests), 3) for name, seconds in used.items()
+        }
+        own = "fake_upstream" if target == "direct" else target
+        data["target_cpu_ms_per_request"] = data["cpu_ms_per_request"][own]
+        for name, seconds in used.items():
+            if name not in (own, "fake_upstream") and 1000 * seconds > IDLE_CPU_WARN_MS:
+                log(f"  WARNING: {name} used {1000 * seconds:.0f} ms CPU while not under test")
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -281,6 +367,54 @@ class Bench:
                 sig, body = self.cognigy_body(i)
                 out.write(sig.encode() + b"\t" + body + b"\n")
         return path
+
+    def forwarder_sanity(self, name: str) -> None:
+        """One request per route of a forwarder: a success, and the upstream calls the service
+        makes for the same surface."""
+        expected = {
+            "chat": {"chat": 1},
+            "chat_stream": {"stream": 1},
+            "cognigy": {"messages": 1, "chat_json": 1},
+            "cxone": {"messages": 1, "stream": 1},
+        }
+
+        async def check() -> dict[str, Any]:
+            conn = rawclient.Connection(HOST, self.fwd_ports[name])
+            headers = {"Content-Type": "application/json"}
+            cognigy = self.cognigy_body(10**9 + 1)[1]
+            cxone = json.dumps(
+                {"userInput": "Hi", "userInputType": "TEXT", "executionInfo": {"contactId": 9}}
+            ).encode()
+            requests = {
+                "chat": ("/v1/chat/completions", json.dumps(CHAT_BODY).encode()),
+                "chat_stream": (
+                    "/v1/chat/completions",
+                    json.dumps({**CHAT_BODY, "stream": True}).encode(),
+                ),
+                "cognigy": ("/webhook/cognigy/fallback", cognigy),
+                "cxone": ("/webhook/cxone", cxone),
+            }
+            found: dict[str, Any] = {}
+            for surface, (path, body) in requests.items():
+                before = upstream_counts(self.up_port)
+                t = await conn.request("POST", path, headers, body)
+                after = upstream_counts(self.up_port)
+                calls = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k)}
+                found[surface] = t.status == 200 and calls == expected[surface]
+                if surface == "chat_stream":
+                    found[surface] = found[surface] and b"data: [DONE]" in t.body
+                if not found[surface]:
+                    found[f"{surface}_answer"] = {"status": t.status, "calls": calls}
+            await conn.close()
+            return found
+
+        found = asyncio.run(check())
+        self.results.setdefault("sanity_forwarders", {})[name] = found
+        failed = [k for k in expected if not found[k]]
+        if failed:
+            log(f"{name} SANITY FAILED for {failed}: {json.dumps(found)[:2000]}")
+            sys.exit(1)
+        log(f"{name} sanity: every route answers a success with the service's upstream calls")
 
     def sanity(self) -> None:
         """One request per surface: the answers the load phases rely on really are successes."""
@@ -342,38 +476,46 @@ class Bench:
     # phases
 
     def measured_wrk(
-        self, url: str, script: str, connections: int, args: list[str], env: dict[str, str]
+        self,
+        target: str,
+        path: str,
+        script: str,
+        connections: int,
+        args: list[str],
+        env: dict[str, str],
     ) -> dict[str, Any]:
-        """wrk against a URL, plus the CPU the service and the fake used meanwhile and how many
-        upstream calls the fake saw."""
+        """wrk against one target (only it and the fake take load), plus the CPU every process
+        used meanwhile and how many upstream calls the fake saw."""
+        time.sleep(0.3)  # whatever the previous target still had in hand settles
+        url = f"http://{HOST}:{self.port(target)}{path}"
         before_counts = upstream_counts(self.up_port)
-        cpu_svc, cpu_up = cpu_seconds(self.service.pid), cpu_seconds(self.upstream.pid)
+        before_cpu = self.cpu()
         data = run_wrk(url, script, connections, self.seconds, args, env)
-        cpu_svc = cpu_seconds(self.service.pid) - cpu_svc
-        cpu_up = cpu_seconds(self.upstream.pid) - cpu_up
+        self.cpu_used(target, before_cpu, data["requests"], data)
         after = upstream_counts(self.up_port)
         data["upstream_calls"] = {
             k: after.get(k, 0) - before_counts.get(k, 0)
             for k in after
             if after.get(k, 0) - before_counts.get(k, 0)
         }
-        data["cpu_ms_per_request"] = {
-            "service": round(1000 * cpu_svc / max(1, data["requests"]), 3),
-            "fake_upstream": round(1000 * cpu_up / max(1, data["requests"]), 3),
-        }
         return data
 
     def phase_chat(self) -> None:
         env = {"BENCH_CLIENT_KEY": CLIENT_KEY}
-        direct = f"http://{HOST}:{self.up_port}/v1/chat/completions"
-        service = f"http://{HOST}:{self.svc_port}/v1/chat/completions"
         out: dict[str, Any] = {}
         for c in (1, 50):
-            d = self.measured_wrk(direct, "chat.lua", c, [f"d{self.run_id}c{c}"], env)
-            log(f"chat  c={c:<2} direct : {wrk_summary(d)}")
-            s = self.measured_wrk(service, "chat.lua", c, [f"s{self.run_id}c{c}"], env)
-            log(f"chat  c={c:<2} service: {wrk_summary(s)}")
-            out[f"c{c}"] = {"direct": d, "service": s, "compare": compare(d, s)}
+            row: dict[str, Any] = {}
+            for target in ("direct", "service", *FORWARDERS):
+                prefix = f"{target[0]}{target[-1]}{self.run_id}c{c}"
+                row[target] = self.measured_wrk(
+                    target, "/v1/chat/completions", "chat.lua", c, [prefix], env
+                )
+                log(f"chat  c={c:<2} {TARGET_LABELS[target]:<19}: {wrk_summary(row[target])}")
+            d = row["direct"]
+            row["compare"] = compare(d, row["service"])
+            row["vs_forwarder"] = versus(row["service"], row[REFERENCE], d)
+            row["httpx_vs_aiohttp_forwarder"] = versus(row[FORWARDERS[1]], row[REFERENCE], d)
+            out[f"c{c}"] = row
         self.results["chat"] = out
 
     def phase_stream(self) -> None:
@@ -396,16 +538,24 @@ class Bench:
         out: dict[str, Any] = {}
         for c, total in ((1, sequential), (50, 50 * per_conn)):
             row: dict[str, Any] = {}
-            for where, port in (("direct", self.up_port), ("service", self.svc_port)):
+            for target in ("direct", "service", *FORWARDERS):
+                time.sleep(0.3)
+                before_cpu = self.cpu()
                 summary = asyncio.run(
                     rawclient.drive(
-                        HOST, port, "/v1/chat/completions", make(f"{where}{c}"), total, c, ok
+                        HOST,
+                        self.port(target),
+                        "/v1/chat/completions",
+                        make(f"{target}{c}"),
+                        total,
+                        c,
+                        ok,
                     )
                 )
-                row[where] = summary.as_dict()
-                r = row[where]
+                row[target] = r = summary.as_dict()
+                self.cpu_used(target, before_cpu, summary.requests, r)
                 log(
-                    f"stream c={c:<2} {where:<7}: {r['rps']:>9.1f} str/s  "
+                    f"stream c={c:<2} {TARGET_LABELS[target]:<19}: {r['rps']:>8.1f} str/s  "
                     f"first event p50 {r['ttfb_p50_us'] / 1000:6.2f} ms p99 "
                     f"{r['ttfb_p99_us'] / 1000:6.2f} ms  last byte p50 "
                     f"{r['ttlb_p50_us'] / 1000:6.2f} ms p99 {r['ttlb_p99_us'] / 1000:6.2f} ms"
@@ -419,23 +569,32 @@ class Bench:
                 }
                 for key in ("ttfb_p50_us", "ttfb_p99_us", "ttlb_p50_us", "ttlb_p99_us")
             }
+            row["vs_forwarder"] = stream_versus(s, row[REFERENCE], d)
+            row["httpx_vs_aiohttp_forwarder"] = stream_versus(row[FORWARDERS[1]], row[REFERENCE], d)
             out[f"c{c}"] = row
         self.results["stream"] = out
 
     def phase_webhooks(self) -> None:
+        """Each webhook at c=50 through the service, then the same load through each forwarder
+        (which makes the same upstream calls). The service gets the results' top-level keys."""
         threads = 2
         bodies = self.write_cognigy_bodies(20_000 if self.quick else 60_000)
         env = {"BENCH_COGNIGY_FILE": str(bodies), "BENCH_CXONE_AUTH": CXONE_AUTH}
-        out: dict[str, Any] = {}
-        url = f"http://{HOST}:{self.svc_port}/webhook/cognigy/fallback"
-        data = self.measured_wrk(url, "cognigy.lua", 50, [str(threads)], env)
-        log(f"cognigy c=50 service: {wrk_summary(data)}")
-        out["cognigy_c50"] = data
-        url = f"http://{HOST}:{self.svc_port}/webhook/cxone"
-        base = str(int(time.time()) % 100_000 * 1_000_000_000)
-        data = self.measured_wrk(url, "cxone.lua", 50, [base], env)
-        log(f"cxone   c=50 service: {wrk_summary(data)}")
-        out["cxone_c50"] = data
+        out: dict[str, Any] = {"forwarders": {}, "vs_forwarder": {}}
+        base = int(time.time()) % 100_000 * 1_000_000_000
+        for key, path, script in (
+            ("cognigy_c50", "/webhook/cognigy/fallback", "cognigy.lua"),
+            ("cxone_c50", "/webhook/cxone", "cxone.lua"),
+        ):
+            for i, target in enumerate(("service", *FORWARDERS)):
+                args = [str(threads)] if script == "cognigy.lua" else [str(base + i * 10**8)]
+                data = self.measured_wrk(target, path, script, 50, args, env)
+                log(f"{key[:-4]:<7} c=50 {TARGET_LABELS[target]:<19}: {wrk_summary(data)}")
+                if target == "service":
+                    out[key] = data
+                else:
+                    out["forwarders"].setdefault(target, {})[key] = data
+            out["vs_forwarder"][key] = versus(out[key], out["forwarders"][REFERENCE][key])
         self.results["webhooks"] = out
 
     def phase_sessions(self) -> None:
@@ -487,18 +646,18 @@ class Bench:
             log(f"fake upstream alone c={c:<2}: {wrk_summary(out[f'c{c}'])}")
         self.results["fake_upstream"] = out
 
-    def warm_up(self) -> None:
+    def warm_up(self, target: str = "service") -> None:
         env = {
             "BENCH_CLIENT_KEY": CLIENT_KEY,
             "BENCH_CXONE_AUTH": CXONE_AUTH,
             "BENCH_COGNIGY_FILE": str(self.write_cognigy_bodies(2000)),
         }
-        base = f"http://{HOST}:{self.svc_port}"
+        base = f"http://{HOST}:{self.port(target)}"
         secs = 2.0 if self.quick else 3.0
         run_wrk(f"{base}/v1/chat/completions", "chat.lua", 10, secs, [f"w{self.run_id}"], env)
         run_wrk(f"{base}/webhook/cognigy/fallback", "cognigy.lua", 10, secs, ["2"], env)
         run_wrk(f"{base}/webhook/cxone", "cxone.lua", 10, secs, ["7"], env)
-        log("warmed up")
+        log(f"{target} warmed up")
 
     def memory_without_tokenizer(self) -> None:
         """Peak RSS of a second service with TOKEN_COUNTING=estimate (no o200k tables) after
@@ -517,8 +676,13 @@ class Bench:
         self.upstream_alone()
         self.start_service()
         self.rss_at_start = proc_status(self.service.pid)["VmRSS"]
+        for name in FORWARDERS:
+            self.start_forwarder(name)
         self.sanity()
-        self.warm_up()
+        for name in FORWARDERS:
+            self.forwarder_sanity(name)
+        for target in ("service", *FORWARDERS):
+            self.warm_up(target)
         self.phase_chat()
         self.phase_stream()
         self.phase_webhooks()
@@ -530,7 +694,13 @@ class Bench:
             "rss_at_start_kib": self.rss_at_start,
         }
         log(f"service peak RSS (VmHWM) {status['VmHWM'] / 1024:.1f} MiB")
+        for name in FORWARDERS:
+            status = proc_status(self.named[name].pid)
+            memory = self.results["forwarders_memory"][name]
+            memory.update(peak_rss_kib=status["VmHWM"], final_rss_kib=status["VmRSS"])
+            log(f"{name} peak RSS (VmHWM) {status['VmHWM'] / 1024:.1f} MiB")
         self.memory_without_tokenizer()
+        self.results["targets"] = targets(self.results)
         self.results["meta"] = meta(self, time.monotonic() - started)
 
 
@@ -543,6 +713,111 @@ def compare(direct: dict[str, Any], service: dict[str, Any]) -> dict[str, Any]:
         "p99_ratio": round(s["p99"] / d["p99"], 1) if d["p99"] else None,
         "throughput_ratio": round(direct["rps"] / service["rps"], 1) if service["rps"] else None,
     }
+
+
+def _pct(value: float, reference: float) -> float | None:
+    return round(100 * value / reference, 1) if reference else None
+
+
+def _times(value: float, reference: float) -> float | None:
+    """value as a multiple of reference; None when the reference is not positive (an overhead
+    lost in the noise cannot be a yardstick)."""
+    return round(value / reference, 2) if reference > 0 else None
+
+
+def versus(
+    x: dict[str, Any], ref: dict[str, Any], direct: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A wrk measurement against the reference forwarder's in the same run: its requests/s as a
+    percentage of the forwarder's, its latencies as multiples of the forwarder's, and (given the
+    direct measurement) its overhead over direct as a multiple of the forwarder's overhead."""
+    xl, rl = x["latency_us"], ref["latency_us"]
+    out: dict[str, Any] = {
+        "rps_pct": _pct(x["rps"], ref["rps"]),
+        "p50_ratio": _times(xl["p50"], rl["p50"]),
+        "p99_ratio": _times(xl["p99"], rl["p99"]),
+        "cpu_ratio": _times(x["target_cpu_ms_per_request"], ref["target_cpu_ms_per_request"]),
+    }
+    if direct is not None:
+        dl = direct["latency_us"]
+        for q in ("p50", "p99"):
+            out[f"{q}_overhead_multiple"] = _times(xl[q] - dl[q], rl[q] - dl[q])
+    return out
+
+
+def stream_versus(x: dict[str, Any], ref: dict[str, Any], direct: dict[str, Any]) -> dict[str, Any]:
+    """The streaming counterpart of versus(): first event and last byte."""
+    out: dict[str, Any] = {
+        "rps_pct": _pct(x["rps"], ref["rps"]),
+        "cpu_ratio": _times(x["target_cpu_ms_per_request"], ref["target_cpu_ms_per_request"]),
+    }
+    for key in ("ttfb_p50_us", "ttfb_p99_us", "ttlb_p50_us", "ttlb_p99_us"):
+        name = key.removesuffix("_us")
+        out[f"{name}_ratio"] = _times(x[key], ref[key])
+        out[f"{name}_overhead_multiple"] = _times(x[key] - direct[key], ref[key] - direct[key])
+    return out
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 19's goals, each with the run's figure (against the aiohttp forwarder of the run)."""
+    chat, stream, hooks = r["chat"], r["stream"], r["webhooks"]["vs_forwarder"]
+    shares = {  # requests/s at c=50 as a % of the forwarder's
+        "/v1/chat/completions": chat["c50"]["vs_forwarder"]["rps_pct"],
+        "Cognigy webhook": hooks["cognigy_c50"]["rps_pct"],
+        "CXone webhook": hooks["cxone_c50"]["rps_pct"],
+    }
+    multiples = {  # as a multiple of the forwarder's
+        "/v1 overhead over direct at c=1 (p50)": chat["c1"]["vs_forwarder"][
+            "p50_overhead_multiple"
+        ],
+        "streaming first-event overhead over direct at c=1 (p50)": stream["c1"]["vs_forwarder"][
+            "ttfb_p50_overhead_multiple"
+        ],
+        "/v1 p99 at c=50": chat["c50"]["vs_forwarder"]["p99_ratio"],
+        "streaming last-byte p99 at c=50": stream["c50"]["vs_forwarder"]["ttlb_p99_ratio"],
+        "Cognigy webhook p99 at c=50": hooks["cognigy_c50"]["p99_ratio"],
+        "CXone webhook p99 at c=50": hooks["cxone_c50"]["p99_ratio"],
+    }
+    peak = round(r["service_memory"]["peak_rss_kib"] / 1024, 1)
+
+    def row(name: str, goal: str, value: float | None, unit: str, met: bool) -> dict[str, Any]:
+        return {
+            "target": name,
+            "goal": goal,
+            "measured": value,
+            "unit": unit,
+            "met": None if value is None else met,
+        }
+
+    return [
+        *(
+            row(
+                f"{name} req/s at c=50, % of forwarder's",
+                f">= {GOAL_RPS_PCT:g}%",
+                value,
+                "%",
+                value is not None and value >= GOAL_RPS_PCT,
+            )
+            for name, value in shares.items()
+        ),
+        *(
+            row(
+                f"{name}, x forwarder's",
+                f"<= {GOAL_MULTIPLE:g}x",
+                value,
+                "x",
+                value is not None and value <= GOAL_MULTIPLE,
+            )
+            for name, value in multiples.items()
+        ),
+        row(
+            "service peak RSS (VmHWM)",
+            f"<= {GOAL_PEAK_RSS_MIB:g} MiB",
+            peak,
+            "MiB",
+            peak <= GOAL_PEAK_RSS_MIB,
+        ),
+    ]
 
 
 def meta(bench: Bench, elapsed: float) -> dict[str, Any]:
@@ -559,6 +834,10 @@ def meta(bench: Bench, elapsed: float) -> dict[str, Any]:
         "service": "python -m app serve, WORKERS=1, STORE_BACKEND=sqlite, "
         "INTENT_CACHE_ENABLED=false, BUDGET_SESSION_TOKENS=none (reserved+settled), "
         "LOG_LEVEL=INFO to a file",
+        "forwarders": "bench/forwarder.py: uvicorn (httptools, default loop, no access log) + "
+        "FastAPI, one process, a lifespan-held aiohttp.ClientSession (forwarder_aiohttp, the "
+        "reference) or httpx.AsyncClient over httpx-aiohttp (forwarder_httpx); the service's "
+        "upstream calls, no auth, no validation",
         "note": "one run on a shared machine; wrk/the client, the fake and the service "
         "share the cores",
     }
@@ -571,8 +850,13 @@ def ms(us: float) -> str:
     return f"{us / 1000:.2f}"
 
 
+def num(value: float | None, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:g}{suffix}"
+
+
 def markdown(r: dict[str, Any]) -> str:
     m = r["meta"]
+    labels = {**TARGET_LABELS, "service": "**service**"}
     lines = [
         "# cx-relay benchmark",
         "",
@@ -582,25 +866,56 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"Service: {m['service']}. {m['note']}; medians of one run, treat ratios as the signal.",
         "",
+        f"Forwarders (the ceiling rows): {m.get('forwarders', '')}. Only the target of a "
+        "measurement and the fake take load; the other processes sit idle.",
+        "",
+        "## Targets (issue 19)",
+        "",
+        "Against the aiohttp forwarder measured in the same run. Overhead = latency through the "
+        "target minus latency direct to the fake.",
+        "",
+        "| target | goal | measured | met |",
+        "|---|---|---:|---|",
+    ]
+    for t in r["targets"]:
+        value = t["measured"]
+        shown = "n/a" if value is None else f"{value:g}{'' if t['unit'] == 'x' else ' '}"
+        shown += "" if value is None else t["unit"]
+        met = {True: "met", False: "**not met**", None: "n/a"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['goal']} | {shown} | {met} |")
+    lines += [
+        "",
         "## /v1/chat/completions, non-streaming (wrk)",
         "",
-        "| concurrency | target | req/s | p50 ms | p99 ms | service CPU ms/req |",
+        "CPU = ms of CPU per request used by the process under test.",
+        "",
+        "| concurrency | target | req/s | p50 ms | p99 ms | CPU ms/req |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for c in ("c1", "c50"):
-        for where in ("direct", "service"):
-            x = r["chat"][c][where]
-            cpu = x["cpu_ms_per_request"]["service"] if where == "service" else "-"
+        row = r["chat"][c]
+        for where in ("direct", "service", *FORWARDERS):
+            x = row[where]
+            cpu = "-" if where == "direct" else x["target_cpu_ms_per_request"]
             lines.append(
-                f"| {c[1:]} | {where} | {x['rps']:.0f} | {ms(x['latency_us']['p50'])} | "
+                f"| {c[1:]} | {labels[where]} | {x['rps']:.0f} | {ms(x['latency_us']['p50'])} | "
                 f"{ms(x['latency_us']['p99'])} | {cpu} |"
             )
-        k = r["chat"][c]["compare"]
+        k = row["compare"]
         lines.append(
-            f"| {c[1:]} | **overhead** | /{k['throughput_ratio']} | "
+            f"| {c[1:]} | service overhead over direct | /{k['throughput_ratio']} | "
             f"+{ms(k['p50_overhead_us'])} (x{k['p50_ratio']}) | "
             f"+{ms(k['p99_overhead_us'])} (x{k['p99_ratio']}) | |"
         )
+        for name, v in (
+            ("**service vs aiohttp forwarder**", row["vs_forwarder"]),
+            ("httpx vs aiohttp forwarder", row["httpx_vs_aiohttp_forwarder"]),
+        ):
+            lines.append(
+                f"| {c[1:]} | {name} | {num(v['rps_pct'], '%')} | "
+                f"x{num(v['p50_ratio'])} (overhead x{num(v['p50_overhead_multiple'])}) | "
+                f"x{num(v['p99_ratio'])} | x{num(v['cpu_ratio'])} |"
+            )
     lines += [
         "",
         "## /v1/chat/completions, `stream: true` (bench/rawclient.py)",
@@ -608,45 +923,71 @@ def markdown(r: dict[str, Any]) -> str:
         "First event = first `data:` SSE event received; last byte = end of the response.",
         "",
         "| concurrency | target | streams | streams/s | first event p50 ms | p99 ms "
-        "| last byte p50 ms | p99 ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| last byte p50 ms | p99 ms | CPU ms/req |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in ("c1", "c50"):
-        for where in ("direct", "service"):
-            x = r["stream"][c][where]
+        row = r["stream"][c]
+        for where in ("direct", "service", *FORWARDERS):
+            x = row[where]
+            cpu = "-" if where == "direct" else x.get("target_cpu_ms_per_request", "-")
             lines.append(
-                f"| {c[1:]} | {where} | {x['requests']} | {x['rps']:.0f} | "
+                f"| {c[1:]} | {labels[where]} | {x['requests']} | {x['rps']:.0f} | "
                 f"{ms(x['ttfb_p50_us'])} | {ms(x['ttfb_p99_us'])} | "
-                f"{ms(x['ttlb_p50_us'])} | {ms(x['ttlb_p99_us'])} |"
+                f"{ms(x['ttlb_p50_us'])} | {ms(x['ttlb_p99_us'])} | {cpu} |"
             )
-        k = r["stream"][c]["compare"]
+        k = row["compare"]
         lines.append(
-            f"| {c[1:]} | **overhead** | | | +{ms(k['ttfb_p50_us']['overhead_us'])} "
+            f"| {c[1:]} | service overhead over direct | | | "
+            f"+{ms(k['ttfb_p50_us']['overhead_us'])} "
             f"(x{k['ttfb_p50_us']['ratio']}) | +{ms(k['ttfb_p99_us']['overhead_us'])} | "
             f"+{ms(k['ttlb_p50_us']['overhead_us'])} (x{k['ttlb_p50_us']['ratio']}) | "
-            f"+{ms(k['ttlb_p99_us']['overhead_us'])} |"
+            f"+{ms(k['ttlb_p99_us']['overhead_us'])} | |"
         )
+        for name, v in (
+            ("**service vs aiohttp forwarder**", row["vs_forwarder"]),
+            ("httpx vs aiohttp forwarder", row["httpx_vs_aiohttp_forwarder"]),
+        ):
+            lines.append(
+                f"| {c[1:]} | {name} | | {num(v['rps_pct'], '%')} | "
+                f"x{num(v['ttfb_p50_ratio'])} (overhead x{num(v['ttfb_p50_overhead_multiple'])})"
+                f" | x{num(v['ttfb_p99_ratio'])} | "
+                f"x{num(v['ttlb_p50_ratio'])} (overhead x{num(v['ttlb_p50_overhead_multiple'])})"
+                f" | x{num(v['ttlb_p99_ratio'])} | x{num(v['cpu_ratio'])} |"
+            )
     lines += [
         "",
-        "## Webhooks through the service, concurrency 50 (wrk)",
+        "## Webhooks, concurrency 50 (wrk)",
         "",
-        "| webhook | req/s | p50 ms | p99 ms | service CPU ms/req | upstream calls |",
-        "|---|---:|---:|---:|---:|---|",
+        "The forwarders make the service's upstream calls for each webhook (Cognigy: the CXone "
+        "messages GET and a JSON chat completion; CXone: the messages GET and a streamed chat "
+        "completion read to its end), and nothing else.",
+        "",
+        "| webhook | target | req/s | p50 ms | p99 ms | CPU ms/req | upstream calls |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
+    hooks = r["webhooks"]
     for name, key in (
         ("Cognigy fallback (HMAC, CXone history)", "cognigy_c50"),
         ("CXone bot turn", "cxone_c50"),
     ):
-        x = r["webhooks"][key]
-        calls = ", ".join(f"{k} {v}" for k, v in sorted(x["upstream_calls"].items()))
+        for where in ("service", *FORWARDERS):
+            x = hooks[key] if where == "service" else hooks["forwarders"][where][key]
+            calls = ", ".join(f"{k} {v}" for k, v in sorted(x["upstream_calls"].items()))
+            lines.append(
+                f"| {name} | {labels[where]} | {x['rps']:.0f} | {ms(x['latency_us']['p50'])} | "
+                f"{ms(x['latency_us']['p99'])} | {x['target_cpu_ms_per_request']} | "
+                f"{x['requests']} requests → {calls} |"
+            )
+        v = hooks["vs_forwarder"][key]
         lines.append(
-            f"| {name} | {x['rps']:.0f} | {ms(x['latency_us']['p50'])} | "
-            f"{ms(x['latency_us']['p99'])} | {x['cpu_ms_per_request']['service']} | "
-            f"{x['requests']} requests → {calls} |"
+            f"| {name} | **service vs aiohttp forwarder** | {num(v['rps_pct'], '%')} | "
+            f"x{num(v['p50_ratio'])} | x{num(v['p99_ratio'])} | x{num(v['cpu_ratio'])} | |"
         )
     fu = r["fake_upstream"]
     s = r["sessions"]
     mem = r["service_memory"]
+    fwd_mem = r.get("forwarders_memory", {})
     lines += [
         "",
         "## Memory",
@@ -667,6 +1008,13 @@ def markdown(r: dict[str, Any]) -> str:
             if "estimate_peak_rss_kib" in mem
             else []
         ),
+        *(
+            f"- {TARGET_LABELS[name].capitalize()} peak RSS (whole run): "
+            f"**{f['peak_rss_kib'] / 1024:.1f} MiB** (at start {f['rss_at_start_kib'] / 1024:.1f}"
+            " MiB)"
+            for name, f in fwd_mem.items()
+            if "peak_rss_kib" in f
+        ),
         f"- Per session: **{s['bytes_per_session']:.0f} bytes** "
         f"(RSS {s['rss_before_kib'] / 1024:.1f} → {s['rss_after_kib'] / 1024:.1f} MiB over "
         f"{s['sessions']} sessions; method: {s['method']}). {s.get('note', '')}",
@@ -682,7 +1030,7 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict[str, Any], path: Path) -> None:
+def plot(r: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -690,60 +1038,68 @@ def plot(r: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         log("WARNING: matplotlib is not installed (pip install -e '.[ops]'): no latest.png")
-        return
-    fig, (lat_ax, rps_ax) = plt.subplots(1, 2, figsize=(13, 5))
-    labels, direct, service = [], [], []
+        return False
+    series = {
+        "direct": "direct to fake upstream",
+        "service": "through cx-relay",
+        "forwarder_aiohttp": "bare forwarder (aiohttp)",
+        "forwarder_httpx": "bare forwarder (httpx)",
+    }
+    width = 0.8 / len(series)
+
+    def bars(ax: Any, names: list[str], values: dict[str, list[float]]) -> None:
+        xs = range(len(names))
+        for i, (key, label) in enumerate(series.items()):
+            offset = (i - (len(series) - 1) / 2) * width
+            ax.bar([x + offset for x in xs], values[key], width, label=label)
+        ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yscale("log")
+
+    fig, (lat_ax, rps_ax) = plt.subplots(1, 2, figsize=(14, 5.5))
+    labels: list[str] = []
+    latency: dict[str, list[float]] = {key: [] for key in series}
     for c in ("c1", "c50"):
         for q in ("p50", "p99"):
             labels.append(f"chat {c} {q}")
-            direct.append(r["chat"][c]["direct"]["latency_us"][q] / 1000)
-            service.append(r["chat"][c]["service"]["latency_us"][q] / 1000)
+            for key in series:
+                latency[key].append(r["chat"][c][key]["latency_us"][q] / 1000)
     for c in ("c1", "c50"):
-        for key, name in (
+        for field_name, name in (
             ("ttfb_p50_us", "1st ev p50"),
             ("ttlb_p50_us", "last p50"),
             ("ttlb_p99_us", "last p99"),
         ):
             labels.append(f"stream {c} {name}")
-            direct.append(r["stream"][c]["direct"][key] / 1000)
-            service.append(r["stream"][c]["service"][key] / 1000)
-    xs = range(len(labels))
-    lat_ax.bar([x - 0.2 for x in xs], direct, 0.4, label="direct to fake upstream")
-    lat_ax.bar([x + 0.2 for x in xs], service, 0.4, label="through cx-relay")
-    lat_ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=8)
-    lat_ax.set_yscale("log")
+            for key in series:
+                latency[key].append(r["stream"][c][key][field_name] / 1000)
+    bars(lat_ax, labels, latency)
     lat_ax.set_ylabel("latency, ms (log)")
     lat_ax.set_title("Latency percentiles")
-    lat_ax.legend()
-    names = ["chat c1", "chat c50", "stream c1", "stream c50"]
-    d_rps = [
-        r["chat"]["c1"]["direct"]["rps"],
-        r["chat"]["c50"]["direct"]["rps"],
-        r["stream"]["c1"]["direct"]["rps"],
-        r["stream"]["c50"]["direct"]["rps"],
-    ]
-    s_rps = [
-        r["chat"]["c1"]["service"]["rps"],
-        r["chat"]["c50"]["service"]["rps"],
-        r["stream"]["c1"]["service"]["rps"],
-        r["stream"]["c50"]["service"]["rps"],
-    ]
-    names += ["cognigy c50", "cxone c50"]
-    d_rps += [0, 0]
-    s_rps += [r["webhooks"]["cognigy_c50"]["rps"], r["webhooks"]["cxone_c50"]["rps"]]
-    xs = range(len(names))
-    rps_ax.bar([x - 0.2 for x in xs], d_rps, 0.4, label="direct to fake upstream")
-    rps_ax.bar([x + 0.2 for x in xs], s_rps, 0.4, label="through cx-relay")
-    rps_ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
-    rps_ax.set_yscale("log")
+    names = ["chat c1", "chat c50", "stream c1", "stream c50", "cognigy c50", "cxone c50"]
+    rps: dict[str, list[float]] = {key: [] for key in series}
+    hooks = r["webhooks"]
+    for key in series:
+        rps[key] += [r[kind][c][key]["rps"] for kind in ("chat", "stream") for c in ("c1", "c50")]
+        for hook in ("cognigy_c50", "cxone_c50"):
+            if key == "direct":
+                rps[key].append(0)
+            elif key == "service":
+                rps[key].append(hooks[hook]["rps"])
+            else:
+                rps[key].append(hooks["forwarders"][key][hook]["rps"])
+    bars(rps_ax, names, rps)
     rps_ax.set_ylabel("requests/s (log)")
     rps_ax.set_title("Throughput")
-    rps_ax.legend()
     m = r["meta"]
     fig.suptitle(f"cx-relay overhead · {m['date']} · nproc {m['nproc']} · Python {m['python']}")
-    fig.tight_layout()
+    handles, legend_labels = lat_ax.get_legend_handles_labels()
+    fig.legend(
+        handles, legend_labels, loc="upper center", ncol=len(series), bbox_to_anchor=(0.5, 0.95)
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main() -> int:
@@ -770,9 +1126,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(bench.results, indent=2) + "\n")
     (args.out / "latest.md").write_text(markdown(bench.results))
-    plot(bench.results, args.out / "latest.png")
+    pictured = plot(bench.results, args.out / "latest.png")
     shutil.rmtree(bench.tmp, ignore_errors=True)
-    log(f"wrote {args.out}/latest.json, latest.md, latest.png")
+    log(f"wrote {args.out}/latest.json, latest.md" + (", latest.png" if pictured else ""))
     print()
     print(markdown(bench.results))
     return 0
