@@ -2,7 +2,9 @@
 and a test replaces one part with `app.dependency_overrides[get_store] = ...`.
 
 The lifespan builds the parts once (app.bootstrap.parts.build_parts) and keeps them on `app.state`;
-each function below hands out one of them. `HTTPConnection` serves HTTP and WebSocket routes."""
+each function below hands out one of them. `HTTPConnection` serves HTTP and WebSocket routes.
+They are `async def` although they never wait: FastAPI runs a plain `def` dependency in the
+thread pool, a thread hop per dependency per request."""
 
 from __future__ import annotations
 
@@ -34,59 +36,59 @@ def parts_of(connection: HTTPConnection) -> Parts:
     return parts
 
 
-def get_settings(connection: HTTPConnection) -> Settings:
+async def get_settings(connection: HTTPConnection) -> Settings:
     return parts_of(connection).settings
 
 
-def get_http_client(connection: HTTPConnection) -> httpx.AsyncClient:
+async def get_http_client(connection: HTTPConnection) -> httpx.AsyncClient:
     return parts_of(connection).http
 
 
-def get_router_slot(connection: HTTPConnection) -> RouterSlot:
+async def get_router_slot(connection: HTTPConnection) -> RouterSlot:
     return parts_of(connection).llm
 
 
-def get_store(connection: HTTPConnection) -> Store:
+async def get_store(connection: HTTPConnection) -> Store:
     return parts_of(connection).store
 
 
-def get_ledger(connection: HTTPConnection) -> Ledger:
+async def get_ledger(connection: HTTPConnection) -> Ledger:
     return parts_of(connection).ledger
 
 
-def get_limiter(connection: HTTPConnection) -> InboundLimiter:
+async def get_limiter(connection: HTTPConnection) -> InboundLimiter:
     return parts_of(connection).limits
 
 
-def get_session_ids(connection: HTTPConnection) -> SessionIds:
+async def get_session_ids(connection: HTTPConnection) -> SessionIds:
     return parts_of(connection).session_ids
 
 
-def get_client_auth(connection: HTTPConnection) -> ClientAuthenticator:
+async def get_client_auth(connection: HTTPConnection) -> ClientAuthenticator:
     return parts_of(connection).client_auth
 
 
-def get_webhook_auth(connection: HTTPConnection) -> WebhookAuthenticator:
+async def get_webhook_auth(connection: HTTPConnection) -> WebhookAuthenticator:
     return parts_of(connection).webhook_auth
 
 
-def get_cxone_authorizations(connection: HTTPConnection) -> AuthorizationAuthenticator:
+async def get_cxone_authorizations(connection: HTTPConnection) -> AuthorizationAuthenticator:
     return parts_of(connection).cxone_authorizations
 
 
-def get_chat_pipeline(connection: HTTPConnection) -> ChatPipeline:
+async def get_chat_pipeline(connection: HTTPConnection) -> ChatPipeline:
     return parts_of(connection).chat
 
 
-def get_caller_templates(connection: HTTPConnection) -> CallerTemplates:
+async def get_caller_templates(connection: HTTPConnection) -> CallerTemplates:
     return parts_of(connection).caller_templates
 
 
-def get_provisioner(connection: HTTPConnection) -> Provisioner:
+async def get_provisioner(connection: HTTPConnection) -> Provisioner:
     return parts_of(connection).provisioner
 
 
-def get_audit_log(connection: HTTPConnection) -> AuditLog:
+async def get_audit_log(connection: HTTPConnection) -> AuditLog:
     return parts_of(connection).audit
 
 

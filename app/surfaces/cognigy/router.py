@@ -27,7 +27,7 @@ from app.surfaces.cognigy.schemas import CognigyResponse, CognigyTrigger
 router = APIRouter(tags=["cognigy"])
 
 
-def get_cognigy_pipeline(connection: HTTPConnection) -> CognigyPipeline:
+async def get_cognigy_pipeline(connection: HTTPConnection) -> CognigyPipeline:
     part: CognigyPipeline = parts_of(connection).cognigy
     return part
 

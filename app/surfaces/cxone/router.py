@@ -31,7 +31,7 @@ from app.surfaces.cxone.schemas import BotExchangeResponse, ExternalIntegrationB
 router = APIRouter(tags=["cxone"])
 
 
-def get_cxone_bot_pipeline(connection: HTTPConnection) -> CXoneBotPipeline:
+async def get_cxone_bot_pipeline(connection: HTTPConnection) -> CXoneBotPipeline:
     part: CXoneBotPipeline = parts_of(connection).cxone_bot
     return part
 

@@ -22,7 +22,7 @@ from app.surfaces.health.report import HealthOptions, health_report, readiness
 router = APIRouter(tags=["health"])
 
 
-def get_health_options(connection: HTTPConnection) -> HealthOptions:
+async def get_health_options(connection: HTTPConnection) -> HealthOptions:
     part: HealthOptions = parts_of(connection).health
     return part
 
@@ -30,7 +30,7 @@ def get_health_options(connection: HTTPConnection) -> HealthOptions:
 HealthOptionsDep = Annotated[HealthOptions, Depends(get_health_options)]
 
 
-def get_probes(connection: HTTPConnection) -> ProviderProbes:
+async def get_probes(connection: HTTPConnection) -> ProviderProbes:
     part: ProviderProbes = parts_of(connection).probes
     return part
 

@@ -30,7 +30,7 @@ from app.surfaces.openai.session import session_of
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
 
-def get_embeddings_pipeline(connection: HTTPConnection) -> EmbeddingsPipeline:
+async def get_embeddings_pipeline(connection: HTTPConnection) -> EmbeddingsPipeline:
     part: EmbeddingsPipeline = parts_of(connection).embeddings
     return part
 
