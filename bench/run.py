@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -124,8 +125,33 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    """utime + stime of a process and its live descendants (WORKERS>1: uvicorn's workers)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # gone meanwhile
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return own + sum(cpu_seconds(child) for child in child_pids(pid))
+
+
+def child_pids(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def redis_answers(url: str) -> bool:
+    """A PING over a plain socket (the bench needs no Redis client of its own)."""
+    rest = url.split("://", 1)[1].split("/", 1)[0]
+    host, _, port = rest.rpartition("@")[2].partition(":")
+    try:
+        with socket.create_connection((host or HOST, int(port or 6379)), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def upstream_counts(port: int) -> dict[str, int]:
@@ -659,12 +685,52 @@ class Bench:
         run_wrk(f"{base}/webhook/cxone", "cxone.lua", 10, secs, ["7"], env)
         log(f"{target} warmed up")
 
+    def phase_workers(self) -> None:
+        """WORKERS=1 and WORKERS=2 on SQLite and on Redis (issue 19, item 4): /v1 non-streaming
+        at c=50, two workers' req/s as a multiple of one's, and the CPU each process used per
+        request, which tells what bounds the second worker on two shared cores."""
+        redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+        env = {"BENCH_CLIENT_KEY": CLIENT_KEY}
+        out: dict[str, Any] = {"redis_url": redis_url}
+        for backend in ("sqlite", "redis"):
+            if backend == "redis" and not redis_answers(redis_url):
+                out[backend] = {"skipped": f"no Redis answered at {redis_url} (BENCH_REDIS_URL)"}
+                log(f"workers: {out[backend]['skipped']}")
+                continue
+            rows: dict[str, Any] = {}
+            for workers in (1, 2):
+                extra = {"WORKERS": str(workers), "STORE_BACKEND": backend}
+                if backend == "redis":
+                    extra |= {
+                        "REDIS_URL": redis_url,
+                        "REDIS_KEY_PREFIX": f"cxrelay-bench-{self.run_id}:",
+                    }
+                self.restart_service(extra, name=f"service-{backend}-w{workers}")
+                self.warm_up_chat()
+                prefix = f"w{workers}{backend[0]}{self.run_id}"
+                data = self.measured_wrk(
+                    "service", "/v1/chat/completions", "chat.lua", 50, [prefix], env
+                )
+                rows[f"w{workers}"] = data
+                log(f"workers {backend:<6} WORKERS={workers}: {wrk_summary(data)}")
+            rows["two_to_one"] = _times(rows["w2"]["rps"], rows["w1"]["rps"])
+            out[backend] = rows
+        self.results["workers"] = out
+
+    def restart_service(self, extra_env: dict[str, str], name: str) -> None:
+        self.service.send_signal(signal.SIGTERM)
+        self.service.wait(timeout=25)
+        self.start_service(extra_env, name=name)
+
+    def warm_up_chat(self) -> None:
+        url = f"http://{HOST}:{self.svc_port}/v1/chat/completions"
+        secs = 1.0 if self.quick else 2.0
+        run_wrk(url, "chat.lua", 10, secs, [f"ww{self.run_id}"], {"BENCH_CLIENT_KEY": CLIENT_KEY})
+
     def memory_without_tokenizer(self) -> None:
         """Peak RSS of a second service with TOKEN_COUNTING=estimate (no o200k tables) after
         the same warm-up: what the exact tokenizer costs in memory."""
-        self.service.send_signal(signal.SIGTERM)
-        self.service.wait(timeout=25)
-        self.start_service({"TOKEN_COUNTING": "estimate"}, name="service-estimate")
+        self.restart_service({"TOKEN_COUNTING": "estimate"}, name="service-estimate")
         self.warm_up()
         status = proc_status(self.service.pid)
         self.results["service_memory"]["estimate_peak_rss_kib"] = status["VmHWM"]
@@ -700,6 +766,7 @@ class Bench:
             memory.update(peak_rss_kib=status["VmHWM"], final_rss_kib=status["VmRSS"])
             log(f"{name} peak RSS (VmHWM) {status['VmHWM'] / 1024:.1f} MiB")
         self.memory_without_tokenizer()
+        self.phase_workers()
         self.results["targets"] = targets(self.results)
         self.results["meta"] = meta(self, time.monotonic() - started)
 
@@ -1019,6 +1086,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"(RSS {s['rss_before_kib'] / 1024:.1f} → {s['rss_after_kib'] / 1024:.1f} MiB over "
         f"{s['sessions']} sessions; method: {s['method']}). {s.get('note', '')}",
         "",
+        *workers_section(r.get("workers")),
         "## The fake upstream alone (wrk straight at it, before the service starts)",
         "",
         f"- c=1: {fu['c1']['rps']:.0f} req/s, p50 {ms(fu['c1']['latency_us']['p50'])} ms, "
@@ -1028,6 +1096,36 @@ def markdown(r: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def workers_section(workers: dict[str, Any] | None) -> list[str]:
+    if not workers:
+        return []
+    lines = [
+        "## Several workers (/v1/chat/completions, non-streaming, c=50)",
+        "",
+        "The same service restarted with `WORKERS` and `STORE_BACKEND` set, warmed up, then "
+        f"measured (Redis: {workers['redis_url']}). CPU ms/req: the service's processes, the "
+        "fake's and what wrk left of two cores.",
+        "",
+        "| store | WORKERS | req/s | p50 ms | p99 ms | service CPU ms/req | fake CPU ms/req "
+        "| 2 workers / 1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for backend in ("sqlite", "redis"):
+        rows = workers.get(backend, {})
+        if "skipped" in rows:
+            lines.append(f"| {backend} | | skipped: {rows['skipped']} | | | | | |")
+            continue
+        for key in ("w1", "w2"):
+            x = rows[key]
+            ratio = f"x{num(rows['two_to_one'])}" if key == "w2" else ""
+            lines.append(
+                f"| {backend} | {key[1:]} | {x['rps']:.0f} | {ms(x['latency_us']['p50'])} | "
+                f"{ms(x['latency_us']['p99'])} | {x['target_cpu_ms_per_request']} | "
+                f"{x['cpu_ms_per_request'].get('fake_upstream', '-')} | {ratio} |"
+            )
+    return [*lines, ""]
 
 
 def plot(r: dict[str, Any], path: Path) -> bool:
