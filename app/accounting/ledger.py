@@ -31,16 +31,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from app.store import (
-    DEFAULT_ACTIVE_WINDOW_SECONDS,
-    Reservation,
-    SessionSummary,
-    Store,
-    StoreUnavailable,
-    TenantStatus,
-    UsagePage,
-    UsageRecord,
-)
+from app.store import Reservation, Store, StoreUnavailable, UsageRecord
 
 __all__ = ["Ledger", "UsageRecord"]
 
@@ -54,7 +45,8 @@ class _Entry:
 
 
 class Ledger:
-    """Writes each call's record with its settlement; reads go straight to the Store."""
+    """Writes each call's record with its settlement; reads go straight to the Store (its
+    `list_usage`, `session_summary`, `tenant_status`)."""
 
     def __init__(
         self,
@@ -214,24 +206,3 @@ class Ledger:
     def _lost(entry: _Entry, why: str) -> None:
         reservation = entry.reservation.id if entry.reservation is not None else None
         log.error("%s: %s", why, entry.record.to_json(), extra={"reservation": reservation})
-
-    # --- reads (scoped by tenant) ------------------------------------------------------------
-
-    async def list_usage(
-        self, tenant: str, session: str | None = None, *, limit: int = 50, cursor: str | None = None
-    ) -> UsagePage:
-        return await self.store.list_usage(tenant, session, limit=limit, cursor=cursor)
-
-    async def session_summary(self, tenant: str, session_id: str) -> SessionSummary | None:
-        return await self.store.session_summary(tenant, session_id)
-
-    async def tenant_status(
-        self,
-        tenant: str,
-        *,
-        active_window_seconds: float = DEFAULT_ACTIVE_WINDOW_SECONDS,
-        session_limit: int = 100,
-    ) -> TenantStatus:
-        return await self.store.tenant_status(
-            tenant, active_window_seconds=active_window_seconds, session_limit=session_limit
-        )

@@ -1,4 +1,4 @@
-"""Persistence for budgets and the ledger behind one Store protocol.
+"""Persistence for budgets and the ledger behind one Store base class (base.py).
 
 * `SQLiteStore`: the embedded default (one instance, or several workers on one host).
 * `RedisStore`: several replicas sharing budgets and the ledger.

@@ -1,4 +1,8 @@
-"""The Store protocol: what budgets and the ledger need from persistence, whatever the backend.
+"""The Store: what budgets and the ledger need from persistence, whatever the backend.
+
+`Store` is an abstract base class: its public methods check their arguments and do the steps
+every backend shares (micro-units, paging, the tenant status), then call the backend's hooks
+(`_reserve`, `_settle`, `_records_before`, …) for what only the backend can do.
 
 Every method is scoped by tenant: a scope carries its tenant, and every ledger read takes one and
 only ever returns that tenant's rows. Session ids are only unique within a tenant.
@@ -28,8 +32,9 @@ Budget arithmetic, the same in every store:
 
 from __future__ import annotations
 
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
 
 from app.core.errors import CxRelayError
 from app.store.models import (
@@ -41,65 +46,86 @@ from app.store.models import (
     TenantStatus,
     UsagePage,
     UsageRecord,
+    UsageTotals,
     from_micros,
     parse_cursor,
+    to_micros,
 )
 
 DEFAULT_RESERVATION_TTL_SECONDS = 300.0
 DEFAULT_ACTIVE_WINDOW_SECONDS = 1800.0
 MAX_PAGE_SIZE = 500
 
+# what a backend reads for a tenant's status: (all-time totals, its most recently used sessions,
+# how many sessions it has, how many of them were used since the active window began)
+TenantUsage = tuple[UsageTotals, list[SessionSummary], int, int]
+
 
 class StoreUnavailable(CxRelayError):
     """The store could not be reached or refused the operation (disk, database, network)."""
 
 
-@runtime_checkable
-class Store(Protocol):
+class Store(ABC):
     """Async persistence for budgets and the ledger. Open with the class's `open`, then `close`."""
 
     # --- budgets ---------------------------------------------------------------------------------
 
     async def reserve(
         self, scopes: Sequence[BudgetScope], tokens: int, cost: float = 0.0
-    ) -> Reservation | Refusal: ...
+    ) -> Reservation | Refusal:
+        if not scopes:
+            raise ValueError("reserve needs at least one scope")
+        if tokens < 0 or cost < 0:
+            raise ValueError("cannot reserve a negative amount")
+        if len({scope.tenant for scope in scopes}) != 1:
+            raise ValueError("all scopes of one reservation belong to one tenant")
+        keys = [(scope.kind, scope.id) for scope in scopes]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a scope appears twice in one reservation")
+        return await self._reserve(tuple(scopes), tokens, to_micros(cost))
 
     async def settle(
         self, reservation: Reservation, actual_tokens: int, actual_cost: float = 0.0
     ) -> bool:
         """True if this call recorded the usage, False if the reservation was already settled."""
-        ...
-
-    async def release(self, reservation: Reservation) -> bool:
-        """True if budget was given back by this call."""
-        ...
+        if actual_tokens < 0 or actual_cost < 0:
+            raise ValueError("actual usage cannot be negative")
+        return await self._settle(reservation, actual_tokens, to_micros(actual_cost))
 
     async def settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
         """settle(reservation, record.total_tokens, record.cost) and append_usage(record) as one
         atomic write. True if this call counted them; False if the reservation was already
         settled, and then nothing is written (a retry of a write that had committed)."""
-        ...
+        if record.tenant != reservation.tenant:
+            raise ValueError("a usage record is settled against a reservation of its own tenant")
+        return await self._settle_and_record(reservation, record)
 
-    async def usage(self, scope: BudgetScope) -> ScopeUsage: ...
+    @abstractmethod
+    async def release(self, reservation: Reservation) -> bool:
+        """True if budget was given back by this call."""
 
+    async def usage(self, scope: BudgetScope) -> ScopeUsage:
+        return (await self.usages([scope]))[0]
+
+    @abstractmethod
     async def usages(self, scopes: Sequence[BudgetScope]) -> list[ScopeUsage]:
         """usage() of several scopes in one round trip (one transaction where the store has
         them): a call's headroom reads the session and the tenant's day and month at once."""
-        ...
 
     async def remaining(self, scope: BudgetScope) -> tuple[int | None, float | None]:
         """(tokens_left, cost_left) under the scope's limits; None where it has no limit."""
-        ...
+        usage = await self.usage(scope)
+        return usage.remaining_tokens, usage.remaining_cost
 
     # --- the ledger ------------------------------------------------------------------------------
 
     async def append_usage(self, record: UsageRecord) -> bool:
         """True if written, False if a record with this id already exists (idempotent)."""
-        ...
+        return await self.append_usages([record]) == 1
 
     async def append_usages(self, records: Sequence[UsageRecord]) -> int:
         """Idempotent batch write; the number of records that were new."""
-        ...
+        return await self._append_usages(list(records)) if records else 0
 
     async def list_usage(
         self,
@@ -110,8 +136,15 @@ class Store(Protocol):
         cursor: str | None = None,
     ) -> UsagePage:
         """Newest first (by record time, then id). ValueError on a cursor not given out here."""
-        ...
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+        if cursor is not None:
+            parse_cursor(cursor)
+        # one more than the page: whether it comes back says whether another page follows
+        records = await self._records_before(tenant, session or None, cursor, limit + 1)
+        return UsagePage.from_overfetch(records, limit)
 
+    @abstractmethod
     async def session_summary(self, tenant: str, session_id: str) -> SessionSummary | None: ...
 
     async def tenant_status(
@@ -120,49 +153,68 @@ class Store(Protocol):
         *,
         active_window_seconds: float = DEFAULT_ACTIVE_WINDOW_SECONDS,
         session_limit: int = 100,
-    ) -> TenantStatus: ...
+    ) -> TenantStatus:
+        active_since_us = self._now_us() - int(active_window_seconds * 1_000_000)
+        totals, sessions, sessions_total, active = await self._tenant_usage(
+            tenant, active_since_us, session_limit
+        )
+        return TenantStatus(
+            tenant=tenant,
+            totals=totals,
+            sessions=sessions,
+            sessions_total=sessions_total,
+            active_sessions=active,
+            active_window_seconds=active_window_seconds,
+        )
 
     # --- lifecycle -------------------------------------------------------------------------------
 
+    @abstractmethod
     async def ping(self) -> None:
         """Raises StoreUnavailable when the store cannot serve (readiness)."""
-        ...
 
+    @abstractmethod
     async def close(self) -> None: ...
+
+    # --- what each backend does its own way (arguments already checked) ---------------------------
+
+    @abstractmethod
+    async def _reserve(
+        self, scopes: tuple[BudgetScope, ...], tokens: int, cost_micros: int
+    ) -> Reservation | Refusal:
+        """Atomically: `decide` on every scope's usage, then hold the amount on all of them."""
+
+    @abstractmethod
+    async def _settle(self, reservation: Reservation, actual_tokens: int, cost_micros: int) -> bool:
+        """Release the held amount and add the actual one; False if already settled."""
+
+    @abstractmethod
+    async def _settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
+        """`_settle` with the record's usage and `_append_usages([record])` in one atomic write."""
+
+    @abstractmethod
+    async def _append_usages(self, records: list[UsageRecord]) -> int:
+        """Write the new ones of `records` (never empty) and add them to their totals."""
+
+    @abstractmethod
+    async def _records_before(
+        self, tenant: str, session: str | None, cursor: str | None, count: int
+    ) -> list[UsageRecord]:
+        """Up to `count` of the tenant's records (of `session` only, unless None), newest
+        first, older than `cursor` (a valid sort key) when there is one."""
+
+    @abstractmethod
+    async def _tenant_usage(
+        self, tenant: str, active_since_us: int, session_limit: int
+    ) -> TenantUsage:
+        """The tenant's TenantUsage, read as one snapshot where the backend can."""
+
+    def _now_us(self) -> int:
+        """Epoch microseconds now (the memory and SQLite stores take a clock, for tests)."""
+        return int(time.time() * 1_000_000)
 
 
 # --- shared by the implementations ---------------------------------------------------------------
-
-
-def check_reserve_args(scopes: Sequence[BudgetScope], tokens: int, cost: float) -> None:
-    if not scopes:
-        raise ValueError("reserve needs at least one scope")
-    if tokens < 0 or cost < 0:
-        raise ValueError("cannot reserve a negative amount")
-    tenants = {scope.tenant for scope in scopes}
-    if len(tenants) != 1:
-        raise ValueError("all scopes of one reservation belong to one tenant")
-    keys = [(scope.kind, scope.id) for scope in scopes]
-    if len(set(keys)) != len(keys):
-        raise ValueError("a scope appears twice in one reservation")
-
-
-def check_settle_usage(actual_tokens: int, actual_cost: float) -> None:
-    if actual_tokens < 0 or actual_cost < 0:
-        raise ValueError("actual usage cannot be negative")
-
-
-def check_settle_args(reservation: Reservation, record: UsageRecord) -> None:
-    if record.tenant != reservation.tenant:
-        raise ValueError("a usage record is settled against a reservation of its own tenant")
-
-
-def check_page_args(limit: int, cursor: str | None) -> tuple[int, str] | None:
-    """ValueError on a limit out of range or a cursor not given out here; the cursor's
-    (time_us, id), None for the first page."""
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise ValueError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
-    return None if cursor is None else parse_cursor(cursor)
 
 
 def decide(
@@ -197,7 +249,3 @@ def refusal(
         requested_tokens=tokens,
         requested_cost=from_micros(cost_micros),
     )
-
-
-def remaining_of(usage: ScopeUsage) -> tuple[int | None, float | None]:
-    return usage.remaining_tokens, usage.remaining_cost

@@ -187,10 +187,6 @@ class RedisCounters(RedisConnection):
 
     def __init__(self, client: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
         super().__init__(client, prefix=prefix, owns_client=False)  # the store's client
-        self._take = client.register_script(_TAKE)
-        self._adjust = client.register_script(_ADJUST)
-        self._lease = client.register_script(_LEASE)
-        self._unlease = client.register_script(_UNLEASE)
 
     def _key(self, tenant: str, name: str) -> str:
         return f"{self._tenant(tenant)}:lim:{q(name)}"
@@ -198,19 +194,19 @@ class RedisCounters(RedisConnection):
     async def take(self, tenant: str, buckets: Sequence[Bucket], amount: int) -> tuple[float, int]:
         keys = [self._key(tenant, name) for name, _ in buckets]
         args: list[str | int] = [amount, *(repr(unit_ms(n)) for _, n in buckets)]
-        wait, binding = await self._call(self._take, keys, args)
+        wait, binding = await self._call(_TAKE, keys, args)
         return (float(wait) / 1000, int(binding) - 1) if int(binding) else (0.0, -1)
 
     async def adjust(self, tenant: str, buckets: Sequence[Bucket], delta: int) -> None:
         keys = [self._key(tenant, name) for name, _ in buckets]
-        await self._call(self._adjust, keys, [delta, *(repr(unit_ms(n)) for _, n in buckets)])
+        await self._call(_ADJUST, keys, [delta, *(repr(unit_ms(n)) for _, n in buckets)])
 
     async def lease(self, tenant: str, slots: Sequence[Slot], lease_id: str, ttl: float) -> int:
         keys = [self._key(tenant, name) for name, _ in slots]
         ttl_ms = max(1, math.ceil(ttl * 1000))
-        full = await self._call(self._lease, keys, [lease_id, ttl_ms, *(n for _, n in slots)])
+        full = await self._call(_LEASE, keys, [lease_id, ttl_ms, *(n for _, n in slots)])
         return int(full) - 1
 
     async def unlease(self, tenant: str, names: Sequence[str], lease_id: str) -> None:
         keys = [self._key(tenant, name) for name in names]
-        await self._call(self._unlease, keys, [lease_id])
+        await self._call(_UNLEASE, keys, [lease_id])

@@ -11,16 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from app.store.base import (
-    DEFAULT_ACTIVE_WINDOW_SECONDS,
-    DEFAULT_RESERVATION_TTL_SECONDS,
-    check_page_args,
-    check_reserve_args,
-    check_settle_args,
-    check_settle_usage,
-    decide,
-    remaining_of,
-)
+from app.store.base import DEFAULT_RESERVATION_TTL_SECONDS, Store, TenantUsage, decide
 from app.store.models import (
     NO_SESSION,
     BudgetScope,
@@ -28,12 +19,9 @@ from app.store.models import (
     Reservation,
     ScopeUsage,
     SessionSummary,
-    TenantStatus,
-    UsagePage,
     UsageRecord,
     UsageTotals,
     reservation_id,
-    to_micros,
 )
 
 _ScopeKey = tuple[str, str, str]  # tenant, kind, id
@@ -80,7 +68,7 @@ def _add(totals: UsageTotals, record: UsageRecord) -> UsageTotals:
     )
 
 
-class MemoryStore:
+class MemoryStore(Store):
     def __init__(
         self,
         *,
@@ -128,12 +116,10 @@ class MemoryStore:
         c = self._counters.get(_key(scope), _Counters())
         return ScopeUsage(scope, c.used_tokens, c.used_cost, c.reserved_tokens, c.reserved_cost)
 
-    async def reserve(
-        self, scopes: Sequence[BudgetScope], tokens: int, cost: float = 0.0
+    async def _reserve(
+        self, scopes: tuple[BudgetScope, ...], tokens: int, cost_micros: int
     ) -> Reservation | Refusal:
-        check_reserve_args(scopes, tokens, cost)
         self._expire()
-        cost_micros = to_micros(cost)
         decision = decide([self._usage(s) for s in scopes], tokens, cost_micros)
         if isinstance(decision, Refusal):
             return decision
@@ -146,12 +132,9 @@ class MemoryStore:
         self._held[rid] = _Held(
             keys, tokens, cost_micros, self._clock() + self._ttl, counted=set(keys)
         )
-        return Reservation(rid, scopes[0].tenant, tuple(scopes), tokens, cost_micros, decision)
+        return Reservation(rid, scopes[0].tenant, scopes, tokens, cost_micros, decision)
 
-    async def settle(
-        self, reservation: Reservation, actual_tokens: int, actual_cost: float = 0.0
-    ) -> bool:
-        check_settle_usage(actual_tokens, actual_cost)
+    async def _settle(self, reservation: Reservation, actual_tokens: int, cost_micros: int) -> bool:
         held = self._held.get(reservation.id)
         if held is not None and held.state == "settled":
             return False
@@ -161,19 +144,17 @@ class MemoryStore:
         else:  # forgotten: record the usage anyway, and remember it was settled
             expires = self._clock() + self._ttl
             self._held[reservation.id] = _Held((), 0, 0, expires, state="settled", counted=set())
-        cost_micros = to_micros(actual_cost)
         for scope in reservation.scopes:
             counters = self._counters.setdefault(_key(scope), _Counters())
             counters.used_tokens += actual_tokens
             counters.used_cost += cost_micros
         return True
 
-    async def settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
-        check_settle_args(reservation, record)
+    async def _settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
         # neither awaits anything, so nothing runs in between: one atomic step on the loop
-        if not await self.settle(reservation, record.total_tokens, record.cost):
+        if not await self._settle(reservation, record.total_tokens, record.cost_micros):
             return False
-        await self.append_usages([record])
+        await self._append_usages([record])
         return True
 
     async def release(self, reservation: Reservation) -> bool:
@@ -184,23 +165,13 @@ class MemoryStore:
         held.state = "released"
         return True
 
-    async def usage(self, scope: BudgetScope) -> ScopeUsage:
-        self._expire()
-        return self._usage(scope)
-
     async def usages(self, scopes: Sequence[BudgetScope]) -> list[ScopeUsage]:
         self._expire()
         return [self._usage(scope) for scope in scopes]
 
-    async def remaining(self, scope: BudgetScope) -> tuple[int | None, float | None]:
-        return remaining_of(await self.usage(scope))
-
     # --- the ledger ------------------------------------------------------------------------------
 
-    async def append_usage(self, record: UsageRecord) -> bool:
-        return await self.append_usages([record]) == 1
-
-    async def append_usages(self, records: Sequence[UsageRecord]) -> int:
+    async def _append_usages(self, records: list[UsageRecord]) -> int:
         written = 0
         for record in records:
             if (record.tenant, record.id) in self._records:
@@ -226,25 +197,19 @@ class MemoryStore:
             session.first_us = min(session.first_us, time_us)
             session.last_us = max(session.last_us, time_us)
 
-    async def list_usage(
-        self,
-        tenant: str,
-        session: str | None = None,
-        *,
-        limit: int = 50,
-        cursor: str | None = None,
-    ) -> UsagePage:
-        check_page_args(limit, cursor)
-        page: list[UsageRecord] = []
+    async def _records_before(
+        self, tenant: str, session: str | None, cursor: str | None, count: int
+    ) -> list[UsageRecord]:
+        found: list[UsageRecord] = []
         for sort_key, record in reversed(self._order.get(tenant, [])):
             if cursor is not None and sort_key >= cursor:
                 continue
-            if session and record.session != session:
+            if session is not None and record.session != session:
                 continue
-            page.append(record)
-            if len(page) > limit:
+            found.append(record)
+            if len(found) == count:
                 break
-        return UsagePage.from_overfetch(page, limit)
+        return found
 
     async def session_summary(self, tenant: str, session_id: str) -> SessionSummary | None:
         session = self._sessions.get((tenant, session_id))
@@ -254,28 +219,20 @@ class MemoryStore:
             tenant, session_id, replace(session.totals), session.first_us, session.last_us
         )
 
-    async def tenant_status(
-        self,
-        tenant: str,
-        *,
-        active_window_seconds: float = DEFAULT_ACTIVE_WINDOW_SECONDS,
-        session_limit: int = 100,
-    ) -> TenantStatus:
+    async def _tenant_usage(
+        self, tenant: str, active_since_us: int, session_limit: int
+    ) -> TenantUsage:
         mine = [(sid, s) for (t, sid), s in self._sessions.items() if t == tenant]
         mine.sort(key=lambda item: (item[1].last_us, item[0]), reverse=True)
-        since_us = int((self._clock() - active_window_seconds) * 1_000_000)
         summaries = [
             SessionSummary.from_epoch_micros(tenant, sid, s.totals, s.first_us, s.last_us)
             for sid, s in mine[:session_limit]
         ]
-        return TenantStatus(
-            tenant=tenant,
-            totals=self._tenant_totals.get(tenant, UsageTotals()),
-            sessions=summaries,
-            sessions_total=len(mine),
-            active_sessions=sum(1 for _, s in mine if s.last_us >= since_us),
-            active_window_seconds=active_window_seconds,
-        )
+        active = sum(1 for _, s in mine if s.last_us >= active_since_us)
+        return self._tenant_totals.get(tenant, UsageTotals()), summaries, len(mine), active
+
+    def _now_us(self) -> int:
+        return int(self._clock() * 1_000_000)
 
     # --- lifecycle -------------------------------------------------------------------------------
 

@@ -25,13 +25,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from app.store.base import (
-    DEFAULT_RESERVATION_TTL_SECONDS,
-    check_reserve_args,
-    check_settle_usage,
-    refusal,
-    remaining_of,
-)
+from app.store.base import DEFAULT_RESERVATION_TTL_SECONDS, Store, refusal
 from app.store.models import (
     BudgetScope,
     Refusal,
@@ -39,7 +33,6 @@ from app.store.models import (
     ScopeUsage,
     from_micros,
     reservation_id,
-    to_micros,
 )
 from app.store.redis_connection import DEFAULT_PREFIX, RedisConnection, q
 
@@ -175,8 +168,8 @@ def _opt_int(text: str) -> int | None:
     return None if text == "" else int(text)
 
 
-class RedisBudget(RedisConnection):
-    """Budget counters and reservations over the shared client."""
+class RedisBudget(RedisConnection, Store):
+    """Budget counters and reservations over the shared client (the Store's budget hooks)."""
 
     def __init__(
         self,
@@ -187,15 +180,10 @@ class RedisBudget(RedisConnection):
         budget_key_ttl_seconds: int = DEFAULT_BUDGET_KEY_TTL_SECONDS,
         owns_client: bool = True,
     ) -> None:
-        # cooperative: in RedisStore this reaches RedisLedger.__init__, then RedisConnection's
         super().__init__(client, prefix=prefix, owns_client=owns_client)
         self._ttl_us = int(reservation_ttl_seconds * 1_000_000)
         self._key_ttl = max(int(budget_key_ttl_seconds), int(reservation_ttl_seconds) + 1)
         self._state_ttl = int(reservation_ttl_seconds) + KEEP_FINISHED_SECONDS
-        self._reserve = client.register_script(_RESERVE)
-        self._settle = client.register_script(_SETTLE)
-        self._release = client.register_script(_RELEASE)
-        self._usage = client.register_script(_USAGE)
 
     # --- keys ------------------------------------------------------------------------------------
 
@@ -214,12 +202,9 @@ class RedisBudget(RedisConnection):
 
     # --- budgets ---------------------------------------------------------------------------------
 
-    async def reserve(
-        self, scopes: Sequence[BudgetScope], tokens: int, cost: float = 0.0
+    async def _reserve(
+        self, scopes: tuple[BudgetScope, ...], tokens: int, cost_micros: int
     ) -> Reservation | Refusal:
-        check_reserve_args(scopes, tokens, cost)
-        scopes = tuple(scopes)
-        cost_micros = to_micros(cost)
         rid = reservation_id()
         tenant = scopes[0].tenant
         keys = [key for scope in scopes for key in self._scope_keys(scope)]
@@ -236,7 +221,7 @@ class RedisBudget(RedisConnection):
             limit_cost = scope.limit_cost_micros
             args.append("" if scope.limit_tokens is None else scope.limit_tokens)
             args.append("" if limit_cost is None else limit_cost)
-        out = cast(list[Any], await self._call(self._reserve, keys, args))
+        out = cast(list[Any], await self._call(_RESERVE, keys, args))
         if int(out[0]) == 0:
             scope = scopes[int(out[1]) - 1]
             return refusal(
@@ -251,12 +236,9 @@ class RedisBudget(RedisConnection):
             )
         return Reservation(rid, tenant, scopes, tokens, cost_micros, tuple(remaining))
 
-    async def settle(
-        self, reservation: Reservation, actual_tokens: int, actual_cost: float = 0.0
-    ) -> bool:
-        check_settle_usage(actual_tokens, actual_cost)
-        args = self._settle_args(reservation, actual_tokens, to_micros(actual_cost))
-        out = await self._call(self._settle, self._reservation_keys(reservation), args)
+    async def _settle(self, reservation: Reservation, actual_tokens: int, cost_micros: int) -> bool:
+        args = self._settle_args(reservation, actual_tokens, cost_micros)
+        out = await self._call(_SETTLE, self._reservation_keys(reservation), args)
         return int(out) == 1
 
     def _settle_args(
@@ -280,18 +262,15 @@ class RedisBudget(RedisConnection):
             reservation.cost_micros,
             self._state_ttl,
         ]
-        out = await self._call(self._release, self._reservation_keys(reservation), args)
+        out = await self._call(_RELEASE, self._reservation_keys(reservation), args)
         return int(out) == 1
-
-    async def usage(self, scope: BudgetScope) -> ScopeUsage:
-        out = cast(list[Any], await self._call(self._usage, self._scope_keys(scope), []))
-        used_tokens, used_cost, reserved_tokens, reserved_cost = (int(v) for v in out)
-        return ScopeUsage(scope, used_tokens, used_cost, reserved_tokens, reserved_cost)
 
     async def usages(self, scopes: Sequence[BudgetScope]) -> list[ScopeUsage]:
         # a tenant's scopes share one hash slot, but each read is its own short script: the
         # three are not one snapshot, which a headroom (a planning estimate) does not need
-        return [await self.usage(scope) for scope in scopes]
+        return [await self._scope_usage(scope) for scope in scopes]
 
-    async def remaining(self, scope: BudgetScope) -> tuple[int | None, float | None]:
-        return remaining_of(await self.usage(scope))
+    async def _scope_usage(self, scope: BudgetScope) -> ScopeUsage:
+        out = cast(list[Any], await self._call(_USAGE, self._scope_keys(scope), []))
+        used_tokens, used_cost, reserved_tokens, reserved_cost = (int(v) for v in out)
+        return ScopeUsage(scope, used_tokens, used_cost, reserved_tokens, reserved_cost)

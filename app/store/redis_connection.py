@@ -1,8 +1,8 @@
 """The one Redis client that the budget and ledger halves of `RedisStore` share, and its keys.
 
-It exists so that the connection pool, error mapping (RedisError -> StoreUnavailable) and the
-tenant key prefix are written once: both halves (`redis_budget`, `redis_ledger`) subclass
-`RedisConnection`.
+It exists so that the connection pool, error mapping (RedisError -> StoreUnavailable), the Lua
+scripts' registration and the tenant key prefix are written once: both halves (`redis_budget`,
+`redis_ledger`) and the inbound limits' counters subclass `RedisConnection`.
 
 Every key starts with `P{T}` (P = the configured prefix, T = the tenant, percent-encoded); `{T}`
 is a hash tag, so a tenant's keys share one Redis Cluster slot and a script may touch several.
@@ -10,10 +10,13 @@ is a hash tag, so a tenant's keys share one Redis Cluster slot and a script may 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from app.store.base import StoreUnavailable
@@ -27,7 +30,7 @@ def q(part: str) -> str:
 
 
 class RedisConnection:
-    """The client and the key prefix; `close`, `ping` and `_call` for the subclasses."""
+    """The client and the key prefix; `close`, `ping`, `_call` and `_errors` for the subclasses."""
 
     def __init__(
         self,
@@ -39,6 +42,7 @@ class RedisConnection:
         self.prefix = prefix
         self._client = client
         self._owns_client = owns_client
+        self._scripts: dict[str, AsyncScript] = {}  # Lua source -> its registered script
 
     @property
     def client(self) -> aioredis.Redis:
@@ -50,16 +54,30 @@ class RedisConnection:
             await self._client.aclose()
 
     async def ping(self) -> None:
-        try:
+        with self._errors("Redis store unreachable"):
             await self._client.ping()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis store unreachable: {exc}") from exc
 
-    async def _call(self, script: Any, keys: list[str], args: list[str | int]) -> Any:
+    def _script(self, source: str) -> AsyncScript:
+        """The script of `source`, registered with the client on first use: each module keeps
+        only its Lua source, and nothing is registered that is never run."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self._client.register_script(source)
+        return script
+
+    async def _call(self, source: str, keys: list[str], args: list[str | int]) -> Any:
+        """Run the Lua script `source` on `keys` and `args`."""
+        with self._errors():
+            return await self._script(source)(keys=keys, args=args)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _errors(message: str = "Redis store error") -> Iterator[None]:
+        """Raise a Redis or network error inside as StoreUnavailable."""
         try:
-            return await script(keys=keys, args=args)
+            yield
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis store error: {exc}") from exc
+            raise StoreUnavailable(f"{message}: {exc}") from exc
 
     def _tenant(self, tenant: str) -> str:
         return f"{self.prefix}{{{q(tenant)}}}"

@@ -20,26 +20,11 @@ Ledger keys do not expire: retention is an operator's decision (export, then del
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
 from typing import cast
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
-from app.store.base import (
-    DEFAULT_ACTIVE_WINDOW_SECONDS,
-    StoreUnavailable,
-    check_page_args,
-)
-from app.store.models import (
-    SessionSummary,
-    TenantStatus,
-    UsagePage,
-    UsageRecord,
-    UsageTotals,
-)
-from app.store.redis_connection import DEFAULT_PREFIX, RedisConnection, q
+from app.store.base import Store, TenantUsage
+from app.store.models import SessionSummary, UsageRecord, UsageTotals
+from app.store.redis_connection import RedisConnection, q
 
 # append(k, a): KEYS[k+1..k+6] records, idx, session idx, session totals, sessions, tenant totals;
 # ARGV[a+1..a+10] id, json, sort key, time_us, session, prompt, completion, cost, cached,
@@ -107,18 +92,8 @@ def _totals(fields: dict[str, str]) -> UsageTotals:
     return UsageTotals(*(int(fields.get(name, 0)) for name in _TOTAL_FIELDS))
 
 
-class RedisLedger(RedisConnection):
-    """The usage ledger over the shared client."""
-
-    def __init__(
-        self,
-        client: aioredis.Redis,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        owns_client: bool = True,
-    ) -> None:
-        super().__init__(client, prefix=prefix, owns_client=owns_client)
-        self._append = client.register_script(_APPEND)
+class RedisLedger(RedisConnection, Store):
+    """The usage ledger over the shared client (the Store's ledger hooks)."""
 
     def _ledger_keys(self, record: UsageRecord) -> list[str]:
         base = f"{self._tenant(record.tenant)}:u"
@@ -132,86 +107,55 @@ class RedisLedger(RedisConnection):
             f"{base}:totals",
         ]
 
-    async def append_usage(self, record: UsageRecord) -> bool:
-        return await self.append_usages([record]) == 1
-
-    async def append_usages(self, records: Sequence[UsageRecord]) -> int:
-        if not records:
-            return 0
-        try:
+    async def _append_usages(self, records: list[UsageRecord]) -> int:
+        append = self._script(_APPEND)
+        with self._errors():
             async with self._client.pipeline(transaction=False) as pipe:
                 for r in records:
-                    await self._append(keys=self._ledger_keys(r), args=append_args(r), client=pipe)
+                    await append(keys=self._ledger_keys(r), args=append_args(r), client=pipe)
                 results = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis store error: {exc}") from exc
         return sum(int(result) for result in results)
 
-    async def list_usage(
-        self,
-        tenant: str,
-        session: str | None = None,
-        *,
-        limit: int = 50,
-        cursor: str | None = None,
-    ) -> UsagePage:
-        check_page_args(limit, cursor)
+    async def _records_before(
+        self, tenant: str, session: str | None, cursor: str | None, count: int
+    ) -> list[UsageRecord]:
         base = f"{self._tenant(tenant)}:u"
-        index = f"{base}:s:{q(session)}:idx" if session else f"{base}:idx"
+        index = f"{base}:idx" if session is None else f"{base}:s:{q(session)}:idx"
         upper = "+" if cursor is None else f"({cursor}"
-        try:
-            members = await self._client.zrevrangebylex(index, upper, "-", 0, limit + 1)
+        with self._errors():
+            members = await self._client.zrevrangebylex(index, upper, "-", 0, count)
             ids = [str(member).partition("|")[2] for member in members]
             texts = await self._client.hmget(f"{base}:rec", ids) if ids else []
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis store error: {exc}") from exc
         # decode_responses=True: replies are str
-        records = [UsageRecord.from_json(cast(str, t)) for t in texts if t is not None]
-        return UsagePage.from_overfetch(records, limit)
+        return [UsageRecord.from_json(cast(str, t)) for t in texts if t is not None]
 
     async def session_summary(self, tenant: str, session_id: str) -> SessionSummary | None:
         key = f"{self._tenant(tenant)}:u:s:{q(session_id)}"
-        try:
+        with self._errors():
             fields = cast(dict[str, str], await self._client.hgetall(key))
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis store error: {exc}") from exc
         return _summary(tenant, session_id, fields) if fields else None
 
-    async def tenant_status(
-        self,
-        tenant: str,
-        *,
-        active_window_seconds: float = DEFAULT_ACTIVE_WINDOW_SECONDS,
-        session_limit: int = 100,
-    ) -> TenantStatus:
+    async def _tenant_usage(
+        self, tenant: str, active_since_us: int, session_limit: int
+    ) -> TenantUsage:
         base = f"{self._tenant(tenant)}:u"
-        since_us = int((time.time() - active_window_seconds) * 1_000_000)
-        try:
+        with self._errors():
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(f"{base}:totals")
                 pipe.zrevrange(f"{base}:sessions", 0, session_limit - 1)
                 pipe.zcard(f"{base}:sessions")
-                pipe.zcount(f"{base}:sessions", since_us, "+inf")
+                pipe.zcount(f"{base}:sessions", active_since_us, "+inf")
                 totals, session_ids, sessions_total, active = await pipe.execute()
             async with self._client.pipeline(transaction=False) as pipe:
                 for sid in session_ids:
                     pipe.hgetall(f"{base}:s:{q(str(sid))}")
                 session_fields = await pipe.execute() if session_ids else []
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis store error: {exc}") from exc
         summaries = [
             _summary(tenant, str(sid), fields)
             for sid, fields in zip(session_ids, session_fields, strict=True)
             if fields
         ]
-        return TenantStatus(
-            tenant=tenant,
-            totals=_totals(totals),
-            sessions=summaries,
-            sessions_total=int(sessions_total),
-            active_sessions=int(active),
-            active_window_seconds=active_window_seconds,
-        )
+        return _totals(totals), summaries, int(sessions_total), int(active)
 
 
 def _summary(tenant: str, session_id: str, fields: dict[str, str]) -> SessionSummary:

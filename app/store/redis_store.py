@@ -14,15 +14,7 @@ script stays in one Redis Cluster slot.
 
 from __future__ import annotations
 
-from typing import Any
-
-import redis.asyncio as aioredis
-
-from app.store.base import (
-    DEFAULT_RESERVATION_TTL_SECONDS,
-    StoreUnavailable,
-    check_settle_args,
-)
+from app.store.base import DEFAULT_RESERVATION_TTL_SECONDS, StoreUnavailable
 from app.store.models import Reservation, UsageRecord
 from app.store.redis_budget import (
     DEFAULT_BUDGET_KEY_TTL_SECONDS,
@@ -51,15 +43,10 @@ return 1
 class RedisStore(RedisBudget, RedisLedger):
     """Open with `await RedisStore.open(url, prefix=...)`; `await close()` on shutdown."""
 
-    def __init__(self, client: aioredis.Redis, **options: Any) -> None:
-        super().__init__(client, **options)
-        self._settle_and_record = client.register_script(_SETTLE_AND_RECORD)
-
-    async def settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
-        check_settle_args(reservation, record)
+    async def _settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
         keys = self._reservation_keys(reservation) + self._ledger_keys(record)
         args = self._settle_args(reservation, record.total_tokens, record.cost_micros)
-        out = await self._call(self._settle_and_record, keys, args + append_args(record))
+        out = await self._call(_SETTLE_AND_RECORD, keys, args + append_args(record))
         return int(out) == 1
 
     @classmethod

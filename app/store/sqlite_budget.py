@@ -1,7 +1,7 @@
 """The budget half of `SQLiteStore`: counters and reservations (reserve, settle, release, usage).
 
-It exists to keep the budget arithmetic of `base` (the Store protocol's rules) apart from the
-usage ledger; both share one connection through `SQLiteConnection`.
+It exists to keep the budget arithmetic of `base` (the Store's rules) apart from the usage
+ledger; both share one connection through `SQLiteConnection`.
 
 Tables (created on open, never dropped):
 
@@ -21,21 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from app.store.base import (
-    DEFAULT_RESERVATION_TTL_SECONDS,
-    check_reserve_args,
-    check_settle_usage,
-    decide,
-    remaining_of,
-)
-from app.store.models import (
-    BudgetScope,
-    Refusal,
-    Reservation,
-    ScopeUsage,
-    reservation_id,
-    to_micros,
-)
+from app.store.base import DEFAULT_RESERVATION_TTL_SECONDS, decide
+from app.store.models import BudgetScope, Refusal, Reservation, ScopeUsage, reservation_id
 from app.store.sqlite_connection import SQLiteConnection
 
 KEEP_FINISHED_US = 86_400 * 1_000_000  # a settled reservation is remembered a day (double settle)
@@ -67,7 +54,7 @@ CREATE INDEX IF NOT EXISTS budget_reservations_due ON budget_reservations (state
 
 
 class SQLiteBudget(SQLiteConnection):
-    """Budget counters and reservations over the shared connection."""
+    """Budget counters and reservations over the shared connection (the Store's budget hooks)."""
 
     def __init__(
         self,
@@ -99,12 +86,9 @@ class SQLiteBudget(SQLiteConnection):
                 (now_us - KEEP_FINISHED_US,),
             )
 
-    async def reserve(
-        self, scopes: Sequence[BudgetScope], tokens: int, cost: float = 0.0
+    async def _reserve(
+        self, scopes: tuple[BudgetScope, ...], tokens: int, cost_micros: int
     ) -> Reservation | Refusal:
-        check_reserve_args(scopes, tokens, cost)
-        cost_micros = to_micros(cost)
-        scopes = tuple(scopes)
         tenant = scopes[0].tenant
 
         def work(db: sqlite3.Connection) -> Reservation | Refusal:
@@ -133,12 +117,7 @@ class SQLiteBudget(SQLiteConnection):
 
         return await self._run(work)
 
-    async def settle(
-        self, reservation: Reservation, actual_tokens: int, actual_cost: float = 0.0
-    ) -> bool:
-        check_settle_usage(actual_tokens, actual_cost)
-        cost_micros = to_micros(actual_cost)
-
+    async def _settle(self, reservation: Reservation, actual_tokens: int, cost_micros: int) -> bool:
         def work(db: sqlite3.Connection) -> bool:
             return settle_rows(
                 db, reservation, actual_tokens, cost_micros, self._now_us(), self._ttl_us
@@ -166,22 +145,12 @@ class SQLiteBudget(SQLiteConnection):
 
         return await self._run(work)
 
-    async def usage(self, scope: BudgetScope) -> ScopeUsage:
-        def work(db: sqlite3.Connection) -> ScopeUsage:
-            self._expire_due(db, self._now_us())
-            return _read(db, scope)
-
-        return await self._run(work)
-
     async def usages(self, scopes: Sequence[BudgetScope]) -> list[ScopeUsage]:
         def work(db: sqlite3.Connection) -> list[ScopeUsage]:
             self._expire_due(db, self._now_us())
             return [_read(db, scope) for scope in scopes]
 
         return await self._run(work)
-
-    async def remaining(self, scope: BudgetScope) -> tuple[int | None, float | None]:
-        return remaining_of(await self.usage(scope))
 
 
 def settle_rows(

@@ -1,8 +1,8 @@
 """The one SQLite connection that the budget and ledger halves of `SQLiteStore` share.
 
 It exists so that opening, locking, threading and transactions are written once: both halves
-(`sqlite_budget`, `sqlite_ledger`) subclass `SQLiteConnection` and only ever touch the database
-through `_run`.
+(`sqlite_budget`, `sqlite_ledger`, each the Store's hooks for its part) subclass
+`SQLiteConnection` and only ever touch the database through `_run`.
 
 One connection guarded by a lock. By default every statement runs in a worker thread
 (asyncio.to_thread), so the event loop never waits on the disk. With `inline=True` statements run
@@ -25,13 +25,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from app.store.base import StoreUnavailable
+from app.store.base import Store, StoreUnavailable
 from app.store.sqlite_init import preparing
 
 _T = TypeVar("_T")
 
 
-class SQLiteConnection:
+class SQLiteConnection(Store):
     """The connection, its lock and the clock; `close`, `ping` and `_run` for the subclasses."""
 
     def __init__(

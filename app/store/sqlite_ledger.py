@@ -20,15 +20,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from app.store.base import DEFAULT_ACTIVE_WINDOW_SECONDS, check_page_args
-from app.store.models import (
-    NO_SESSION,
-    SessionSummary,
-    TenantStatus,
-    UsagePage,
-    UsageRecord,
-    UsageTotals,
-)
+from app.store.base import TenantUsage
+from app.store.models import NO_SESSION, SessionSummary, UsageRecord, UsageTotals, parse_cursor
 from app.store.sqlite_connection import SQLiteConnection
 
 LEDGER_SCHEMA = """
@@ -97,46 +90,33 @@ _ADD_TOTALS = (
 
 
 class SQLiteLedger(SQLiteConnection):
-    """The usage ledger over the shared connection."""
+    """The usage ledger over the shared connection (the Store's ledger hooks)."""
 
-    async def append_usage(self, record: UsageRecord) -> bool:
-        return await self.append_usages([record]) == 1
-
-    async def append_usages(self, records: Sequence[UsageRecord]) -> int:
-        records = list(records)
-        if not records:
-            return 0
+    async def _append_usages(self, records: list[UsageRecord]) -> int:
         return await self._run(lambda db: insert_records(db, records))
 
-    async def list_usage(
-        self,
-        tenant: str,
-        session: str | None = None,
-        *,
-        limit: int = 50,
-        cursor: str | None = None,
-    ) -> UsagePage:
-        after = check_page_args(limit, cursor)
+    async def _records_before(
+        self, tenant: str, session: str | None, cursor: str | None, count: int
+    ) -> list[UsageRecord]:
         where = ["tenant = ?"]
         params: list[object] = [tenant]
-        if session:
+        if session is not None:
             where.append("session = ?")
             params.append(session)
-        if after is not None:
-            time_us, record_id = after
+        if cursor is not None:
+            time_us, record_id = parse_cursor(cursor)
             where.append("(time_us < ? OR (time_us = ? AND id < ?))")
             params.extend([time_us, time_us, record_id])
         sql = (
             f"SELECT {_RECORD_COLUMNS} FROM usage_records WHERE {' AND '.join(where)} "
             "ORDER BY time_us DESC, id DESC LIMIT ?"
         )
-        params.append(limit + 1)
+        params.append(count)
 
         def work(db: sqlite3.Connection) -> list[UsageRecord]:
             return [_record(row) for row in db.execute(sql, params).fetchall()]
 
-        rows = await self._run(work, transaction=False)
-        return UsagePage.from_overfetch(rows, limit)
+        return await self._run(work, transaction=False)
 
     async def session_summary(self, tenant: str, session_id: str) -> SessionSummary | None:
         def work(db: sqlite3.Connection) -> SessionSummary | None:
@@ -149,16 +129,10 @@ class SQLiteLedger(SQLiteConnection):
 
         return await self._run(work, transaction=False)
 
-    async def tenant_status(
-        self,
-        tenant: str,
-        *,
-        active_window_seconds: float = DEFAULT_ACTIVE_WINDOW_SECONDS,
-        session_limit: int = 100,
-    ) -> TenantStatus:
-        since_us = self._now_us() - int(active_window_seconds * 1_000_000)
-
-        def work(db: sqlite3.Connection) -> TenantStatus:
+    async def _tenant_usage(
+        self, tenant: str, active_since_us: int, session_limit: int
+    ) -> TenantUsage:
+        def work(db: sqlite3.Connection) -> TenantUsage:
             # one read transaction, so the totals and the session list agree
             db.execute("BEGIN")
             try:
@@ -175,18 +149,12 @@ class SQLiteLedger(SQLiteConnection):
                 ).fetchone()[0]
                 active = db.execute(
                     "SELECT COUNT(*) FROM usage_sessions WHERE tenant = ? AND last_us >= ?",
-                    (tenant, since_us),
+                    (tenant, active_since_us),
                 ).fetchone()[0]
             finally:
                 db.execute("COMMIT")
-            return TenantStatus(
-                tenant=tenant,
-                totals=UsageTotals(*row) if row is not None else UsageTotals(),
-                sessions=[_summary(tenant, r) for r in rows],
-                sessions_total=int(total),
-                active_sessions=int(active),
-                active_window_seconds=active_window_seconds,
-            )
+            totals = UsageTotals(*row) if row is not None else UsageTotals()
+            return totals, [_summary(tenant, r) for r in rows], int(total), int(active)
 
         return await self._run(work, transaction=False)
 

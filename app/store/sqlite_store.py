@@ -23,11 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from app.store.audit import DB_FILENAME
-from app.store.base import (
-    DEFAULT_RESERVATION_TTL_SECONDS,
-    StoreUnavailable,
-    check_settle_args,
-)
+from app.store.base import DEFAULT_RESERVATION_TTL_SECONDS, StoreUnavailable
 from app.store.models import Reservation, UsageRecord
 from app.store.sqlite_budget import BUDGET_SCHEMA, SQLiteBudget, settle_rows
 from app.store.sqlite_connection import connect
@@ -58,9 +54,7 @@ class SQLiteStore(SQLiteBudget, SQLiteLedger):
         store.inline = inline
         return store
 
-    async def settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
-        check_settle_args(reservation, record)
-
+    async def _settle_and_record(self, reservation: Reservation, record: UsageRecord) -> bool:
         def work(db: sqlite3.Connection) -> bool:
             now_us = self._now_us()
             tokens, cost = record.total_tokens, record.cost_micros

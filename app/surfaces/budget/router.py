@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query
 
 from app.core.principal import Principal
-from app.deps import LedgerDep, SessionIdsDep
+from app.deps import SessionIdsDep, StoreDep
 from app.http.caller import CallerDep
 from app.http.openapi import HTTPError, error_response
 
@@ -38,10 +38,10 @@ def tenant_of(principal: Principal, requested: str | None) -> str:
 
 @router.get("/status", responses={403: FOREIGN_TENANT})
 async def status(
-    principal: CallerDep, ledger: LedgerDep, tenant: str | None = None
+    principal: CallerDep, store: StoreDep, tenant: str | None = None
 ) -> dict[str, Any]:
     """The tenant's totals, per-session costs and active sessions."""
-    report = await ledger.tenant_status(tenant_of(principal, tenant))
+    report = await store.tenant_status(tenant_of(principal, tenant))
     body = report.as_dict()
     body["total_cost"] = report.totals.cost
     body["session_costs"] = {s.session_id: s.totals.cost for s in report.sessions}
@@ -58,12 +58,12 @@ async def status(
 async def session(
     session_id: str,
     principal: CallerDep,
-    ledger: LedgerDep,
+    store: StoreDep,
     session_ids: SessionIdsDep,
     tenant: str | None = None,
 ) -> dict[str, Any]:
     stored = session_ids.stored(session_id)
-    summary = await ledger.session_summary(tenant_of(principal, tenant), stored)
+    summary = await store.session_summary(tenant_of(principal, tenant), stored)
     if summary is None:
         raise HTTPException(404, f"no session {stored!r} for this tenant")
     return summary.as_dict()
@@ -75,7 +75,7 @@ async def session(
 )
 async def usage(
     principal: CallerDep,
-    ledger: LedgerDep,
+    store: StoreDep,
     session_ids: SessionIdsDep,
     tenant: str | None = None,
     session: str | None = None,
@@ -84,7 +84,7 @@ async def usage(
 ) -> dict[str, Any]:
     """Usage records newest first; pass `next_cursor` back as `cursor` for the next page."""
     try:
-        page = await ledger.list_usage(
+        page = await store.list_usage(
             tenant_of(principal, tenant),
             session_ids.stored(session) if session else None,  # blank: every session
             limit=limit,

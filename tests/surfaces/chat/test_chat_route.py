@@ -265,7 +265,7 @@ async def test_a_cut_stream_is_charged_for_what_the_provider_streamed(
         reserved, used = await reserved_tokens(running_app.app)
         ledger = parts(running_app.app).ledger
         await ledger.flush()
-        page = await ledger.list_usage("acme", session=SESSION)
+        page = await ledger.store.list_usage("acme", session=SESSION)
     prompt = estimate_tokens(upstream_messages(llm_plan), model="gpt-4o-mini")
     streamed = text_tokens("".join(chunks[:2]), model="gpt-4o-mini")
     assert (reserved, used) == (0, prompt + streamed)
