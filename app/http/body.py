@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import HTTPException, Request
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+
+from app.deps import SettingsDep
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 async def read_limited_body(request: Request, limit: int) -> bytes:
@@ -24,6 +30,25 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
             raise HTTPException(413, f"request body exceeds the {limit}-byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def limited_body(request: Request, settings: SettingsDep) -> bytes:
+    """The body within MAX_BODY_BYTES. A dependency, so it is read once per request (a webhook
+    credential check and the route share it) and after the dependencies listed before it: a
+    route lists its caller first, so a stranger's oversized body is a 401, not a 413."""
+    return await read_limited_body(request, settings.max_body_bytes)
+
+
+LimitedBodyDep = Annotated[bytes, Depends(limited_body)]
+
+
+def parse_body(model: type[ModelT], body: bytes) -> ModelT:
+    """The JSON body as `model`, or the 422 of invalid_body (the /v1 routes turn that into
+    OpenAI's 400)."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        raise invalid_body(error) from None
 
 
 def invalid_body(error: ValidationError) -> RequestValidationError:

@@ -59,14 +59,25 @@ def bearer_failure(request: Request, secret: str) -> Literal["missing", "invalid
     return "invalid"
 
 
+def unauthorized(
+    logger: logging.Logger,
+    message: str,
+    request: Request,
+    failure: AuthenticationFailed,
+    challenge: str | None = "Bearer",
+) -> HTTPException:
+    """The 401 for a failed credential, recorded (record_auth_failure); `challenge` is the
+    WWW-Authenticate scheme, None where the caller is not told one (CXone)."""
+    record_auth_failure(logger, message, request, failure.reason, str(failure))
+    headers = {"WWW-Authenticate": challenge} if challenge else None
+    return HTTPException(401, str(failure), headers=headers)
+
+
 async def caller(request: Request, client_auth: ClientAuthDep) -> Principal:
     try:
         return client_auth.authenticate(request.headers)
     except AuthenticationFailed as failure:
-        record_auth_failure(
-            log, "client authentication failed", request, failure.reason, str(failure)
-        )
-        raise HTTPException(401, str(failure), headers={"WWW-Authenticate": "Bearer"}) from None
+        raise unauthorized(log, "client authentication failed", request, failure) from None
 
 
 CallerDep = Annotated[Principal, Depends(caller)]

@@ -13,10 +13,11 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from app.auth.signatures import fingerprint
+from app.core.errors import AuthenticationFailed
 from app.core.principal import DEFAULT_TENANT, Principal
 from app.deps import AuditLogDep, ProvisionerDep, SettingsDep
 from app.http.body import read_limited_body
-from app.http.caller import bearer_failure, record_auth_failure
+from app.http.caller import bearer_failure, unauthorized
 from app.http.openapi import HTTPError, error_response
 from app.llm.catalog import Problem, ProviderConfigInvalid, parse_provider_text
 from app.llm.provisioning import ApplyResult, Provisioner
@@ -67,30 +68,21 @@ class Admin:
     actor: str  # as written to the audit log: `name (admin:<fingerprint>)` or `admin:<fp>`
 
 
-def _unauthorized(request: Request, reason: str, message: str) -> HTTPException:
-    record_auth_failure(log, "admin authentication failed", request, reason, message)
-    return HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
+_REFUSALS = {
+    "disabled": "the admin API is disabled until ADMIN_TOKEN is set",
+    "missing": "missing admin credential: send Authorization: Bearer <ADMIN_TOKEN>",
+    "invalid": "invalid admin token",
+}
 
 
 async def require_admin(request: Request, settings: SettingsDep) -> Admin:
     """Authorization: Bearer <ADMIN_TOKEN> (bearer_failure: constant time over digests)."""
     token = settings.admin_token
     secret = token.get_secret_value() if token is not None else ""
-    if not secret:
-        raise _unauthorized(
-            request,
-            "disabled",
-            "the admin API is disabled until ADMIN_TOKEN is set",
-        )
-    failure = bearer_failure(request, secret)
-    if failure == "missing":
-        raise _unauthorized(
-            request,
-            "missing",
-            "missing admin credential: send Authorization: Bearer <ADMIN_TOKEN>",
-        )
-    if failure == "invalid":
-        raise _unauthorized(request, "invalid", "invalid admin token")
+    reason = bearer_failure(request, secret) if secret else "disabled"
+    if reason is not None:
+        failure = AuthenticationFailed(_REFUSALS[reason], reason)
+        raise unauthorized(log, "admin authentication failed", request, failure)
     key_id = fingerprint(secret)
     return Admin(
         Principal(DEFAULT_TENANT, key_id, "admin", "bearer"),

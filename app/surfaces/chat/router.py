@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from app.accounting.inbound_limits import InboundLimiter
 from app.deps import (
@@ -22,7 +21,7 @@ from app.deps import (
     SessionIdsDep,
     SettingsDep,
 )
-from app.http.body import invalid_body, read_limited_body
+from app.http.body import LimitedBodyDep, parse_body
 from app.http.caller import CallerDep
 from app.http.chat_errors import error_frame, failure_response
 from app.http.openapi import (
@@ -81,19 +80,15 @@ router = APIRouter(tags=["chat"])
     openapi_extra=json_request_body(ChatBody),
 )
 async def chat(
-    request: Request,
     principal: CallerDep,
+    body: LimitedBodyDep,
     settings: SettingsDep,
     templates: CallerTemplatesDep,
     session_ids: SessionIdsDep,
     limits: LimiterDep,
     pipeline: ChatPipelineDep,
 ) -> Any:
-    body = await read_limited_body(request, settings.max_body_bytes)
-    try:
-        parsed = ChatBody.model_validate_json(body)
-    except ValidationError as error:
-        raise invalid_body(error) from None
+    parsed = parse_body(ChatBody, body)
     call = build_call(parsed, principal, templates, session_ids)
     if parsed.stream:
         return await _stream(call, limits, pipeline, settings.debug_failed_output)

@@ -9,14 +9,14 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from pydantic import ValidationError
 from starlette.requests import HTTPConnection
 
 from app.core.deadline import Deadline
 from app.core.errors import AuthenticationFailed
+from app.core.principal import Principal
 from app.deps import SessionIdsDep, SettingsDep, WebhookAuthDep, parts_of
-from app.http.body import invalid_body, read_limited_body
-from app.http.caller import record_auth_failure
+from app.http.body import LimitedBodyDep, parse_body
+from app.http.caller import unauthorized
 from app.http.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
 from app.observability.logs import request_id_var
 from app.observability.metrics import TURNS
@@ -25,15 +25,28 @@ from app.surfaces.cognigy.pipeline import CognigyPipeline, TurnRecord
 from app.surfaces.cognigy.schemas import CognigyResponse, CognigyTrigger
 
 router = APIRouter(tags=["cognigy"])
+log = logging.getLogger("cxrelay.cognigy")
 
 
 async def get_cognigy_pipeline(connection: HTTPConnection) -> CognigyPipeline:
-    part: CognigyPipeline = parts_of(connection).cognigy
-    return part
+    return parts_of(connection).cognigy
+
+
+async def webhook_caller(
+    request: Request, body: LimitedBodyDep, webhook_auth: WebhookAuthDep
+) -> Principal:
+    """The caller, from the Cognigy credential (a signature covers the body, so it is read
+    first), or 401."""
+    try:
+        return webhook_auth.authenticate(request.headers, body)
+    except AuthenticationFailed as failure:
+        raise unauthorized(
+            log, "webhook authentication failed", request, failure, challenge="Signature"
+        ) from None
 
 
 CognigyPipelineDep = Annotated[CognigyPipeline, Depends(get_cognigy_pipeline)]
-log = logging.getLogger("cxrelay.cognigy")
+WebhookCallerDep = Annotated[Principal, Depends(webhook_caller)]
 
 
 @router.post(
@@ -48,24 +61,13 @@ log = logging.getLogger("cxrelay.cognigy")
     openapi_extra=json_request_body(CognigyTrigger),
 )
 async def cognigy_fallback(
-    request: Request,
+    principal: WebhookCallerDep,
+    body: LimitedBodyDep,
     settings: SettingsDep,
-    webhook_auth: WebhookAuthDep,
     session_ids: SessionIdsDep,
     pipeline: CognigyPipelineDep,
 ) -> CognigyResponse:
-    body = await read_limited_body(request, settings.max_body_bytes)
-    try:
-        principal = webhook_auth.authenticate(request.headers, body)
-    except AuthenticationFailed as failure:
-        record_auth_failure(
-            log, "webhook authentication failed", request, failure.reason, str(failure)
-        )
-        raise HTTPException(401, str(failure), headers={"WWW-Authenticate": "Signature"}) from None
-    try:
-        trigger = CognigyTrigger.model_validate_json(body)
-    except ValidationError as error:
-        raise invalid_body(error) from None
+    trigger = parse_body(CognigyTrigger, body)
     threshold = settings.cognigy_confidence_threshold
     if trigger.confidence_score > threshold:
         raise HTTPException(

@@ -10,16 +10,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.requests import HTTPConnection
 
-from app.auth.signatures import AuthorizationAuthenticator
 from app.core.deadline import Deadline
 from app.core.errors import AuthenticationFailed
 from app.core.principal import DEFAULT_TENANT, Principal
 from app.deps import CXoneAuthorizationsDep, SettingsDep, parts_of
-from app.http.body import invalid_body, read_limited_body
-from app.http.caller import record_auth_failure
+from app.http.body import parse_body, read_limited_body
+from app.http.caller import unauthorized
 from app.http.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
 from app.observability.logs import request_id_var
 from app.observability.metrics import BOT_STATE_REJECTED, TURNS
@@ -31,12 +29,6 @@ from app.surfaces.cxone.schemas import BotExchangeResponse, ExternalIntegrationB
 router = APIRouter(tags=["cxone"])
 
 
-async def get_cxone_bot_pipeline(connection: HTTPConnection) -> CXoneBotPipeline:
-    part: CXoneBotPipeline = parts_of(connection).cxone_bot
-    return part
-
-
-CXoneBotPipelineDep = Annotated[CXoneBotPipeline, Depends(get_cxone_bot_pipeline)]
 log = logging.getLogger("cxrelay.cxone")
 
 JSON_TYPES = ("application/json", "text/json")
@@ -53,8 +45,8 @@ def _is_json(content_type: str) -> bool:
 DISABLED = "the CXone webhook is disabled until CXONE_WEBHOOK_AUTHORIZATION is set"
 
 
-def _principal(
-    request: Request, accepted: AuthorizationAuthenticator, allow_unauthenticated: bool
+async def cxone_caller(
+    request: Request, settings: SettingsDep, accepted: CXoneAuthorizationsDep
 ) -> Principal:
     """The caller, or 401. The matching CXONE_WEBHOOK_AUTHORIZATION entry's tenant (`value:tenant`;
     the default one without) is the turn's: budgets, cache and ledger count it there. No values
@@ -62,14 +54,21 @@ def _principal(
     try:
         if accepted.configured:
             return accepted.authenticate(request.headers.get("authorization", ""))
-        if allow_unauthenticated:
+        if settings.allow_unauthenticated_webhooks:
             return Principal(DEFAULT_TENANT, "unauthenticated", "anonymous", "none")
         raise AuthenticationFailed(DISABLED, "disabled")
     except AuthenticationFailed as failure:
-        record_auth_failure(
-            log, "webhook authentication failed", request, failure.reason, str(failure)
-        )
-        raise HTTPException(401, str(failure)) from None
+        raise unauthorized(
+            log, "webhook authentication failed", request, failure, challenge=None
+        ) from None
+
+
+async def get_cxone_bot_pipeline(connection: HTTPConnection) -> CXoneBotPipeline:
+    return parts_of(connection).cxone_bot
+
+
+CXoneCallerDep = Annotated[Principal, Depends(cxone_caller)]
+CXoneBotPipelineDep = Annotated[CXoneBotPipeline, Depends(get_cxone_bot_pipeline)]
 
 
 @router.post(
@@ -88,20 +87,16 @@ def _principal(
 )
 async def cxone_exchange(
     request: Request,
+    principal: CXoneCallerDep,
     settings: SettingsDep,
-    authorizations: CXoneAuthorizationsDep,
     pipeline: CXoneBotPipelineDep,
 ) -> JSONResponse:
-    principal = _principal(request, authorizations, settings.allow_unauthenticated_webhooks)
-    if not _is_json(request.headers.get("content-type", "")):
+    if not _is_json(request.headers.get("content-type", "")):  # before the body is read
         raise HTTPException(
             415, "send the exchange as application/json, text/json or application/*+json"
         )
     body = await read_limited_body(request, settings.max_body_bytes)
-    try:
-        exchange = ExternalIntegrationBotExchangeRequest.model_validate_json(body)
-    except ValidationError as error:
-        raise invalid_body(error) from None
+    exchange = parse_body(ExternalIntegrationBotExchangeRequest, body)
 
     session = pipeline.codec.decode(exchange.botSessionState)
     if session.rejected not in ("", "missing"):

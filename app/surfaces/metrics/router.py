@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from app.core.errors import AuthenticationFailed
 from app.deps import SettingsDep
-from app.http.caller import bearer_failure, record_auth_failure
+from app.http.caller import bearer_failure, unauthorized
 from app.http.openapi import HTTPError, error_response
 from app.observability.metrics import exposition
 
@@ -32,8 +33,8 @@ async def require_scraper(request: Request, settings: SettingsDep) -> None:
         "missing": "missing credential: send Authorization: Bearer <token>",
         "invalid": "invalid metrics token",
     }[reason]
-    record_auth_failure(log, "metrics authentication failed", request, reason, message)
-    raise HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
+    failure = AuthenticationFailed(message, reason)
+    raise unauthorized(log, "metrics authentication failed", request, failure)
 
 
 @router.get(

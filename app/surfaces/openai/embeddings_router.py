@@ -10,11 +10,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from starlette.requests import HTTPConnection
 
-from app.deps import SessionIdsDep, SettingsDep, parts_of
-from app.http.body import read_limited_body
+from app.deps import SessionIdsDep, parts_of
+from app.http.body import LimitedBodyDep, parse_body
 from app.http.caller import CallerDep
 from app.http.openapi import json_request_body
 from app.surfaces.openai.embeddings_pipeline import (
@@ -24,15 +23,14 @@ from app.surfaces.openai.embeddings_pipeline import (
     InputTooLong,
 )
 from app.surfaces.openai.embeddings_schemas import EmbeddingList, EmbeddingsRequest
-from app.surfaces.openai.errors import ERRORS, OpenAIError, OpenAIRoute, from_validation
+from app.surfaces.openai.errors import ERRORS, OpenAIError, OpenAIRoute
 from app.surfaces.openai.session import session_of
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
 
 async def get_embeddings_pipeline(connection: HTTPConnection) -> EmbeddingsPipeline:
-    part: EmbeddingsPipeline = parts_of(connection).embeddings
-    return part
+    return parts_of(connection).embeddings
 
 
 EmbeddingsPipelineDep = Annotated[EmbeddingsPipeline, Depends(get_embeddings_pipeline)]
@@ -53,15 +51,11 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
 async def embeddings(
     request: Request,
     principal: CallerDep,
-    settings: SettingsDep,
+    raw: LimitedBodyDep,
     session_ids: SessionIdsDep,
     pipeline: EmbeddingsPipelineDep,
 ) -> Any:
-    raw = await read_limited_body(request, settings.max_body_bytes)
-    try:
-        body = EmbeddingsRequest.model_validate_json(raw)
-    except ValidationError as error:
-        raise from_validation(error.errors(include_url=False)) from None
+    body = parse_body(EmbeddingsRequest, raw)  # OpenAIRoute makes its 422 OpenAI's 400
     call = EmbeddingsCall(
         principal=principal,
         session_id=session_of(request, body, session_ids),

@@ -20,19 +20,18 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from app.accounting.inbound_limits import InboundLimiter
 from app.core.principal import Principal
-from app.deps import ChatPipelineDep, LimiterDep, RouterSlotDep, SessionIdsDep, SettingsDep
-from app.http.body import read_limited_body
+from app.deps import ChatPipelineDep, LimiterDep, RouterSlotDep, SessionIdsDep
+from app.http.body import LimitedBodyDep, parse_body
 from app.http.caller import CallerDep
 from app.http.openapi import json_request_body, response_schema, sse_response
 from app.http.sse import event_stream, injection_header, sse
 from app.pipelines.chat import ChatPipeline
 from app.pipelines.chat_call import ChatCall, ChatOutcome
 from app.pipelines.text_stream import TextStream, leased_stream
-from app.surfaces.openai.errors import ERRORS, OpenAIRoute, from_validation, openai_failure
+from app.surfaces.openai.errors import ERRORS, OpenAIRoute, openai_failure
 from app.surfaces.openai.messages import ToolCall
 from app.surfaces.openai.schemas import (
     AssistantMessage,
@@ -80,16 +79,12 @@ STREAMED: dict[int | str, dict[str, Any]] = {
 async def chat_completions(
     request: Request,
     principal: CallerDep,
-    settings: SettingsDep,
+    raw: LimitedBodyDep,
     session_ids: SessionIdsDep,
     limits: LimiterDep,
     pipeline: ChatPipelineDep,
 ) -> Any:
-    raw = await read_limited_body(request, settings.max_body_bytes)
-    try:
-        body = ChatCompletionRequest.model_validate_json(raw)
-    except ValidationError as error:
-        raise from_validation(error.errors(include_url=False)) from None
+    body = parse_body(ChatCompletionRequest, raw)  # OpenAIRoute makes its 422 OpenAI's 400
     call = build_call(body, principal, session_of(request, body, session_ids))
     if body.stream:
         return await _stream(call, body, limits, pipeline)
