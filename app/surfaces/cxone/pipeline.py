@@ -17,8 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from app.accounting.budget import BudgetExhausted, BudgetUnavailable, HistoryTooLong
 from app.cache.intent_cache import CachedAnswer
@@ -34,7 +33,7 @@ from app.prompts.renderer import PromptRenderer
 from app.safety.injection import InjectionRules
 from app.safety.rules import SafetyRules
 from app.surfaces.cxone.bot_state import BotSession, StateCodec
-from app.surfaces.cxone.reply import BotOptions, BotTurn, reply
+from app.surfaces.cxone.reply import BotOptions, BotTurn, Replier
 from app.surfaces.cxone.schemas import (
     BotErrorDetails,
     BotExchangeBranch,
@@ -63,6 +62,10 @@ class CXoneBotPipeline:
     codec: StateCodec
     cxone: CXoneContextClient | None
     options: BotOptions
+    respond: Replier = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.respond = Replier(self.options, self.codec)
 
     async def exchange(
         self,
@@ -90,12 +93,12 @@ class CXoneBotPipeline:
                     "duration_s": round(time.time() - session.started_at, 1),
                 },
             )
-            return self._respond(session, turn, BotExchangeBranch.EndContact)
+            return self.respond(session, turn, BotExchangeBranch.EndContact)
         if kind is UserInputType.NO_INPUT:
             return self._no_input(session, turn)
         if kind is UserInputType.BASE64_ENCODED_G711_ULAW_WAV_FILE and not text:
             turn.outcome = "untranscribeable"
-            return self._respond(
+            return self.respond(
                 session,
                 turn,
                 BotExchangeBranch.AudioInputUntranscribeable,
@@ -105,7 +108,7 @@ class CXoneBotPipeline:
             session.turns += 1
             turn.outcome = "greeted"
             session.add_exchange("", self.options.greeting, **self._bounds())
-            return self._respond(
+            return self.respond(
                 session,
                 turn,
                 BotExchangeBranch.PromptAndCollectNextResponse,
@@ -161,7 +164,7 @@ class CXoneBotPipeline:
             turn.outcome = "handoff"
             turn.reason = handoff.group(1).strip()[:200] or "the assistant asked for an agent"
             session.add_exchange(stored.text, "", **self._bounds())
-            return self._respond(
+            return self.respond(
                 session,
                 turn,
                 BotExchangeBranch.ReturnControlToScript,
@@ -191,7 +194,7 @@ class CXoneBotPipeline:
         session.turns += 1
         session.no_input_streak = session.failure_streak = 0
         session.add_exchange(utterance, text, **self._bounds())
-        return self._respond(
+        return self.respond(
             session,
             turn,
             BotExchangeBranch.PromptAndCollectNextResponse,
@@ -225,7 +228,7 @@ class CXoneBotPipeline:
         turn.outcome = why
         turn.reason = reason[:300]
         session.add_exchange(utterance, "", **self._bounds())
-        return self._respond(
+        return self.respond(
             session,
             turn,
             BotExchangeBranch.ReturnControlToScript,
@@ -246,7 +249,7 @@ class CXoneBotPipeline:
         )
         if session.failure_streak >= self.options.max_failures:
             turn.outcome = "fallback_escalated"
-            return self._respond(
+            return self.respond(
                 session,
                 turn,
                 BotExchangeBranch.ReturnControlToScript,
@@ -254,7 +257,7 @@ class CXoneBotPipeline:
                 payload={"handoffReason": "repeated_failures"},
             )
         turn.outcome = "fallback"
-        return self._respond(
+        return self.respond(
             session,
             turn,
             BotExchangeBranch.PromptAndCollectNextResponse,
@@ -266,14 +269,14 @@ class CXoneBotPipeline:
         session.no_input_streak += 1
         if session.no_input_streak >= self.options.max_no_input:
             turn.outcome = "no_input_escalated"
-            return self._respond(
+            return self.respond(
                 session,
                 turn,
                 BotExchangeBranch.ReturnControlToScript,
                 payload={"handoffReason": "no_input"},
             )
         turn.outcome = "reprompted"
-        return self._respond(
+        return self.respond(
             session, turn, BotExchangeBranch.PromptAndCollectNextResponse, say=self.options.reprompt
         )
 
@@ -362,29 +365,6 @@ class CXoneBotPipeline:
             "max_messages": self.options.state_max_messages,
             "max_chars": self.options.state_max_chars,
         }
-
-    def _respond(
-        self,
-        session: BotSession,
-        turn: BotTurn,
-        branch: BotExchangeBranch,
-        *,
-        say: str | None = None,
-        utterance: str | None = None,
-        error: BotErrorDetails | None = None,
-        payload: dict[str, Any] | None = None,
-    ) -> BotExchangeResponse:
-        return reply(
-            self.options,
-            self.codec,
-            session,
-            turn,
-            branch,
-            say=say,
-            utterance=utterance,
-            error=error,
-            payload=payload,
-        )
 
 
 def _without_current_utterance(turns: list[Turn], utterance: str) -> list[Turn]:

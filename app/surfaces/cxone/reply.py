@@ -68,39 +68,46 @@ class BotTurn:
         return round((time.perf_counter() - self.started) * 1000, 1)
 
 
-def reply(
-    options: BotOptions,
-    codec: StateCodec,
-    session: BotSession,
-    turn: BotTurn,
-    branch: BotExchangeBranch,
-    *,
-    say: str | None = None,
-    utterance: str | None = None,
-    error: BotErrorDetails | None = None,
-    payload: dict[str, Any] | None = None,
-) -> BotExchangeResponse:
-    session.prompt_tokens += turn.usage.prompt_tokens
-    session.completion_tokens += turn.usage.completion_tokens
-    custom = dict(payload or {})
-    if turn.cached:
-        custom["cached"] = True  # even without the metrics: a script may want to know
-    if options.metrics_in_payload:
-        custom.update(_metrics(session, turn))
-    return BotExchangeResponse(
-        branchName=branch,
-        nextPromptSequence=PromptSequence.say(say) if say else None,
-        intentInfo=IntentInfo(
-            intent=turn.outcome,
-            context=session.session_id,
-            intentConfidence=1.0,
-            lastUserUtterance=utterance,
-        ),
-        nextPromptBehaviors=_behaviors(options) if say else None,
-        customPayload=custom or None,
-        errorDetails=error,
-        botSessionState=codec.encode(session),
-    )
+@dataclass(frozen=True)
+class Replier:
+    """Every branch's answer, from the options (silence rules, metrics in the payload) and the
+    codec that signs the session state."""
+
+    options: BotOptions
+    codec: StateCodec
+
+    def __call__(
+        self,
+        session: BotSession,
+        turn: BotTurn,
+        branch: BotExchangeBranch,
+        *,
+        say: str | None = None,
+        utterance: str | None = None,
+        error: BotErrorDetails | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> BotExchangeResponse:
+        session.prompt_tokens += turn.usage.prompt_tokens
+        session.completion_tokens += turn.usage.completion_tokens
+        custom = dict(payload or {})
+        if turn.cached:
+            custom["cached"] = True  # even without the metrics: a script may want to know
+        if self.options.metrics_in_payload:
+            custom.update(_metrics(session, turn))
+        return BotExchangeResponse(
+            branchName=branch,
+            nextPromptSequence=PromptSequence.say(say) if say else None,
+            intentInfo=IntentInfo(
+                intent=turn.outcome,
+                context=session.session_id,
+                intentConfidence=1.0,
+                lastUserUtterance=utterance,
+            ),
+            nextPromptBehaviors=_behaviors(self.options) if say else None,
+            customPayload=custom or None,
+            errorDetails=error,
+            botSessionState=self.codec.encode(session),
+        )
 
 
 def _behaviors(options: BotOptions) -> PromptBehaviors:
