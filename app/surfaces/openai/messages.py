@@ -48,16 +48,19 @@ SessionUser = Annotated[
 # --- content parts -------------------------------------------------------------------------------
 
 
-class TextPart(BaseModel):
+class _Closed(BaseModel):
+    """A content part and what it holds take OpenAI's fields only: an unknown one is a 400, not
+    something silently dropped on the way to the model."""
+
     model_config = ConfigDict(extra="forbid")
 
+
+class TextPart(_Closed):
     type: Literal["text"]
     text: str
 
 
-class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ImageURL(_Closed):
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
 
@@ -71,23 +74,17 @@ class ImageURL(BaseModel):
         raise ValueError("an image_url is an http(s) URL or a data:image/...;base64, URL")
 
 
-class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ImagePart(_Closed):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-class InputAudio(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class InputAudio(_Closed):
     data: str = Field(min_length=1)  # base64
     format: Literal["wav", "mp3"]
 
 
-class AudioPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AudioPart(_Closed):
     type: Literal["input_audio"]
     input_audio: InputAudio
 

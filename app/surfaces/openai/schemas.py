@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -46,6 +47,20 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
+
+
+_NO_LOGPROBS = (
+    "token log probabilities are not available through cx-relay: its output guard may change "
+    "the answer after the model wrote it"
+)
+_NO_FUNCTIONS = "functions and function_call are deprecated: send tools and tool_choice"
+# OpenAI fields a request may carry only empty, and why any other value is refused
+_REFUSED_FIELDS = {
+    "logprobs": _NO_LOGPROBS,
+    "top_logprobs": _NO_LOGPROBS,
+    "functions": _NO_FUNCTIONS,
+    "function_call": _NO_FUNCTIONS,
+}
 
 
 class ChatCompletionRequest(BaseModel):
@@ -106,23 +121,11 @@ class ChatCompletionRequest(BaseModel):
                 raise ValueError("logit_bias maps token ids to a bias between -100 and 100")
         return value
 
-    @field_validator("logprobs", "top_logprobs")
+    @field_validator(*_REFUSED_FIELDS)
     @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
         if value:
-            raise ValueError(
-                "token log probabilities are not available through cx-relay: its output guard "
-                "may change the answer after the model wrote it"
-            )
-        return value
-
-    @field_validator("functions", "function_call")
-    @classmethod
-    def _no_legacy_functions(cls, value: Any) -> Any:
-        if value:
-            raise ValueError(
-                "functions and function_call are deprecated: send tools and tool_choice"
-            )
+            raise ValueError(_REFUSED_FIELDS[info.field_name or ""])
         return value
 
     @model_validator(mode="after")
