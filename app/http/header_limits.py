@@ -63,8 +63,19 @@ class _HeaderGuard(asyncio.Protocol, metaclass=abc.ABCMeta):
     loop: asyncio.AbstractEventLoop
     server_state: ServerState
     client: tuple[str, int] | None
+    cycle: Any  # the protocol's current request-response cycle (each protocol has its own class)
 
-    def _init_header_guard(self, limits: HeaderLimits) -> None:
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: HeaderLimits,
+    ) -> None:
+        # the uvicorn protocol after this class in the MRO takes the arguments
+        super().__init__(config, server_state, app_state, _loop)  # type: ignore[call-arg]
         self._limits = limits
         self._head_bytes = 0
         self._head_clock: asyncio.TimerHandle | None = None
@@ -75,9 +86,9 @@ class _HeaderGuard(asyncio.Protocol, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def _heads_read_marker(self) -> object: ...
 
-    @abc.abstractmethod
     def _answering(self) -> bool:
         """A response to an earlier request is under way: nothing else may be written."""
+        return self.cycle is not None and not self.cycle.response_complete
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -162,17 +173,8 @@ class HttpToolsWithHeaderLimits(_HeaderGuard, HttpToolsProtocol):
     """uvicorn's httptools protocol with HeaderLimits. Its parser callbacks say where a head
     ends (headers complete) and where the next one may begin (message complete)."""
 
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-        *,
-        limits: HeaderLimits,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self._init_header_guard(limits)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._in_head = True
         self._heads_read = 0
 
@@ -181,9 +183,6 @@ class HttpToolsWithHeaderLimits(_HeaderGuard, HttpToolsProtocol):
 
     def _heads_read_marker(self) -> object:
         return self._heads_read
-
-    def _answering(self) -> bool:
-        return self.cycle is not None and not self.cycle.response_complete
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -201,23 +200,8 @@ class H11WithHeaderLimits(_HeaderGuard, H11Protocol):
     also refuses (400) a head over `h11_max_incomplete_event_size` (16 KiB unless set), so that
     option must be at least `max_bytes` for the 431 to be the answer."""
 
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-        *,
-        limits: HeaderLimits,
-    ) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        self._init_header_guard(limits)
-
     def _reading_head(self) -> bool:
         return self.conn.their_state is h11.IDLE
 
     def _heads_read_marker(self) -> object:
         return self.cycle
-
-    def _answering(self) -> bool:
-        return self.cycle is not None and not self.cycle.response_complete
