@@ -47,6 +47,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect
@@ -204,36 +205,28 @@ async def ws_chat(
                 await connection.send(INTERNAL_ERROR_FRAME, INTERNAL_ERROR)
 
 
+@dataclass(eq=False)
 class Connection:
     """One socket: authenticate it, then answer its requests in turn."""
 
-    def __init__(
-        self,
-        websocket: WebSocket,
-        *,
-        client_auth: ClientAuthenticator,
-        limits: InboundLimiter,
-        pipeline: ChatPipeline,
-        templates: CallerTemplates,
-        session_ids: SessionIds,
-        max_frame_bytes: int,
-        idle_seconds: float,
-    ) -> None:
-        self.websocket = websocket
-        self.client_auth = client_auth
-        self.limits = limits
-        self.pipeline = pipeline
-        self.templates = templates
-        self.session_ids = session_ids
-        self.limit = max_frame_bytes
-        self.idle_seconds = idle_seconds
-        self.principal: Principal | None = None
-        self._send_lock = asyncio.Lock()
-        # the socket's id (from the handshake); each request frame gets `<this>.<n>`, so one
-        # answer's log lines (turn, upstream attempts) share an id, and a socket's share a prefix
-        self.request_id = request_id_var.get() or new_request_id()
-        self.frames = 0
-        self._answering = False  # an answer runs and has not sent its last frame
+    websocket: WebSocket
+    _: KW_ONLY
+    client_auth: ClientAuthenticator
+    limits: InboundLimiter
+    pipeline: ChatPipeline
+    templates: CallerTemplates
+    session_ids: SessionIds
+    max_frame_bytes: int
+    idle_seconds: float
+    principal: Principal | None = field(default=None, init=False)
+    _send_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    # the socket's id (from the handshake); each request frame gets `<this>.<n>`, so one
+    # answer's log lines (turn, upstream attempts) share an id, and a socket's share a prefix
+    request_id: str = field(
+        default_factory=lambda: request_id_var.get() or new_request_id(), init=False
+    )
+    frames: int = field(default=0, init=False)
+    _answering: bool = field(default=False, init=False)  # an answer runs, its last frame unsent
 
     async def send(self, frame: dict[str, Any], close: int | None = None) -> None:
         """One frame, maybe then the close; locked, as busy replies and an answer share the
@@ -292,7 +285,7 @@ class Connection:
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", 1000))
         try:
-            frame = read_frame(message, self.limit)
+            frame = read_frame(message, self.max_frame_bytes)
         except FrameRefused as bad:
             if bad.close is not None:
                 raise
@@ -332,7 +325,7 @@ class Connection:
             self.frames += 1
             request_id_var.set(f"{self.request_id}.{self.frames}")  # the middleware resets it
             try:
-                body = parse_request(read_frame(received, self.limit))
+                body = parse_request(read_frame(received, self.max_frame_bytes))
                 call = build_call(body, self.principal, self.templates, self.session_ids, SURFACE)
             except FrameRefused as refused:
                 await self.refuse(refused)
@@ -411,7 +404,7 @@ class Connection:
             if message["type"] == "websocket.disconnect" or not self._answering:
                 return message
             try:
-                read_frame(message, self.limit)
+                read_frame(message, self.max_frame_bytes)
             except FrameRefused as bad:
                 if bad.close is not None:
                     await self.refuse(bad)
