@@ -164,12 +164,7 @@ class CXoneBotPipeline:
             turn.outcome = "handoff"
             turn.reason = handoff.group(1).strip()[:200] or "the assistant asked for an agent"
             session.add_exchange(stored.text, "", **self._bounds())
-            return self.respond(
-                session,
-                turn,
-                BotExchangeBranch.ReturnControlToScript,
-                payload={"handoffReason": turn.reason},
-            )
+            return self._return_to_script(session, turn, turn.reason)
         redaction = self.safety.redact(text)
         _count(turn.redactions, redaction.counts, "output")
         category = self.safety.unsafe_category(redaction.text, self.options.unsafe_categories)
@@ -228,16 +223,11 @@ class CXoneBotPipeline:
         turn.outcome = why
         turn.reason = reason[:300]
         session.add_exchange(utterance, "", **self._bounds())
-        return self.respond(
-            session,
-            turn,
-            BotExchangeBranch.ReturnControlToScript,
-            error=BotErrorDetails(
-                errorBehavior=BotLoopErrorBehavior.ReturnControlToScriptThroughErrorBranch,
-                systemErrorMessage=f"{why}: {turn.reason}",
-            ),
-            payload={"handoffReason": why},
+        error = BotErrorDetails(
+            errorBehavior=BotLoopErrorBehavior.ReturnControlToScriptThroughErrorBranch,
+            systemErrorMessage=f"{why}: {turn.reason}",
         )
+        return self._return_to_script(session, turn, why, error)
 
     def failure(self, session: BotSession, turn: BotTurn, reason: str) -> BotExchangeResponse:
         """The fallback prompt, or back to the script once failures repeat."""
@@ -249,13 +239,7 @@ class CXoneBotPipeline:
         )
         if session.failure_streak >= self.options.max_failures:
             turn.outcome = "fallback_escalated"
-            return self.respond(
-                session,
-                turn,
-                BotExchangeBranch.ReturnControlToScript,
-                error=error,
-                payload={"handoffReason": "repeated_failures"},
-            )
+            return self._return_to_script(session, turn, "repeated_failures", error)
         turn.outcome = "fallback"
         return self.respond(
             session,
@@ -269,16 +253,24 @@ class CXoneBotPipeline:
         session.no_input_streak += 1
         if session.no_input_streak >= self.options.max_no_input:
             turn.outcome = "no_input_escalated"
-            return self.respond(
-                session,
-                turn,
-                BotExchangeBranch.ReturnControlToScript,
-                payload={"handoffReason": "no_input"},
-            )
+            return self._return_to_script(session, turn, "no_input")
         turn.outcome = "reprompted"
         return self.respond(
             session, turn, BotExchangeBranch.PromptAndCollectNextResponse, say=self.options.reprompt
         )
+
+    def _return_to_script(
+        self,
+        session: BotSession,
+        turn: BotTurn,
+        handoff_reason: str,
+        error: BotErrorDetails | None = None,
+    ) -> BotExchangeResponse:
+        """Control back to the CXone script, which reads why from customPayload's handoffReason
+        (and an error branch's reason from errorDetails)."""
+        payload = {"handoffReason": handoff_reason}
+        branch = BotExchangeBranch.ReturnControlToScript
+        return self.respond(session, turn, branch, error=error, payload=payload)
 
     async def _seed_history(
         self,
