@@ -293,12 +293,8 @@ def parse_chunk(provider: str, payload: Any, api_key: str | None) -> StreamChunk
 def whole_tool_calls(raw: Any) -> tuple[dict[str, Any], ...]:
     """A whole answer's `message.tool_calls`, checked and in OpenAI's shape (TypeError when a
     call is malformed: the caller maps it to a protocol error)."""
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise TypeError("tool_calls is not a list")
     calls = []
-    for call in raw:
+    for call in _listed(raw, "tool_calls"):
         function = call["function"]
         name, arguments = function["name"], function.get("arguments") or "{}"
         if not isinstance(name, str) or not isinstance(arguments, str):
@@ -315,12 +311,8 @@ def whole_tool_calls(raw: Any) -> tuple[dict[str, Any], ...]:
 
 def tool_call_deltas(raw: Any) -> tuple[ToolCallDelta, ...]:
     """A chunk's `delta.tool_calls` pieces (TypeError when malformed)."""
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise TypeError("delta.tool_calls is not a list")
     pieces = []
-    for piece in raw:
+    for piece in _listed(raw, "delta.tool_calls"):
         function = piece.get("function") or {}
         arguments = function.get("arguments") or ""
         if not isinstance(arguments, str):
@@ -370,6 +362,15 @@ def stream_error(provider: str, error: Any, api_key: str | None) -> UpstreamErro
     except UpstreamError as typed:
         return typed
     raise AssertionError("unreachable: status >= 400 always raises")  # pragma: no cover
+
+
+def _listed(raw: Any, what: str) -> list[Any]:
+    """A tool calls field: [] when absent, TypeError when not a list."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise TypeError(f"{what} is not a list")
+    return raw
 
 
 def _as_status(value: Any) -> int | None:
