@@ -158,7 +158,6 @@ class Grant:
 class Headroom:
     """What a session may still spend right now, for planning a call before reserving it."""
 
-    usages: tuple[ScopeUsage, ...]
     remaining_tokens: int | None
     remaining_cost: float | None
     lightweight: bool
@@ -192,14 +191,18 @@ class BudgetService:
         return remaining_tokens is not None and remaining_tokens < self.policy.lightweight_threshold
 
     async def headroom(self, principal: Principal, session_id: str) -> Headroom:
-        """The tightest remaining amounts over the session and the tenant's periods."""
+        """The tightest remaining amounts over the session and the tenant's periods. Where no
+        scope has a limit the answer is known without reading the store (a read per call)."""
+        scopes = self.scopes_for(principal, session_id)
+        if all(s.limit_tokens is None and s.limit_cost is None for s in scopes):
+            return Headroom(None, None, lightweight=False)
         try:
-            usages = await self.store.usages(self.scopes_for(principal, session_id))
+            usages = await self.store.usages(scopes)
         except StoreUnavailable as exc:
             raise BudgetUnavailable(str(exc)) from exc
         tokens = _smallest([u.remaining_tokens for u in usages])
         cost = _smallest([u.remaining_cost for u in usages])
-        return Headroom(tuple(usages), tokens, cost, self._lightweight(tokens))
+        return Headroom(tokens, cost, self._lightweight(tokens))
 
     async def reserve_for(
         self,

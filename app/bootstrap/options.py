@@ -8,9 +8,7 @@ from collections.abc import Mapping
 from zoneinfo import ZoneInfo
 
 from app.accounting.budget import BudgetPolicy, PeriodLimits
-from app.core.settings import (
-    Settings,
-)
+from app.core.settings import Settings
 from app.llm.base_config import BaseConfig
 from app.llm.catalog import ModelSpec, ProviderConfig, ProviderSpec, RouteSpec, RouteTarget
 from app.llm.retry import RetryPolicy

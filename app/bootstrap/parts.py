@@ -29,19 +29,9 @@ from app.bootstrap.options import (
     http_client_options,
     router_options,
 )
-from app.bootstrap.pipelines import (
-    build_chat,
-    build_cognigy,
-    build_cxone_bot,
-    build_intent_cache,
-    load_injection_rules,
-    load_safety_rules,
-)
-from app.cache.turn_cache import TurnCache
+from app.bootstrap.pipelines import build_chat, build_cognigy, build_cxone_bot, pipeline_parts
 from app.core.credentials import split_tenant
-from app.core.settings import (
-    Settings,
-)
+from app.core.settings import Settings
 from app.llm import tokens
 from app.llm.base_config import startup_provider_config
 from app.llm.catalog import ProviderConfig
@@ -50,7 +40,6 @@ from app.llm.router import LLMRouter, RouterSlot
 from app.metering.meter import Metering
 from app.pipelines.chat import ChatPipeline
 from app.prompts.caller_templates import CallerTemplates
-from app.prompts.renderer import PromptRenderer
 from app.safety.session_ids import SessionIds
 from app.store import RedisStore, Store, open_store
 from app.store.audit import AuditLog
@@ -142,7 +131,6 @@ def _build(
     store: Store,
     ledger: Ledger,
 ) -> Parts:
-    renderer = PromptRenderer()
     http = build_http_client(http_client_options(settings))
     stack.push_async_callback(http.aclose)
     llm = RouterSlot(LLMRouter(http, startup.config, router_options(settings)))
@@ -157,8 +145,6 @@ def _build(
         sha256=startup.sha256,
     )
     stack.push_async_callback(provisioner.aclose)  # before http.aclose: notifications use it
-    cxone_client = _cxone_client(settings, http)
-    safety = load_safety_rules(settings)
     client_auth = ClientAuthenticator(
         [k.get_secret_value() for k in settings.client_api_keys],
         settings.admin_token.get_secret_value() if settings.admin_token else None,
@@ -167,9 +153,7 @@ def _build(
     limits = build_inbound_limits(settings, store, llm)
     stack.push_async_callback(limits.aclose)  # leases still being given back, before the store
     metering = Metering(budget, ledger, llm, limits)
-    injection = load_injection_rules(settings)  # one of each, shared by every surface
-    intent_cache = build_intent_cache(settings)
-    turn_cache = TurnCache(intent_cache, settings.intent_cache_enabled)
+    shared = pipeline_parts(settings, metering, _cxone_client(settings, http))
     authenticator = WebhookAuthenticator(
         # `value:tenant` (split_tenant): the verified credential's tenant is the turn's
         secrets=[split_tenant(s.get_secret_value()) for s in settings.cognigy_webhook_secret],
@@ -184,14 +168,12 @@ def _build(
         http=http,
         webhook_auth=authenticator,
         llm=llm,
-        cognigy=build_cognigy(settings, metering, renderer, cxone_client, injection, turn_cache),
-        cxone_bot=build_cxone_bot(
-            settings, metering, renderer, cxone_client, safety, injection, turn_cache
-        ),
+        cognigy=build_cognigy(settings, shared),
+        cxone_bot=build_cxone_bot(settings, shared),
         caller_templates=CallerTemplates(
             settings.chat_inline_template_max_chars, max_output_chars=settings.max_body_bytes
         ),
-        chat=build_chat(settings, metering, renderer, safety, injection, turn_cache),
+        chat=build_chat(settings, shared),
         embeddings=EmbeddingsPipeline(metering, settings.embeddings_deadline_seconds),
         metering=metering,
         cxone_authorizations=cxone_authorizations(settings),
@@ -201,7 +183,7 @@ def _build(
         ledger=ledger,
         client_auth=client_auth,
         limits=limits,
-        session_ids=SessionIds(safety, session_id_key(settings)),
+        session_ids=SessionIds(shared.safety, session_id_key(settings)),
         probes=ProviderProbes(settings.health_cache_seconds, settings.health_probe_timeout_seconds),
         health=health_options(settings),
     )

@@ -1,15 +1,15 @@
-"""The surfaces' pipelines and what they share (safety and injection rules, the intent cache),
-built from Settings; each template is rendered once here with sample values, so a broken one
-stops start-up instead of a turn."""
+"""The surfaces' pipelines and what they share (PipelineParts: metering, the renderer, the safety
+and injection rules, the intent cache, the CXone client), built from Settings; each template is
+rendered once here with sample values, so a broken one stops start-up instead of a turn."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from app.bootstrap.credentials import state_secret
 from app.cache.intent_cache import IntentCache
 from app.cache.turn_cache import TurnCache
-from app.core.settings import (
-    Settings,
-)
+from app.core.settings import Settings
 from app.metering.meter import Metering
 from app.pipelines.chat import ChatPipeline
 from app.pipelines.chat_call import ChatOptions
@@ -32,41 +32,48 @@ SAMPLE_PROMPT_VARIABLES = {
 }
 
 
-def load_injection_rules(settings: Settings) -> InjectionRules:
-    """Loaded once and shared by every surface (chat, Cognigy, CXone)."""
-    return InjectionRules.load(settings.safety_rules_dir or RULES_DIR)
+@dataclass(frozen=True)
+class PipelineParts:
+    """What the conversation pipelines (Cognigy, chat, CXone) are built from: one of each,
+    shared by all three."""
+
+    metering: Metering
+    renderer: PromptRenderer
+    safety: SafetyRules
+    injection: InjectionRules
+    cache: TurnCache  # one intent cache for every surface: keyed by tenant, model and input
+    cxone: CXoneContextClient | None  # None when CXone is not configured (no history)
 
 
-def load_safety_rules(settings: Settings) -> SafetyRules:
-    safety = SafetyRules.load(settings.safety_rules_dir or RULES_DIR)
+def pipeline_parts(
+    settings: Settings, metering: Metering, cxone: CXoneContextClient | None
+) -> PipelineParts:
+    rules_dir = settings.safety_rules_dir or RULES_DIR
+    safety = SafetyRules.load(rules_dir)
     safety.check_categories(settings.unsafe_output_categories)
-    return safety
-
-
-def build_intent_cache(settings: Settings) -> IntentCache:
-    """One cache for every surface: entries are keyed by tenant, model and the whole input."""
-    return IntentCache(
+    intents = IntentCache(
         max_entries=settings.intent_cache_max_entries,
         ttl_seconds=settings.intent_cache_ttl_seconds,
     )
-
-
-def build_cognigy(
-    settings: Settings,
-    metering: Metering,
-    renderer: PromptRenderer,
-    cxone: CXoneContextClient | None,
-    injection: InjectionRules,
-    cache: TurnCache,
-) -> CognigyPipeline:
-    for template in (settings.cognigy_system_template, settings.cognigy_user_template):
-        renderer.check(template, SAMPLE_PROMPT_VARIABLES)
-    return CognigyPipeline(
+    return PipelineParts(
         metering=metering,
-        renderer=renderer,
+        renderer=PromptRenderer(),
+        safety=safety,
+        injection=InjectionRules.load(rules_dir),
+        cache=TurnCache(intents, settings.intent_cache_enabled),
         cxone=cxone,
-        injection=injection,
-        cache=cache,
+    )
+
+
+def build_cognigy(settings: Settings, parts: PipelineParts) -> CognigyPipeline:
+    for template in (settings.cognigy_system_template, settings.cognigy_user_template):
+        parts.renderer.check(template, SAMPLE_PROMPT_VARIABLES)
+    return CognigyPipeline(
+        metering=parts.metering,
+        renderer=parts.renderer,
+        cxone=parts.cxone,
+        injection=parts.injection,
+        cache=parts.cache,
         options=CognigyOptions(
             model=settings.llm_model,
             temperature=settings.routing_temperature,
@@ -81,22 +88,15 @@ def build_cognigy(
     )
 
 
-def build_chat(
-    settings: Settings,
-    metering: Metering,
-    renderer: PromptRenderer,
-    safety: SafetyRules,
-    injection: InjectionRules,
-    cache: TurnCache,
-) -> ChatPipeline:
+def build_chat(settings: Settings, parts: PipelineParts) -> ChatPipeline:
     for template in (settings.chat_system_template, settings.chat_lightweight_template):
-        renderer.check(template, {})
+        parts.renderer.check(template, {})
     return ChatPipeline(
-        metering=metering,
-        renderer=renderer,
-        safety=safety,
-        injection=injection,
-        cache=cache,
+        metering=parts.metering,
+        renderer=parts.renderer,
+        safety=parts.safety,
+        injection=parts.injection,
+        cache=parts.cache,
         options=ChatOptions(
             default_model=settings.llm_model,
             max_tokens=settings.llm_max_tokens,
@@ -112,27 +112,19 @@ def build_chat(
     )
 
 
-def build_cxone_bot(
-    settings: Settings,
-    metering: Metering,
-    renderer: PromptRenderer,
-    cxone: CXoneContextClient | None,
-    safety: SafetyRules,
-    injection: InjectionRules,
-    cache: TurnCache,
-) -> CXoneBotPipeline:
-    renderer.check(
+def build_cxone_bot(settings: Settings, parts: PipelineParts) -> CXoneBotPipeline:
+    parts.renderer.check(
         settings.cxone_system_template,
         {"channel": "chat", "handoff_marker": "[[HANDOFF]]", "greeting": True},
     )
     return CXoneBotPipeline(
-        metering=metering,
-        renderer=renderer,
-        safety=safety,
-        injection=injection,
-        cache=cache,
+        metering=parts.metering,
+        renderer=parts.renderer,
+        safety=parts.safety,
+        injection=parts.injection,
+        cache=parts.cache,
         codec=StateCodec(state_secret(settings), settings.cxone_state_max_bytes),
-        cxone=cxone,
+        cxone=parts.cxone,
         options=BotOptions(
             model=settings.llm_model,
             temperature=settings.llm_temperature,

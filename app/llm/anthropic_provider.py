@@ -17,7 +17,6 @@ keep-alive and `error` an error that arrived mid-stream (e.g. overloaded).
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,17 +33,11 @@ from app.llm.anthropic_messages import (
     split_messages,
     tools_payload,
 )
-from app.llm.streaming import (
-    iter_sse,
-    stream_cut,
-    stream_transport_error,
-    whole_as_chunk,
-)
+from app.llm.http_provider import HTTPProvider
+from app.llm.streaming import SSEEvent, stream_cut
 from app.llm.types import ChatRequest, ChatResult, StreamChunk, ToolCallDelta, Usage
 from app.llm.wire import (
     json_instruction,
-    post_json,
-    probe_key,
     quote_provider_message,
     raise_for_status,
     v1_url,
@@ -84,7 +77,7 @@ def anthropic_headers(api_key: str | None, auth_header: str | None) -> dict[str,
     return headers
 
 
-class AnthropicProvider:
+class AnthropicProvider(HTTPProvider):
     """A provider reached over Anthropic's Messages API (api.anthropic.com or a gateway)."""
 
     kind = "anthropic"
@@ -95,7 +88,10 @@ class AnthropicProvider:
         self.models_url = self.url.removesuffix("/messages") + "/models"
         self._auth_header = auth_header
 
-    def payload(self, request: ChatRequest) -> dict[str, Any]:
+    def headers(self, api_key: str | None) -> dict[str, str]:
+        return anthropic_headers(api_key, self._auth_header)
+
+    def payload(self, request: ChatRequest, *, stream: bool = False) -> dict[str, Any]:
         system, turns = split_messages(request.messages)
         if request.json_output or request.output_schema is not None:
             # No response_format on this wire: the instruction (with the caller's schema, when
@@ -113,84 +109,57 @@ class AnthropicProvider:
         }
         if system:
             body["system"] = system
+        if stream:
+            body["stream"] = True
         return body
 
-    async def complete(
-        self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
-    ) -> ChatResult:
-        started = time.perf_counter()
-        headers = anthropic_headers(api_key, self._auth_header)
-        response = await post_json(
-            http, self.name, self.url, self.payload(request), headers, timeout
+    def raise_for_error(self, response: httpx.Response, api_key: str | None) -> None:
+        """Quotes Anthropic's own message and spots a prompt too long for the context window."""
+        if response.status_code < 400:
+            return
+        error_type, detail = _error_detail(response, api_key)
+        raise_for_status(
+            self.name, response, detail, context_length=_is_prompt_too_long(error_type, detail)
         )
-        latency_ms = (time.perf_counter() - started) * 1000
-        _raise_for_error(self.name, response, api_key)
-        return self._result(response, request, latency_ms)
 
-    async def stream(
-        self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
+    async def read_events(
+        self, events: AsyncIterator[SSEEvent], api_key: str | None
     ) -> AsyncIterator[StreamChunk]:
-        """One streamed attempt (see `StreamingProviderClient`); `timeout` bounds the connect
-        and each read, not the whole answer."""
-        headers = {
-            **anthropic_headers(api_key, self._auth_header),
-            "accept": "text/event-stream",
-        }
-        body = {**self.payload(request), "stream": True}
         model: str | None = None
         input_tokens = 0
         stopped = False
         tools: dict[int, int] = {}  # a tool_use block's index -> its tool call's index
-        try:
-            async with http.stream(
-                "POST", self.url, json=body, headers=headers, timeout=timeout
-            ) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    _raise_for_error(self.name, response, api_key)
-                if str(response.headers.get("content-type", "")).startswith("application/json"):
-                    # A gateway that ignores `stream: true` answers one whole message.
-                    await response.aread()
-                    yield whole_as_chunk(self._result(response, request, 0.0), "stop")
-                    return
-                async for event in iter_sse(response.aiter_bytes()):
-                    payload = self._decode(event.data)
-                    kind = payload.get("type") or event.event
-                    if kind == "message_stop":
-                        return
-                    if kind == "error":
-                        raise self._stream_error(payload.get("error"), api_key)
-                    if kind == "message_start":
-                        model, input_tokens = self._message_start(payload)
-                    elif kind == "content_block_start":
-                        call = self._tool_use_start(payload, tools)
-                        if call is not None:
-                            yield StreamChunk(model=model, tool_calls=(call,))
-                    elif kind == "content_block_delta":
-                        delta = payload.get("delta")
-                        if isinstance(delta, dict) and delta.get("type") == "text_delta":
-                            text = delta.get("text")
-                            if not isinstance(text, str):
-                                raise self._malformed("content_block_delta")
-                            if text:
-                                yield StreamChunk(delta=text, model=model)
-                        elif isinstance(delta, dict) and delta.get("type") == "input_json_delta":
-                            piece = self._tool_input(payload, delta, tools)
-                            if piece is not None:
-                                yield StreamChunk(model=model, tool_calls=(piece,))
-                    elif kind == "message_delta":
-                        chunk = self._message_delta(payload, model, input_tokens)
-                        stopped = stopped or chunk.finish_reason is not None
-                        yield chunk
-        except httpx.HTTPError as exc:
-            raise stream_transport_error(self.name, exc, timeout) from exc
+        async for event in events:
+            payload = self._decode(event.data)
+            kind = payload.get("type") or event.event
+            if kind == "message_stop":
+                return
+            if kind == "error":
+                raise self._stream_error(payload.get("error"), api_key)
+            if kind == "message_start":
+                model, input_tokens = self._message_start(payload)
+            elif kind == "content_block_start":
+                call = self._tool_use_start(payload, tools)
+                if call is not None:
+                    yield StreamChunk(model=model, tool_calls=(call,))
+            elif kind == "content_block_delta":
+                delta = payload.get("delta")
+                if isinstance(delta, dict) and delta.get("type") == "text_delta":
+                    text = delta.get("text")
+                    if not isinstance(text, str):
+                        raise self._malformed("content_block_delta")
+                    if text:
+                        yield StreamChunk(delta=text, model=model)
+                elif isinstance(delta, dict) and delta.get("type") == "input_json_delta":
+                    piece = self._tool_input(payload, delta, tools)
+                    if piece is not None:
+                        yield StreamChunk(model=model, tool_calls=(piece,))
+            elif kind == "message_delta":
+                chunk = self._message_delta(payload, model, input_tokens)
+                stopped = stopped or chunk.finish_reason is not None
+                yield chunk
         if not stopped:
             raise stream_cut(self.name, "the event stream ended before message_stop")
-
-    async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
-        return await probe_key(
-            http, self.models_url, anthropic_headers(api_key, self._auth_header), timeout
-        )
 
     def _decode(self, data: str) -> dict[str, Any]:
         try:
@@ -284,7 +253,7 @@ class AnthropicProvider:
             return typed
         raise AssertionError("unreachable: status >= 400 always raises")  # pragma: no cover
 
-    def _result(
+    def result(
         self, response: httpx.Response, request: ChatRequest, latency_ms: float
     ) -> ChatResult:
         try:
@@ -321,17 +290,6 @@ class AnthropicProvider:
             finish_reason=finish_reason(body.get("stop_reason")),
             tool_calls=tool_calls,
         )
-
-
-def _raise_for_error(provider: str, response: httpx.Response, api_key: str | None) -> None:
-    """Nothing for a success; else the typed error of `wire.raise_for_status`, quoting
-    Anthropic's own message and spotting a prompt too long for the context window."""
-    if response.status_code < 400:
-        return
-    error_type, detail = _error_detail(response, api_key)
-    raise_for_status(
-        provider, response, detail, context_length=_is_prompt_too_long(error_type, detail)
-    )
 
 
 def _is_prompt_too_long(error_type: str | None, detail: str) -> bool:

@@ -28,6 +28,16 @@ NOT_SENT = frozenset({"circuit_open", "local_rate_limit"})
 # "cancelled": the caller left (a client hung up) while the attempt was under way; not a
 # failure of the provider. An attempt cut by the caller's deadline is a "timeout".
 
+# The outcome of each other kind of upstream error (a refusal's is `rejection`'s; the rest,
+# UpstreamUnavailable and its kin, are "unavailable").
+_OUTCOMES: tuple[tuple[type[UpstreamError], str], ...] = (
+    (UpstreamRateLimited, "rate_limited"),
+    (UpstreamTimeout, "timeout"),
+    (UpstreamProtocolError, "protocol_error"),
+    (StreamBroken, "stream_broken"),
+    (CircuitOpen, "circuit_open"),
+)
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -71,18 +81,6 @@ def rejection(error: UpstreamRejected) -> str:
 
 def reason(error: UpstreamError) -> str:
     """The outcome (and fallback reason label) an upstream error stands for."""
-    if isinstance(error, UpstreamRateLimited):
-        return "rate_limited"
-    if isinstance(error, UpstreamTimeout):
-        return "timeout"
-    if isinstance(error, ContextLengthExceeded):
-        return "context_length"
     if isinstance(error, UpstreamRejected):
-        return "unauthorized" if error.status in (401, 403) else "rejected"
-    if isinstance(error, UpstreamProtocolError):
-        return "protocol_error"
-    if isinstance(error, StreamBroken):
-        return "stream_broken"
-    if isinstance(error, CircuitOpen):
-        return "circuit_open"
-    return "unavailable"
+        return rejection(error)
+    return next((outcome for kind, outcome in _OUTCOMES if isinstance(error, kind)), "unavailable")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Literal
 
 from app.observability.metrics import CIRCUIT_STATE
@@ -16,32 +17,28 @@ State = Literal["closed", "open", "half_open"]
 _GAUGE = {"closed": 0, "half_open": 1, "open": 2}
 
 
+@dataclass(eq=False)
 class CircuitBreaker:
-    def __init__(
-        self,
-        provider: str,
-        *,
-        failure_threshold: int = 5,
-        reset_seconds: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.provider = provider
-        self._threshold = failure_threshold
-        self._reset = reset_seconds
-        self._clock = clock
-        self._failures = 0
-        self._opened_at = 0.0
-        self._trial_in_flight = False
-        self._state: State = "closed"
-        # what went wrong last (for the operator: logs, /health), so an open circuit does not
-        # hide the cause that opened it
-        self.last_failure = ""
-        self.last_failure_at: float | None = None  # time.time()
-        CIRCUIT_STATE.labels(provider).set(0)
+    provider: str
+    _: KW_ONLY
+    failure_threshold: int = 5
+    reset_seconds: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    # what went wrong last (for the operator: logs, /health), so an open circuit does not hide
+    # the cause that opened it
+    last_failure: str = field(default="", init=False)
+    last_failure_at: float | None = field(default=None, init=False)  # time.time()
+    _failures: int = field(default=0, init=False)
+    _opened_at: float = field(default=0.0, init=False)
+    _trial_in_flight: bool = field(default=False, init=False)
+    _state: State = field(default="closed", init=False)
+
+    def __post_init__(self) -> None:
+        CIRCUIT_STATE.labels(self.provider).set(0)
 
     @property
     def state(self) -> State:
-        if self._state == "open" and self._clock() - self._opened_at >= self._reset:
+        if self._state == "open" and self.clock() - self._opened_at >= self.reset_seconds:
             return "half_open"
         return self._state
 
@@ -68,18 +65,18 @@ class CircuitBreaker:
         self._failures += 1
         was_trial = self._trial_in_flight
         self._trial_in_flight = False
-        if was_trial or self._failures >= self._threshold:
+        if was_trial or self._failures >= self.failure_threshold:
             if self._state != "open" or was_trial:
                 log.warning(
                     "provider failing; circuit open",
                     extra={
                         "provider": self.provider,
                         "failures": self._failures,
-                        "reset_s": self._reset,
+                        "reset_s": self.reset_seconds,
                         "error": cause,
                     },
                 )
-            self._opened_at = self._clock()
+            self._opened_at = self.clock()
             self._set("open")
 
     def release_trial(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import httpx
 
-from app.core.errors import UpstreamProtocolError
+from app.core.errors import UpstreamProtocolError, UpstreamRejected
 from app.llm.types import ChatResult, Usage
 
 EncodingFormat = Literal["float", "base64"]
@@ -59,6 +59,15 @@ class EmbeddingProviderClient(Protocol):
         timeout: float,
         api_key: str | None,
     ) -> EmbeddingResult: ...
+
+
+def embedding_client(client: object) -> EmbeddingProviderClient:
+    """`client` as one that answers embeddings; an UpstreamRejected (404) when it has no
+    embeddings endpoint (the provider file refuses such a route, so this is a safety net)."""
+    if not isinstance(client, EmbeddingProviderClient):
+        name = str(getattr(client, "name", "provider"))
+        raise UpstreamRejected(f"{name} has no embeddings endpoint", upstream=name, status=404)
+    return client
 
 
 def embeddings_payload(request: EmbeddingRequest) -> dict[str, Any]:

@@ -5,14 +5,14 @@ same attempt can later be driven by provider routing and fallback chains.
 
 `stream` sends the same request with `stream: true` and reads the Server-Sent Events answer:
 `data: {chat.completion.chunk}` events, the usage in a last chunk with no choices (asked for with
-`stream_options.include_usage`), then `data: [DONE]`. The chunk parsing and the in-stream error
-mapping are shared with the WebSocket transport (`websocket.py`).
+`stream_options.include_usage`), then `data: [DONE]`. The HTTP plumbing is `http_provider`'s; the
+chunk reading and the in-stream error mapping are shared with the WebSocket transport
+(`websocket_provider.py`).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,18 +29,12 @@ from app.llm.embeddings import (
     embeddings_payload,
     parse_embeddings,
 )
-from app.llm.streaming import (
-    iter_sse,
-    stream_cut,
-    stream_transport_error,
-    whole_as_chunk,
-)
+from app.llm.http_provider import HTTPProvider
+from app.llm.streaming import SSEEvent, stream_cut
 from app.llm.types import ChatRequest, ChatResult, StreamChunk, ToolCallDelta, Usage
 from app.llm.wire import (
     json_instruction,
     json_schema_format,
-    post_json,
-    probe_key,
     quote_provider_message,
     raise_for_status,
     v1_url,
@@ -80,7 +74,7 @@ def auth_headers(
     return {auth_header: api_key}
 
 
-class OpenAICompatibleProvider:
+class OpenAICompatibleProvider(HTTPProvider):
     """A provider reached over the OpenAI chat completions wire format (OpenAI, Azure OpenAI v1,
     vLLM, LiteLLM and most gateways)."""
 
@@ -100,6 +94,9 @@ class OpenAICompatibleProvider:
         self._auth_header = auth_header
         self._structured_outputs = structured_outputs
 
+    def headers(self, api_key: str | None) -> dict[str, str]:
+        return auth_headers(api_key, self._auth_header)
+
     def payload(self, request: ChatRequest, *, stream: bool = False) -> dict[str, Any]:
         return chat_payload(
             request,
@@ -107,55 +104,14 @@ class OpenAICompatibleProvider:
             json_schema=takes_json_schema(self._structured_outputs, request.model),
         )
 
-    async def complete(
-        self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
-    ) -> ChatResult:
-        started = time.perf_counter()
-        headers = auth_headers(api_key, self._auth_header)
-        response = await post_json(
-            http, self.name, self.url, self.payload(request), headers, timeout
-        )
-        latency_ms = (time.perf_counter() - started) * 1000
+    def raise_for_error(self, response: httpx.Response, api_key: str | None) -> None:
         raise_for_error(self.name, response, api_key)
-        return self._result(response, request, latency_ms)
 
-    async def stream(
-        self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
+    def read_events(
+        self, events: AsyncIterator[SSEEvent], api_key: str | None
     ) -> AsyncIterator[StreamChunk]:
-        """One streamed attempt (see `StreamingProviderClient`); `timeout` bounds the connect
-        and each read, not the whole answer."""
-        headers = {**auth_headers(api_key, self._auth_header), "Accept": "text/event-stream"}
-        body = self.payload(request, stream=True)
-        finished = False
-        try:
-            async with http.stream(
-                "POST", self.url, json=body, headers=headers, timeout=timeout
-            ) as response:
-                if response.status_code >= 400:
-                    await response.aread()  # the error body names the cause
-                    raise_for_error(self.name, response, api_key)
-                if _is_json(response):
-                    # A gateway that ignores `stream: true` answers one whole completion.
-                    await response.aread()
-                    yield whole_as_chunk(self._result(response, request, 0.0), "stop")
-                    return
-                async for event in iter_sse(response.aiter_bytes()):
-                    data = event.data.strip()
-                    if data == DONE:
-                        return
-                    chunk = parse_chunk(self.name, decode_event(self.name, data), api_key)
-                    if chunk is None:
-                        continue
-                    finished = finished or chunk.finish_reason is not None
-                    yield chunk
-        except httpx.HTTPError as exc:
-            raise stream_transport_error(self.name, exc, timeout) from exc
-        if not finished:
-            raise stream_cut(self.name, "the event stream ended before [DONE]")
-
-    async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
-        return await probe_key(
-            http, self.models_url, auth_headers(api_key, self._auth_header), timeout
+        return chunks_until_done(
+            self.name, (event.data async for event in events), api_key, "the event stream ended"
         )
 
     async def embed(
@@ -166,16 +122,11 @@ class OpenAICompatibleProvider:
         api_key: str | None,
     ) -> EmbeddingResult:
         """One `POST /v1/embeddings` attempt (app.llm.embeddings)."""
-        started = time.perf_counter()
-        headers = auth_headers(api_key, self._auth_header)
         body = embeddings_payload(request)
-        response = await post_json(http, self.name, self.embeddings_url, body, headers, timeout)
-        raise_for_error(self.name, response, api_key)
-        return parse_embeddings(
-            self.name, response, request, (time.perf_counter() - started) * 1000
-        )
+        response, latency_ms = await self.post(http, self.embeddings_url, body, timeout, api_key)
+        return parse_embeddings(self.name, response, request, latency_ms)
 
-    def _result(
+    def result(
         self, response: httpx.Response, request: ChatRequest, latency_ms: float
     ) -> ChatResult:
         try:
@@ -272,6 +223,25 @@ def decode_event(provider: str, data: str) -> Any:
         ) from exc
 
 
+async def chunks_until_done(
+    provider: str, payloads: AsyncIterator[str], api_key: str | None, ended: str
+) -> AsyncIterator[StreamChunk]:
+    """The chunks of a stream's event payloads (SSE `data:` or WebSocket text frames) up to
+    `[DONE]`; payloads that run out before it and before a finish_reason are a cut stream
+    (`ended` says how they ran out)."""
+    finished = False
+    async for data in payloads:
+        if data.strip() == DONE:
+            return
+        chunk = parse_chunk(provider, decode_event(provider, data), api_key)
+        if chunk is None:
+            continue
+        finished = finished or chunk.finish_reason is not None
+        yield chunk
+    if not finished:
+        raise stream_cut(provider, f"{ended} before [DONE]")
+
+
 def parse_chunk(provider: str, payload: Any, api_key: str | None) -> StreamChunk | None:
     """A `chat.completion.chunk` as a StreamChunk; None when it carries nothing (the leading
     role-only chunk, keep-alives). An `{"error": ...}` payload raises its typed error."""
@@ -323,12 +293,8 @@ def parse_chunk(provider: str, payload: Any, api_key: str | None) -> StreamChunk
 def whole_tool_calls(raw: Any) -> tuple[dict[str, Any], ...]:
     """A whole answer's `message.tool_calls`, checked and in OpenAI's shape (TypeError when a
     call is malformed: the caller maps it to a protocol error)."""
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise TypeError("tool_calls is not a list")
     calls = []
-    for call in raw:
+    for call in _listed(raw, "tool_calls"):
         function = call["function"]
         name, arguments = function["name"], function.get("arguments") or "{}"
         if not isinstance(name, str) or not isinstance(arguments, str):
@@ -345,12 +311,8 @@ def whole_tool_calls(raw: Any) -> tuple[dict[str, Any], ...]:
 
 def tool_call_deltas(raw: Any) -> tuple[ToolCallDelta, ...]:
     """A chunk's `delta.tool_calls` pieces (TypeError when malformed)."""
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise TypeError("delta.tool_calls is not a list")
     pieces = []
-    for piece in raw:
+    for piece in _listed(raw, "delta.tool_calls"):
         function = piece.get("function") or {}
         arguments = function.get("arguments") or ""
         if not isinstance(arguments, str):
@@ -402,6 +364,15 @@ def stream_error(provider: str, error: Any, api_key: str | None) -> UpstreamErro
     raise AssertionError("unreachable: status >= 400 always raises")  # pragma: no cover
 
 
+def _listed(raw: Any, what: str) -> list[Any]:
+    """A tool calls field: [] when absent, TypeError when not a list."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise TypeError(f"{what} is not a list")
+    return raw
+
+
 def _as_status(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -410,11 +381,6 @@ def _as_status(value: Any) -> int | None:
     if isinstance(value, str) and value.isdigit():
         return _as_status(int(value))
     return None
-
-
-def _is_json(response: httpx.Response) -> bool:
-    content_type = str(response.headers.get("content-type", ""))
-    return content_type.lower().startswith("application/json")
 
 
 def _is_context_length_error(response: httpx.Response, detail: str) -> bool:

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -105,28 +105,25 @@ class _Attempt:
     started: float = field(default_factory=time.perf_counter)
 
 
+@dataclass(eq=False, repr=False)
 class Provisioner:
-    def __init__(
-        self,
-        *,
-        slot: RouterSlot,
-        http: httpx.AsyncClient,
-        base: BaseConfig,
-        router_options: RouterOptions,
-        notify_urls: list[str],
-        audit: AuditLog,
-        source: str,
-        sha256: str | None = None,
-    ) -> None:
-        self._slot = slot
-        self._http = http
-        self._base = base
-        self._router_options = router_options
-        self._audit = audit
-        self._lock = asyncio.Lock()
-        self._notifier = ChangeNotifier(http, notify_urls)
-        self.source = source  # "applied", "providers_file" or "env"
-        self.sha256 = sha256 or payload_sha256(slot.current.config)
+    """Validates, probes, swaps and reverts the configuration the router serves, audited."""
+
+    _: KW_ONLY
+    slot: RouterSlot
+    http: httpx.AsyncClient
+    base: BaseConfig
+    router_options: RouterOptions
+    notify_urls: list[str]
+    audit: AuditLog
+    source: str  # "applied", "providers_file" or "env"
+    sha256: str | None = None  # of the configuration served (when not given: the slot's)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _notifier: ChangeNotifier = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._notifier = ChangeNotifier(self.http, self.notify_urls)
+        self.sha256 = self.sha256 or payload_sha256(self.slot.current.config)
 
     async def aclose(self) -> None:
         await self._notifier.aclose()
@@ -134,7 +131,7 @@ class Provisioner:
     # --- validation ------------------------------------------------------------------------------
 
     def validate(self, raw: object) -> list[Problem]:
-        return validate_candidate(raw, self._base.default_model)[1]
+        return validate_candidate(raw, self.base.default_model)[1]
 
     async def dry_run(self, raw: object, actor: str) -> list[Problem]:
         """Validate without changing anything; audited as `validate` (no provider is called)."""
@@ -155,19 +152,19 @@ class Provisioner:
     async def apply(self, raw: object, actor: str) -> ApplyResult:
         attempt = _Attempt("apply", actor, payload_sha256(raw))
         async with self._lock:
-            config, problems = validate_candidate(raw, self._base.default_model)
+            config, problems = validate_candidate(raw, self.base.default_model)
             if config is None or problems or not isinstance(raw, Mapping):
                 return await self._rejected(attempt, "invalid", problems)
-            failures, unhealthy = await self._health_check(config, self._slot.current.config)
+            failures, unhealthy = await self._health_check(config, self.slot.current.config)
             if failures:
                 return await self._rejected(attempt, "health_check_failed", failures)
             try:
-                router = LLMRouter(self._http, config, self._router_options)
+                router = LLMRouter(self.http, config, self.router_options)
                 _set_aside(router, unhealthy)
-                await self._audit.save_applied(canonical_json(raw), attempt.digest, actor)
+                await self.audit.save_applied(canonical_json(raw), attempt.digest, actor)
             except Exception as error:
                 return await self._failed(attempt, error)
-            self._slot.swap(router)  # the old router is left alone: requests on it finish there
+            self.slot.swap(router)  # the old router is left alone: requests on it finish there
             self.source, self.sha256 = "applied", attempt.digest
             return await self._changed(attempt, config, unhealthy)
 
@@ -179,17 +176,17 @@ class Provisioner:
         attempt = _Attempt("revert", actor, "")
         async with self._lock:
             try:
-                config = self._base.load()
+                config = self.base.load()
             except ConfigError as error:
                 return await self._rejected(attempt, "invalid", _config_error_problems(error))
             attempt = replace(attempt, digest=payload_sha256(config))
             try:
-                router = LLMRouter(self._http, config, self._router_options)
-                await self._audit.clear_applied()
+                router = LLMRouter(self.http, config, self.router_options)
+                await self.audit.clear_applied()
             except Exception as error:
                 return await self._failed(attempt, error)
-            self._slot.swap(router)
-            self.source, self.sha256 = self._base.source, attempt.digest
+            self.slot.swap(router)
+            self.source, self.sha256 = self.base.source, attempt.digest
             return await self._changed(attempt, config)
 
     async def _rejected(
@@ -236,7 +233,7 @@ class Provisioner:
         return ApplyResult("error", attempt.digest, [problem], record)
 
     async def _record(self, attempt: _Attempt, result: AuditResult, detail: str) -> AuditRecord:
-        return await self._audit.append(
+        return await self.audit.append(
             actor=attempt.actor,
             action=attempt.action,
             payload_sha256=attempt.digest,
@@ -303,7 +300,7 @@ class Provisioner:
     async def _probe_key(self, client: StreamingProviderClient, key: str | None) -> bool:
         try:
             return await asyncio.wait_for(
-                client.probe(self._http, key, PROBE_TIMEOUT_SECONDS), PROBE_TIMEOUT_SECONDS
+                client.probe(self.http, key, PROBE_TIMEOUT_SECONDS), PROBE_TIMEOUT_SECONDS
             )
         except (asyncio.TimeoutError, ValueError, httpx.HTTPError):
             return False
@@ -312,7 +309,7 @@ class Provisioner:
 
     def describe(self) -> dict[str, Any]:
         """The configuration in service for display; keys as directives and fingerprints only."""
-        router = self._slot.current
+        router = self.slot.current
         now = time.monotonic()
         providers = []
         for spec in router.config.providers:
@@ -344,7 +341,7 @@ class Provisioner:
         return {
             "source": self.source,
             "sha256": self.sha256,
-            "default_model": self._base.default_model,
+            "default_model": self.base.default_model,
             "providers": providers,
             "routes": [r.model_dump(mode="json") for r in router.config.routes],
             "limits": limits.model_dump(mode="json", exclude_unset=True)

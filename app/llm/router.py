@@ -56,7 +56,7 @@ from app.llm.attempts import Attempt, ms, observe, reason, rejection
 from app.llm.catalog import ModelKind, ModelSpec, ProviderConfig, resolve_key
 from app.llm.circuit import CircuitBreaker
 from app.llm.continuation import Answered, continuation
-from app.llm.embeddings import EmbeddingProviderClient, EmbeddingRequest, EmbeddingResult
+from app.llm.embeddings import EmbeddingRequest, EmbeddingResult, embedding_client
 from app.llm.keys import KeyPool
 from app.llm.messages import capabilities_needed
 from app.llm.ratelimit import ProviderLimiter, request_tokens
@@ -258,12 +258,7 @@ class LLMRouter:
         return result
 
     async def embed(
-        self,
-        request: EmbeddingRequest,
-        deadline: Deadline,
-        trail: list[Attempt] | None = None,
-        *,
-        route: Route | None = None,
+        self, request: EmbeddingRequest, deadline: Deadline, *, route: Route | None = None
     ) -> EmbeddingResult:
         """Embeddings from the first (provider, model) of the route named `request.model` that
         answers, with the keys, circuits, retries, fallback and deadline of a chat call."""
@@ -271,17 +266,14 @@ class LLMRouter:
         async def send(
             client: ProviderClient, call: ChatRequest, timeout: float, total: float, key: str | None
         ) -> ChatResult:
-            if not isinstance(client, EmbeddingProviderClient):  # the provider file refuses this
-                raise UpstreamRejected(
-                    f"{client.name} has no embeddings endpoint", upstream=client.name, status=404
-                )
-            return await client.embed(self._http, replace(request, model=call.model), timeout, key)
+            asked = replace(request, model=call.model)
+            return await embedding_client(client).embed(self._http, asked, timeout, key)
 
         # The route is walked with a chat request whose messages are the texts: what the
         # outgoing tpm limits estimate (settled to the provider's usage after the call).
         texts = [{"role": "user", "content": t} for t in request.inputs if isinstance(t, str)]
         walked = ChatRequest(messages=texts, model=request.model, temperature=0.0, max_tokens=0)
-        result = await self._run(walked, deadline, send, trail, None, "embedding", route=route)
+        result = await self._run(walked, deadline, send, None, None, "embedding", route=route)
         assert isinstance(result, EmbeddingResult)
         return result
 

@@ -27,7 +27,7 @@ from app.core.errors import (
 )
 from app.llm.catalog import ModelKind, ModelSpec, OAuthSpec, ProviderSpec, resolve_key
 from app.llm.circuit import CircuitBreaker
-from app.llm.embeddings import EmbeddingProviderClient, EmbeddingRequest, EmbeddingResult
+from app.llm.embeddings import EmbeddingRequest, EmbeddingResult, embedding_client
 from app.llm.keys import KeyPool
 from app.llm.openai_provider import OpenAICompatibleProvider
 from app.llm.ratelimit import ProviderLimiter
@@ -215,11 +215,7 @@ class OAuthProviderClient:
         api_key: str | None,
     ) -> EmbeddingResult:
         """As `complete`, for embeddings."""
-        inner = self.inner
-        if not isinstance(inner, EmbeddingProviderClient):  # the provider file refuses this
-            raise UpstreamRejected(
-                f"{self.name} has no embeddings endpoint", upstream=self.name, status=404
-            )
+        inner = embedding_client(self.inner)
         return await self._with_token(
             http, timeout, lambda token, left: inner.embed(http, request, left, token)
         )

@@ -32,19 +32,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from app.core.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from app.llm.embeddings import EmbeddingRequest, EmbeddingResult
 from app.llm.openai_provider import (
-    DONE,
     OpenAICompatibleProvider,
     StructuredOutputs,
-    auth_headers,
-    decode_event,
-    parse_chunk,
-    raise_for_error,
+    chunks_until_done,
 )
 from app.llm.streaming import collect_stream, stream_cut
 from app.llm.types import ChatRequest, ChatResult, StreamChunk
@@ -69,6 +64,16 @@ class _NoDebugLogger(logging.LoggerAdapter[logging.Logger]):
 _WS_LOG = _NoDebugLogger(logging.getLogger("websockets.client"))
 
 
+async def _text_frames(connection: ClientConnection, timeout: float) -> AsyncIterator[str]:
+    """The frames received, as text, each within `timeout`, until the connection closes."""
+    try:
+        while True:
+            frame = await asyncio.wait_for(connection.recv(), timeout)
+            yield frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+    except ConnectionClosed:
+        return
+
+
 def websocket_url(base_url: str) -> str:
     """`https://host`, `https://host/v1` and `https://host/v1/chat/completions` all mean
     `wss://host/v1/chat/completions/ws` (`http` → `ws`; a `ws(s)://` URL keeps its scheme)."""
@@ -83,13 +88,11 @@ def websocket_url(base_url: str) -> str:
     return base + (WS_PATH if base.endswith("/v1") else "/v1" + WS_PATH)
 
 
-class OpenAIWebSocketProvider:
+class OpenAIWebSocketProvider(OpenAICompatibleProvider):
     """A provider streaming OpenAI chat completion chunks over a WebSocket (see the module
     docstring for the protocol). It also answers `complete` (the stream collected) and `probe`
-    (does the handshake succeed with this key), so it is a full ProviderClient; embeddings go
-    over HTTP to its base URL, as there is no WebSocket form of them."""
-
-    kind = "openai"
+    (does the handshake succeed with this key), so it is a full ProviderClient; the request body
+    and embeddings (which have no WebSocket form) are the HTTP wire's, to its base URL."""
 
     def __init__(
         self,
@@ -99,13 +102,8 @@ class OpenAIWebSocketProvider:
         ws_url: str | None = None,
         structured_outputs: StructuredOutputs = True,
     ) -> None:
-        self.name = name
+        super().__init__(name, base_url, auth_header, structured_outputs)
         self.url = ws_url or websocket_url(base_url)
-        self._auth_header = auth_header
-        # the same chat completions body, and embeddings, which have no WebSocket form
-        self._http_wire = OpenAICompatibleProvider(
-            name, base_url, auth_header, structured_outputs=structured_outputs
-        )
 
     async def complete(
         self, http: httpx.AsyncClient, request: ChatRequest, timeout: float, api_key: str | None
@@ -123,26 +121,19 @@ class OpenAIWebSocketProvider:
     ) -> AsyncIterator[StreamChunk]:
         """One streamed attempt; `http` is unused (the protocol's signature). `timeout` bounds
         the handshake and each receive, not the whole answer."""
-        finished = False
         try:
             async with self._connect(api_key, timeout) as connection:
-                body = self._http_wire.payload(request, stream=True)
+                body = self.payload(request, stream=True)
                 await asyncio.wait_for(connection.send(json.dumps(body)), timeout)
-                while True:
-                    frame = await asyncio.wait_for(connection.recv(), timeout)
-                    text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
-                    if text.strip() == DONE:
-                        return
-                    chunk = parse_chunk(self.name, decode_event(self.name, text), api_key)
-                    if chunk is None:
-                        continue
-                    finished = finished or chunk.finish_reason is not None
+                frames = _text_frames(connection, timeout)
+                async for chunk in chunks_until_done(
+                    self.name, frames, api_key, "the connection closed"
+                ):
                     yield chunk
         except InvalidStatus as exc:
             raise self._refused(exc, api_key) from exc
-        except ConnectionClosed as exc:
-            if not finished:
-                raise stream_cut(self.name, f"the connection closed before [DONE] ({exc})") from exc
+        except ConnectionClosed as exc:  # while sending the request
+            raise stream_cut(self.name, f"the connection closed before [DONE] ({exc})") from exc
         except (TimeoutError, asyncio.TimeoutError) as exc:
             raise UpstreamTimeout(
                 f"{self.name} did not answer within {timeout:.2f}s", upstream=self.name
@@ -151,15 +142,6 @@ class OpenAIWebSocketProvider:
             raise UpstreamUnavailable(
                 f"{self.name} unreachable: {type(exc).__name__}", upstream=self.name
             ) from exc
-
-    async def embed(
-        self,
-        http: httpx.AsyncClient,
-        request: EmbeddingRequest,
-        timeout: float,
-        api_key: str | None,
-    ) -> EmbeddingResult:
-        return await self._http_wire.embed(http, request, timeout, api_key)
 
     async def probe(self, http: httpx.AsyncClient, api_key: str | None, timeout: float) -> bool:
         """Does this key open a connection? No request is sent, so no tokens are spent."""
@@ -172,7 +154,7 @@ class OpenAIWebSocketProvider:
     def _connect(self, api_key: str | None, timeout: float) -> connect:
         return connect(
             self.url,
-            additional_headers=auth_headers(api_key, self._auth_header),
+            additional_headers=self.headers(api_key),
             open_timeout=timeout,
             close_timeout=CLOSE_TIMEOUT,
             ping_interval=None,  # one short exchange: the receive timeout is the liveness check
@@ -188,7 +170,7 @@ class OpenAIWebSocketProvider:
             content=bytes(refusal.body or b""),
         )
         try:
-            raise_for_error(self.name, response, api_key)
+            self.raise_for_error(response, api_key)
         except UpstreamError as typed:
             return typed
         return UpstreamUnavailable(  # a 1xx/2xx/3xx that is not 101: no WebSocket here

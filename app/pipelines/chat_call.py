@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from app.core.principal import Principal
 from app.llm.messages import Message
@@ -93,3 +93,34 @@ class ChatOutcome:
     repaired: bool = False
     model_used: str = ""  # the configured model that answered (the provider may echo another)
     tool_calls: tuple[dict[str, Any], ...] = ()  # OpenAI's, after the guard checked arguments
+
+    def report(self) -> OutcomeReport:
+        """What the service did, under the names both chat wires give it (/chat's reply and
+        /v1's `cx_relay` field), so the two cannot drift apart."""
+        return OutcomeReport(
+            cost=self.cost,
+            cached=self.cached,
+            lightweight_mode=self.lightweight,
+            provider=self.provider,
+            model=self.model,
+            prompt_injection=list(self.injection),
+            blocked=self.blocked,
+            dropped_turns=self.dropped,
+            usage_estimated=self.usage_estimated,
+            latency_ms=self.latency_ms,
+            output=self.parsed,
+        )
+
+
+class OutcomeReport(TypedDict):
+    cost: float
+    cached: bool
+    lightweight_mode: bool
+    provider: str
+    model: str
+    prompt_injection: list[str]
+    blocked: str | None
+    dropped_turns: int
+    usage_estimated: bool
+    latency_ms: float
+    output: dict[str, Any] | None

@@ -30,6 +30,9 @@ import redis.asyncio as aioredis
 from app.store.redis_connection import DEFAULT_PREFIX, RedisConnection, q
 
 WINDOW_MS = 60_000
+# `tat - now` loses the last bits of a large clock: a bucket filled exactly to its minute (rpm=1,
+# or a token charge of the whole tpm) would otherwise read a few nanoseconds over and refuse
+OVER_MS = 0.001
 
 # A bucket: (name, units per minute). A slot: (name, concurrent leases allowed).
 Bucket = tuple[str, int]
@@ -77,7 +80,7 @@ class MemoryCounters:
         for i, (name, per_minute) in enumerate(buckets):
             tat = max(self._tats.get((tenant, name), 0.0), now) + amount * unit_ms(per_minute)
             tats.append(tat)
-            if tat - now - WINDOW_MS > wait:
+            if tat - now - WINDOW_MS > max(wait, OVER_MS):
                 wait, binding = tat - now - WINDOW_MS, i
         if binding >= 0:
             return wait / 1000, binding
@@ -128,7 +131,7 @@ for i, key in ipairs(KEYS) do
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < now then tat = now end
   tats[i] = tat + amount * tonumber(ARGV[i + 1])
-  if tats[i] - now - 60000 > wait then wait, binding = tats[i] - now - 60000, i end
+  if tats[i] - now - 60000 > math.max(wait, 0.001) then wait, binding = tats[i] - now - 60000, i end
 end
 if binding > 0 then return {tostring(wait), binding} end
 for i, key in ipairs(KEYS) do

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -62,26 +62,19 @@ def _turn_from(message: dict[str, Any]) -> Turn | None:
     return Turn(role=role, text=text, created_at=str(message.get("createdAt", "")))
 
 
+@dataclass(eq=False, repr=False)  # its token cache holds the client secret
 class CXoneContextClient:
-    """Fetches recent turns of a digital contact; raises UpstreamError subclasses on failure."""
+    """Fetches recent turns of a digital contact; raises UpstreamError subclasses on failure.
+    `api_base_url`, when not configured, is discovered once and kept."""
 
-    def __init__(
-        self,
-        http: httpx.AsyncClient,
-        tokens: TokenCache,
-        *,
-        api_base_url: str | None,
-        discovery_url: str,
-        tenant_id: str | None,
-        timeout_seconds: float,
-    ) -> None:
-        self._http = http
-        self._tokens = tokens
-        self._api_base = api_base_url
-        self._discovery_url = discovery_url
-        self._tenant_id = tenant_id
-        self._timeout = timeout_seconds
-        self._discovery_lock = asyncio.Lock()
+    http: httpx.AsyncClient
+    tokens: TokenCache
+    _: KW_ONLY
+    api_base_url: str | None
+    discovery_url: str
+    tenant_id: str | None
+    timeout_seconds: float
+    _discovery_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     async def fetch_history(
         self, contact_id: str, max_turns: int, deadline: Deadline
@@ -116,34 +109,34 @@ class CXoneContextClient:
     ) -> dict[str, Any]:
         base = await self._base_url(deadline)
         for attempt in (1, 2):
-            token = await self._tokens.get()
+            token = await self.tokens.get()
             response = await self._send("GET", base + path, deadline, params=params, token=token)
             if response.status_code == 401 and attempt == 1:
-                self._tokens.invalidate(token)
+                self.tokens.invalidate(token)
                 continue
             return self._json_or_raise(response)
         raise AssertionError("unreachable: the second attempt always returns or raises")
 
     async def _base_url(self, deadline: Deadline) -> str:
-        if self._api_base:
-            return self._api_base
+        if self.api_base_url:
+            return self.api_base_url
         async with self._discovery_lock:
-            if self._api_base:
-                return self._api_base
-            tenant = self._tenant_id or _jwt_claim(await self._tokens.get(), "tenantId")
+            if self.api_base_url:
+                return self.api_base_url
+            tenant = self.tenant_id or _jwt_claim(await self.tokens.get(), "tenantId")
             if not tenant:
                 raise UpstreamRejected(
                     "CXone API host unknown: set CXONE_API_BASE_URL or CXONE_TENANT_ID",
                     upstream=UPSTREAM,
                 )
             response = await self._send(
-                "GET", self._discovery_url, deadline, params={"tenantId": tenant}
+                "GET", self.discovery_url, deadline, params={"tenantId": tenant}
             )
             endpoint = self._json_or_raise(response).get("api_endpoint")
             if not isinstance(endpoint, str) or not endpoint.startswith("http"):
                 raise UpstreamProtocolError("discovery gave no api_endpoint", upstream=UPSTREAM)
-            self._api_base = endpoint.rstrip("/")
-            return self._api_base
+            self.api_base_url = endpoint.rstrip("/")
+            return self.api_base_url
 
     async def _send(
         self,
@@ -154,14 +147,14 @@ class CXoneContextClient:
         params: dict[str, str | int],
         token: str | None = None,
     ) -> httpx.Response:
-        timeout = deadline.bound(self._timeout)
+        timeout = deadline.bound(self.timeout_seconds)
         if timeout <= 0:
             raise UpstreamTimeout("no time left for the CXone call", upstream=UPSTREAM)
         headers = {"Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
-            return await self._http.request(
+            return await self.http.request(
                 method, url, params=params, headers=headers, timeout=timeout
             )
         except httpx.TimeoutException as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 import httpx
 
@@ -57,30 +57,23 @@ def client_credentials(
     return TokenRequest(url, form, (client_id, client_secret))
 
 
+@dataclass(eq=False, repr=False)  # the token request holds the client secret
 class TokenCache:
-    """Caches one access token until `margin` seconds before its `expires_in`."""
+    """Caches one access token until `margin_seconds` before its `expires_in`."""
 
-    def __init__(
-        self,
-        http: httpx.AsyncClient,
-        request: TokenRequest,
-        *,
-        margin_seconds: float = 60.0,
-        timeout_seconds: float = 5.0,
-        upstream: str = "oauth",
-    ) -> None:
-        self._http = http
-        self._request = request
-        self._margin = margin_seconds
-        self._timeout = timeout_seconds
-        self._upstream = upstream
-        self._token: AccessToken | None = None
-        self._lock = asyncio.Lock()
-        self.fetch_count = 0
+    http: httpx.AsyncClient
+    request: TokenRequest
+    _: KW_ONLY
+    margin_seconds: float = 60.0
+    timeout_seconds: float = 5.0
+    upstream: str = "oauth"
+    fetch_count: int = field(default=0, init=False)
+    _token: AccessToken | None = field(default=None, init=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     def _fresh(self) -> AccessToken | None:
         token = self._token
-        if token is not None and time.monotonic() < token.expires_at - self._margin:
+        if token is not None and time.monotonic() < token.expires_at - self.margin_seconds:
             return token
         return None
 
@@ -103,28 +96,28 @@ class TokenCache:
     async def _fetch(self) -> AccessToken:
         self.fetch_count += 1
         try:
-            response = await self._http.post(
-                self._request.url,
-                data=self._request.form,
-                auth=self._request.basic_auth or httpx.USE_CLIENT_DEFAULT,
-                timeout=self._timeout,
+            response = await self.http.post(
+                self.request.url,
+                data=self.request.form,
+                auth=self.request.basic_auth or httpx.USE_CLIENT_DEFAULT,
+                timeout=self.timeout_seconds,
             )
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeout("token endpoint timed out", upstream=self._upstream) from exc
+            raise UpstreamTimeout("token endpoint timed out", upstream=self.upstream) from exc
         except httpx.HTTPError as exc:
             raise UpstreamUnavailable(
-                f"token endpoint unreachable: {type(exc).__name__}", upstream=self._upstream
+                f"token endpoint unreachable: {type(exc).__name__}", upstream=self.upstream
             ) from exc
         if response.status_code in (400, 401, 403):
             raise UpstreamRejected(
                 f"token endpoint refused the credentials ({response.status_code})",
-                upstream=self._upstream,
+                upstream=self.upstream,
                 status=response.status_code,
             )
         if response.status_code != 200:
             raise UpstreamUnavailable(
                 f"token endpoint answered {response.status_code}",
-                upstream=self._upstream,
+                upstream=self.upstream,
                 status=response.status_code,
             )
         try:
@@ -133,6 +126,6 @@ class TokenCache:
             expires_in = float(payload.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError) as exc:
             raise UpstreamProtocolError(
-                "token endpoint answered without access_token", upstream=self._upstream
+                "token endpoint answered without access_token", upstream=self.upstream
             ) from exc
         return AccessToken(value, time.monotonic() + expires_in)

@@ -82,6 +82,33 @@ async def test_default_session_budget_and_lightweight_threshold(store: Store, cl
     assert (await budget.session_budget(ACME, "s1")).used_tokens == 3100
 
 
+async def test_headroom_without_any_limit_reads_nothing(
+    store: Store, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no limit on the session nor the tenant's periods the answer is known: no store read
+    (one per call saved); the calls are still reserved and counted."""
+    reads = 0
+    usages = store.usages
+
+    async def counted(scopes: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await usages(scopes)
+
+    monkeypatch.setattr(store, "usages", counted)
+    unlimited = service(store, clock, session_tokens=None)
+    room = await unlimited.headroom(ACME, "s1")
+    assert (room.remaining_tokens, room.remaining_cost, room.lightweight) == (None, None, False)
+    assert reads == 0
+    assert isinstance(await unlimited.reserve_for(ACME, "s1", 100), Grant)
+    assert (await unlimited.session_budget(ACME, "s1")).reserved_tokens == 100
+
+    reads = 0
+    limited = service(store, clock, tenant_limits=PeriodLimits(day_tokens=10_000))
+    assert (await limited.headroom(ACME, "s2")).remaining_tokens == 4096  # the session's
+    assert reads == 1
+
+
 async def test_session_limit_overrides_per_tenant_and_per_key(store: Store, clock: Clock) -> None:
     budget = service(
         store,

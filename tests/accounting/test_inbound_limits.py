@@ -364,6 +364,15 @@ async def test_counters_take_adjust_and_lease_alike_in_memory_and_redis(backend:
             await client.aclose()
 
 
+async def test_a_whole_minute_taken_at_once_fits_whatever_the_clock_reads() -> None:
+    """rpm=1 (or a charge of the whole tpm) fills the bucket exactly; at this clock reading
+    `tat - now` rounds a few nanoseconds over the minute, which once refused the first request."""
+    counters = MemoryCounters(clock=lambda: 268394.06491604133)
+    assert await counters.take("acme", [("rpm:k", 1)], 1) == (0.0, -1)
+    wait, index = await counters.take("acme", [("rpm:k", 1)], 1)
+    assert index == 0 and wait == pytest.approx(60.0)
+
+
 async def test_a_store_that_cannot_count_lets_requests_through() -> None:
     class Down(MemoryCounters):
         async def take(self, *args: Any) -> tuple[float, int]:

@@ -1,6 +1,7 @@
-"""The Store contract, run against every backend: memory, SQLite (a file under tmp_path) and the
-real Redis on 127.0.0.1:6379 (a unique key prefix per test, deleted afterwards). The Redis tests
-fail, not skip, when Redis is not there: the multi-replica budget is a promise, not an option."""
+"""The Store contract, run against every backend: memory, SQLite (a file under tmp_path; in
+threads, and inline as one worker runs it) and the real Redis on 127.0.0.1:6379 (a unique key
+prefix per test, deleted afterwards). The Redis tests fail, not skip, when Redis is not there:
+the multi-replica budget is a promise, not an option."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from app.store import (
 )
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-BACKENDS = ["memory", "sqlite", "redis"]
+# sqlite-inline: statements on the event loop, writes group-committed (one worker's default)
+BACKENDS = ["memory", "sqlite", "sqlite-inline", "redis"]
 
 
 # --- fixtures shared with test_budget.py and test_ledger.py ---------------------------------------
@@ -58,7 +60,9 @@ async def open_store(backend: str, tmp_path: Path, **options: Any) -> AsyncItera
         store: Store = MemoryStore(**options)
         yield store
         await store.close()
-    elif backend == "sqlite":
+    elif backend in ("sqlite", "sqlite-inline"):
+        if backend == "sqlite-inline":
+            options = {"synchronous": "NORMAL", "inline": True, **options}
         store = await SQLiteStore.open(tmp_path, **options)
         try:
             yield store

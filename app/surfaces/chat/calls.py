@@ -50,19 +50,9 @@ def reply(call: ChatCall, outcome: ChatOutcome) -> ChatReply:
         response=outcome.content,
         prompt_tokens=outcome.usage.prompt_tokens,
         completion_tokens=outcome.usage.completion_tokens,
-        cost=outcome.cost,
-        lightweight_mode=outcome.lightweight,
-        cached=outcome.cached,
-        model=outcome.model,
-        provider=outcome.provider,
         finish_reason=outcome.finish_reason,
-        output=outcome.parsed,
-        dropped_turns=outcome.dropped,
-        prompt_injection=list(outcome.injection),
-        blocked=outcome.blocked,
-        usage_estimated=outcome.usage_estimated,
-        latency_ms=outcome.latency_ms,
         model_used=outcome.model_used,
+        **outcome.report(),
     )
 
 

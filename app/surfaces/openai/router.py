@@ -145,20 +145,7 @@ def usage_of(outcome: ChatOutcome) -> CompletionUsage:
 
 
 def extras(call: ChatCall, outcome: ChatOutcome) -> CxRelayExtras:
-    return CxRelayExtras(
-        session_id=call.session_id or None,
-        cost=outcome.cost,
-        cached=outcome.cached,
-        lightweight_mode=outcome.lightweight,
-        provider=outcome.provider,
-        model=outcome.model,
-        prompt_injection=list(outcome.injection),
-        blocked=outcome.blocked,
-        dropped_turns=outcome.dropped,
-        usage_estimated=outcome.usage_estimated,
-        latency_ms=outcome.latency_ms,
-        output=outcome.parsed,
-    )
+    return CxRelayExtras(session_id=call.session_id or None, **outcome.report())
 
 
 async def _stream(
