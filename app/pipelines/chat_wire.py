@@ -4,7 +4,7 @@ that the OpenAI surface and the chat surface read one definition without importi
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -58,3 +58,26 @@ class ResponseFormat(BaseModel):
         if spec is None:
             return OutputSchema(schema)
         return OutputSchema(schema, spec.name, bool(spec.strict), spec.description)
+
+
+class AnswerFormatted:
+    """Both chat bodies' reading of their `response_format` (a mixin of ChatBody and
+    ChatCompletionRequest, which declare the fields each in its own way)."""
+
+    if TYPE_CHECKING:
+        stream: bool | None
+        response_format: ResponseFormat | None
+
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        return self.response_format.answer_schema if self.response_format else None
+
+    @property
+    def output_schema(self) -> OutputSchema | None:
+        return self.response_format.output_schema() if self.response_format else None
+
+    def check_streamable(self) -> None:
+        if self.stream and self.json_schema is not None:
+            raise ValueError(
+                "a response_format json_schema answer is validated whole: it cannot be streamed"
+            )

@@ -21,6 +21,7 @@ from app.pipelines.chat_wire import (
     MAX_MESSAGES,
     SESSION_ID_PATTERN,
     TEXT_PARTS_SEPARATOR,
+    AnswerFormatted,
     ResponseFormat,
     SafetyFilterName,
 )
@@ -130,7 +131,7 @@ def _either(name: str) -> AliasChoices:
     return AliasChoices(name, TUTORIAL_NAMES[name])
 
 
-class ChatBody(BaseModel):
+class ChatBody(AnswerFormatted, BaseModel):
     """One model for both spellings: each field takes its snake_case name or the tutorial's
     camelCase one (never both in one body)."""
 
@@ -173,19 +174,8 @@ class ChatBody(BaseModel):
             raise ValueError("messages need at least one user message")
         if self.variables and self.template is None:
             raise ValueError("variables are only used with a template")
-        if self.stream and self.json_schema is not None:
-            raise ValueError(
-                "a response_format json_schema answer is validated whole: it cannot be streamed"
-            )
+        self.check_streamable()
         return self
-
-    @property
-    def json_schema(self) -> dict[str, Any] | None:
-        return self.response_format.answer_schema if self.response_format else None
-
-    @property
-    def output_schema(self) -> OutputSchema | None:
-        return self.response_format.output_schema() if self.response_format else None
 
 
 class ChatUsage(BaseModel):

@@ -27,9 +27,10 @@ from pydantic import (
     model_validator,
 )
 
-from app.llm.types import CHAT_OPTIONS, OutputSchema
+from app.llm.types import CHAT_OPTIONS
 from app.pipelines.chat_wire import (
     MAX_MESSAGES,
+    AnswerFormatted,
     ResponseFormat,
     SafetyFilterName,
 )
@@ -63,7 +64,7 @@ _REFUSED_FIELDS = {
 }
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(AnswerFormatted, BaseModel):
     """Fields not modelled here (OpenAI adds some every few months: reasoning_effort, verbosity,
     prompt_cache_key ...) are kept and passed on by name with the options, so a newer client is
     served as OpenAI would serve it (or refused by the provider, quoting it), never ignored."""
@@ -137,10 +138,7 @@ class ChatCompletionRequest(BaseModel):
             )
         if not any(m.role == "user" for m in self.messages):
             raise ValueError("messages need at least one user message")
-        if self.stream and self.json_schema is not None:
-            raise ValueError(
-                "a response_format json_schema answer is validated whole: it cannot be streamed"
-            )
+        self.check_streamable()
         names = {t.function.name for t in self.tools or []}
         if len(names) < len(self.tools or []):
             raise ValueError("tools: two functions have the same name")
@@ -157,14 +155,6 @@ class ChatCompletionRequest(BaseModel):
                     f"the tool message for {message.tool_call_id!r} answers no earlier tool call"
                 )
         return self
-
-    @property
-    def json_schema(self) -> dict[str, Any] | None:
-        return self.response_format.answer_schema if self.response_format else None
-
-    @property
-    def output_schema(self) -> OutputSchema | None:
-        return self.response_format.output_schema() if self.response_format else None
 
     @property
     def include_usage(self) -> bool:
