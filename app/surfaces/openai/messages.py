@@ -94,6 +94,7 @@ ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="t
 
 _PARTS: TypeAdapter[list[ContentPart]] = TypeAdapter(list[ContentPart])
 
+
 def _part_schema(kind: str, fields: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",

@@ -44,6 +44,7 @@ from app.surfaces.openai.messages import (
 
 MAX_TOOLS = 128
 
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
