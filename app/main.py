@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.bootstrap.parts import build_parts
+from app.core.heap import settle_startup_heap
 from app.core.settings import Settings
 from app.core.settings_loading import load_settings
 from app.http.request_ids import RequestIdMiddleware
@@ -35,6 +36,8 @@ log = logging.getLogger("cxrelay")
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
         app.state.parts = await build_parts(app.state.settings, stack)
+        if app.state.owns_process:
+            settle_startup_heap()
         log.info(
             "cx-relay started",
             extra={"version": __version__, "started_at": datetime.now().isoformat()},
@@ -52,7 +55,9 @@ def _without_native_telemetry() -> dict[str, Any]:
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, owns_process: bool = False) -> FastAPI:
+    """`owns_process`: the serve command's app, the only one in its process, which may set
+    process-wide state after start-up (app.core.heap)."""
     app = FastAPI(
         title="cx-relay",
         version=__version__,
@@ -61,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         **_without_native_telemetry(),
     )
     app.state.settings = settings or load_settings()
+    app.state.owns_process = owns_process
     app.add_middleware(RequestMetricsMiddleware)  # inner: the request id is set when it counts
     app.add_middleware(RequestIdMiddleware)
     app.include_router(health.router)

@@ -148,7 +148,7 @@ def worker_app() -> FastAPI:
     settings = load_settings()
     configure_logging(settings.log_level)
     atexit.register(forget_this_process)
-    return create_app(settings)
+    return create_app(settings, owns_process=True)
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
@@ -191,7 +191,7 @@ def serve(settings: Settings, overrides: Mapping[str, object]) -> int:
                 settings = settings.model_copy(update=simulated)
                 overrides = {**overrides, **simulated}
             if settings.workers == 1:
-                uvicorn.run(create_app(settings), **options)
+                uvicorn.run(create_app(settings, owns_process=True), **options)
             else:
                 with exported(overrides):
                     uvicorn.run(

@@ -80,3 +80,31 @@ def test_every_route_dependency_runs_on_the_event_loop(
         }
     )
     assert in_thread_pool == []
+
+
+def test_only_the_serve_commands_app_settles_the_heap(tmp_path: Path) -> None:
+    """The serve command's app freezes what start-up left and raises the young threshold
+    (app.core.heap), once its parts are built; an app built elsewhere (a test run builds many in
+    one process) leaves the collector as it found it."""
+    script = textwrap.dedent(
+        """
+        import gc
+        from fastapi.testclient import TestClient
+        import app.main, app.serving
+        with TestClient(app.main.create_app()):
+            print(gc.get_freeze_count(), gc.get_threshold()[0])
+        worker = app.serving.worker_app()  # what uvicorn's workers build
+        with TestClient(worker):
+            print(gc.get_freeze_count() > 1000, gc.get_threshold()[0])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=service_env(SIMULATE="true", DATA_DIR=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["0 700", "True 7000"]
