@@ -29,7 +29,6 @@ import asyncio
 import logging
 import math
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
@@ -38,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from app.core.credentials import TENANT_NAME
 from app.core.errors import RateLimited
+from app.core.ids import new_id
 from app.core.principal import Principal
 from app.store.base import StoreUnavailable
 from app.store.counters import Bucket, LimitCounters
@@ -227,7 +227,7 @@ class StreamLease:
         self, limiter: InboundLimiter, principal: Principal, chosen: tuple[tuple[str, Bucket], ...]
     ) -> None:
         self._limiter, self._principal, self._chosen = limiter, principal, chosen
-        self.lease_id = uuid.uuid4().hex
+        self.lease_id = new_id()
         self._renewing: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
 

@@ -7,11 +7,11 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.ids import new_id
 from app.observability.logs import request_id_var
 
 REQUEST_ID_MAX_LENGTH = 128
@@ -22,7 +22,7 @@ access_log = logging.getLogger("cxrelay.access")
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return new_id()
 
 
 def accept_request_id(incoming: str | None) -> str:

@@ -8,10 +8,11 @@ exactly and Redis's Lua numbers, SQLite's integers and Python agree on it to the
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
+
+from app.core.ids import new_id
 
 ScopeKind = Literal["session", "tenant_day", "tenant_month"]
 SCOPE_KINDS: tuple[ScopeKind, ...] = ("session", "tenant_day", "tenant_month")
@@ -196,7 +197,7 @@ class Refusal:
 
 
 def reservation_id() -> str:
-    return uuid.uuid4().hex
+    return new_id()
 
 
 # --- the ledger ---------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ class UsageRecord:
     cached: bool = False
     latency_ms: float = 0.0
     estimated: bool = False
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_id)
     time: datetime = field(default_factory=utc_now)
 
     def __post_init__(self) -> None:

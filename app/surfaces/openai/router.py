@@ -14,7 +14,6 @@ month budgets hold the call, and its ledger record has no session.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from app.accounting.inbound_limits import InboundLimiter
+from app.core.ids import new_id
 from app.core.principal import Principal
 from app.deps import ChatPipelineDep, LimiterDep, RouterSlotDep, SessionIdsDep
 from app.http.body import LimitedBodyDep, parse_body
@@ -132,7 +132,7 @@ def build_call(body: ChatCompletionRequest, principal: Principal, session_id: st
 
 
 def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    return f"chatcmpl-{new_id()[:24]}"
 
 
 def usage_of(outcome: ChatOutcome) -> CompletionUsage:
