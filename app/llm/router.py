@@ -310,20 +310,35 @@ class LLMRouter:
                 and any(t.provider.breaker.state != "open" for t in route.targets)
             )
 
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(worth_another_pass),
-            wait=RetryWait(self._options.retry),
-            stop=stop_any(
-                stop_after_attempt(self._options.retry.max_attempts),
-                WaitOutlastsDeadline(deadline),
-            ),
-            reraise=True,
-            before_sleep=lambda _: LLM_RETRIES.labels(route.name).inc(),
-        )
+        def retrying() -> AsyncRetrying:
+            return AsyncRetrying(
+                retry=retry_if_exception(worth_another_pass),
+                wait=RetryWait(self._options.retry),
+                stop=stop_any(
+                    stop_after_attempt(self._options.retry.max_attempts),
+                    WaitOutlastsDeadline(deadline),
+                ),
+                reraise=True,
+                before_sleep=lambda _: LLM_RETRIES.labels(route.name).inc(),
+            )
+
         try:
-            async for attempt in retrying:
-                with attempt:
-                    result = await self._walk(route, request, deadline, trail, send, answered)
+            replay: UpstreamError | None = None
+            try:
+                result = await self._walk(route, request, deadline, trail, send, answered)
+            except UpstreamError as first_failure:
+                replay = first_failure
+            if replay is not None:
+                # tenacity only once a pass failed (most calls succeed at once, and building
+                # and driving its loop cost ~2% of a call's CPU, profiled): its first attempt
+                # replays that failure, so its decisions and waits are those of a loop that
+                # had made the first pass itself
+                async for attempt in retrying():
+                    with attempt:
+                        if replay is not None:
+                            failure, replay = replay, None
+                            raise failure
+                        result = await self._walk(route, request, deadline, trail, send, answered)
         except UpstreamError as error:
             if answered is not None and answered.text and not isinstance(error, StreamBroken):
                 error = StreamBroken(  # text went out: whatever ended it, the answer is cut

@@ -13,6 +13,7 @@ import pytest
 
 from app.core.deadline import Deadline
 from app.core.errors import UnknownModel, UpstreamError, UpstreamRejected
+from app.llm import router as router_module
 from app.llm.catalog import ProviderConfig
 from app.llm.retry import RetryPolicy
 from app.llm.router import LLMRouter, RouterOptions
@@ -391,3 +392,36 @@ async def test_a_plain_model_name_served_by_one_provider_is_a_route(
     with pytest.raises(UnknownModel):
         await llm.complete(request(model="gpt-9"), Deadline.after(5))
     assert set(llm.model_names()) == {"smart", "gpt-4o-mini", "claude-haiku"}
+
+
+async def test_tenacity_is_built_only_for_a_retry_and_replays_the_first_pass(
+    http: httpx.AsyncClient,
+    servers: tuple[str, str],
+    plan_a: FaultPlan,
+    plan_b: FaultPlan,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call answered at once builds no retry loop; one whose first pass fails gets a loop that
+    counts that pass as its first attempt (two passes in all with max_attempts=2, not three)."""
+    built: list[Any] = []
+
+    class Counted(router_module.AsyncRetrying):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(router_module, "AsyncRetrying", Counted)
+    retry = RetryPolicy(max_attempts=2, initial_wait=0.01, max_wait=0.02)
+    llm = LLMRouter(http, config(servers), RouterOptions(retry=retry), env=KEYS)
+    await llm.complete(request(), Deadline.after(5))
+    assert built == []
+    plan_a.push(*[Fault(status=503)] * 4)  # alpha fails both passes; beta too, then answers
+    plan_b.push(Fault(status=503))
+    result = await llm.complete(request(), Deadline.after(5))
+    assert len(built) == 1
+    assert [(a.provider, a.outcome) for a in result.trail] == [
+        ("alpha", "unavailable"),
+        ("beta", "unavailable"),
+        ("alpha", "unavailable"),
+        ("beta", "ok"),
+    ]
