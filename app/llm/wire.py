@@ -22,6 +22,7 @@ from app.core.errors import (
 from app.llm.messages import SYSTEM_ROLES, Message, message_text
 from app.llm.types import OutputSchema
 from app.safety.rules import SafetyRules
+from app.upstream.http_client import UpstreamClient
 
 _DELAY_SECONDS = re.compile(r"\d+(\.\d+)?")
 
@@ -110,6 +111,8 @@ async def post_json(
     timeout: float,
 ) -> httpx.Response:
     try:
+        if isinstance(http, UpstreamClient):  # the service's own client: its direct path
+            return await http.post_json(url, body, headers, timeout)
         return await http.post(url, json=body, headers=headers, timeout=timeout)
     except httpx.TimeoutException as exc:
         raise UpstreamTimeout(

@@ -4,6 +4,7 @@ the provider wires type failures the same way (a refused connection is not a tim
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 from typing import Any
 
@@ -65,3 +66,83 @@ async def test_answers_come_back_through_the_aiohttp_transport(
         await client.aclose()
     assert response.status_code == 200
     assert response.json()["data"]
+
+
+# --- post_json: the provider call's path (straight through aiohttp on the aiohttp transport) ------
+
+
+class RecordingServer:
+    """Answers every request with `answer` (raw HTTP) and keeps what it was sent."""
+
+    def __init__(self, answer: bytes, delay: float = 0.0) -> None:
+        self.answer, self.delay = answer, delay
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")[1:]
+        headers: dict[str, str] = {}
+        for line in filter(None, head):
+            name, _, value = line.partition(":")
+            assert name.lower() not in headers, f"{name} sent twice"
+            headers[name.lower()] = value.strip()
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        self.requests.append((headers, body))
+        await asyncio.sleep(self.delay)
+        writer.write(self.answer)
+        await writer.drain()
+        writer.close()
+
+
+def _answer(body: bytes, *extra: str) -> bytes:
+    head = ["HTTP/1.1 200 OK", "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join([*head, *extra]) + "\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_post_json_sends_what_httpx_sends_and_reads_the_answer(
+    make_settings: Any, transport: str
+) -> None:
+    """The same body bytes and headers either way (a caller's header replaces a default of the
+    same name, whatever its case), and a gzip answer decoded."""
+    server = RecordingServer(_answer(gzip.compress(b'{"ok":"\xc3\xa9"}'), "Content-Encoding: gzip"))
+    client = build_http_client(http_client_options(make_settings(http_transport=transport)))
+    try:
+        async with server as url:
+            response = await client.post_json(
+                f"{url}/v1/chat/completions",
+                {"messages": [{"content": "héllo"}]},
+                {"Authorization": "Bearer sk-1", "accept": "application/json"},
+                5.0,
+            )
+    finally:
+        await client.aclose()
+    assert response.status_code == 200 and response.json() == {"ok": "é"}
+    headers, body = server.requests[0]
+    assert body == '{"messages":[{"content":"héllo"}]}'.encode()
+    assert headers["content-type"] == "application/json"
+    assert headers["authorization"] == "Bearer sk-1"
+    assert headers["accept"] == "application/json"
+    assert headers["user-agent"].startswith("python-httpx/")
+
+
+async def test_post_json_on_aiohttp_fails_as_httpx_does(make_settings: Any) -> None:
+    client = build_http_client(http_client_options(make_settings(http_transport="aiohttp")))
+    try:
+        with pytest.raises(httpx.ConnectError):
+            await client.post_json(f"http://127.0.0.1:{_dead_port()}/x", {}, {}, 2.0)
+        async with RecordingServer(b"") as url:  # reads the request, hangs up unanswered
+            with pytest.raises(httpx.TransportError) as hung_up:
+                await client.post_json(f"{url}/x", {}, {}, 2.0)
+        assert not isinstance(hung_up.value, httpx.TimeoutException)
+        async with RecordingServer(_answer(b"{}"), delay=1.0) as url:
+            with pytest.raises(httpx.TimeoutException):
+                await client.post_json(f"{url}/x", {}, {}, 0.2)
+    finally:
+        await client.aclose()
