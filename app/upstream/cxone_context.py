@@ -25,6 +25,7 @@ from app.core.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.upstream.http_client import UpstreamClient
 from app.upstream.oauth import TokenCache
 
 UPSTREAM = "cxone"
@@ -110,7 +111,7 @@ class CXoneContextClient:
         base = await self._base_url(deadline)
         for attempt in (1, 2):
             token = await self.tokens.get()
-            response = await self._send("GET", base + path, deadline, params=params, token=token)
+            response = await self._get(base + path, deadline, params=params, token=token)
             if response.status_code == 401 and attempt == 1:
                 self.tokens.invalidate(token)
                 continue
@@ -129,18 +130,15 @@ class CXoneContextClient:
                     "CXone API host unknown: set CXONE_API_BASE_URL or CXONE_TENANT_ID",
                     upstream=UPSTREAM,
                 )
-            response = await self._send(
-                "GET", self.discovery_url, deadline, params={"tenantId": tenant}
-            )
+            response = await self._get(self.discovery_url, deadline, params={"tenantId": tenant})
             endpoint = self._json_or_raise(response).get("api_endpoint")
             if not isinstance(endpoint, str) or not endpoint.startswith("http"):
                 raise UpstreamProtocolError("discovery gave no api_endpoint", upstream=UPSTREAM)
             self.api_base_url = endpoint.rstrip("/")
             return self.api_base_url
 
-    async def _send(
+    async def _get(
         self,
-        method: str,
         url: str,
         deadline: Deadline,
         *,
@@ -154,9 +152,9 @@ class CXoneContextClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
-            return await self.http.request(
-                method, url, params=params, headers=headers, timeout=timeout
-            )
+            if isinstance(self.http, UpstreamClient):  # the service's own client: direct
+                return await self.http.get_whole(url, params, headers, timeout)
+            return await self.http.get(url, params=params, headers=headers, timeout=timeout)
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout("CXone did not answer in time", upstream=UPSTREAM) from exc
         except httpx.HTTPError as exc:

@@ -39,16 +39,22 @@ class _Transport(AiohttpTransport):
         except httpx.ConnectTimeout as exc:
             raise _not_a_timeout(exc, request) from exc.__cause__
 
-    async def post_whole(
-        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+    async def send_whole(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        timeout: float,
     ) -> httpx.Response:
-        """POST and read the whole answer on the session httpx's requests use, raising what
+        """Send and read the whole answer on the session httpx's requests use, raising what
         `handle_async_request` raises."""
         if not isinstance(self.client, aiohttp.ClientSession):
             self.client = self.get_client()
         try:
             with map_aiohttp_exceptions():
-                async with self.client.post(
+                async with self.client.request(
+                    method,
                     url,
                     data=body,
                     headers=headers,
@@ -79,11 +85,12 @@ def _not_a_timeout(exc: httpx.ConnectTimeout, request: httpx.Request | None) -> 
 
 
 class UpstreamClient(httpx.AsyncClient):
-    """The shared client: httpx's interface for every caller, and for the provider call (the
-    hot path: one or more per request) a POST read whole straight through aiohttp. httpx's
-    request and response handling around aiohttp measured more than half of such a call's CPU
-    (228 vs 103 µs, docs/PERFORMANCE.md); the answer is still an httpx.Response, so wires and
-    their error handling do not change. With HTTP_TRANSPORT=httpx it is plain httpx."""
+    """The shared client: httpx's interface for every caller, and for the calls of every
+    request (the provider's whole answer, CXone's history) a request read whole straight through
+    aiohttp. httpx's request and response handling around aiohttp measured more than half of
+    such a call's CPU (228 vs 103 µs, docs/PERFORMANCE.md); the answer is still an
+    httpx.Response, so callers and their error handling do not change. With HTTP_TRANSPORT=httpx
+    it is plain httpx."""
 
     def __init__(self, *, direct: _Transport | None, **options: Any) -> None:
         super().__init__(transport=direct, **options)
@@ -96,10 +103,31 @@ class UpstreamClient(httpx.AsyncClient):
         if self._direct is None:
             return await self.post(url, json=body, headers=headers, timeout=timeout)
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        sent = self._with_defaults(headers, {"Content-Type": "application/json"})
+        return await self._direct.send_whole("POST", url, content.encode(), sent, timeout)
+
+    async def get_whole(
+        self,
+        url: str,
+        params: Mapping[str, str | int],
+        headers: Mapping[str, str],
+        timeout: float,
+    ) -> httpx.Response:
+        """`self.get(url, params=params, headers=headers, timeout=timeout)`, the same request."""
+        if self._direct is None:
+            return await self.get(url, params=params, headers=headers, timeout=timeout)
+        full = str(httpx.URL(url, params=params))  # encoded as httpx encodes it
+        return await self._direct.send_whole(
+            "GET", full, None, self._with_defaults(headers), timeout
+        )
+
+    def _with_defaults(
+        self, headers: Mapping[str, str], content: Mapping[str, str] | None = None
+    ) -> CIMultiDict[str]:
         sent = CIMultiDict(self.headers.items())  # a caller's header replaces a default
-        sent["Content-Type"] = "application/json"
+        sent.update(content or {})
         sent.update(headers)
-        return await self._direct.post_whole(url, content.encode(), sent, timeout)
+        return sent
 
 
 def build_http_client(options: HttpClientOptions) -> UpstreamClient:
@@ -112,6 +140,4 @@ def build_http_client(options: HttpClientOptions) -> UpstreamClient:
     # aiohttp under httpx's interface: measured about 30% less CPU per upstream call than
     # httpx's own transport (docs/PERFORMANCE.md); HTTP_TRANSPORT=httpx switches back
     transport = _Transport(limits=limits) if options.transport == "aiohttp" else None
-    return UpstreamClient(
-        direct=transport, timeout=timeout, limits=limits, follow_redirects=False
-    )
+    return UpstreamClient(direct=transport, timeout=timeout, limits=limits, follow_redirects=False)

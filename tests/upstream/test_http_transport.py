@@ -77,6 +77,7 @@ class RecordingServer:
     def __init__(self, answer: bytes, delay: float = 0.0) -> None:
         self.answer, self.delay = answer, delay
         self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.targets: list[str] = []  # the request line's path and query
 
     async def __aenter__(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -86,7 +87,9 @@ class RecordingServer:
         self.server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")[1:]
+        lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        self.targets.append(lines[0].split(" ")[1])
+        head = lines[1:]
         headers: dict[str, str] = {}
         for line in filter(None, head):
             name, _, value = line.partition(":")
@@ -146,3 +149,27 @@ async def test_post_json_on_aiohttp_fails_as_httpx_does(make_settings: Any) -> N
                 await client.post_json(f"{url}/x", {}, {}, 0.2)
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_get_whole_sends_what_httpx_sends(make_settings: Any, transport: str) -> None:
+    server = RecordingServer(_answer(b'{"messages":[]}'))
+    client = build_http_client(http_client_options(make_settings(http_transport=transport)))
+    try:
+        async with server as url:
+            response = await client.get_whole(
+                f"{url}/incontact/api/v30/contacts/1/messages",
+                {"sorting": "createdAt desc", "limit": 20, "who": "ä&b"},
+                {"Accept": "application/json", "Authorization": "Bearer t"},
+                5.0,
+            )
+    finally:
+        await client.aclose()
+    assert response.json() == {"messages": []}
+    headers, body = server.requests[0]
+    assert server.targets == [
+        "/incontact/api/v30/contacts/1/messages?sorting=createdAt+desc&limit=20&who=%C3%A4%26b"
+    ]
+    assert body == b"" and headers["accept"] == "application/json"
+    assert headers["authorization"] == "Bearer t"
+    assert headers["user-agent"].startswith("python-httpx/")
