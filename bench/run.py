@@ -889,7 +889,7 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 def meta(bench: Bench, elapsed: float) -> dict[str, Any]:
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),

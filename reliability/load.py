@@ -119,7 +119,7 @@ async def send(
     outcome = Outcome(surface, session, None, started=time.monotonic(), target=pool.name)
     try:
         timing = await pool.send(path, headers, body)
-    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
         outcome.error = type(exc).__name__
         outcome.latency_ms = round((time.monotonic() - outcome.started) * 1000, 1)
         return outcome

@@ -32,7 +32,7 @@ REPORT_ENV = "CXRELAY_RELIABILITY_REPORT"
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def write(name: str, data: Any) -> Path:

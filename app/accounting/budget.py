@@ -23,7 +23,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone, tzinfo
+from datetime import UTC, datetime, tzinfo
 from typing import Any, Generic, TypeVar
 
 from app.core.errors import CxRelayError
@@ -94,7 +94,7 @@ class BudgetPolicy:
     tenant_limits: PeriodLimits = field(default_factory=PeriodLimits)
     tenant_limits_by_tenant: Mapping[str, PeriodLimits] = field(default_factory=dict)
     lightweight_threshold: int = DEFAULT_LIGHTWEIGHT_THRESHOLD
-    period_timezone: tzinfo = timezone.utc
+    period_timezone: tzinfo = UTC
 
     def session_limit(self, principal: Principal) -> int | None:
         if principal.key_id in self.session_tokens_by_key:
@@ -176,7 +176,7 @@ class BudgetService:
         store: Store,
         policy: BudgetPolicy | None = None,
         *,
-        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
         self.policy = policy or BudgetPolicy()

@@ -169,7 +169,7 @@ class Ledger:
         """Wait for the writes in progress and the backlog; False if `timeout` passed first."""
         try:
             await asyncio.wait_for(self._settled(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 

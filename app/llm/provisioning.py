@@ -302,7 +302,7 @@ class Provisioner:
             return await asyncio.wait_for(
                 client.probe(self.http, key, PROBE_TIMEOUT_SECONDS), PROBE_TIMEOUT_SECONDS
             )
-        except (asyncio.TimeoutError, ValueError, httpx.HTTPError):
+        except (TimeoutError, ValueError, httpx.HTTPError):
             return False
 
     # --- display ---------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class OpenAIWebSocketProvider(OpenAICompatibleProvider):
             raise self._refused(exc, api_key) from exc
         except ConnectionClosed as exc:  # while sending the request
             raise stream_cut(self.name, f"the connection closed before [DONE] ({exc})") from exc
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"{self.name} did not answer within {timeout:.2f}s", upstream=self.name
             ) from exc
@@ -148,7 +148,7 @@ class OpenAIWebSocketProvider(OpenAICompatibleProvider):
         try:
             async with self._connect(api_key, timeout):
                 return True
-        except (OSError, TimeoutError, asyncio.TimeoutError, WebSocketException):
+        except (OSError, TimeoutError, WebSocketException):
             return False
 
     def _connect(self, api_key: str | None, timeout: float) -> connect:

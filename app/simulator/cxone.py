@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -53,7 +53,7 @@ class CXoneSimulatorState:
 
     def add_conversation(self, contact_id: str, turns: list[tuple[str, str]]) -> None:
         """Store turns (direction, text), oldest first, as CXone message objects."""
-        start = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+        start = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
         self.conversations[contact_id] = [
             message(direction, text, start + timedelta(seconds=10 * i))
             for i, (direction, text) in enumerate(turns)
@@ -178,7 +178,7 @@ def create_cxone_simulator(state: CXoneSimulatorState | None = None) -> FastAPI:
             return JSONResponse({"error": "invalid_token"}, 401)
         history = state.conversations.get(contact_id)
         if history is None:
-            start = datetime.now(timezone.utc) - timedelta(minutes=5)
+            start = datetime.now(UTC) - timedelta(minutes=5)
             history = [
                 message(d, t, start + timedelta(seconds=20 * i))
                 for i, (d, t) in enumerate(_DEFAULT_HISTORY)

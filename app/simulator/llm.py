@@ -175,7 +175,7 @@ async def _pause_unless_gone(websocket: WebSocket, seconds: float) -> None:
     while (remaining := deadline - time.monotonic()) > 0:
         try:
             message = await asyncio.wait_for(websocket.receive(), remaining)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(int(message.get("code", 1000)))

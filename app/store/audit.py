@@ -17,7 +17,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS applied_provider_config (
 
 def utc_now() -> str:
     """ISO-8601 UTC with milliseconds and a `Z`, sortable as text."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

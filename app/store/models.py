@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from app.core.ids import new_id
@@ -23,7 +23,7 @@ SCOPE_KINDS: tuple[ScopeKind, ...] = ("session", "tenant_day", "tenant_month")
 NO_SESSION = ""
 
 MICROS = 1_000_000
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def to_micros(amount: float) -> int:
@@ -46,7 +46,7 @@ def from_epoch_us(micros: int) -> datetime:
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # --- budgets ------------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ class UsageRecord:
 
     @property
     def time_iso(self) -> str:
-        return self.time.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        return self.time.astimezone(UTC).isoformat(timespec="microseconds")
 
     def as_dict(self) -> dict[str, Any]:
         return {

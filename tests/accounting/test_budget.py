@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock(datetime(2026, 11, 25, 23, 30, tzinfo=timezone.utc))
+    return Clock(datetime(2026, 11, 25, 23, 30, tzinfo=UTC))
 
 
 def service(store: Store, clock: Clock, **policy: Any) -> BudgetService:

@@ -9,7 +9,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -317,7 +317,7 @@ async def test_two_sqlite_instances_on_one_file_share_the_budget(tmp_path: Path)
 
 
 async def test_sqlite_restart_keeps_every_ledger_record_and_budget(tmp_path: Path) -> None:
-    start = datetime(2026, 11, 25, 9, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
     records = [make_record(at=start + timedelta(seconds=i)) for i in range(30)]
     scope = session_scope(4096)
     first = await SQLiteStore.open(tmp_path)
@@ -393,7 +393,7 @@ async def test_records_round_trip_every_field(store: Store) -> None:
 
 
 async def test_list_usage_pages_newest_first(store: Store) -> None:
-    start = datetime(2026, 11, 25, 9, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
     records = [
         make_record(session="s1" if i % 3 else "s2", at=start + timedelta(seconds=i // 2))
         for i in range(23)
@@ -429,7 +429,7 @@ async def test_list_usage_pages_newest_first(store: Store) -> None:
 
 
 async def test_session_summary_and_tenant_status(store: Store) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     old = now - timedelta(hours=3)
     await store.append_usages(
         [
@@ -464,7 +464,7 @@ async def test_a_call_without_a_session_is_in_the_tenant_totals_and_no_session_l
 ) -> None:
     """/v1 without X-Session-Id or `user`: the record has no session (NO_SESSION); it is listed
     and counted for its tenant, read back through JSON, and never shows up as a session."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     loose = make_record(session=NO_SESSION, at=now, cost=0.5)
     await store.append_usages([make_record(session="s1", at=now - timedelta(minutes=1)), loose])
 

@@ -84,7 +84,7 @@ async def cognigy_fallback(
             pipeline.decide(trigger, principal, deadline, turn),
             timeout=deadline.remaining(),
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         response = pipeline.fallback(
             trigger,
             turn,

@@ -108,7 +108,7 @@ async def cxone_exchange(
             pipeline.exchange(exchange, session, principal, deadline, turn),
             timeout=deadline.remaining(),
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         response = pipeline.failure(
             session, turn, f"no answer within {settings.cxone_deadline_seconds}s"
         )

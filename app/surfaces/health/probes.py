@@ -87,7 +87,7 @@ class ProviderProbes:
             ok = await asyncio.wait_for(
                 runtime.client.probe(http, key.secret, self._timeout), self._timeout
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return Probe(False, _ms(started), f"no answer within {self._timeout:g}s")
         except Exception as exc:  # a probe reports every failure; it never raises one
             log.warning("provider probe failed", extra={"provider": runtime.spec.name})

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -77,7 +77,7 @@ async def check_store(store: Store, backend: str, timeout: float) -> dict[str, A
     started = time.perf_counter()
     try:
         await asyncio.wait_for(store.ping(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return {"ok": False, "backend": backend, "error": f"no answer within {timeout:g}s"}
     except Exception as exc:  # a probe reports every failure; it never raises one
         return {"ok": False, "backend": backend, "error": str(exc) or type(exc).__name__}
@@ -209,12 +209,11 @@ def provider_report(
     if breaker.last_failure_at is not None:  # the cause an open circuit would otherwise hide
         detail["last_failure"] = {
             "error": breaker.last_failure,
-            "at": datetime.fromtimestamp(breaker.last_failure_at, timezone.utc).isoformat(
+            "at": datetime.fromtimestamp(breaker.last_failure_at, UTC).isoformat(
                 timespec="seconds"
             ),
         }
     return detail, warnings
-
 
 
 async def health_report(
@@ -254,9 +253,7 @@ async def health_report(
     ]
     providers: dict[str, Any] = {}
     for name, runtime in router.providers.items():
-        detail, found = provider_report(
-            runtime, probe_round.results[name], routes, usable, options
-        )
+        detail, found = provider_report(runtime, probe_round.results[name], routes, usable, options)
         providers[name], warnings = detail, warnings + found
     return {
         "status": _status(store_check["ok"] and config["ok"], usable, providers),
