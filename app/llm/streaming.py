@@ -185,11 +185,11 @@ async def collect_stream(
                 remaining = deadline - time.perf_counter()
                 try:
                     if remaining <= 0:
-                        raise asyncio.TimeoutError
+                        raise TimeoutError
                     chunk = await asyncio.wait_for(anext(chunks), remaining)
                 except StopAsyncIteration:
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if waiting_for_first:
                         raise UpstreamTimeout(
                             f"{provider}: no first token within {first_token_timeout:.2f}s",
