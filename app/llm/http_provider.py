@@ -16,7 +16,7 @@ import httpx
 
 from app.llm.streaming import SSEEvent, iter_sse, stream_transport_error, whole_as_chunk
 from app.llm.types import ChatRequest, ChatResult, StreamChunk
-from app.llm.wire import post_json, probe_key
+from app.llm.wire import post_json, probe_key, stream_json
 
 
 class HTTPProvider(ABC):
@@ -82,9 +82,7 @@ class HTTPProvider(ABC):
         headers = {**self.headers(api_key), "Accept": "text/event-stream"}
         body = self.payload(request, stream=True)
         try:
-            async with http.stream(
-                "POST", self.url, json=body, headers=headers, timeout=timeout
-            ) as response:
+            async with stream_json(http, self.url, body, headers, timeout) as response:
                 if response.status_code >= 400:
                     await response.aread()  # the error body names the cause
                     self.raise_for_error(response, api_key)

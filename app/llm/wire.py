@@ -7,6 +7,7 @@ import email.utils
 import json
 import re
 import time
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -124,6 +125,15 @@ async def post_json(
             upstream=provider,
             detail=transport_failure(exc),
         ) from exc
+
+
+def stream_json(
+    http: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str], timeout: float
+) -> AbstractAsyncContextManager[httpx.Response]:
+    """A streamed POST: on the service's own client, its direct path (as `post_json`)."""
+    if isinstance(http, UpstreamClient):
+        return http.stream_json(url, body, headers, timeout)
+    return http.stream("POST", url, json=body, headers=headers, timeout=timeout)
 
 
 def transport_failure(exc: BaseException) -> str:

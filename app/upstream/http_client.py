@@ -8,14 +8,15 @@ transport can be swapped after measuring without touching any caller.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
-from httpx_aiohttp.transport import map_aiohttp_exceptions
+from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
 from multidict import CIMultiDict
 
 
@@ -71,6 +72,34 @@ class _Transport(AiohttpTransport):
         return httpx.Response(answer.status, headers=answer.raw_headers, content=content)
 
 
+    async def open_stream(
+        self, method: str, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+    ) -> httpx.Response:
+        """Send, and answer with the response whose body is still to be read (as httpx's
+        `send(..., stream=True)` does): the caller reads it and must `aclose()` it."""
+        if not isinstance(self.client, aiohttp.ClientSession):
+            self.client = self.get_client()
+        try:
+            with map_aiohttp_exceptions():
+                answer = await self.client.request(
+                    method,
+                    url,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    auto_decompress=False,
+                    compress=False,
+                    timeout=aiohttp.ClientTimeout(
+                        sock_connect=timeout, sock_read=timeout, connect=timeout
+                    ),
+                ).__aenter__()
+        except httpx.ConnectTimeout as exc:
+            raise _not_a_timeout(exc, None) from exc.__cause__
+        return httpx.Response(
+            answer.status, headers=answer.raw_headers, stream=AiohttpResponseStream(answer)
+        )
+
+
 def _not_a_timeout(exc: httpx.ConnectTimeout, request: httpx.Request | None) -> httpx.HTTPError:
     cause = exc.__cause__
     if isinstance(cause, aiohttp.ServerTimeoutError) or not isinstance(
@@ -105,6 +134,26 @@ class UpstreamClient(httpx.AsyncClient):
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         sent = self._with_defaults(headers, {"Content-Type": "application/json"})
         return await self._direct.send_whole("POST", url, content.encode(), sent, timeout)
+
+    @asynccontextmanager
+    async def stream_json(
+        self, url: str, body: Any, headers: Mapping[str, str], timeout: float
+    ) -> AsyncIterator[httpx.Response]:
+        """`self.stream("POST", url, json=body, headers=headers, timeout=timeout)`, the same
+        request; the response is closed (its connection given back) however the block ends."""
+        if self._direct is None:
+            async with self.stream(
+                "POST", url, json=body, headers=headers, timeout=timeout
+            ) as response:
+                yield response
+            return
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        sent = self._with_defaults(headers, {"Content-Type": "application/json"})
+        response = await self._direct.open_stream("POST", url, content.encode(), sent, timeout)
+        try:
+            yield response
+        finally:
+            await response.aclose()
 
     async def get_whole(
         self,

@@ -74,8 +74,10 @@ async def test_answers_come_back_through_the_aiohttp_transport(
 class RecordingServer:
     """Answers every request with `answer` (raw HTTP) and keeps what it was sent."""
 
-    def __init__(self, answer: bytes, delay: float = 0.0) -> None:
-        self.answer, self.delay = answer, delay
+    def __init__(self, answer: bytes, delay: float = 0.0, then_hold: float = 0.0) -> None:
+        """`then_hold`: after the answer, keep the connection open this long (an unfinished
+        stream, when the answer is shorter than its Content-Length)."""
+        self.answer, self.delay, self.then_hold = answer, delay, then_hold
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self.targets: list[str] = []  # the request line's path and query
 
@@ -100,11 +102,17 @@ class RecordingServer:
         await asyncio.sleep(self.delay)
         writer.write(self.answer)
         await writer.drain()
+        await asyncio.sleep(self.then_hold)
         writer.close()
 
 
 def _answer(body: bytes, *extra: str) -> bytes:
-    head = ["HTTP/1.1 200 OK", "Content-Type: application/json", f"Content-Length: {len(body)}"]
+    head = [
+        "HTTP/1.1 200 OK",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Connection: close",  # the server hangs up after each answer
+    ]
     return ("\r\n".join([*head, *extra]) + "\r\n\r\n").encode() + body
 
 
@@ -173,3 +181,66 @@ async def test_get_whole_sends_what_httpx_sends(make_settings: Any, transport: s
     assert body == b"" and headers["accept"] == "application/json"
     assert headers["authorization"] == "Bearer t"
     assert headers["user-agent"].startswith("python-httpx/")
+
+
+SSE = b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\ndata: [DONE]\n\n'
+
+
+def _sse_answer() -> bytes:
+    head = [
+        "HTTP/1.1 200 OK",
+        "Content-Type: text/event-stream",
+        f"Content-Length: {len(SSE)}",
+        "Connection: close",
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + SSE
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+async def test_stream_json_sends_what_httpx_sends_and_streams_the_answer(
+    make_settings: Any, transport: str
+) -> None:
+    server = RecordingServer(_sse_answer())
+    client = build_http_client(http_client_options(make_settings(http_transport=transport)))
+    try:
+        async with (
+            server as url,
+            client.stream_json(
+                f"{url}/v1/chat/completions",
+                {"stream": True},
+                {"Authorization": "Bearer sk-1", "Accept": "text/event-stream"},
+                5.0,
+            ) as response,
+        ):
+            assert response.status_code == 200
+            received = b"".join([chunk async for chunk in response.aiter_bytes()])
+    finally:
+        await client.aclose()
+    assert received == SSE
+    headers, body = server.requests[0]
+    assert body == b'{"stream":true}' and headers["content-type"] == "application/json"
+    assert headers["accept"] == "text/event-stream"
+    assert headers["user-agent"].startswith("python-httpx/")
+
+
+async def test_a_stream_left_early_gives_its_connection_back(make_settings: Any) -> None:
+    """One connection in the pool: streams abandoned after their first bytes, or failing as
+    they open, must each give it back, or the next request waits for ever."""
+    settings = make_settings(http_transport="aiohttp", http_max_connections=1)
+    client = build_http_client(http_client_options(settings))
+    unfinished = _sse_answer() + b"data: "  # half an event; the rest never comes
+    unfinished = unfinished.replace(f"Content-Length: {len(SSE)}".encode(), b"Content-Length: 999")
+    try:
+        async with RecordingServer(unfinished, then_hold=30) as url:
+            for _ in range(3):
+                async with client.stream_json(f"{url}/x", {}, {}, 2.0) as response:
+                    async for _chunk in response.aiter_bytes():
+                        break
+            with pytest.raises(RuntimeError):
+                async with client.stream_json(f"{url}/x", {}, {}, 2.0):
+                    raise RuntimeError("the caller failed mid-stream")
+        async with RecordingServer(_answer(b"{}")) as url:
+            response = await asyncio.wait_for(client.post_json(f"{url}/x", {}, {}, 2.0), 3.0)
+            assert response.status_code == 200
+    finally:
+        await client.aclose()
