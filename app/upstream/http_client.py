@@ -71,7 +71,6 @@ class _Transport(AiohttpTransport):
             raise _not_a_timeout(exc, None) from exc.__cause__
         return httpx.Response(answer.status, headers=answer.raw_headers, content=content)
 
-
     async def open_stream(
         self, method: str, url: str, body: bytes, headers: Mapping[str, str], timeout: float
     ) -> httpx.Response:
@@ -115,11 +114,11 @@ def _not_a_timeout(exc: httpx.ConnectTimeout, request: httpx.Request | None) -> 
 
 class UpstreamClient(httpx.AsyncClient):
     """The shared client: httpx's interface for every caller, and for the calls of every
-    request (the provider's whole answer, CXone's history) a request read whole straight through
-    aiohttp. httpx's request and response handling around aiohttp measured more than half of
-    such a call's CPU (228 vs 103 µs, docs/PERFORMANCE.md); the answer is still an
-    httpx.Response, so callers and their error handling do not change. With HTTP_TRANSPORT=httpx
-    it is plain httpx."""
+    request (the provider's answer, whole or streamed, and CXone's history) a request sent
+    straight through aiohttp. httpx's request and response handling around aiohttp measured
+    more than half of such a call's CPU (228 vs 103 µs, docs/PERFORMANCE.md); the answer is
+    still an httpx.Response, so callers and their error handling do not change. With
+    HTTP_TRANSPORT=httpx it is plain httpx."""
 
     def __init__(self, *, direct: _Transport | None, **options: Any) -> None:
         super().__init__(transport=direct, **options)
