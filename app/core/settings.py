@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     # request with a part the model does not take is refused with a 400 naming it.
     llm_vision: bool = True
     llm_audio: bool = False
-    token_counting: Literal["exact", "estimate"] = "exact"  # estimate: no tokenizer (-140 MiB)
+    token_counting: Literal["exact", "estimate"] = "exact"  # estimate: no tokenizer (-53 MiB)
     llm_price_per_1k_prompt: float | None = Field(None, ge=0.0)
     llm_price_per_1k_completion: float | None = Field(None, ge=0.0)
     # The LLM_GATEWAY_* provider's embedding models (POST /v1/embeddings asks for them by name;

@@ -364,7 +364,7 @@ def preload(models: Iterable[str | None] = ()) -> None:
 
 async def ready(models: Iterable[str | None]) -> None:
     """Load, once and off the event loop, encodings that start-up left out: an embedding
-    model's tables (cl100k_base, ~35 MiB) are loaded by the first call that needs them, so a
+    model's tables (cl100k_base, ~30 MiB) are loaded by the first call that needs them, so a
     service that never embeds never holds them."""
     models = list(models)
     if not _counters.ready(models):
