@@ -243,7 +243,13 @@ class Settings(BaseSettings):
     # --- safety ----------------------------------------------------------------------------------
     redact_pii_input: bool = False
     unsafe_output_categories: CommaList = Field(
-        default_factory=lambda: ["self_harm", "violence", "profanity", "credentials"]
+        default_factory=lambda: [
+            "self_harm",
+            "violence",
+            "profanity",
+            "credentials",
+            "illegal_activity",
+        ]
     )
     safety_rules_dir: Path | None = None
     # Keys the digest that replaces a session id holding personal data (an e-mail address, a card
