@@ -344,6 +344,24 @@ async def test_health_details_a_reachable_provider(
     ]
 
 
+def dead_and_live(live_url: str) -> list[dict[str, Any]]:
+    """Provider "dead" (model m1) where nothing listens, "sim" (model m2) at `live_url`."""
+    return [
+        {
+            "name": "dead",
+            "base_url": DEAD_URL,
+            "api_keys": ["env:SIM_KEY"],
+            "models": [{"name": "m1"}],
+        },
+        {
+            "name": "sim",
+            "base_url": live_url,
+            "api_keys": ["env:SIM_KEY"],
+            "models": [{"name": "m2"}],
+        },
+    ]
+
+
 async def test_a_dead_provider_in_a_fallback_chain_degrades_but_the_route_works(
     app_client: Callable[..., Any],
     llm_server: LoopbackServer,
@@ -353,20 +371,7 @@ async def test_a_dead_provider_in_a_fallback_chain_degrades_but_the_route_works(
     monkeypatch.setenv("SIM_KEY", TEST_KEY)
     path = providers_file(
         tmp_path,
-        [
-            {
-                "name": "dead",
-                "base_url": DEAD_URL,
-                "api_keys": ["env:SIM_KEY"],
-                "models": [{"name": "m1"}],
-            },
-            {
-                "name": "sim",
-                "base_url": llm_server.url,
-                "api_keys": ["env:SIM_KEY"],
-                "models": [{"name": "m2"}],
-            },
-        ],
+        dead_and_live(llm_server.url),
         routes=[
             {
                 "name": "assistant",
@@ -419,20 +424,7 @@ async def test_the_tutorial_checks_follow_the_route_of_llm_model_only(
     monkeypatch.setenv("SIM_KEY", TEST_KEY)
     path = providers_file(
         tmp_path,
-        [
-            {
-                "name": "dead",
-                "base_url": DEAD_URL,
-                "api_keys": ["env:SIM_KEY"],
-                "models": [{"name": "m1"}],
-            },
-            {
-                "name": "sim",
-                "base_url": llm_server.url,
-                "api_keys": ["env:SIM_KEY"],
-                "models": [{"name": "m2"}],
-            },
-        ],
+        dead_and_live(llm_server.url),
     )
     async with app_client(providers_file=path, llm_model="m2") as client:
         _, on_live = await get(client, "/health")
