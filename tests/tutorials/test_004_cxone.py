@@ -207,3 +207,20 @@ def test_cxone_tenant_and_cxone_tenant_id_disagreeing_stops_start_up_naming_both
     assert result.returncode == 2, result.stderr
     assert "CXONE_TENANT_ID and CXONE_TENANT are both set" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_tutorials_own_body_is_a_422_saying_what_the_endpoint_takes(
+    service: ServiceProcess, llm_plan: FaultPlan
+) -> None:
+    """The tutorial's client posted `{botId, sessionId}`; no CXone sends that. It must not be
+    read as a silent no-input turn."""
+    response = httpx.post(
+        f"{service.url}/webhook/cxone",
+        json={"botId": "bot-1", "sessionId": "session-1"},
+        headers={"Authorization": VAH_AUTHORIZATION},
+        timeout=30,
+    )
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert "Virtual Agent Hub" in error["msg"] and "botId/sessionId" in error["msg"]
+    assert chat_calls(llm_plan) == []
