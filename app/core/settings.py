@@ -416,7 +416,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tutorial_aliases(self) -> Settings:
-        """The Cognigy tutorial's single COGNIGY_API_KEY is one more entry of the list."""
+        """The inference tutorial's (000) single COGNIGY_API_KEY is one more entry of the list."""
         key = self.cognigy_api_key
         if key is not None and key.get_secret_value() not in (
             k.get_secret_value() for k in self.cognigy_api_keys
