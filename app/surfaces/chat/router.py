@@ -23,7 +23,7 @@ from app.deps import (
 )
 from app.http.body import LimitedBodyDep, parse_body
 from app.http.caller import CallerDep
-from app.http.chat_errors import error_frame, failure_response
+from app.http.chat_errors import failure_frame, failure_response
 from app.http.openapi import (
     ChatError,
     HTTPError,
@@ -120,7 +120,7 @@ async def _stream(
             await stream.close()
             failure = describe(error)
             note_failure(failure)
-            yield sse(error_frame(failure))
+            yield sse(failure_frame(failure))
             return
         await stream.close()  # the slot is free before the client can read the end
         yield sse(complete_frame(call, outcome))
