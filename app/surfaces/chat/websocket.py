@@ -1,4 +1,5 @@
-"""/ws/chat: the /chat surface over one WebSocket, for tools that keep a socket per conversation.
+"""/ws/chat (and the gateway tutorial's /ws/v1/llm-gateway/stream, the same socket): the /chat
+surface over one WebSocket, for tools that keep a socket per conversation.
 
 Frames are JSON text. The client sends a request frame shaped like the /chat body (`"type":
 "request"` is optional); the server answers `{"type": "content", "delta": ...}` frames, then one
@@ -171,7 +172,13 @@ def has_header_credential(headers: Mapping[str, str]) -> bool:
     return bearer or bool(headers.get("x-api-key", "").strip())
 
 
+# The gateway tutorial's path for the same socket: its request frame is the /chat body in the
+# tutorial's camelCase, and its content / complete / error frames are these.
+TUTORIAL_PATH = "/ws/v1/llm-gateway/stream"
+
+
 @router.websocket("/ws/chat")
+@router.websocket(TUTORIAL_PATH)
 async def ws_chat(
     websocket: WebSocket,
     settings: SettingsDep,
@@ -315,7 +322,8 @@ class Connection:
                         self.websocket.receive(), deadline - loop.time()
                     )
                 except TimeoutError:
-                    log.info("ws chat socket closed: idle", extra={"route": "/ws/chat"})
+                    route = self.websocket.url.path
+                    log.info("ws chat socket closed: idle", extra={"route": route})
                     async with self._send_lock:
                         await self.websocket.close(IDLE_TIMEOUT, CLOSE_REASONS[IDLE_TIMEOUT])
                     return
