@@ -35,7 +35,12 @@ from app.simulator.server import LoopbackServer
 from tests.reliability.test_faults_clients import Service, until_no_slot_is_held
 
 ADMIN_TOKEN = "tutorial-000-admin-token"
-CLIENT_KEY = "tutorial-000-client-key"
+CLIENT_KEY = "tutorial-000-client-key"  # no scope list
+# the tutorial's key: all three of its scopes
+TUTORIAL_KEY = "tutorial-000-scoped-key"
+TUTORIAL_SCOPES = ["llm-gateway:manage", "llm-inference:execute", "llm-inference:read"]
+INVOKE_ONLY_KEY = "tutorial-000-invoke-only"  # llm-inference:execute alone
+METRICS_ONLY_KEY = "tutorial-000-metrics-only"  # tutorial 001's read scope alone
 KEYS = {"T000_KEY_1": "sk-t000-one", "T000_KEY_2": "sk-t000-two", "T000_BACKUP": "sk-t000-b"}
 PRIMARY_MODEL = "gpt-4-1106-preview"
 BACKUP_MODEL = "claude-3-haiku-20240307"
@@ -211,7 +216,12 @@ def start(
                 **({"allow_literal_keys": True} if literal_keys else {})
             ),
             "admin_token": SecretStr(ADMIN_TOKEN),
-            "client_api_keys": [SecretStr(f"{CLIENT_KEY}:acme")],
+            "client_api_keys": [
+                SecretStr(f"{CLIENT_KEY}:acme"),
+                SecretStr(f"{TUTORIAL_KEY}:acme;scopes={'+'.join(TUTORIAL_SCOPES)}"),
+                SecretStr(f"{INVOKE_ONLY_KEY}:acme;scopes=llm-inference:execute"),
+                SecretStr(f"{METRICS_ONLY_KEY}:acme;scopes=llm.gateway:metrics:read"),
+            ],
             "intent_cache_enabled": False,
             **overrides,
         }
@@ -241,7 +251,7 @@ async def test_register_then_409_then_health_then_inference_over_websocket_and_h
     service: LoopbackServer, servers: tuple[str, str], plan_a: FaultPlan, plan_b: FaultPlan
 ) -> None:
     primary, backup = servers
-    operator = admin(service)
+    operator = GatewayClient(service.url, TUTORIAL_KEY)  # the tutorial's one key does it all
     registered = await operator.register_provider(
         registration(
             "production-openai",
@@ -265,11 +275,11 @@ async def test_register_then_409_then_health_then_inference_over_websocket_and_h
     backup_provider["type"] = "ANTHROPIC"
     assert (await operator.register_provider(backup_provider)).status_code == 201
 
-    checked = await client(service).health()
+    checked = await operator.health()
     assert checked.status_code == 200
-    assert "x-permissions" in checked.headers
+    assert checked.headers["x-permissions"].split(",") == TUTORIAL_SCOPES
 
-    reader = client(service)
+    reader = operator
     over_ws = await reader.stream_over_websocket(inference("dialog-9f8a7b6c", "reset my password"))
     assert over_ws.error is None, over_ws.last
     assert Intent.model_validate_json(over_ws.text)  # the reader's own validation passes
@@ -418,12 +428,18 @@ async def test_a_revoked_key_is_reported_and_set_aside(
     ]
 
 
-async def test_registration_needs_the_admin_token(
-    service: LoopbackServer, servers: tuple[str, str]
+@pytest.mark.parametrize("key", [CLIENT_KEY, INVOKE_ONLY_KEY])
+async def test_registration_needs_llm_gateway_manage_or_the_admin_token(
+    service: LoopbackServer, servers: tuple[str, str], key: str
 ) -> None:
+    """A key without a scope list passes the other guards, as before scopes; not this one."""
     payload = registration("nope", ["env:T000_KEY_1"], PRIMARY_MODEL, baseUrl=servers[0])
-    assert (await client(service).register_provider(payload)).status_code == 403
+    refused = await GatewayClient(service.url, key).register_provider(payload)
+    assert refused.status_code == 403
+    assert "llm-gateway:manage" in refused.json()["detail"]
+    assert 'error="insufficient_scope"' in refused.headers["www-authenticate"]
     assert (await GatewayClient(service.url, "wrong").register_provider(payload)).status_code == 401
+    assert (await admin(service).register_provider(payload)).status_code == 201
 
 
 async def test_registration_on_the_llm_gateway_provider_is_refused(
@@ -442,10 +458,17 @@ async def test_registration_on_the_llm_gateway_provider_is_refused(
 
 
 async def test_health_is_a_credential_check(service: LoopbackServer) -> None:
-    ok = await client(service).health()
-    assert ok.status_code == 200
-    assert ok.json()["tenant"] == "acme"
-    assert ok.headers["x-permissions"] == ",".join(ok.json()["scopes"])
+    scoped = await GatewayClient(service.url, TUTORIAL_KEY).health()
+    assert scoped.status_code == 200
+    assert scoped.json()["tenant"] == "acme"
+    assert scoped.headers["x-permissions"] == ",".join(TUTORIAL_SCOPES)
+    assert scoped.json()["scopes"] == TUTORIAL_SCOPES
+    unscoped = await client(service).health()  # may call models and read, not register
+    assert unscoped.headers["x-permissions"] == "llm-inference:execute,llm-inference:read"
+    operator = await admin(service).health()
+    assert operator.headers["x-permissions"] == ",".join(TUTORIAL_SCOPES)
+    no_read = await GatewayClient(service.url, METRICS_ONLY_KEY).health()
+    assert no_read.status_code == 403 and "llm-inference:read" in no_read.json()["detail"]
     assert (await GatewayClient(service.url, "wrong").health()).status_code == 401
     async with httpx.AsyncClient(base_url=service.url) as http:
         assert (await http.get("/api/v1/llm-gateway/health")).status_code == 401
@@ -464,6 +487,22 @@ async def test_websocket_error_frames(service: LoopbackServer, plan_a: FaultPlan
     assert "user_input" in (not_rendered.error or "")
     bad = await reader.stream_over_websocket({"sessionId": "e-3", "template": "x", "modelId": 7})
     assert bad.last["code"] == "invalid_request" and "modelId" in (bad.error or "")
+
+
+async def test_websocket_needs_llm_inference_execute(service: LoopbackServer) -> None:
+    url = service.url.replace("http://", "ws://") + "/ws/v1/llm-gateway/stream"
+    auth = {"Authorization": f"Bearer {METRICS_ONLY_KEY}"}
+    async with websockets.connect(url, additional_headers=auth) as ws:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert frame["type"] == "error" and "llm-inference:execute" in frame["message"]
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+    allowed = GatewayClient(service.url, INVOKE_ONLY_KEY)
+    answer = await allowed.stream_over_websocket(
+        inference("s-1", "hi", modelId=BASE_MODEL, fallbackModels=[])
+    )
+    assert answer.error is None, answer.last
 
 
 async def test_websocket_answer_that_breaks_the_schema_is_an_error_frame(

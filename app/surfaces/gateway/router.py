@@ -2,11 +2,11 @@
 authenticate, parse the tutorial's payload, hand it to the one Provisioner, map its outcome.
 
 - `GET /health`: a credential check. 200 with `X-Permissions` listing the key's scopes; 401 for
-  a missing or unknown key.
+  a missing or unknown key, 403 for a scope list without llm-inference:read.
 - `POST /providers`: one provider added through the same validated, health-checked, persisted
   and audited apply as `PUT /admin/config` (Provisioner.add_provider); 201, 409 when the name
   exists, 422 with every problem and its path (the payload's names), 424 when the provider does
-  not answer its health check with any of its keys.
+  not answer its health check with any of its keys. The admin token, or llm-gateway:manage.
 
 The inference itself is POST /chat (the tutorial's camelCase payload) and the WebSocket
 /ws/v1/llm-gateway/stream (the /ws/chat socket under the tutorial's path).
@@ -15,16 +15,17 @@ The inference itself is POST /chat (the tutorial's camelCase payload) and the We
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app.core.principal import Principal
+from app.core.scopes import GATEWAY_MANAGE, INFERENCE_EXECUTE, INFERENCE_READ
 from app.deps import ProvisionerDep
 from app.http.body import LimitedBodyDep
-from app.http.caller import CallerDep
+from app.http.caller import CallerDep, record_auth_failure, require_scope
 from app.http.openapi import HTTPError, error_response, json_request_body
 from app.llm.catalog import Problem
 from app.llm.notifications import public_url
@@ -45,9 +46,39 @@ PERMISSIONS_HEADER = "X-Permissions"
 router = APIRouter(prefix=PREFIX, tags=["llm-gateway"])
 
 
-def scopes_of(principal: Principal) -> list[str]:
-    """The scopes the credential carries (none yet: client keys have no scope list)."""
-    return []
+# What a credential without a scope list may do on these endpoints, in the tutorial's names.
+UNSCOPED_PERMISSIONS = (INFERENCE_EXECUTE, INFERENCE_READ)
+ADMIN_PERMISSIONS = (INFERENCE_EXECUTE, INFERENCE_READ, GATEWAY_MANAGE)
+
+
+def permissions(principal: Principal) -> list[str]:
+    """X-Permissions: a scoped key's or token's own scope list; for a key without one, what
+    it may do here (call models and read, not register providers); the admin token, all three."""
+    if principal.role == "admin":
+        return sorted(ADMIN_PERMISSIONS)
+    if principal.scopes is None:
+        return sorted(UNSCOPED_PERMISSIONS)
+    return sorted(principal.scopes)
+
+
+async def manager(request: Request, principal: CallerDep) -> Principal:
+    """Registering a provider changes what every tenant is served by: the admin token, or a
+    credential whose scope list holds llm-gateway:manage. A key without a scope list, which
+    passes the other guards, does not pass this one (it could not provision before scopes)."""
+    if principal.role == "admin" or GATEWAY_MANAGE in (principal.scopes or ()):
+        return principal
+    held = "no scope list" if principal.scopes is None else " ".join(sorted(principal.scopes))
+    problem = (
+        f"missing scope: {GATEWAY_MANAGE} (this credential holds: {held}); registering a "
+        "provider needs that scope or the admin token"
+    )
+    record_auth_failure(log, "client scope refused", request, "scope", problem)
+    challenge = f'Bearer error="insufficient_scope", scope="{GATEWAY_MANAGE}"'
+    raise HTTPException(403, problem, headers={"WWW-Authenticate": challenge})
+
+
+ManagerDep = Annotated[Principal, Depends(manager)]
+ReaderDep = Annotated[Principal, Depends(require_scope(INFERENCE_READ))]
 
 
 def actor_of(principal: Principal) -> str:
@@ -78,10 +109,13 @@ def _payload_problems(error: ValidationError) -> list[Problem]:
 @router.get(
     "/health",
     response_model=GatewayHealth,
-    responses={401: error_response("missing or unknown key", HTTPError)},
+    responses={
+        401: error_response("missing or unknown key", HTTPError),
+        403: error_response("a scope list without llm-inference:read", HTTPError),
+    },
 )
-async def health(principal: CallerDep) -> JSONResponse:
-    scopes = scopes_of(principal)
+async def health(principal: ReaderDep) -> JSONResponse:
+    scopes = permissions(principal)
     body = GatewayHealth(
         tenant=principal.tenant, key_id=principal.key_id, role=principal.role, scopes=scopes
     )
@@ -94,7 +128,9 @@ async def health(principal: CallerDep) -> JSONResponse:
     response_model=RegisteredProvider,
     responses={
         401: error_response("missing or unknown key", HTTPError),
-        403: error_response("the credential may not change the configuration", HTTPError),
+        403: error_response(
+            "neither the admin token nor a credential with llm-gateway:manage", HTTPError
+        ),
         409: {"description": "a provider of that name exists; nothing changed"},
         413: error_response("body over MAX_BODY_BYTES", HTTPError),
         422: {"description": "every problem of the payload, with its path; nothing changed"},
@@ -103,12 +139,8 @@ async def health(principal: CallerDep) -> JSONResponse:
     openapi_extra=json_request_body(ProviderRegistration),
 )
 async def register_provider(
-    principal: CallerDep, body: LimitedBodyDep, provisioner: ProvisionerDep
+    principal: ManagerDep, body: LimitedBodyDep, provisioner: ProvisionerDep
 ) -> Any:
-    if principal.role != "admin":
-        raise HTTPException(
-            403, "registering a provider changes the configuration: send the admin token"
-        )
     try:
         registration = ProviderRegistration.model_validate_json(body)
     except ValidationError as error:
