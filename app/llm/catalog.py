@@ -420,7 +420,7 @@ def validate_provider_config(
         config = ProviderConfig.model_validate(raw)
     except ValidationError as error:
         shape_problems = [
-            Problem(_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()
+            Problem(loc_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()
         ]
     else:
         return config, _semantic_problems(config, env)
@@ -458,7 +458,8 @@ def _entries(raw: dict[str, Any], section: str) -> list[Any]:
     return entries if isinstance(entries, list) else []
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
+def loc_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a path: `providers[0].api_keys[1]`."""
     path = ""
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))

@@ -68,6 +68,7 @@ class ApplyResult:
     routes: list[str] = field(default_factory=list)
     unhealthy_keys: list[UnhealthyKey] = field(default_factory=list)
     exists: bool = False  # add_provider: a provider of that name is configured already
+    added_at: str = ""  # add_provider: the new entry's path in the candidate (`providers[2]`)
 
     @property
     def ok(self) -> bool:
@@ -169,6 +170,7 @@ class Provisioner:
             raw = current.model_dump(mode="json", exclude_unset=True)
             raw["providers"] = [*raw.get("providers", []), dict(entry)]
             attempt = _Attempt("apply", actor, payload_sha256(raw))
+            added_at = f"providers[{len(current.providers)}]"
             name = str(entry.get("name", ""))
             refusal: Problem | None = None
             if self.source == "env":
@@ -181,11 +183,11 @@ class Provisioner:
             elif current.provider(name) is not None:
                 refusal = Problem("name", f"provider {name!r} already exists")
             else:
-                refusal = _model_taken(current, entry, f"providers[{len(current.providers)}]")
+                refusal = _model_taken(current, entry, added_at)
             if refusal is not None:
                 result = await self._rejected(attempt, "invalid", [refusal])
-                return replace(result, exists=refusal.path == "name")
-            return await self._apply(raw, attempt)
+                return replace(result, exists=refusal.path == "name", added_at=added_at)
+            return replace(await self._apply(raw, attempt), added_at=added_at)
 
     async def _apply(self, raw: object, attempt: _Attempt) -> ApplyResult:
         """Validate, health-check, swap, persist, audit; called with the lock held."""

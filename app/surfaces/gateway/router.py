@@ -27,7 +27,7 @@ from app.deps import ProvisionerDep
 from app.http.body import LimitedBodyDep
 from app.http.caller import CallerDep, record_auth_failure, require_scope
 from app.http.openapi import HTTPError, error_response, json_request_body
-from app.llm.catalog import Problem
+from app.llm.catalog import Problem, loc_path
 from app.llm.notifications import public_url
 from app.llm.provisioning import ApplyResult
 from app.surfaces.gateway.schemas import (
@@ -97,13 +97,10 @@ def _problems(status: int, detail: str, problems: list[Problem]) -> JSONResponse
 
 
 def _payload_problems(error: ValidationError) -> list[Problem]:
-    problems = []
-    for item in error.errors(include_url=False):
-        path = ""
-        for part in item["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        problems.append(Problem(path or "(root)", item["msg"].removeprefix("Value error, ")))
-    return problems
+    return [
+        Problem(loc_path(item["loc"]) or "(root)", item["msg"].removeprefix("Value error, "))
+        for item in error.errors(include_url=False)
+    ]
 
 
 @router.get(
@@ -148,8 +145,7 @@ async def register_provider(
     result = await provisioner.add_provider(registration.provider_entry(), actor_of(principal))
     if result.ok:
         return _registered(registration, result)
-    prefix = f"providers[{len(provisioner.slot.current.config.providers)}]"
-    problems = [Problem(payload_path(p.path, prefix), p.message) for p in result.problems]
+    problems = [Problem(payload_path(p.path, result.added_at), p.message) for p in result.problems]
     if result.exists:
         return _problems(409, f"provider {registration.name!r} already exists", problems)
     if result.outcome == "invalid":
