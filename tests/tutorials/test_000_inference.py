@@ -305,6 +305,39 @@ async def test_register_then_409_then_health_then_inference_over_websocket_and_h
     assert Intent.model_validate_json(fell_back.text)
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Fault(status=429, headers={"Retry-After": "60"}),  # each key: cooling past the deadline
+        Fault(delay=3.0),  # over the provider's timeoutMs (1,000)
+    ],
+    ids=["429", "timeout"],
+)
+async def test_fallback_models_answer_when_the_primary_times_out_or_is_rate_limited(
+    service: LoopbackServer,
+    servers: tuple[str, str],
+    plan_a: FaultPlan,
+    plan_b: FaultPlan,
+    failure: Fault,
+) -> None:
+    """The tutorial's two cases: the primary model times out, or answers 429. A timeout is
+    retried on the primary first (LLM_MAX_ATTEMPTS passes, 3), then fallbackModels answers;
+    a key cooling past the deadline is not retried."""
+    operator = GatewayClient(service.url, TUTORIAL_KEY)
+    keys = ["env:T000_KEY_1", "env:T000_KEY_2"]
+    primary = registration("primary", keys, PRIMARY_MODEL, baseUrl=servers[0], timeoutMs=1000)
+    backup = registration("backup", ["env:T000_BACKUP"], BACKUP_MODEL, baseUrl=servers[1])
+    backup["type"] = "ANTHROPIC"
+    for payload in (primary, backup):
+        assert (await operator.register_provider(payload)).status_code == 201
+    plan_a.push(*[failure] * 3)
+    answer = await operator.stream_over_websocket(inference("fb-1", "cancel my plan"))
+    assert answer.error is None, answer.last
+    assert answer.last["model_used"] == BACKUP_MODEL
+    assert plan_b.requests[-1]["headers"]["x-api-key"] == KEYS["T000_BACKUP"]
+    assert Intent.model_validate_json(answer.text)
+
+
 async def test_round_robin_on_failure_stays_on_a_key_until_it_is_refused(
     service: LoopbackServer, servers: tuple[str, str], plan_a: FaultPlan
 ) -> None:
