@@ -76,6 +76,7 @@ class Streamed:
     model: str = ""
     error: str | None = None
     last: dict[str, Any] = field(default_factory=dict)
+    close_code: int | None = None  # the server's close code, when the socket closed first
 
     def take(self, frame: dict[str, Any]) -> bool:
         """Fold one frame in; True once the answer has ended."""
@@ -118,12 +119,16 @@ class GatewayClient:
     async def stream_over_websocket(self, payload: dict[str, Any]) -> Streamed:
         url = self.base_url.replace("http://", "ws://") + "/ws/v1/llm-gateway/stream"
         result = Streamed()
-        async with websockets.connect(
-            url, additional_headers={"Authorization": f"Bearer {self.api_key}"}
-        ) as ws:
-            await ws.send(json.dumps(payload))
-            while not result.take(json.loads(await asyncio.wait_for(ws.recv(), 30))):
-                pass
+        try:
+            async with websockets.connect(
+                url, additional_headers={"Authorization": f"Bearer {self.api_key}"}
+            ) as ws:
+                await ws.send(json.dumps(payload))
+                while not result.take(json.loads(await asyncio.wait_for(ws.recv(), 30))):
+                    pass
+        except websockets.ConnectionClosed as closed:  # as the tutorial's client handles it
+            result.error = f"WebSocket closed: {closed}"
+            result.close_code = closed.rcvd.code if closed.rcvd else None
         return result
 
     async def stream_over_http(self, payload: dict[str, Any]) -> Streamed:
@@ -285,6 +290,8 @@ async def test_register_then_409_then_health_then_inference_over_websocket_and_h
     assert Intent.model_validate_json(over_ws.text)  # the reader's own validation passes
     assert over_ws.prompt_tokens > 0 and over_ws.completion_tokens > 0
     assert over_ws.model.endswith("-simulated")
+    assert over_ws.last["model_used"] == PRIMARY_MODEL
+    assert over_ws.last["cost"] == 0  # a registered model has no prices until configured
     sent = plan_a.requests[-1]
     assert sent["body"]["model"] == PRIMARY_MODEL
     assert sent["body"]["response_format"]["json_schema"]["schema"] == INTENT_SCHEMA
@@ -536,6 +543,23 @@ async def test_websocket_needs_llm_inference_execute(service: LoopbackServer) ->
         inference("s-1", "hi", modelId=BASE_MODEL, fallbackModels=[])
     )
     assert answer.error is None, answer.last
+
+
+@pytest.mark.parametrize("key", ["wrong-key", ADMIN_TOKEN])
+async def test_websocket_with_a_wrong_key_or_the_admin_token(
+    service: LoopbackServer, llm_plan: FaultPlan, key: str
+) -> None:
+    """The tutorial's client sends its payload and reads: a wrong key's answer is an
+    `unauthorized` error frame, then close 4401 (which its send may meet first: either way the
+    client ends with an error); the admin token is answered."""
+    payload = inference("k-1", "hi", modelId=BASE_MODEL, fallbackModels=[])
+    answer = await GatewayClient(service.url, key).stream_over_websocket(payload)
+    if key == ADMIN_TOKEN:
+        assert answer.error is None, answer.last
+    else:
+        assert answer.error
+        assert answer.last.get("code") == "unauthorized" or answer.close_code == 4401
+        assert llm_plan.requests == []
 
 
 async def test_websocket_answer_that_breaks_the_schema_is_an_error_frame(
