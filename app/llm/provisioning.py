@@ -371,6 +371,7 @@ class Provisioner:
                     "rpm": spec.rpm,
                     "tpm": spec.tpm,
                     "max_concurrent": spec.max_concurrent,
+                    "key_rotation": spec.key_rotation,
                     "circuit": runtime.breaker.state,
                     "healthy_keys": sum(1 for k in keys if k["healthy"]),
                     "keys": keys,

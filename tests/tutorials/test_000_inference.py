@@ -377,7 +377,21 @@ async def test_registration_is_audited_and_listed_with_masked_keys(
     assert listed["source"] == "applied"
     mine = next(p for p in listed["providers"] if p["name"] == "audited")
     assert mine["keys"][0]["source"] == "env:T000_KEY_2"
+    assert mine["key_rotation"] == "on_failure"
     assert KEYS["T000_KEY_2"] not in json.dumps(listed)
+
+
+async def test_a_registered_provider_survives_a_restart(
+    start: Callable[..., ServiceServer], servers: tuple[str, str]
+) -> None:
+    payload = registration("kept", ["env:T000_KEY_1"], PRIMARY_MODEL, baseUrl=servers[0])
+    with start() as first:
+        assert (await admin(first).register_provider(payload)).status_code == 201
+    with start() as second:  # the same DATA_DIR: the applied configuration is read back
+        again = await admin(second).register_provider(payload)
+        answer = await client(second).stream_over_http(inference("k-1", "hi", fallbackModels=[]))
+    assert again.status_code == 409
+    assert answer.error is None and answer.last["model_used"] == PRIMARY_MODEL
 
 
 # --- registration refused, with reasons ----------------------------------------------------------

@@ -107,6 +107,15 @@ def _payload_problems(error: ValidationError) -> list[Problem]:
     "/health",
     response_model=GatewayHealth,
     responses={
+        200: {
+            "description": "the credential is valid",
+            "headers": {
+                PERMISSIONS_HEADER: {
+                    "description": "the credential's scopes, comma-separated",
+                    "schema": {"type": "string"},
+                }
+            },
+        },
         401: error_response("missing or unknown key", HTTPError),
         403: error_response("a scope list without llm-inference:read", HTTPError),
     },
