@@ -32,7 +32,11 @@ from app.core.settings import Settings
 from app.main import create_app
 from app.simulator.faults import Fault, FaultPlan
 from app.simulator.server import LoopbackServer
-from tests.reliability.test_faults_clients import Service, until_no_slot_is_held
+from tests.reliability.test_faults_clients import (  # noqa: F401 (store_settings: a fixture)
+    Service,
+    store_settings,
+    until_no_slot_is_held,
+)
 
 ADMIN_TOKEN = "tutorial-000-admin-token"
 CLIENT_KEY = "tutorial-000-client-key"  # no scope list
@@ -617,11 +621,14 @@ async def test_websocket_client_that_asks_the_moment_it_reads_complete(
 
 
 async def test_websockets_that_hang_up_mid_stream_leave_no_slot(
-    start: Callable[..., ServiceServer], llm_plan: FaultPlan
+    start: Callable[..., ServiceServer],
+    llm_plan: FaultPlan,
+    store_settings: dict[str, Any],  # noqa: F811 (the fixture imported above)
 ) -> None:
+    """On SQLite (slots in process memory) and on Redis (slots shared by replicas)."""
     slow = Fault(content=" ".join(f"word{i}" for i in range(40)), chunk_delay=0.25)
     llm_plan.push(*[slow] * 25)
-    with start(client_max_concurrent_streams=3) as server:
+    with start(client_max_concurrent_streams=3, **store_settings) as server:
         url = server.url.replace("http://", "ws://") + "/ws/v1/llm-gateway/stream"
         auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
         for n in range(8):  # more sockets than the limit, one after another
