@@ -161,10 +161,11 @@ class Provisioner:
         `apply` applies a whole one: validated, the new provider health-checked, swapped in,
         persisted and audited. Refused (audited as `invalid`, nothing changed) when a provider
         of that name exists (`exists`), when its model's name already leads elsewhere (a route,
-        or another provider's model: the name would not reach it), and on the LLM_GATEWAY_*
-        provider, whose keys come from the environment and are never written to the stored
-        configuration. The candidate keeps the configuration's allow_literal_keys: a literal
-        key is accepted only where that configuration allows literals."""
+        or another provider's model: the name would not reach it), and when the configuration
+        holds literal keys that did not come through the API (the LLM_GATEWAY_* provider's,
+        a provider file's): storing the result would copy them into the database. The
+        candidate keeps the configuration's allow_literal_keys: a literal key is accepted only
+        where that configuration allows literals."""
         async with self._lock:
             current = self.slot.current.config
             raw = current.model_dump(mode="json", exclude_unset=True)
@@ -173,12 +174,13 @@ class Provisioner:
             added_at = f"providers[{len(current.providers)}]"
             name = str(entry.get("name", ""))
             refusal: Problem | None = None
-            if self.source == "env":
+            if self.source != "applied" and _holds_literal_keys(current):
                 refusal = Problem(
-                    "(configuration)",
-                    "providers can be added to a provider file's configuration only: the "
-                    "service runs on the LLM_GATEWAY_* provider, whose keys are not written "
-                    "to a stored configuration (set PROVIDERS_FILE, or PUT /admin/config)",
+                    "(service)",
+                    "the configuration in service holds literal keys (the LLM_GATEWAY_* "
+                    "provider, or a provider file's literal: keys), and a provider is added to "
+                    "it and the result is stored: serve a PROVIDERS_FILE with env:/file: key "
+                    "directives to register providers",
                 )
             elif current.provider(name) is not None:
                 refusal = Problem("name", f"provider {name!r} already exists")
@@ -404,6 +406,14 @@ def _failed_provider(name: str, probe: _ProviderProbe) -> str:
     return (
         f"provider {name!r} failed the health check: GET {probe.url}{with_keys}{ids} did not "
         f"return 200 (unreachable, key refused, or no answer within {PROBE_TIMEOUT_SECONDS:g}s)"
+    )
+
+
+def _holds_literal_keys(config: ProviderConfig) -> bool:
+    return any(
+        isinstance(d, str) and d.startswith("literal:")
+        for p in config.providers
+        for d in p.api_keys
     )
 
 

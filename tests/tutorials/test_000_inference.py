@@ -503,13 +503,25 @@ async def test_registration_needs_llm_gateway_manage_or_the_admin_token(
 async def test_registration_on_the_llm_gateway_provider_is_refused(
     start: Callable[..., ServiceServer], servers: tuple[str, str]
 ) -> None:
-    """Without a provider file the service runs on LLM_GATEWAY_*, whose keys would otherwise be
-    written into the stored configuration."""
+    """Without a provider file the service runs on LLM_GATEWAY_*, whose literal keys would
+    otherwise be written into the stored configuration. A key sent as a literal through the API
+    is stored already: it does not stop the next registration."""
     payload = registration("x", ["env:T000_KEY_1"], PRIMARY_MODEL, baseUrl=servers[0])
     with start(providers_file=None) as server:
         response = await admin(server).register_provider(payload)
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            audit = (await http.get("/admin/audit", headers=auth)).json()["records"][0]
     assert response.status_code == 422
-    assert "PROVIDERS_FILE" in response.json()["problems"][0]["message"]
+    problem = response.json()["problems"][0]
+    assert problem["path"] == "(service)" and "PROVIDERS_FILE" in problem["message"]
+    assert audit["result"] == "invalid"
+    assert "sk-test-provider-key" not in json.dumps(response.json()) + json.dumps(audit)
+    literal = registration("dev", ["literal:sk-dev"], PRIMARY_MODEL, baseUrl=servers[0])
+    with start(literal_keys=True) as server:
+        assert (await admin(server).register_provider(literal)).status_code == 201
+        other = registration("x", ["env:T000_KEY_1"], "gpt-4o", baseUrl=servers[0])
+        assert (await admin(server).register_provider(other)).status_code == 201
 
 
 # --- health --------------------------------------------------------------------------------------
