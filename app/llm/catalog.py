@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.accounting.inbound_limits import LimitsSpec
 from app.core.documents import DocumentInvalid, load_yaml
+from app.llm.keys import KeyRotation
 
 ProviderKind = Literal["openai", "anthropic"]
 # What a model does: answer chats (/chat, /v1/chat/completions, the webhooks) or turn text into
@@ -96,6 +97,8 @@ class ProviderSpec(_Strict):
     tpm: int | None = None  # outgoing tokens per minute (estimated, settled to the usage)
     max_concurrent: int | None = None  # requests in flight at once
     auth_header: str | None = None
+    # round_robin: every call the next usable key; on_failure: one key until it fails (app.llm.keys)
+    key_rotation: KeyRotation = "round_robin"
     transport: Literal["http", "websocket"] = "http"  # how answers are streamed (OpenAI kind)
     ws_url: str | None = None  # websocket transport: default derived from base_url
     # Does the provider take OpenAI's `response_format: {"type": "json_schema", ...}`? None: the
@@ -417,7 +420,7 @@ def validate_provider_config(
         config = ProviderConfig.model_validate(raw)
     except ValidationError as error:
         shape_problems = [
-            Problem(_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()
+            Problem(loc_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()
         ]
     else:
         return config, _semantic_problems(config, env)
@@ -455,7 +458,8 @@ def _entries(raw: dict[str, Any], section: str) -> list[Any]:
     return entries if isinstance(entries, list) else []
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
+def loc_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a path: `providers[0].api_keys[1]`."""
     path = ""
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))

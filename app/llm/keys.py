@@ -8,11 +8,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from app.auth.signatures import fingerprint
 from app.observability.metrics import KEY_FAILURES, KEYS_HEALTHY
 
 log = logging.getLogger("cxrelay.keys")
+
+KeyRotation = Literal["round_robin", "on_failure"]
 
 
 @dataclass
@@ -34,8 +37,12 @@ class KeyPool:
         *,
         default_cooldown: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        rotation: KeyRotation = "round_robin",
     ) -> None:
         self.provider = provider
+        # round_robin: each call takes the next usable key; on_failure: calls stay on one key
+        # until it is refused or cooling, then move to the next one in the list and stay there
+        self._advance = 1 if rotation == "round_robin" else 0
         self.keys = [ApiKey(s, fingerprint(s)) for s in secrets] or [ApiKey(None, "nokey")]
         self._default_cooldown = default_cooldown
         self._clock = clock
@@ -48,7 +55,7 @@ class KeyPool:
         for offset in range(len(self.keys)):
             key = self.keys[(self._next + offset) % len(self.keys)]
             if key.key_id not in exclude and key.usable(now):
-                self._next = (self._next + offset + 1) % len(self.keys)
+                self._next = (self._next + offset + self._advance) % len(self.keys)
                 return key
         return None
 

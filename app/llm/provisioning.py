@@ -67,6 +67,8 @@ class ApplyResult:
     providers: list[str] = field(default_factory=list)
     routes: list[str] = field(default_factory=list)
     unhealthy_keys: list[UnhealthyKey] = field(default_factory=list)
+    exists: bool = False  # add_provider: a provider of that name is configured already
+    added_at: str = ""  # add_provider: the new entry's path in the candidate (`providers[2]`)
 
     @property
     def ok(self) -> bool:
@@ -152,21 +154,60 @@ class Provisioner:
     async def apply(self, raw: object, actor: str) -> ApplyResult:
         attempt = _Attempt("apply", actor, payload_sha256(raw))
         async with self._lock:
-            config, problems = validate_candidate(raw, self.base.default_model)
-            if config is None or problems or not isinstance(raw, Mapping):
-                return await self._rejected(attempt, "invalid", problems)
-            failures, unhealthy = await self._health_check(config, self.slot.current.config)
-            if failures:
-                return await self._rejected(attempt, "health_check_failed", failures)
-            try:
-                router = LLMRouter(self.http, config, self.router_options)
-                _set_aside(router, unhealthy)
-                await self.audit.save_applied(canonical_json(raw), attempt.digest, actor)
-            except Exception as error:
-                return await self._failed(attempt, error)
-            self.slot.swap(router)  # the old router is left alone: requests on it finish there
-            self.source, self.sha256 = "applied", attempt.digest
-            return await self._changed(attempt, config, unhealthy)
+            return await self._apply(raw, attempt)
+
+    async def add_provider(self, entry: Mapping[str, Any], actor: str) -> ApplyResult:
+        """The configuration in service plus one provider (a provider-file entry), applied as
+        `apply` applies a whole one: validated, the new provider health-checked, swapped in,
+        persisted and audited. Refused (audited as `invalid`, nothing changed) when a provider
+        of that name exists (`exists`), when its model's name already leads elsewhere (a route,
+        or another provider's model: the name would not reach it), and when the configuration
+        holds literal keys that did not come through the API (the LLM_GATEWAY_* provider's,
+        a provider file's): storing the result would copy them into the database. The
+        candidate keeps the configuration's allow_literal_keys: a literal key is accepted only
+        where that configuration allows literals."""
+        async with self._lock:
+            current = self.slot.current.config
+            raw = current.model_dump(mode="json", exclude_unset=True)
+            raw["providers"] = [*raw.get("providers", []), dict(entry)]
+            attempt = _Attempt("apply", actor, payload_sha256(raw))
+            added_at = f"providers[{len(current.providers)}]"
+            name = str(entry.get("name", ""))
+            refusal: Problem | None = None
+            if self.source != "applied" and _holds_literal_keys(current):
+                refusal = Problem(
+                    "(service)",
+                    "the configuration in service holds literal keys (the LLM_GATEWAY_* "
+                    "provider, or a provider file's literal: keys), and a provider is added to "
+                    "it and the result is stored: serve a PROVIDERS_FILE with env:/file: key "
+                    "directives to register providers",
+                )
+            elif current.provider(name) is not None:
+                refusal = Problem("name", f"provider {name!r} already exists")
+            else:
+                refusal = _model_taken(current, entry, added_at)
+            if refusal is not None:
+                result = await self._rejected(attempt, "invalid", [refusal])
+                return replace(result, exists=refusal.path == "name", added_at=added_at)
+            return replace(await self._apply(raw, attempt), added_at=added_at)
+
+    async def _apply(self, raw: object, attempt: _Attempt) -> ApplyResult:
+        """Validate, health-check, swap, persist, audit; called with the lock held."""
+        config, problems = validate_candidate(raw, self.base.default_model)
+        if config is None or problems or not isinstance(raw, Mapping):
+            return await self._rejected(attempt, "invalid", problems)
+        failures, unhealthy = await self._health_check(config, self.slot.current.config)
+        if failures:
+            return await self._rejected(attempt, "health_check_failed", failures)
+        try:
+            router = LLMRouter(self.http, config, self.router_options)
+            _set_aside(router, unhealthy)
+            await self.audit.save_applied(canonical_json(raw), attempt.digest, attempt.actor)
+        except Exception as error:
+            return await self._failed(attempt, error)
+        self.slot.swap(router)  # the old router is left alone: requests on it finish there
+        self.source, self.sha256 = "applied", attempt.digest
+        return await self._changed(attempt, config, unhealthy)
 
     async def revert(self, actor: str) -> ApplyResult:
         """Forget the applied configuration; serve PROVIDERS_FILE (or the env provider) again.
@@ -332,6 +373,7 @@ class Provisioner:
                     "rpm": spec.rpm,
                     "tpm": spec.tpm,
                     "max_concurrent": spec.max_concurrent,
+                    "key_rotation": spec.key_rotation,
                     "circuit": runtime.breaker.state,
                     "healthy_keys": sum(1 for k in keys if k["healthy"]),
                     "keys": keys,
@@ -365,6 +407,42 @@ def _failed_provider(name: str, probe: _ProviderProbe) -> str:
         f"provider {name!r} failed the health check: GET {probe.url}{with_keys}{ids} did not "
         f"return 200 (unreachable, key refused, or no answer within {PROBE_TIMEOUT_SECONDS:g}s)"
     )
+
+
+def _holds_literal_keys(config: ProviderConfig) -> bool:
+    return any(
+        isinstance(d, str) and d.startswith("literal:")
+        for p in config.providers
+        for d in p.api_keys
+    )
+
+
+def _model_taken(current: ProviderConfig, entry: Mapping[str, Any], at: str) -> Problem | None:
+    """A new provider's model is reached by its name only when nothing else answers to it."""
+    models = entry.get("models")
+    names = (
+        [m.get("name") for m in models if isinstance(m, Mapping)]
+        if isinstance(models, list)
+        else []
+    )
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        if current.route(name) is not None:
+            where = f"route {name!r}"
+        else:
+            owner = next(
+                (p.name for p in current.providers for m in p.models if m.name == name), None
+            )
+            if owner is None:
+                continue
+            where = f"provider {owner!r}'s model of that name"
+        return Problem(
+            f"{at}.models[{i}].name",
+            f"{name!r} already leads to {where}: a call naming it would not reach this provider "
+            "(use another model name, or chain both in a route with PUT /admin/config)",
+        )
+    return None
 
 
 async def _false() -> bool:

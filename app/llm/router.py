@@ -123,7 +123,12 @@ class LLMRouter:
             self.providers[spec.name] = ProviderRuntime(
                 spec=spec,
                 client=build_client(spec),
-                keys=KeyPool(spec.name, secrets, default_cooldown=options.key_cooldown_seconds),
+                keys=KeyPool(
+                    spec.name,
+                    secrets,
+                    default_cooldown=options.key_cooldown_seconds,
+                    rotation=spec.key_rotation,
+                ),
                 breaker=CircuitBreaker(
                     spec.name,
                     failure_threshold=options.failure_threshold,

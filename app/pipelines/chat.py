@@ -247,7 +247,11 @@ class ChatPipeline:
         outcome.finish_reason = result.finish_reason or "stop"
         if tool_calls and outcome.finish_reason == "stop":
             outcome.finish_reason = "tool_calls"  # some gateways say stop beside their calls
-        if call.json_schema is not None:
+        if call.json_schema is not None and on_text is not None:
+            # the text is out already: validated as it stands, never repaired
+            schema = call.json_schema
+            outcome.parsed = parse_json_schema_output(outcome.content, schema, streamed=True)
+        elif call.json_schema is not None:
             await self._validate(call, plan, outcome)
         return outcome
 

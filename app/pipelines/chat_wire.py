@@ -77,6 +77,8 @@ class AnswerFormatted:
         return self.response_format.output_schema() if self.response_format else None
 
     def check_streamable(self) -> None:
+        """/v1's rule (OpenAI's clients expect a stream's chunks to be the answer as it will
+        stand); /chat streams such an answer and checks it at the end instead."""
         if self.stream and self.json_schema is not None:
             raise ValueError(
                 "a response_format json_schema answer is validated whole: it cannot be streamed"

@@ -25,7 +25,7 @@ from app.core.errors import (
     UpstreamTimeout,
 )
 from app.core.principal import Principal
-from app.safety.validation import SchemaInvalid, output_problems
+from app.safety.validation import OutputMismatch, SchemaInvalid, output_problems
 
 RATE_LIMIT_EXCEEDED = "rate_limit_exceeded"
 
@@ -47,7 +47,12 @@ def _rate_limited(error: RateLimited) -> Failure:
 
 
 def _output_invalid(error: OutputInvalid) -> Failure:
-    message = "the model's answer did not match response_format after one repair: " + "; ".join(
+    when = (
+        "(a streamed answer is checked as it was sent, not repaired)"
+        if isinstance(error, OutputMismatch) and error.streamed
+        else "after one repair"
+    )
+    message = f"the model's answer did not match response_format {when}: " + "; ".join(
         error.errors[:5]
     )
     problems = {"errors": output_problems(error)}

@@ -31,10 +31,14 @@ class OutputMismatch(OutputInvalid):
     """OutputInvalid with each problem also as `{"path", "message"}`: the path a JSON path into
     the answer (`$` is the answer as a whole), so a caller can act on it without parsing text."""
 
-    def __init__(self, message: str, *, raw: str, problems: list[dict[str, str]]) -> None:
+    def __init__(
+        self, message: str, *, raw: str, problems: list[dict[str, str]], streamed: bool = False
+    ) -> None:
         lines = [f"{_short_path(p['path'])}: {p['message']}" for p in problems]
         super().__init__(message, raw=raw, errors=lines)
         self.problems = problems
+        # a streamed answer's text went out as it came: it is checked once, never repaired
+        self.streamed = streamed
 
 
 class SchemaInvalid(ValueError):
@@ -78,15 +82,24 @@ def check_json_schema(schema: dict[str, Any]) -> None:
         ) from None
 
 
-def parse_json_schema_output(raw: str, schema: dict[str, Any]) -> dict[str, Any]:
+def parse_json_schema_output(
+    raw: str, schema: dict[str, Any], *, streamed: bool = False
+) -> dict[str, Any]:
     """The output as a JSON object valid against a caller's JSON Schema (checked beforehand with
-    check_json_schema), or OutputInvalid listing every problem (path: message)."""
-    data = _json_object(raw)
+    check_json_schema), or OutputInvalid listing every problem (path: message). `streamed`: the
+    text already went to the caller, so the failure says it was not repaired."""
+    try:
+        data = _json_object(raw)
+    except OutputMismatch as invalid:
+        invalid.streamed = streamed
+        raise
     validator = validators.validator_for(schema)(schema)
     found = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if found:
         problems = [{"path": e.json_path, "message": e.message} for e in found]
-        raise OutputMismatch("output breaks the schema", raw=raw, problems=problems)
+        raise OutputMismatch(
+            "output breaks the schema", raw=raw, problems=problems, streamed=streamed
+        )
     return data
 
 

@@ -91,6 +91,32 @@ async def test_keys_rotate_round_robin(
     assert keys_used(plan_a) == ["sk-a-one", "sk-a-two", "sk-a-three", "sk-a-one"]
 
 
+async def test_on_failure_rotation_stays_on_a_key_until_it_fails(
+    http: httpx.AsyncClient, servers: tuple[str, str], plan_a: FaultPlan
+) -> None:
+    """`key_rotation: on_failure` (the gateway tutorial's ROUND_ROBIN_ON_FAILURE): every call
+    takes the same key; a 401 or a 429 moves that call, and the ones after it, to the next."""
+    cfg = config(servers)
+    cfg.providers[0].key_rotation = "on_failure"
+    llm = router(http, cfg)
+    for _ in range(3):
+        await llm.complete(request(), Deadline.after(5))
+    plan_a.push(Fault(status=429, headers={"Retry-After": "30"}))
+    for _ in range(3):
+        await llm.complete(request(), Deadline.after(5))
+    plan_a.push(Fault(status=401))
+    await llm.complete(request(), Deadline.after(5))
+    await llm.complete(request(), Deadline.after(5))
+    assert keys_used(plan_a) == [
+        *["sk-a-one"] * 3,
+        "sk-a-one",  # 429: cooling
+        *["sk-a-two"] * 3,
+        "sk-a-two",  # 401: set aside
+        "sk-a-three",
+        "sk-a-three",
+    ]
+
+
 async def test_revoked_key_is_set_aside_and_the_next_key_answers(
     http: httpx.AsyncClient,
     servers: tuple[str, str],

@@ -62,6 +62,7 @@ class ProviderView(BaseModel):
     rpm: int | None
     tpm: int | None = None
     max_concurrent: int | None = None
+    key_rotation: Literal["round_robin", "on_failure"] = "round_robin"
     circuit: Literal["closed", "open", "half_open"]
     healthy_keys: int
     keys: list[KeyView]

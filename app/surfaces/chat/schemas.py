@@ -174,7 +174,7 @@ class ChatBody(AnswerFormatted, BaseModel):
             raise ValueError("messages need at least one user message")
         if self.variables and self.template is None:
             raise ValueError("variables are only used with a template")
-        self.check_streamable()
+        # stream with a json_schema: the text streams, the last event carries the check's result
         return self
 
 

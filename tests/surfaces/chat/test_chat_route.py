@@ -433,10 +433,53 @@ async def test_invalid_response_format_is_422(
     assert llm_plan.requests == []
 
 
-async def test_stream_with_json_schema_is_422(chat: httpx.AsyncClient, llm_plan: FaultPlan) -> None:
-    response = await post(chat, stream=True, response_format=JSON_SCHEMA_FORMAT)
-    assert response.status_code == 422
-    assert "cannot be streamed" in response.text
+async def test_stream_with_json_schema_streams_then_ends_with_the_parsed_output(
+    app_client: Any, llm_plan: FaultPlan
+) -> None:
+    """The text goes out as it comes; the complete event carries the validated object."""
+    chunks = ['{"intent": ', '"billing", ', '"reply": "Let me check."}']
+    running_app = running(app_client)
+    async with running_app as client:
+        llm_plan.push(Fault(chunks=chunks))
+        frames = sse_frames(await post(client, stream=True, response_format=JSON_SCHEMA_FORMAT))
+        reserved, used = await reserved_tokens(running_app.app)
+    assert len(deltas(frames)) > 1  # streamed, not sent whole
+    assert "".join(deltas(frames)) == "".join(chunks)
+    assert frames[-1]["type"] == "complete"
+    assert frames[-1]["output"] == {"intent": "billing", "reply": "Let me check."}
+    assert len(llm_plan.requests) == 1
+    assert llm_plan.requests[0]["body"]["stream"] is True
+    assert llm_plan.requests[0]["body"]["response_format"]["type"] == "json_schema"
+    assert reserved == 0 and used > 0
+
+
+async def test_stream_with_json_schema_ends_with_the_validation_errors_unrepaired(
+    app_client: Any, llm_plan: FaultPlan
+) -> None:
+    """A streamed answer cannot be taken back: it is checked once, not repaired, and the last
+    event is an output_invalid error with every problem and its path; the call is charged."""
+    running_app = running(app_client)
+    async with running_app as client:
+        llm_plan.push(Fault(chunks=['{"intent": ', '"weather"}']))
+        frames = sse_frames(await post(client, stream=True, response_format=JSON_SCHEMA_FORMAT))
+        reserved, used = await reserved_tokens(running_app.app)
+    assert "".join(deltas(frames)) == '{"intent": "weather"}'
+    last = frames[-1]
+    assert last["type"] == "error" and last["code"] == "output_invalid"
+    assert "not repaired" in last["message"]
+    assert last["detail"]["errors"][0]["path"] == "$.intent"
+    assert not any(f["type"] == "complete" for f in frames)
+    assert len(llm_plan.requests) == 1  # no repair call
+    assert reserved == 0 and used > 0
+
+
+async def test_stream_with_json_schema_that_is_not_json_schema_is_400_before_any_call(
+    chat: httpx.AsyncClient, llm_plan: FaultPlan
+) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    response = await post(chat, stream=True, response_format=bad)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_response_format"
     assert llm_plan.requests == []
 
 
