@@ -22,11 +22,14 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 from app.auth.signatures import sign_hmac
 from app.auth.tokens import AccessTokens, OAuthClient
 from app.core.credentials import parse_oauth_client
 from app.core.settings import Settings
+from app.main import create_app
 from app.simulator.faults import FaultPlan
 from tests.helpers import WEBHOOK, running_service, trigger
 from tests.store.test_store import REDIS_URL, redis_prefix
@@ -581,3 +584,31 @@ def test_bad_oauth_settings_stop_start_up(
     with pytest.raises(ValidationError) as refused:
         make_settings(**overrides)
     assert named in str(refused.value)
+
+
+def test_a_token_opens_ws_chat_within_its_scopes(make_settings: Callable[..., Settings]) -> None:
+    """The /ws/chat auth frame takes a token like a key; one without an invoke scope: 4403."""
+    settings = make_settings(
+        oauth_clients=[SecretStr(c) for c in CLIENTS],
+        access_token_secret=SecretStr(TOKEN_SECRET),
+    )
+    form = {"grant_type": "client_credentials", "client_id": CLIENT_ID}
+    with TestClient(create_app(settings)) as tc:
+        invoker = tc.post("/api/v1/auth/token", data={**form, "client_secret": CLIENT_SECRET})
+        reader = tc.post(
+            "/api/v1/auth/token",
+            data={**form, "client_id": "reader", "client_secret": "r-secret"},
+        )
+        with tc.websocket_connect("/ws/chat") as ws:
+            ws.send_json({"type": "auth", "api_key": invoker.json()["access_token"]})
+            ws.send_json({"session_id": "ws-1", "messages": [{"role": "user", "content": "hi"}]})
+            frames = [ws.receive_json()]
+            while frames[-1]["type"] not in ("complete", "error"):
+                frames.append(ws.receive_json())
+            assert frames[-1]["type"] == "complete"
+        with tc.websocket_connect("/ws/chat", headers=bearer(reader.json()["access_token"])) as ws:
+            refused = ws.receive_json()
+            assert refused["code"] == "forbidden" and INVOKE in refused["message"]
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert closed.value.code == 4403
