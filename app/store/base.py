@@ -37,6 +37,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 from app.core.errors import CxRelayError
+from app.store.counters import LimitCounters, MemoryCounters
 from app.store.models import (
     BudgetScope,
     Refusal,
@@ -175,6 +176,10 @@ class Store(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    def limit_counters(self) -> LimitCounters:
+        """Where the inbound limits count: in this process, unless the store is shared."""
+        return MemoryCounters()
 
     # --- what each backend does its own way (arguments already checked) ---------------------------
 
