@@ -612,3 +612,33 @@ def test_a_token_opens_ws_chat_within_its_scopes(make_settings: Callable[..., Se
             with pytest.raises(WebSocketDisconnect) as closed:
                 ws.receive_json()
             assert closed.value.code == 4403
+
+
+async def test_the_tutorials_own_chat_contract_on_cx_relays_chat(
+    asgi_app: Callable[..., Any], llm_plan: FaultPlan
+) -> None:
+    """The tutorial's service exposes /chat ({session_id, messages, model}) answering
+    session_id, response, prompt_tokens, completion_tokens, cost, lightweight_mode, cached, and
+    /budget/status; cx-relay's /chat is that contract, with a token of the tutorial's scopes."""
+    request = {
+        "session_id": "dialog-42",
+        "messages": [{"role": "user", "content": "Can I change my delivery address?"}],
+        "model": "gpt-4",
+    }
+    async with asgi_app(llm_price_per_1k_prompt=0.01, llm_price_per_1k_completion=0.03) as (
+        client,
+        _,
+    ):
+        token = (await token_of(client, scope=TUTORIAL_SCOPE)).json()["access_token"]
+        first = (await client.post("/chat", json=request, headers=bearer(token))).json()
+        assert first["session_id"] == "dialog-42" and first["response"]
+        assert first["prompt_tokens"] > 0 and first["completion_tokens"] > 0
+        assert first["cost"] > 0 and first["lightweight_mode"] is False
+        assert first["cached"] is False
+        again = (await client.post("/chat", json=request, headers=bearer(token))).json()
+        assert again["cached"] is True and again["cost"] == 0  # the intent cache, no call
+        assert len(llm_plan.requests) == 1
+        status = (await client.get("/budget/status", headers=bearer(token))).json()
+        assert status["session_costs"]["dialog-42"] == pytest.approx(first["cost"])
+        assert status["tenant_total_cost"] == pytest.approx(first["cost"])
+        assert status["active_sessions"] == 1
