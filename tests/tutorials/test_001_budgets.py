@@ -248,6 +248,8 @@ async def test_token_answer_and_scope_grants(asgi_app: Callable[..., Any]) -> No
             client, client_id="reader", client_secret="r-secret", scope=TUTORIAL_SCOPE
         )
         assert partial.json()["scope"] == METRICS
+        unknown_too = await token_of(client, scope=f"{INVOKE} llm.gateway:fly")
+        assert unknown_too.json()["scope"] == INVOKE  # an unknown name is not granted
 
         # HTTP Basic client authentication (RFC 6749 2.3.1), the secret form-encoded first
         via_basic = await client.post(
@@ -277,7 +279,7 @@ async def test_token_answer_and_scope_grants(asgi_app: Callable[..., Any]) -> No
         ({"grant_type": "password"}, {}, 400, "unsupported_grant_type"),
         ({"grant_type": ""}, {}, 400, "unsupported_grant_type"),
         ({"scope": "gateway:write"}, {}, 400, "invalid_scope"),  # known, not this client's
-        ({"scope": "llm.gateway:everything"}, {}, 400, "invalid_scope"),
+        ({"scope": "llm.gateway:everything"}, {}, 400, "invalid_scope"),  # unknown only
         ({}, basic(CLIENT_ID, CLIENT_SECRET), 400, "invalid_request"),  # Basic and form both
     ],
 )
@@ -426,6 +428,7 @@ async def test_expired_tampered_foreign_and_moved_tokens_are_401(
             (unsigned, "HS256"),
             (moved, "no longer valid"),
             ("eyJhbGciOi.not-base64!.x", "malformed"),
+            (replica._sign({"iss": "cx-relay", "sub": CLIENT_ID, "exp": "never"}), "exp"),
         ]:
             refused = await client.post(chat, json=tutorial_payload(), headers=bearer(token))
             assert refused.status_code == 401, says
