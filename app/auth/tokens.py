@@ -1,28 +1,28 @@
 """OAuth2 client credentials (RFC 6749 4.4): configured clients, and the short-lived access
 tokens issued to them.
 
-A token is a JWT signed with HMAC-SHA256 (RFC 7519, `alg: HS256`) under a key every worker and
-replica shares (ACCESS_TOKEN_SECRET, or one derived from BOT_STATE_SECRET): any of them verifies
-any token without shared state or a store round trip. It names the client (`sub`), the client's
-tenant and the scopes granted, and expires after ACCESS_TOKEN_TTL_SECONDS. A token is also held
-to the configuration in service: a client that was removed, moved to another tenant, or lost a
-scope no longer gets through with a token issued before, expired or not.
+A token is a JWT signed with HMAC-SHA256 (RFC 7519, `alg: HS256`; PyJWT signs and checks it)
+under a key every worker and replica shares (derived from ACCESS_TOKEN_SECRET, or from
+BOT_STATE_SECRET): any of them verifies any token without shared state or a store round trip. It
+names the client (`sub`), the client's tenant and the scopes granted, and expires after
+ACCESS_TOKEN_TTL_SECONDS. A token is also held to the configuration in service: a client that
+was removed, moved to another tenant, or lost a scope no longer gets through with a token issued
+before, expired or not.
 
 Secrets are held as SHA-256 digests only and compared in constant time, with no early exit.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
-import json
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import jwt
 
 from app.auth.signatures import fingerprint
 from app.core.credentials import OAuthClientEntry
@@ -30,7 +30,7 @@ from app.core.errors import AuthenticationFailed
 from app.core.principal import Principal
 
 ISSUER = "cx-relay"
-_HEADER = {"alg": "HS256", "typ": "JWT"}
+ALGORITHM = "HS256"
 
 
 class TokenRequestRefused(Exception):
@@ -76,24 +76,17 @@ class IssuedToken:
         }
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def looks_like_token(presented: str) -> bool:
     """A JWT's shape (three base64url parts, a JSON header): worth verifying as a token."""
     return presented.count(".") == 2 and presented.startswith("eyJ")
 
 
 class AccessTokens:
-    def __init__(self, clients: Sequence[OAuthClient], key: bytes, ttl_seconds: int) -> None:
+    def __init__(self, clients: Sequence[OAuthClient], secret: bytes, ttl_seconds: int) -> None:
         self._clients = list(clients)
         self._by_id = {c.client_id: c for c in clients}
-        self._key = key
+        # the signing key: 32 bytes whatever the secret's length (HS256 wants at least that)
+        self._key = hmac.new(secret, b"cx-relay access-token signing key", hashlib.sha256).digest()
         self._ttl = ttl_seconds
 
     @property
@@ -145,22 +138,12 @@ class AccessTokens:
         return IssuedToken(self._sign(claims), self._ttl, granted)
 
     def _sign(self, claims: dict[str, Any]) -> str:
-        header = _b64(json.dumps(_HEADER, separators=(",", ":")).encode())
-        payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
-        signature = hmac.new(self._key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
-        return f"{header}.{payload}.{_b64(signature)}"
+        return jwt.encode(claims, self._key, algorithm=ALGORITHM)
 
     def verify(self, token: str, now: float | None = None) -> Principal:
         """The token's Principal (role client, its client's tenant and the scopes granted), or
         AuthenticationFailed saying why not (never echoing the token)."""
-        claims = self._claims(token)
-        expires = claims.get("exp")
-        if not isinstance(expires, int | float) or isinstance(expires, bool):
-            raise AuthenticationFailed("access token without a numeric exp", "malformed")
-        if expires <= (time.time() if now is None else now):
-            raise AuthenticationFailed(
-                "access token expired: request a new one from /api/v1/auth/token", "expired"
-            )
+        claims = self._claims(token, time.time() if now is None else now)
         client = self._by_id.get(str(claims.get("sub")))
         scopes = frozenset(str(claims.get("scope", "")).split())
         if client is None or claims.get("tenant") != client.tenant or not scopes <= client.scopes:
@@ -169,24 +152,37 @@ class AccessTokens:
             )
         return Principal(client.tenant, client.key_id, "client", "access_token", scopes)
 
-    def _claims(self, token: str) -> dict[str, Any]:
+    def _claims(self, token: str, now: float) -> dict[str, Any]:
+        """Signature, algorithm, issuer and expiry checked by PyJWT; each refusal named."""
         try:
-            header_part, payload_part, signature_part = token.split(".")
-            header = json.loads(_unb64(header_part))
-            signature = _unb64(signature_part)
-        except (ValueError, binascii.Error):
+            algorithm = jwt.get_unverified_header(token).get("alg")
+        except jwt.DecodeError:
             raise AuthenticationFailed("malformed access token", "malformed") from None
-        if not isinstance(header, dict) or header.get("alg") != "HS256":
+        if algorithm != ALGORITHM:
             raise AuthenticationFailed("access token not signed with HS256", "malformed")
-        expected = hmac.new(
-            self._key, f"{header_part}.{payload_part}".encode(), hashlib.sha256
-        ).digest()
-        if not hmac.compare_digest(expected, signature):
-            raise AuthenticationFailed("access token signature invalid")
         try:
-            claims = json.loads(_unb64(payload_part))
-        except (ValueError, binascii.Error):
-            raise AuthenticationFailed("malformed access token", "malformed") from None
-        if not isinstance(claims, dict) or claims.get("iss") != ISSUER:
-            raise AuthenticationFailed("access token not issued here", "malformed")
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._key,
+                algorithms=[ALGORITHM],
+                issuer=ISSUER,
+                # iat is not checked: a replica whose clock runs behind the issuer's would refuse
+                options={"require": ["exp", "iss", "sub"], "verify_iat": False},
+                # PyJWT reads the clock itself: `now` (tests) moves the expiry check by leeway
+                leeway=time.time() - now,
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthenticationFailed(
+                "access token expired: request a new one from /api/v1/auth/token", "expired"
+            ) from None
+        except jwt.InvalidSignatureError:
+            raise AuthenticationFailed("access token signature invalid") from None
+        except jwt.InvalidIssuerError:
+            raise AuthenticationFailed("access token not issued here", "malformed") from None
+        except jwt.MissingRequiredClaimError as error:
+            raise AuthenticationFailed(
+                f"access token without a {error.claim} claim", "malformed"
+            ) from None
+        except jwt.InvalidTokenError as error:  # a non-numeric exp, bad base64 or JSON ...
+            raise AuthenticationFailed(f"malformed access token: {error}", "malformed") from None
         return claims
