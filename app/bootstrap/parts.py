@@ -19,6 +19,7 @@ from app.auth.clients import ClientAuthenticator
 from app.auth.signatures import AuthorizationAuthenticator, ReplayGuard, WebhookAuthenticator
 from app.bootstrap.credentials import (
     cxone_authorizations,
+    directive_policy,
     session_id_key,
     warn_about_development_settings,
 )
@@ -143,6 +144,7 @@ def _build(
         audit=audit,
         source=startup.source,
         sha256=startup.sha256,
+        directives=directive_policy(settings),
     )
     stack.push_async_callback(provisioner.aclose)  # before http.aclose: notifications use it
     client_auth = ClientAuthenticator(

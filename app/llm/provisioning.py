@@ -8,6 +8,12 @@ in flight keep the router they read, so nothing is cut off and the old router is
 Every attempt, good or bad, is written to the audit log; a change that took effect is also
 persisted, so a restart comes back with it, and announced to ADMIN_NOTIFY_URLS.
 
+Key directives in a configuration sent through the API are resolved by the DirectivePolicy
+(app.llm.directives): in validation and in the health check alike, so a directive it refuses is
+a problem of the candidate and its value is never sent to a provider. Only a provider the change
+leaves pointing where it pointed (same name, kind, URLs, auth header, token URL) keeps the
+directives it had, whatever they name: the operator chose them in the provider file.
+
 Applies and reverts are serialised by one lock: two operators cannot interleave a
 probe-then-swap and end with a configuration nobody applied.
 """
@@ -30,6 +36,7 @@ from app.auth.signatures import fingerprint
 from app.core.errors import ConfigError
 from app.llm.base_config import BaseConfig, validate_candidate
 from app.llm.catalog import (
+    KeyResolver,
     Problem,
     ProviderConfig,
     ProviderConfigInvalid,
@@ -37,6 +44,7 @@ from app.llm.catalog import (
     canonical_json,
     resolve_key,
 )
+from app.llm.directives import DirectivePolicy
 from app.llm.notifications import ChangeNotifier, public_url
 from app.llm.router import LLMRouter, RouterOptions, RouterSlot
 from app.llm.routes import build_client
@@ -118,6 +126,7 @@ class Provisioner:
     audit: AuditLog
     source: str  # "applied", "providers_file" or "env"
     sha256: str | None = None  # of the configuration served (when not given: the slot's)
+    directives: DirectivePolicy = field(default_factory=DirectivePolicy)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _notifier: ChangeNotifier = field(init=False)
 
@@ -131,7 +140,23 @@ class Provisioner:
     # --- validation ------------------------------------------------------------------------------
 
     def validate(self, raw: object) -> list[Problem]:
-        return validate_candidate(raw, self.base.default_model)[1]
+        return self._validate(raw)[1]
+
+    def _validate(self, raw: object) -> tuple[ProviderConfig | None, list[Problem]]:
+        """The one check every configuration sent through the API passes (/admin, gateways)."""
+        resolver = self.key_resolver(self.slot.current.config)
+        return validate_candidate(raw, self.base.default_model, resolver)
+
+    def key_resolver(self, current: ProviderConfig) -> KeyResolver:
+        """Directives of an API candidate: the DirectivePolicy's, except those a provider keeps
+        while it still points where it pointed in `current` (chosen in the provider file)."""
+
+        def resolve(spec: ProviderSpec, directive: str, allow_literal: bool) -> str:
+            if directive in _kept_directives(spec, current.provider(spec.name)):
+                return resolve_key(directive, allow_literal=allow_literal, env=os.environ)
+            return self.directives.resolve(directive, allow_literal=allow_literal, env=os.environ)
+
+        return resolve
 
     async def dry_run(self, raw: object, actor: str) -> list[Problem]:
         """Validate without changing anything; audited as `validate` (no provider is called)."""
@@ -152,10 +177,11 @@ class Provisioner:
     async def apply(self, raw: object, actor: str) -> ApplyResult:
         attempt = _Attempt("apply", actor, payload_sha256(raw))
         async with self._lock:
-            config, problems = validate_candidate(raw, self.base.default_model)
+            current = self.slot.current.config
+            config, problems = self._validate(raw)
             if config is None or problems or not isinstance(raw, Mapping):
                 return await self._rejected(attempt, "invalid", problems)
-            failures, unhealthy = await self._health_check(config, self.slot.current.config)
+            failures, unhealthy = await self._health_check(config, current)
             if failures:
                 return await self._rejected(attempt, "health_check_failed", failures)
             try:
@@ -257,8 +283,9 @@ class Provisioner:
             for i, spec in enumerate(config.providers)
             if current.provider(spec.name) != spec
         ]
+        resolver = self.key_resolver(current)
         probes = await asyncio.gather(
-            *(self._probe(spec, config.allow_literal_keys) for _, spec in changed)
+            *(self._probe(spec, config.allow_literal_keys, resolver) for _, spec in changed)
         )
         problems = [
             Problem(f"providers[{i}]", _failed_provider(spec.name, probe))
@@ -268,7 +295,9 @@ class Provisioner:
         unhealthy = [key for probe in probes if probe.passed for key in probe.failed]
         return problems, unhealthy
 
-    async def _probe(self, spec: ProviderSpec, allow_literal: bool) -> _ProviderProbe:
+    async def _probe(
+        self, spec: ProviderSpec, allow_literal: bool, resolver: KeyResolver
+    ) -> _ProviderProbe:
         """Each key once, all at once, each bounded by PROBE_TIMEOUT_SECONDS."""
         client = build_client(spec)
         url = public_url(str(getattr(client, "models_url", spec.base_url)))
@@ -277,8 +306,8 @@ class Provisioner:
         secrets: list[str | None] = []
         for directive in spec.api_keys:
             try:
-                secrets.append(resolve_key(directive, allow_literal=allow_literal, env=os.environ))
-            except ValueError:  # validated a moment ago; gone since (a deleted key file)
+                secrets.append(resolver(spec, str(directive), allow_literal))
+            except ValueError:  # validated a moment ago; gone or refused since (a file swapped)
                 secrets.append(None)
         served = await asyncio.gather(
             *(self._probe_key(client, s) if s is not None else _false() for s in secrets)
@@ -356,6 +385,29 @@ def mask_directive(directive: str) -> str:
     if sep and kind in ("env", "file"):
         return directive
     return f"{kind}:***" if sep and kind == "literal" else "***"
+
+
+def _kept_directives(spec: ProviderSpec, before: ProviderSpec | None) -> frozenset[str]:
+    """The directives `before` had, if `spec` still sends keys where `before` sent them."""
+    if before is None:
+        return frozenset()
+    if (spec.kind, spec.base_url, spec.transport, spec.ws_url, spec.auth_header) != (
+        before.kind,
+        before.base_url,
+        before.transport,
+        before.ws_url,
+        before.auth_header,
+    ):
+        return frozenset()
+    kept = {d for d in before.api_keys if isinstance(d, str)}
+    same_token_url = (
+        spec.oauth is not None
+        and before.oauth is not None
+        and spec.oauth.token_url == before.oauth.token_url
+    )
+    if same_token_url and before.oauth is not None and isinstance(before.oauth.client_secret, str):
+        kept.add(before.oauth.client_secret)
+    return frozenset(kept)
 
 
 def _failed_provider(name: str, probe: _ProviderProbe) -> str:
