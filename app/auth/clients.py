@@ -1,7 +1,9 @@
 """Who is calling a client route: a client API key (`CLIENT_API_KEYS`: `key:tenant`, or
-`key:tenant:tokens` to give the key its own per-session token budget) or the admin token.
-Keys are held only as SHA-256 digests and compared in constant time. The `key:tenant[:tokens]`
-syntax is read by app.core.credentials (settings validate it too)."""
+`key:tenant:tokens` to give the key its own per-session token budget, either followed by
+`;scopes=a+b` to limit what it may do) or the admin token.
+Keys are held only as SHA-256 digests and compared in constant time. The
+`key:tenant[:tokens][;scopes=...]` syntax is read by app.core.credentials (settings validate it
+too)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ class ClientAuthenticator:
         self._clients: list[tuple[bytes, Principal]] = []
         self.session_tokens_by_key: dict[str, int | None] = {}
         for entry in client_keys:
-            key, tenant, tokens = parse_client_key(entry)
-            principal = Principal(tenant, fingerprint(key), "client", "api_key")
+            key, tenant, tokens, scopes = parse_client_key(entry)
+            principal = Principal(tenant, fingerprint(key), "client", "api_key", scopes)
             self._clients.append((hashlib.sha256(key.encode()).digest(), principal))
             if tokens is not None:
                 self.session_tokens_by_key[principal.key_id] = tokens

@@ -5,8 +5,10 @@ validate them at start-up, and core imports nothing above itself."""
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from app.core.principal import DEFAULT_TENANT
+from app.core.scopes import split_scopes
 
 # What may follow a credential's last ':' as its tenant: a letter or digit, then letters, digits,
 # '.', '_' or '-' (64 at most). Never '/', '+', '=' or a space, so the tail of a base64 value or a
@@ -26,12 +28,22 @@ def split_tenant(entry: str) -> tuple[str, str]:
     return entry, DEFAULT_TENANT
 
 
-def parse_client_key(entry: str) -> tuple[str, str, int | None]:
-    """`key:tenant[:tokens]` → (key, tenant, session tokens or None); a bare key belongs to the
-    default tenant and the default session budget."""
+class ClientKey(NamedTuple):
+    key: str
+    tenant: str
+    tokens: int | None  # the key's own session budget, or None for the tenant's
+    scopes: frozenset[str] | None  # None: no scope list, allowed everywhere a client key is
+
+
+def parse_client_key(entry: str) -> ClientKey:
+    """`key:tenant[:tokens][;scopes=a+b]` → ClientKey; a bare key belongs to the default tenant
+    and the default session budget, and has no scope list. The scope list is split off first
+    (at the last `;scopes=`: scopes contain ':'), then the rest as before. ValueError on an
+    empty or unknown scope."""
+    entry, scopes = split_scopes(entry)
     tokens: int | None = None
     head, sep, last = entry.rpartition(":")
     if sep and head and last.isdigit() and ":" in head:
         entry, tokens = head, int(last)
     key, tenant = split_tenant(entry)
-    return key, tenant, tokens
+    return ClientKey(key, tenant, tokens, scopes)

@@ -21,9 +21,9 @@ class AuthenticationFailed(CxRelayError):
     """The caller's credential is missing or wrong (always answered with 401).
 
     `reason` is one word of a fixed vocabulary (AUTH_FAILURE_REASONS in
-    app/observability/metrics.py: missing, invalid, malformed, expired, replayed, disabled), safe
-    as a metric label; the message says more, for the caller, and never repeats the presented
-    credential."""
+    app/observability/metrics.py: missing, invalid, malformed, expired, replayed, disabled; a
+    403 for a scope is counted as `scope`), safe as a metric label; the message says more, for
+    the caller, and never repeats the presented credential."""
 
     def __init__(self, message: str, reason: str = "invalid") -> None:
         super().__init__(message)

@@ -300,7 +300,7 @@ class Settings(BaseSettings):
         tenants: dict[str, set[str]] = {}
         for entry in values:
             if info.field_name == "client_api_keys":
-                value, tenant, _ = parse_client_key(entry.get_secret_value())
+                value, tenant, *_ = parse_client_key(entry.get_secret_value())
             else:
                 value, tenant = split_tenant(entry.get_secret_value())
             tenants.setdefault(value, set()).add(tenant)

@@ -1,11 +1,13 @@
-"""The client credential every client route takes: a CLIENT_API_KEYS key (or the admin token),
-and how a failed credential attempt on any route is recorded."""
+"""The client credential every client route takes: a CLIENT_API_KEYS key, an access token from
+POST /api/v1/auth/token (or the admin token); the scope a route asks of a scoped one; and how a
+failed credential attempt on any route is recorded."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Request
@@ -13,6 +15,7 @@ from starlette.requests import HTTPConnection
 
 from app.core.errors import AuthenticationFailed
 from app.core.principal import Principal
+from app.core.scopes import INVOKE_SCOPES, READ_USAGE_SCOPES, missing_scope
 from app.deps import ClientAuthDep
 from app.observability.metrics import AUTH_FAILURES
 
@@ -81,3 +84,26 @@ async def caller(request: Request, client_auth: ClientAuthDep) -> Principal:
 
 
 CallerDep = Annotated[Principal, Depends(caller)]
+
+
+def require_scope(*any_of: str) -> Callable[..., Awaitable[Principal]]:
+    """A dependency: the caller (401 as `caller`), who must hold one of `any_of` when its
+    credential has a scope list; 403 naming the scope otherwise, with RFC 6750's
+    `WWW-Authenticate: Bearer error="insufficient_scope"`. A credential without a scope list
+    (and the admin token) passes, as before scopes existed."""
+
+    async def scoped_caller(request: Request, principal: CallerDep) -> Principal:
+        problem = missing_scope(principal.scopes, any_of)
+        if problem is None:
+            return principal
+        record_auth_failure(log, "client scope refused", request, "scope", problem)
+        challenge = f'Bearer error="insufficient_scope", scope="{" ".join(any_of)}"'
+        raise HTTPException(403, problem, headers={"WWW-Authenticate": challenge})
+
+    return scoped_caller
+
+
+# A caller of a route that calls a model (/chat, /v1/*, the gateway chat) or reads usage and
+# cost (/budget/*, the gateway metrics): with a scope list, it must hold one of these.
+InvokerDep = Annotated[Principal, Depends(require_scope(*INVOKE_SCOPES))]
+UsageReaderDep = Annotated[Principal, Depends(require_scope(*READ_USAGE_SCOPES))]

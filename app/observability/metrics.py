@@ -56,11 +56,19 @@ BUDGET_EXHAUSTED = Counter(
 )
 # A failed credential attempt on any route. route: the route's template path (`/budget/sessions/
 # {session_id}`, never the path a caller sent); reason: one of AUTH_FAILURE_REASONS.
-AUTH_FAILURE_REASONS = ("missing", "invalid", "malformed", "expired", "replayed", "disabled")
+AUTH_FAILURE_REASONS = (
+    "missing",
+    "invalid",
+    "malformed",
+    "expired",
+    "replayed",
+    "disabled",
+    "scope",  # a known credential without the scope the route asks for (403)
+)
 AUTH_FAILURES = Counter(
     "cxrelay_auth_failures_total",
     "Failed credential attempts by route and reason (missing, invalid, malformed, expired, "
-    "replayed, disabled)",
+    "replayed, disabled, scope)",
     ["route", "reason"],
 )
 

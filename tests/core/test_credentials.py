@@ -36,7 +36,7 @@ def test_value_tenant_splits_at_the_last_colon_before_a_tenant_name(
 
 
 def test_client_keys_read_the_same_syntax() -> None:
-    assert parse_client_key("ck:acme:500") == ("ck", "acme", 500)
-    assert parse_client_key("ck:acme") == ("ck", "acme", None)
-    assert parse_client_key("ck") == ("ck", DEFAULT_TENANT, None)
-    assert parse_client_key("ck:a/b") == ("ck:a/b", DEFAULT_TENANT, None)
+    assert parse_client_key("ck:acme:500") == ("ck", "acme", 500, None)
+    assert parse_client_key("ck:acme") == ("ck", "acme", None, None)
+    assert parse_client_key("ck") == ("ck", DEFAULT_TENANT, None, None)
+    assert parse_client_key("ck:a/b") == ("ck:a/b", DEFAULT_TENANT, None, None)

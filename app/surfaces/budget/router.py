@@ -16,13 +16,19 @@ from fastapi import APIRouter, HTTPException, Query
 
 from app.core.principal import Principal
 from app.deps import SessionIdsDep, StoreDep
-from app.http.caller import CallerDep
+from app.http.caller import UsageReaderDep
 from app.http.openapi import HTTPError, error_response
 
 router = APIRouter(
     prefix="/budget",
     tags=["budget"],
-    responses={401: error_response("missing or unknown client API key", HTTPError)},
+    responses={
+        401: error_response("missing or unknown client API key", HTTPError),
+        403: error_response(
+            "another tenant asked for, or a scoped key or token without llm.gateway:metrics:read",
+            HTTPError,
+        ),
+    },
 )
 FOREIGN_TENANT = error_response("a client key asked for another tenant", HTTPError)
 log = logging.getLogger("cxrelay.budget")
@@ -38,7 +44,7 @@ def tenant_of(principal: Principal, requested: str | None) -> str:
 
 @router.get("/status", responses={403: FOREIGN_TENANT})
 async def status(
-    principal: CallerDep, store: StoreDep, tenant: str | None = None
+    principal: UsageReaderDep, store: StoreDep, tenant: str | None = None
 ) -> dict[str, Any]:
     """The tenant's totals, per-session costs and active sessions."""
     report = await store.tenant_status(tenant_of(principal, tenant))
@@ -57,7 +63,7 @@ async def status(
 )
 async def session(
     session_id: str,
-    principal: CallerDep,
+    principal: UsageReaderDep,
     store: StoreDep,
     session_ids: SessionIdsDep,
     tenant: str | None = None,
@@ -74,7 +80,7 @@ async def session(
     responses={400: error_response("invalid cursor", HTTPError), 403: FOREIGN_TENANT},
 )
 async def usage(
-    principal: CallerDep,
+    principal: UsageReaderDep,
     store: StoreDep,
     session_ids: SessionIdsDep,
     tenant: str | None = None,

@@ -22,7 +22,7 @@ from app.deps import (
     SettingsDep,
 )
 from app.http.body import LimitedBodyDep, parse_body
-from app.http.caller import CallerDep
+from app.http.caller import InvokerDep
 from app.http.chat_errors import error_frame, failure_response
 from app.http.openapi import (
     ChatError,
@@ -59,6 +59,7 @@ router = APIRouter(tags=["chat"])
             ChatError,
         ),
         401: error_response("missing or unknown client API key", HTTPError),
+        403: error_response("a scoped key or token without an invoke scope", HTTPError),
         404: error_response("unknown model", ChatError),
         413: error_response("body over MAX_BODY_BYTES", HTTPError),
         422: error_response(
@@ -80,7 +81,7 @@ router = APIRouter(tags=["chat"])
     openapi_extra=json_request_body(ChatBody),
 )
 async def chat(
-    principal: CallerDep,
+    principal: InvokerDep,
     body: LimitedBodyDep,
     settings: SettingsDep,
     templates: CallerTemplatesDep,

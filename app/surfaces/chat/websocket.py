@@ -58,6 +58,7 @@ from app.accounting.inbound_limits import InboundLimiter
 from app.auth.clients import ClientAuthenticator
 from app.core.errors import AuthenticationFailed, RateLimited
 from app.core.principal import Principal
+from app.core.scopes import INVOKE_SCOPES, missing_scope
 from app.deps import (
     CallerTemplatesDep,
     ChatPipelineDep,
@@ -90,19 +91,27 @@ SURFACE = "ws_chat"
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011  # also uvicorn's code for a missing pong
 UNAUTHENTICATED = 4401
+FORBIDDEN = 4403  # a scoped key or token without an invoke scope
 IDLE_TIMEOUT = 4408
 LIMITED = 4429  # over the key's or tenant's concurrent streams (CLIENT_MAX_CONCURRENT_STREAMS)
 CLOSE_REASONS = {
     MESSAGE_TOO_BIG: "frame too large",
     INTERNAL_ERROR: "internal error",
     UNAUTHENTICATED: "unauthenticated",
+    FORBIDDEN: "insufficient scope",
     IDLE_TIMEOUT: "idle timeout",
     LIMITED: "limited",
 }
 # What Connection.answer returns when the socket is done: a disconnect, as receive() gives it.
 GONE: Message = {"type": "websocket.disconnect", "code": 1000}
 # A refused frame in cxrelay_requests_total: the status the same refusal has over HTTP.
-FRAME_STATUS = {"unauthorized": 401, "invalid_request": 400, "request_too_large": 413, "busy": 409}
+FRAME_STATUS = {
+    "unauthorized": 401,
+    "forbidden": 403,
+    "invalid_request": 400,
+    "request_too_large": 413,
+    "busy": 409,
+}
 
 
 class FrameRefused(Exception):
@@ -244,8 +253,12 @@ class Connection:
         """From the handshake headers, else from a first `auth` frame; False once closed."""
         reason = "missing"  # no auth frame in time, or a first frame that is not one
         try:
-            self.principal = self.client_auth.authenticate(await self._credential())
-            return True
+            principal = self.client_auth.authenticate(await self._credential())
+            if (problem := missing_scope(principal.scopes, INVOKE_SCOPES)) is None:
+                self.principal = principal
+                return True
+            reason = "scope"
+            refused = FrameRefused("forbidden", problem, FORBIDDEN)
         except AuthenticationFailed as failure:
             reason = failure.reason
             refused = FrameRefused("unauthorized", str(failure), UNAUTHENTICATED)
@@ -257,7 +270,7 @@ class Connection:
                 f"no credential: send an auth frame within {AUTH_FRAME_SECONDS:g} seconds",
                 UNAUTHENTICATED,
             )
-        if refused.close == UNAUTHENTICATED:
+        if refused.close in (UNAUTHENTICATED, FORBIDDEN):
             record_auth_failure(
                 log, "client authentication failed", self.websocket, reason, str(refused)
             )

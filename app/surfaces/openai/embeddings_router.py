@@ -14,7 +14,7 @@ from starlette.requests import HTTPConnection
 
 from app.deps import SessionIdsDep, parts_of
 from app.http.body import LimitedBodyDep, parse_body
-from app.http.caller import CallerDep
+from app.http.caller import InvokerDep
 from app.http.openapi import json_request_body
 from app.surfaces.openai.embeddings_pipeline import (
     EmbeddingsCall,
@@ -50,7 +50,7 @@ REFUSALS: dict[int | str, dict[str, Any]] = {
 )
 async def embeddings(
     request: Request,
-    principal: CallerDep,
+    principal: InvokerDep,
     raw: LimitedBodyDep,
     session_ids: SessionIdsDep,
     pipeline: EmbeddingsPipelineDep,

@@ -49,7 +49,7 @@ class OpenAIError(Exception):
 
 def from_http(error: HTTPException) -> OpenAIError:
     """The key check (401) and the body limit (413) raise FastAPI's HTTPException."""
-    codes = {401: "invalid_api_key", 413: "request_too_large"}
+    codes = {401: "invalid_api_key", 403: "insufficient_scope", 413: "request_too_large"}
     kind = "invalid_request_error" if error.status_code < 500 else "server_error"
     return OpenAIError(
         error.status_code,

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from app.accounting.inbound_limits import InboundLimiter
 from app.core.ids import new_id
 from app.core.principal import Principal
+from app.core.scopes import INFERENCE_READ, INVOKE_SCOPES
 from app.deps import ChatPipelineDep, LimiterDep, RouterSlotDep, SessionIdsDep
 from app.http.body import LimitedBodyDep, parse_body
-from app.http.caller import CallerDep
+from app.http.caller import InvokerDep, require_scope
 from app.http.openapi import json_request_body, response_schema, sse_response
 from app.http.sse import event_stream, injection_header, sse
 from app.pipelines.chat import ChatPipeline
@@ -52,10 +53,12 @@ from app.surfaces.openai.schemas import (
 from app.surfaces.openai.session import session_of
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+# listing models: what a scoped credential that may call them, or only read, may do
+ModelReaderDep = Annotated[Principal, Depends(require_scope(*INVOKE_SCOPES, INFERENCE_READ))]
 
 
 @router.get("/models", response_model=ModelList, responses={401: ERRORS[401]})
-async def models(principal: CallerDep, slot: RouterSlotDep) -> ModelList:
+async def models(principal: ModelReaderDep, slot: RouterSlotDep) -> ModelList:
     """Every route and provider model the gateway can be asked for."""
     return ModelList(data=[ModelCard(id=name) for name in slot.current.model_names()])
 
@@ -78,7 +81,7 @@ STREAMED: dict[int | str, dict[str, Any]] = {
 )
 async def chat_completions(
     request: Request,
-    principal: CallerDep,
+    principal: InvokerDep,
     raw: LimitedBodyDep,
     session_ids: SessionIdsDep,
     limits: LimiterDep,

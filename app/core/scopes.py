@@ -1,0 +1,86 @@
+"""Scopes: what a scoped client key or an issued access token may do.
+
+A credential without a scope list (`Principal.scopes is None`) is allowed everywhere a client
+key is; one with a list reaches a scope-guarded route only when the list holds (one of) the
+scope(s) the route asks for. The names are the integration tutorials' (001: `llm.gateway:*`;
+000: `llm-inference:*`, `llm-gateway:manage`; 002: `gateway:write` and its reads), so a client
+configured from a tutorial asks for the scopes it already knows. Here in core because the
+settings validate scope lists at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+
+INVOKE = "llm.gateway:invoke"  # 001: the gateway chat
+METRICS_READ = "llm.gateway:metrics:read"  # 001: the metrics and budget reads
+INFERENCE_EXECUTE = "llm-inference:execute"  # 000: inference over HTTP and the WebSocket
+INFERENCE_READ = "llm-inference:read"  # 000: reads (health, models)
+GATEWAY_MANAGE = "llm-gateway:manage"  # 000: registering providers
+GATEWAY_WRITE = "gateway:write"  # 002: creating gateways and their health checks
+MODEL_READ = "model:read"  # 002
+PROVIDER_READ = "provider:read"  # 002
+AUDIT_WRITE = "audit:write"  # 002
+
+KNOWN_SCOPES: frozenset[str] = frozenset(
+    {
+        INVOKE,
+        METRICS_READ,
+        INFERENCE_EXECUTE,
+        INFERENCE_READ,
+        GATEWAY_MANAGE,
+        GATEWAY_WRITE,
+        MODEL_READ,
+        PROVIDER_READ,
+        AUDIT_WRITE,
+    }
+)
+
+# Either one lets a scoped credential call a model (/chat, /v1/*, /ws/chat, the gateway chat):
+# both tutorials name one for the same thing.
+INVOKE_SCOPES: tuple[str, ...] = (INVOKE, INFERENCE_EXECUTE)
+# Either one lets a scoped credential read usage and cost (/budget/*, the gateway metrics).
+READ_USAGE_SCOPES: tuple[str, ...] = (METRICS_READ,)
+
+# In CLIENT_API_KEYS, after the key (and its tenant and tokens): `;scopes=` then the scopes,
+# separated by spaces (OAuth's own form, RFC 6749 3.3) or by `+` (no quoting needed).
+SCOPES_MARKER = ";scopes="
+_SEPARATORS = re.compile(r"[ +]+")
+
+
+def parse_scope_list(text: str, where: str = "scope") -> frozenset[str]:
+    """Scopes separated by spaces or `+` -> the set; ValueError naming an unknown one (a typo
+    would otherwise leave a key that is refused everywhere, found out only by its users)."""
+    scopes = frozenset(s for s in _SEPARATORS.split(text.strip()) if s)
+    unknown = sorted(scopes - KNOWN_SCOPES)
+    if unknown:
+        raise ValueError(
+            f"unknown {where} {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_SCOPES))})"
+        )
+    return scopes
+
+
+def split_scopes(entry: str) -> tuple[str, frozenset[str] | None]:
+    """`<credential>;scopes=a b` -> (credential, {a, b}); without the marker, (entry, None): a
+    key without a scope list. The split is at the LAST marker. ValueError on an empty or unknown
+    scope list."""
+    head, sep, listed = entry.rpartition(SCOPES_MARKER)
+    if not sep:
+        return entry, None
+    scopes = parse_scope_list(listed, "scope in CLIENT_API_KEYS")
+    if not scopes or not head:
+        raise ValueError(
+            "a CLIENT_API_KEYS entry has `;scopes=` without a key before it or a scope after it: "
+            "write `key:tenant;scopes=llm.gateway:invoke+llm.gateway:metrics:read`, or leave "
+            "`;scopes=` out for a key allowed everywhere"
+        )
+    return head, scopes
+
+
+def missing_scope(held: frozenset[str] | None, any_of: tuple[str, ...]) -> str | None:
+    """None when a credential holding `held` may pass a guard asking for any of `any_of`, else
+    the message naming what is missing. No scope list (None) passes every guard."""
+    if held is None or not any_of or held.intersection(any_of):
+        return None
+    wanted = " or ".join(any_of)
+    return f"missing scope: {wanted} (this credential holds: {' '.join(sorted(held)) or 'none'})"
