@@ -36,6 +36,7 @@ from app.core.settings import Settings
 from app.llm import tokens
 from app.llm.base_config import startup_provider_config
 from app.llm.catalog import ProviderConfig
+from app.llm.gateways import GatewayService
 from app.llm.provisioning import Provisioner
 from app.llm.router import LLMRouter, RouterSlot
 from app.metering.meter import Metering
@@ -45,6 +46,7 @@ from app.safety.session_ids import SessionIds
 from app.store import RedisStore, Store, open_store
 from app.store.audit import AuditLog
 from app.store.counters import LimitCounters, MemoryCounters, RedisCounters
+from app.store.gateways import GatewayRegistry, RedisGateways, SQLiteGateways
 from app.surfaces.cognigy.pipeline import CognigyPipeline
 from app.surfaces.cxone.pipeline import CXoneBotPipeline
 from app.surfaces.health.probes import ProviderProbes
@@ -75,6 +77,7 @@ class Parts:
     cxone_authorizations: AuthorizationAuthenticator
     audit: AuditLog
     provisioner: Provisioner
+    gateways: GatewayService  # /api/v2/gateways: records in the store, applied by the provisioner
     store: Store
     ledger: Ledger
     client_auth: ClientAuthenticator
@@ -95,7 +98,8 @@ async def build_parts(settings: Settings, stack: AsyncExitStack) -> Parts:
     stack.callback(tokens.use_exact_counting, True)  # process-wide: back to the default
     await asyncio.to_thread(tokens.preload, models)  # never load an encoding per request
     store, ledger = await open_usage_ledger(settings, stack)
-    parts = _build(settings, stack, audit, startup, store, ledger)
+    registry = await open_gateway_registry(settings, store, stack)
+    parts = _build(settings, stack, audit, startup, store, ledger, registry)
     reprobe = asyncio.create_task(
         _reprobe_keys(parts.llm, settings.key_reprobe_seconds), name="key-reprobe"
     )
@@ -131,6 +135,7 @@ def _build(
     startup: StartupConfig,
     store: Store,
     ledger: Ledger,
+    registry: GatewayRegistry,
 ) -> Parts:
     http = build_http_client(http_client_options(settings))
     stack.push_async_callback(http.aclose)
@@ -181,6 +186,7 @@ def _build(
         cxone_authorizations=cxone_authorizations(settings),
         audit=audit,
         provisioner=provisioner,
+        gateways=GatewayService(provisioner, registry),
         store=store,
         ledger=ledger,
         client_auth=client_auth,
@@ -241,6 +247,18 @@ async def open_usage_ledger(settings: Settings, stack: AsyncExitStack) -> tuple[
     ledger = Ledger(store)
     stack.push_async_callback(ledger.close)
     return store, ledger
+
+
+async def open_gateway_registry(
+    settings: Settings, store: Store, stack: AsyncExitStack
+) -> GatewayRegistry:
+    """Where /api/v2/gateways keeps its records: beside the ledger, so every worker (SQLite: on
+    this host) or replica (Redis) answers a gateway's status."""
+    if isinstance(store, RedisStore):
+        return RedisGateways(store.client, prefix=store.prefix)
+    registry = await SQLiteGateways.open(settings.data_dir)
+    stack.push_async_callback(registry.close)
+    return registry
 
 
 def build_inbound_limits(settings: Settings, store: Store, llm: RouterSlot) -> InboundLimiter:

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
@@ -177,22 +177,37 @@ class Provisioner:
     async def apply(self, raw: object, actor: str) -> ApplyResult:
         attempt = _Attempt("apply", actor, payload_sha256(raw))
         async with self._lock:
-            current = self.slot.current.config
-            config, problems = self._validate(raw)
-            if config is None or problems or not isinstance(raw, Mapping):
-                return await self._rejected(attempt, "invalid", problems)
-            failures, unhealthy = await self._health_check(config, current)
-            if failures:
-                return await self._rejected(attempt, "health_check_failed", failures)
-            try:
-                router = LLMRouter(self.http, config, self.router_options)
-                _set_aside(router, unhealthy)
-                await self.audit.save_applied(canonical_json(raw), attempt.digest, actor)
-            except Exception as error:
-                return await self._failed(attempt, error)
-            self.slot.swap(router)  # the old router is left alone: requests on it finish there
-            self.source, self.sha256 = "applied", attempt.digest
-            return await self._changed(attempt, config, unhealthy)
+            return await self._apply(raw, attempt)
+
+    async def apply_built(
+        self, build: Callable[[ProviderConfig], object], actor: str
+    ) -> ApplyResult:
+        """Apply the candidate `build` makes from the configuration in service, read under the
+        lock: a change that adds to the configuration (a gateway) never drops another change
+        applied meanwhile."""
+        started = time.perf_counter()
+        async with self._lock:
+            raw = build(self.slot.current.config)
+            return await self._apply(raw, _Attempt("apply", actor, payload_sha256(raw), started))
+
+    async def _apply(self, raw: object, attempt: _Attempt) -> ApplyResult:
+        """Validate (the API's directive policy included), health-check, swap, persist, audit;
+        called with the lock held. Every change sent through an API ends here."""
+        config, problems = self._validate(raw)
+        if config is None or problems or not isinstance(raw, Mapping):
+            return await self._rejected(attempt, "invalid", problems)
+        failures, unhealthy = await self._health_check(config, self.slot.current.config)
+        if failures:
+            return await self._rejected(attempt, "health_check_failed", failures)
+        try:
+            router = LLMRouter(self.http, config, self.router_options)
+            _set_aside(router, unhealthy)
+            await self.audit.save_applied(canonical_json(raw), attempt.digest, attempt.actor)
+        except Exception as error:
+            return await self._failed(attempt, error)
+        self.slot.swap(router)  # the old router is left alone: requests on it finish there
+        self.source, self.sha256 = "applied", attempt.digest
+        return await self._changed(attempt, config, unhealthy)
 
     async def revert(self, actor: str) -> ApplyResult:
         """Forget the applied configuration; serve PROVIDERS_FILE (or the env provider) again.
@@ -251,6 +266,23 @@ class Provisioner:
         log.warning("provider configuration %s: changed", attempt.action, extra=where)
         self._notifier.notify(NOTIFY_EVENT, record.as_dict())
         return ApplyResult("ok", attempt.digest, [], record, providers, routes, unhealthy)
+
+    def notify(self, event: str, payload: dict[str, Any]) -> None:
+        """Announce an event to ADMIN_NOTIFY_URLS (fire-and-forget, as a configuration change)."""
+        self._notifier.notify(event, payload)
+
+    async def record(
+        self,
+        *,
+        action: AuditAction,
+        actor: str,
+        digest: str,
+        started: float,
+        result: AuditResult,
+        detail: str,
+    ) -> AuditRecord:
+        """An audit record of a step taken beside the configuration (a gateway's creation)."""
+        return await self._record(_Attempt(action, actor, digest, started), result, detail)
 
     async def _failed(self, attempt: _Attempt, error: Exception) -> ApplyResult:
         log.exception("provider configuration %s failed unexpectedly", attempt.action)
