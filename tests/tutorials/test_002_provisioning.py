@@ -39,6 +39,7 @@ ADMIN = "admin-token-002-tests-7d1e"
 PROVISIONER = "ck-provisioner-002-9a7f"  # gateway:write and provider:read
 INVOKER = "ck-invoker-002-5c3b"  # llm.gateway:invoke only
 UNSCOPED = "ck-unscoped-002-e41d"  # no scope list: every chat route, no provisioning
+READER = "ck-reader-002-0b6a"  # provider:read only
 GATEWAY_KEY = "sk-gateway-002-key"
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens
 
@@ -211,6 +212,7 @@ def service(
                 SecretStr(f"{PROVISIONER}:acme;scopes=gateway:write+provider:read"),
                 SecretStr(f"{INVOKER}:acme;scopes=llm.gateway:invoke"),
                 SecretStr(f"{UNSCOPED}:acme"),
+                SecretStr(f"{READER}:acme;scopes=provider:read"),
             ],
             "admin_notify_urls": [f"{world.receiver.url}/gateway-events"],
             "data_dir": str(tmp_path / "data"),
@@ -522,3 +524,36 @@ async def test_unknown_ids_conflicting_names_and_credentials(
                 assert "insufficient_scope" in refused.headers["www-authenticate"]
         anonymous = await client.post("/api/v2/gateways", json=payload)
         assert anonymous.status_code == 401
+        reader = TutorialClient(client, READER)
+        assert len(await reader.fetch_providers()) == 1  # provider:read reads
+        assert (await reader.create_gateway(payload)).status_code == 403  # and writes nothing
+        as_yaml = await client.post(
+            "/api/v2/gateways",
+            content=yaml.safe_dump(payload),
+            headers={**tutorial.headers, "Content-Type": "application/yaml"},
+        )
+        assert as_yaml.status_code == 415
+
+
+async def test_an_active_gateway_survives_a_restart_and_a_revert_removes_it(
+    service: Callable[..., Any], world: World
+) -> None:
+    model = "gw-kept/gpt-4-turbo"
+    async with service() as client:
+        tutorial = TutorialClient(client, PROVISIONER)
+        created = (
+            await tutorial.create_gateway(gateway_payload("gw-kept", world.endpoint.url))
+        ).json()
+        checked = await tutorial.trigger_health_check(created["health_check_url"])
+        assert checked.json()["status"] == "active"
+    async with service() as restarted:  # the same DATA_DIR: the applied configuration
+        assert await ask(restarted, model)
+        reverted = await restarted.delete(
+            "/admin/config/applied", headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        assert reverted.status_code == 200, reverted.text
+        with pytest.raises(openai.NotFoundError):
+            await ask(restarted, model)
+        status = await TutorialClient(restarted, PROVISIONER).gateway(created["id"])
+        assert status.json()["status"] == "active"  # the record keeps its last health check
+    assert gateway_calls(world.endpoint_plan) == ["gpt-4-turbo"]
