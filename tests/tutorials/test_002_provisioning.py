@@ -423,10 +423,11 @@ async def test_validation_lists_every_problem_with_its_path(
     tutorials_directive = gateway_payload(
         "gw-directive", world.endpoint.url, api_key_directive="env:COGNIGY_LLM_API_KEY"
     )
+    vault = gateway_payload("gw-vault", world.endpoint.url, api_key_directive="vault:llm/key")
     async with service() as client:
         tutorial = TutorialClient(client, PROVISIONER)
         responses = [
-            await tutorial.create_gateway(p) for p in (semantic, shape, tutorials_directive)
+            await tutorial.create_gateway(p) for p in (semantic, shape, tutorials_directive, vault)
         ]
         unknown_provider = await tutorial.create_gateway(
             gateway_payload("gw-x", world.endpoint.url, provider_id="prov_8x9k2m4p")
@@ -463,10 +464,12 @@ async def test_validation_lists_every_problem_with_its_path(
             "starting with PROVISIONING_ENV_PREFIX (CXR_PROVIDER_KEY_)"
         )
     }
+    assert set(problems[3]) == {"api_key_directive"}
+    assert "malformed key directive" in problems[3]["api_key_directive"]
     assert "unknown provider 'prov_8x9k2m4p'" in unknown_provider.json()["problems"][0]["message"]
     assert not_json.json()["problems"][0]["path"] == "(root)"
     invalid = [r for r in records if r["action"] == "gateway_create"]
-    assert [r["result"] for r in invalid] == ["invalid"] * 4  # the unparsable body is not audited
+    assert [r["result"] for r in invalid] == ["invalid"] * 5  # the unparsable body is not audited
     assert invalid[0]["payload_sha256"] == payload_hash(semantic)
     assert world.endpoint_plan.requests == []
 
