@@ -24,11 +24,11 @@ from app.surfaces.chat import router as chat
 from app.surfaces.chat import websocket as ws_chat
 from app.surfaces.cognigy import router as cognigy
 from app.surfaces.cxone import router as cxone
-from app.surfaces.gateways import router as gateways
 from app.surfaces.health import router as health
 from app.surfaces.metrics import router as metrics
 from app.surfaces.openai import embeddings_router as embeddings
 from app.surfaces.openai import router as openai_compat
+from app.surfaces.provisioning import router as provisioning_v2
 
 log = logging.getLogger("cxrelay")
 
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
     app.include_router(cognigy.router)
     app.include_router(cxone.router)
     app.include_router(admin.router)
-    app.include_router(gateways.router)
+    app.include_router(provisioning_v2.router)
     app.include_router(metrics.router)
     app.include_router(budget.router)
     app.include_router(chat.router)

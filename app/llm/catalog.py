@@ -435,7 +435,7 @@ def validate_provider_config(
         config = ProviderConfig.model_validate(raw)
     except ValidationError as error:
         shape_problems = [
-            Problem(error_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()
+            Problem(loc_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()
         ]
     else:
         return config, _semantic_problems(config, resolver)
@@ -473,7 +473,8 @@ def _entries(raw: dict[str, Any], section: str) -> list[Any]:
     return entries if isinstance(entries, list) else []
 
 
-def error_path(loc: tuple[int | str, ...]) -> str:
+def loc_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a path: `providers[0].api_keys[1]`."""
     path = ""
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))

@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.llm.catalog import Problem, ProviderConfig, ProviderSpec, error_path
+from app.llm.catalog import Problem, ProviderConfig, ProviderSpec, loc_path
 from app.llm.notifications import public_url
 from app.llm.provisioning import ApplyResult, Provisioner, payload_sha256
 from app.llm.wire import v1_url
@@ -300,7 +300,7 @@ def parse_gateway(raw: object) -> GatewayIn:
         return GatewayIn.model_validate(raw)
     except ValidationError as error:
         raise GatewayInvalid(
-            [Problem(error_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()]
+            [Problem(loc_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()]
         ) from None
 
 

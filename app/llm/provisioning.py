@@ -179,20 +179,8 @@ class Provisioner:
         async with self._lock:
             return await self._apply(raw, attempt)
 
-    async def apply_built(
-        self, build: Callable[[ProviderConfig], object], actor: str
-    ) -> ApplyResult:
-        """Apply the candidate `build` makes from the configuration in service, read under the
-        lock: a change that adds to the configuration (a gateway) never drops another change
-        applied meanwhile."""
-        started = time.perf_counter()
-        async with self._lock:
-            raw = build(self.slot.current.config)
-            return await self._apply(raw, _Attempt("apply", actor, payload_sha256(raw), started))
-
     async def _apply(self, raw: object, attempt: _Attempt) -> ApplyResult:
-        """Validate (the API's directive policy included), health-check, swap, persist, audit;
-        called with the lock held. Every change sent through an API ends here."""
+        """Validate, health-check, swap, persist, audit; called with the lock held."""
         config, problems = self._validate(raw)
         if config is None or problems or not isinstance(raw, Mapping):
             return await self._rejected(attempt, "invalid", problems)
@@ -229,6 +217,18 @@ class Provisioner:
             self.slot.swap(router)
             self.source, self.sha256 = self.base.source, attempt.digest
             return await self._changed(attempt, config)
+
+    async def apply_built(
+        self, build: Callable[[ProviderConfig], object], actor: str
+    ) -> ApplyResult:
+        """Apply the candidate `build` makes from the configuration in service, read under the
+        lock: a change that adds to the configuration (a gateway) never drops another change
+        applied meanwhile. Like every change, it ends in `_apply`, whose validation holds the
+        API's directive policy."""
+        started = time.perf_counter()
+        async with self._lock:
+            raw = build(self.slot.current.config)
+            return await self._apply(raw, _Attempt("apply", actor, payload_sha256(raw), started))
 
     async def _rejected(
         self, attempt: _Attempt, result: AuditResult, problems: list[Problem]

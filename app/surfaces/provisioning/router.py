@@ -23,7 +23,7 @@ from app.http.caller import CallerDep, record_auth_failure
 from app.http.openapi import HTTPError, error_response
 from app.llm.catalog import Problem
 from app.llm.gateways import GatewayInvalid, GatewayNameTaken
-from app.surfaces.gateways.schemas import (
+from app.surfaces.provisioning.schemas import (
     GatewayCreated,
     GatewayView,
     HealthCheckView,
