@@ -15,7 +15,7 @@ import uvicorn
 from app.core.errors import ConfigError
 from app.core.settings_loading import load_settings
 from app.observability.logs import configure_logging
-from app.serving import serve as run_service
+from app.worker import load_tokenizer_first
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cx-relay: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    load_tokenizer_first(settings)
+    from app.serving import serve as run_service  # after the encoding (app.worker says why)
+
     return run_service(settings, overrides)
 
 

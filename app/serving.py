@@ -5,7 +5,7 @@ in this process, on loopback ports; the app reaches them like any real upstream,
 settings (their URLs and credentials, and SIMULATED_UPSTREAMS for /health), so the app module
 never imports the simulator.
 
-With several workers each builds its own app (`worker_app`, imported by uvicorn) from the
+With several workers each builds its own app (app.worker, imported by uvicorn) from the
 environment, so the command line's overrides are put there first. Their metrics meet in
 PROMETHEUS_MULTIPROC_DIR: prometheus-client reads that variable when it is first imported, which
 in a worker is after the parent set it. The directory is wiped at start (a previous run's files
@@ -142,10 +142,11 @@ def exported(overrides: Mapping[str, object]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def worker_app() -> FastAPI:
-    """One worker's app (uvicorn's factory): settings from the environment, logging set up in
-    this process, and its live gauges dropped from the aggregate when it exits."""
-    settings = load_settings()
+def worker_app(settings: Settings | None = None) -> FastAPI:
+    """One worker's app (built by app.worker, uvicorn's factory): settings from the environment,
+    logging set up in this process, and its live gauges dropped from the aggregate when it
+    exits."""
+    settings = settings or load_settings()
     configure_logging(settings.log_level)
     atexit.register(forget_this_process)
     return create_app(settings, owns_process=True)
@@ -195,7 +196,7 @@ def serve(settings: Settings, overrides: Mapping[str, object]) -> int:
             else:
                 with exported(overrides):
                     uvicorn.run(
-                        "app.serving:worker_app",
+                        "app.worker:worker_app",
                         factory=True,
                         workers=settings.workers,
                         **options,

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from app.core.setting_names import names_of
 from app.core.settings import Settings
 from app.main import create_app
 from app.simulator.cxone import CXoneSimulatorState, create_cxone_simulator
@@ -27,8 +28,9 @@ from tests.helpers import API_KEY, CXONE_AUTH, SECRET, TEST_BASE_URL, Captured, 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """Settings read the environment: keep the machine's variables out of every test."""
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
+    for name, field in Settings.model_fields.items():
+        for env_name in names_of(field, name):  # the tutorials' names too
+            monkeypatch.delenv(env_name.upper(), raising=False)
     monkeypatch.chdir(tmp_path)  # no stray .env is read
 
 

@@ -22,6 +22,7 @@ import httpx
 
 from app.auth.signatures import sign_hmac
 from app.bootstrap.parts import Parts
+from app.core.setting_names import names_of
 from app.core.settings import Settings
 from app.observability.logs import JsonFormatter
 from app.observability.metrics import MULTIPROC_ENV
@@ -112,7 +113,11 @@ def websocket_gateway_and_backup(primary_url: str, backup_url: str) -> list[dict
 def service_env(**values: str) -> dict[str, str]:
     """For `python -m app` in a subprocess: the current environment without any setting of the
     service (nor a metrics directory of its own), the repository importable, plus `values`."""
-    names = {name.upper() for name in Settings.model_fields} | {MULTIPROC_ENV}
+    names = {
+        env_name.upper()
+        for name, field in Settings.model_fields.items()
+        for env_name in names_of(field, name)  # the tutorials' names too
+    } | {MULTIPROC_ENV}
     env = {k: v for k, v in os.environ.items() if k.upper() not in names}
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p

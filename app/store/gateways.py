@@ -3,8 +3,9 @@
 A gateway is created `pending_validation`, and its health check moves it to `active` or
 `failed`: a client polls `GET /api/v2/gateways/{id}` on any worker, so the record lives in the
 service's store: the SQLite file under DATA_DIR (shared by the workers of one host) or Redis
-(shared by every replica). Each record is one JSON document under its id; a gateway's name is
-unique, claimed atomically at creation (a UNIQUE column; SET NX in the same Lua script).
+(shared by every replica: app.store.redis_gateways, imported only by the Redis store). Each
+record is one JSON document under its id; a gateway's name is unique, claimed atomically at
+creation (a UNIQUE column; SET NX in the same Lua script).
 """
 
 from __future__ import annotations
@@ -19,11 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import redis.asyncio as aioredis
-
 from app.store.audit import DB_FILENAME
 from app.store.base import StoreUnavailable
-from app.store.redis_connection import RedisConnection, q
 from app.store.sqlite_connection import connect
 
 GatewayStatus = Literal["pending_validation", "active", "failed"]
@@ -129,36 +127,3 @@ class SQLiteGateways(GatewayRegistry):
                 "UPDATE gateways SET record = ? WHERE id = ?", (record.to_json(), record.id)
             )
         )
-
-
-# KEYS: the name's key, the record's key. ARGV: the id, the record. 1 if created.
-_CREATE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
-  redis.call('SET', KEYS[2], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-
-class RedisGateways(RedisConnection, GatewayRegistry):
-    """On the store's client (not closed here); keys `P{gateways}:name:<name>`, `…:id:<id>`."""
-
-    def __init__(self, client: aioredis.Redis, *, prefix: str) -> None:
-        super().__init__(client, prefix=prefix, owns_client=False)
-
-    def _key(self, kind: str, value: str) -> str:
-        return f"{self._tenant('gateways')}:{kind}:{q(value)}"
-
-    async def create(self, record: GatewayRecord) -> bool:
-        keys = [self._key("name", record.name), self._key("id", record.id)]
-        return int(await self._call(_CREATE, keys, [record.id, record.to_json()])) == 1
-
-    async def get(self, gateway_id: str) -> GatewayRecord | None:
-        with self._errors():
-            text = await self.client.get(self._key("id", gateway_id))
-        return GatewayRecord.from_json(str(text)) if text else None
-
-    async def update(self, record: GatewayRecord) -> None:
-        with self._errors():
-            await self.client.set(self._key("id", record.id), record.to_json(), xx=True)

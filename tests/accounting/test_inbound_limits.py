@@ -30,7 +30,8 @@ from app.llm.catalog import validate_provider_config
 from app.main import create_app
 from app.simulator.faults import Fault, FaultPlan
 from app.store import StoreUnavailable
-from app.store.counters import MemoryCounters, RedisCounters
+from app.store.counters import MemoryCounters
+from app.store.redis_counters import RedisCounters
 from app.surfaces.chat.websocket import LIMITED
 from tests.helpers import cxone_turn, post_turn, trigger
 from tests.metric_samples import changes, labels, snapshot

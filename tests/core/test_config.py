@@ -167,6 +167,29 @@ def test_cxone_password_grant_needs_an_access_key(valid_env: pytest.MonkeyPatch)
     assert "CXONE_ACCESS_KEY_ID" in _config_error()
 
 
+@pytest.mark.parametrize(
+    ("access_key", "grant"), [("key-id", "password"), (None, "client_credentials")]
+)
+def test_cxone_grant_type_unset_follows_whether_an_access_key_is_given(
+    valid_env: pytest.MonkeyPatch, access_key: str | None, grant: str
+) -> None:
+    """The tutorials' CXONE_CLIENT_ID/CXONE_CLIENT_SECRET alone ask for client credentials."""
+    valid_env.setenv("CXONE_CLIENT_ID", "client-id")
+    valid_env.setenv("CXONE_CLIENT_SECRET", "client-secret")
+    if access_key is not None:
+        valid_env.setenv("CXONE_ACCESS_KEY_ID", access_key)
+        valid_env.setenv("CXONE_ACCESS_KEY_SECRET", "key-secret")
+    assert load_settings().cxone_grant_type == grant
+
+
+def test_a_cxone_credential_alone_starts_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_GATEWAY_BASE_URL", BASE_URL)
+    monkeypatch.setenv("CXONE_WEBHOOK_AUTHORIZATION", "Bearer only-cxone")
+    settings = load_settings()
+    assert settings.webhook_credentials_configured is False
+    assert settings.cxone_webhook_enabled is True
+
+
 def test_cxone_client_id_without_client_secret_is_refused(valid_env: pytest.MonkeyPatch) -> None:
     valid_env.setenv("CXONE_CLIENT_ID", "client-id")
     valid_env.setenv("CXONE_GRANT_TYPE", "client_credentials")

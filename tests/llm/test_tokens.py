@@ -1,7 +1,9 @@
 """Token counts: exact against tiktoken, the chat format's framing, offline, loaded once.
 
 The reference values below were computed with tiktoken 0.14.0 itself (OpenAI's tokenizer, with
-OpenAI's encoding files checked against tiktoken's pinned SHA-256) and are hard-coded here.
+OpenAI's encoding files checked against tiktoken's pinned SHA-256) and are hard-coded here. The
+service counts with tiktoken's core; bpe-openai's own tokenizer (a separate Rust implementation)
+is the independent reference the corpus tests compare with.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -103,10 +104,8 @@ def test_text_counts_equal_tiktoken(text: str) -> None:
 
 
 def test_token_ids_equal_tiktoken() -> None:
-    import bpe_openai  # type: ignore[import-untyped]
-
-    cl100k = bpe_openai.get_encoding(CL100K_BASE)
-    o200k = bpe_openai.get_encoding(O200K_BASE)
+    cl100k = tokens._load_tiktoken(CL100K_BASE)
+    o200k = tokens._load_tiktoken(O200K_BASE)
     assert cl100k.encode_ordinary("hello world") == [15339, 1917]
     assert o200k.encode_ordinary("hello world") == [24912, 2375]
     assert cl100k.encode_ordinary("naïve café \u2013 Straße") == [
@@ -123,10 +122,71 @@ def test_token_ids_equal_tiktoken() -> None:
     assert o200k.encode_ordinary("🚀") == [112927, 222]
 
 
+CORPUS = [
+    "I'M SURE they'll say it's fine, we've DONE it; you'd agree?",
+    "  leading spaces,\ttabs\t\tand   runs   of spaces   \n\n\n  and blank lines\r\n",
+    "numbers 1 12 123 1234 12345 3.14159 1,000,000 0x1F 1e-9",
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n",
+    "Ünïcödé: Ελληνικά, русский, עברית, العربية, हिन्दी, 中文, 日本語, 한국어",
+    "emoji 🚀🔥👍🏽 👨‍👩‍👧 and symbols ©®™ €£¥ ≠≤≥ ∑∫√",
+    "URL https://example.com/path?q=1&r=two#frag and e-mail a.b@c.de",
+    "MixedCASE camelCase snake_case kebab-case SCREAMING_CASE",
+    "<|endoftext|> is only text here, as are <|fim_prefix|> and <|endofprompt|>",
+    "'s 't 're 've 'm 'll 'd 'S 'T 'RE at the start",
+]
+
+
+@pytest.mark.parametrize("encoding", [CL100K_BASE, O200K_BASE])
+def test_ids_equal_an_independent_tokenizer_on_a_corpus(encoding: str) -> None:
+    """The split patterns and ranks, checked against bpe-openai's own Rust tokenizer, which
+    shares no code with tiktoken's."""
+    import bpe_openai  # type: ignore[import-untyped]
+
+    reference = bpe_openai.get_encoding(encoding)
+    ours = tokens._load_tiktoken(encoding)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for text in [*CORPUS, readme]:
+        assert ours.encode_ordinary(text) == reference.encode_ordinary(text), text[:60]
+
+
+def test_a_rank_file_that_is_not_openais_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = gzip.decompress(tokens.ranks_file(O200K_BASE).read_bytes())
+    first, rest = original.split(b"\n", 1)
+    token, _rank = first.split()
+    swapped = tmp_path / "o200k_base.tiktoken.gz"
+    swapped.write_bytes(gzip.compress(token + b" 7\n" + rest))
+    monkeypatch.setattr(tokens, "ranks_file", lambda encoding: swapped)
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        tokens._load_tiktoken(O200K_BASE)
+    counters = TokenCounters()
+    counter = counters.for_model("gpt-4o")
+    assert counter.estimated and counter.encoding == FALLBACK_ENCODING
+
+
+def test_exact_counting_does_not_import_bpe_openai() -> None:
+    """Its rank files are read as data; importing the package would cost ~66 MiB."""
+    script = (
+        "import sys; from app.llm import tokens; tokens.preload(['gpt-4o']);"
+        "assert not tokens.load_counter('gpt-4o').estimated;"
+        "print('bpe_openai' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert result.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("encoding", [CL100K_BASE, O200K_BASE])
 def test_bundled_encoding_files_are_openais(encoding: str) -> None:
     """The package ships OpenAI's files byte for byte: the hashes tiktoken itself checks."""
-    data = resources.files("bpe_openai") / "data" / f"{encoding}.tiktoken.gz"
+    data = tokens.ranks_file(encoding)
     assert (
         hashlib.sha256(gzip.decompress(data.read_bytes())).hexdigest()
         == (TIKTOKEN_SHA256[encoding])
@@ -235,12 +295,14 @@ def test_module_functions_keep_working() -> None:
 
 
 def test_long_texts_are_counted_exactly_in_pieces() -> None:
-    """bpe-openai refuses very long calls: texts are cut where no pretoken spans the cut."""
+    """Long texts are counted in pieces cut where no pretoken spans the cut: the sum equals one
+    count of the whole (bpe-openai, the reference, takes up to 1,000,000 characters a call)."""
     import bpe_openai  # type: ignore[import-untyped]
 
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     while len(text) < 300_000:
         text += "\n" + text
+    text = text[:999_000]
     for model in ("gpt-4", "gpt-4o"):
         counter = load_counter(model)
         direct = len(bpe_openai.get_encoding(counter.encoding).encode_ordinary(text))
@@ -317,7 +379,7 @@ class _CountingLoader:
     def __call__(self, encoding: str) -> Encoder:
         self.calls.append(encoding)
         time.sleep(self.delay)
-        return tokens._load_bpe_openai(encoding)
+        return tokens._load_tiktoken(encoding)
 
 
 def test_each_encoding_loads_once() -> None:

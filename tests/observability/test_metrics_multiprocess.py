@@ -248,7 +248,7 @@ def test_workers_get_a_temporary_directory_set_before_they_start_and_removed_aft
     monkeypatch.setattr(serving.uvicorn, "run", fake_run)
     settings = Settings(_env_file=None, simulate=True, workers=3)  # type: ignore[call-arg]
     assert serving.serve(settings, {"simulate": True}) == 0
-    assert seen["app"] == "app.serving:worker_app"
+    assert seen["app"] == "app.worker:worker_app"
     assert (seen["factory"], seen["workers"], seen["exists"]) == (True, 3, True)
     assert seen["simulate"] == "true"  # the command line's override, where workers read it
     assert Path(seen["directory"]).name.startswith("cx-relay-metrics-")

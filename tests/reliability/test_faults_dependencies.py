@@ -23,7 +23,7 @@ import redis
 
 from app.simulator.cxone import CXoneSimulatorState
 from app.simulator.faults import Fault, FaultPlan
-from app.store import RedisStore
+from app.store.redis_store import RedisStore
 from tests.helpers import parts
 from tests.reliability.conftest import (
     AUTH,

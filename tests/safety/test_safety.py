@@ -223,6 +223,15 @@ def test_phone_needs_ten_digits() -> None:
         ("The admin password is hunter2", "credentials"),
         ("\uff4b\uff49\uff4c\uff4c \uff59\uff4f\uff55\uff52\uff53\uff45\uff4c\uff46", "self_harm"),
         ("kill\n   yourself", "self_harm"),
+        # the CXone tutorial's keywords, as its check matched them (inflections too)
+        ("Some people turn to self-harm when", "self_harm"),
+        ("There is no excuse for violence.", "violence"),
+        ("That would be illegal, but here is how", "illegal_activity"),
+        ("You can do it illegally by", "illegal_activity"),
+        ("To bypass security on the portal, open", "illegal_activity"),
+        ("Bypassing the security check is easy:", "illegal_activity"),
+        ("This exploit works on the login page", "illegal_activity"),
+        ("Exploiting the refund process means", "illegal_activity"),
     ],
 )
 def test_unsafe_categories_are_detected(rules: SafetyRules, text: str, category: str) -> None:
@@ -250,6 +259,7 @@ def test_compiled_categories_match_folded_text(rules: SafetyRules) -> None:
         "violence",
         "profanity",
         "credentials",
+        "illegal_activity",
     ]
     violence = rules.unsafe_categories[1]
     assert fold("I WILL KILL YOU") == "i will kill you"

@@ -108,3 +108,48 @@ def test_only_the_serve_commands_app_settles_the_heap(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["0 700", "True 7000"]
+
+
+def _modules_after_start_up(tmp_path: Path, **values: str) -> set[str]:
+    """The top-level modules a fresh service process holds once its lifespan has run."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from fastapi.testclient import TestClient
+        import app.main
+        with TestClient(app.main.create_app()) as client:
+            assert client.get("/health/live").status_code == 200
+        print(",".join(sorted({m.split(".")[0] for m in sys.modules})))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,  # no .env
+        env=service_env(
+            DATA_DIR=str(tmp_path),
+            LLM_GATEWAY_BASE_URL="http://127.0.0.1:9/v1",
+            LLM_GATEWAY_API_KEY="sk-test",
+            CLIENT_API_KEYS="client-key",
+            COGNIGY_WEBHOOK_SECRET="cognigy-secret",
+            **values,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.strip().splitlines()[-1].split(","))
+
+
+def test_a_service_on_sqlite_never_loads_the_redis_client(tmp_path: Path) -> None:
+    """The Redis client costs ~7 MiB that the embedded default has no use for; on Redis, the
+    store and the inbound limits' counters load it."""
+    assert "redis" not in _modules_after_start_up(tmp_path, STORE_BACKEND="sqlite")
+    on_redis = _modules_after_start_up(
+        tmp_path,
+        STORE_BACKEND="redis",
+        REDIS_URL="redis://127.0.0.1:6379/0",
+        REDIS_KEY_PREFIX=f"cxr-test-{tmp_path.name}",
+        SESSION_ID_SECRET="s" * 32,
+    )
+    assert "redis" in on_redis

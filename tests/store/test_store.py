@@ -20,7 +20,6 @@ from app.store import (
     NO_SESSION,
     BudgetScope,
     MemoryStore,
-    RedisStore,
     Refusal,
     Reservation,
     SQLiteStore,
@@ -28,6 +27,7 @@ from app.store import (
     StoreUnavailable,
     UsageRecord,
 )
+from app.store.redis_store import RedisStore
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # sqlite-inline: statements on the event loop, writes group-committed (one worker's default)

@@ -175,6 +175,7 @@ class CognigyPipeline:
             fallback_action="route_to_human",
             suggested_response=text,
             reason=reason[:500],
+            error=reason[:500],
         )
 
     async def _history(

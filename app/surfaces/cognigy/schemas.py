@@ -79,6 +79,9 @@ class CognigyResponse(BaseModel):
     fallback_action: Literal["route_to_human"] | None = None
     suggested_response: str | None = None
     reason: str | None = None
+    # The Cognigy tutorial's name for `reason` on a fallback (its flows read `error`); null on
+    # success, like `reason`.
+    error: str | None = None
     context: ContextState
     provider: str | None = None
     model: str | None = None

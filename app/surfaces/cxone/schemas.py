@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class UserInputType(str, Enum):
@@ -91,6 +91,25 @@ class ExternalIntegrationBotExchangeRequest(_In):
     customPayload: Any = None
     mediaType: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_the_tutorials_body(cls, data: object) -> object:
+        """The CXone tutorial's webhook took `{botId, sessionId}`, a body no CXone sends. Read
+        as an exchange it would be a silent no-input turn (every field here is optional), so a
+        client written from the tutorial is told instead."""
+        if (
+            isinstance(data, dict)
+            and ("botId" in data or "sessionId" in data)
+            and not any(name in data for name in _EXCHANGE_FIELDS)
+        ):
+            raise ValueError(
+                "botId/sessionId is the CXone tutorial's own body, which CXone never sends: "
+                "this endpoint takes Virtual Agent Hub's exchange request (userInput, "
+                "userInputType, executionInfo, botSessionState, ...); register it in CXone as "
+                "a Custom Exchange Endpoint (see the README)"
+            )
+        return data
+
     @field_validator("userInputType", mode="before")
     @classmethod
     def _name_or_position(cls, value: object) -> object:
@@ -119,6 +138,8 @@ class ExternalIntegrationBotExchangeRequest(_In):
         info = self.executionInfo
         return str(info.contactId) if info and info.contactId is not None else None
 
+
+_EXCHANGE_FIELDS = tuple(ExternalIntegrationBotExchangeRequest.model_fields)
 
 # --- response ---------------------------------------------------------------------------------
 

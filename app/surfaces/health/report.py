@@ -94,14 +94,42 @@ def check_config(router: LLMRouter, default_model: str, source: str) -> dict[str
     return check
 
 
-def config_checks(config: dict[str, Any], providers: dict[str, Any]) -> dict[str, Any]:
+def config_checks(
+    config: dict[str, Any], providers: dict[str, Any], default_reachable: bool
+) -> dict[str, Any]:
     """The integration tutorial's `config_checks`: the start-up validation plus, over every
-    provider, whether the configured temperature, max_tokens and key format are within bounds."""
+    provider, whether the configured temperature, max_tokens and key format are within bounds.
+
+    With the CXone tutorial's `valid` and `checks` in its terms: `endpoint_reachable` (this
+    round's probe reached a provider of LLM_MODEL's route), `temperature_valid` (every
+    configured temperature within each provider's bounds) and `model_format_valid` (LLM_MODEL
+    names a route or model the configuration serves: a stricter test than the tutorial's
+    pattern match, which a model name with a dot or a slash would fail)."""
     checks = {
         name: all(p[name] for p in providers.values())
         for name in ("temperature_ok", "max_tokens_ok", "key_format_ok")
     }
-    return {**config, **checks, "ok": config["ok"] and all(checks.values())}
+    tutorial = {
+        "endpoint_reachable": config["ok"] and default_reachable,
+        "temperature_valid": checks["temperature_ok"],
+        "model_format_valid": config["ok"],
+    }
+    return {
+        **config,
+        **checks,
+        "ok": config["ok"] and all(checks.values()),
+        "valid": all(tutorial.values()),
+        "checks": tutorial,
+    }
+
+
+def reaches_default_route(router: LLMRouter, default_model: str, reachable: set[str]) -> bool:
+    """Whether a provider of LLM_MODEL's route (the webhooks' model) answered this probe round."""
+    try:
+        route = router.route(default_model)
+    except UnknownModel:
+        return False
+    return any(target.provider.spec.name in reachable for target in route.targets)
 
 
 def check_providers(router: LLMRouter) -> dict[str, Any]:
@@ -255,13 +283,15 @@ async def health_report(
     for name, runtime in router.providers.items():
         detail, found = provider_report(runtime, probe_round.results[name], routes, usable, options)
         providers[name], warnings = detail, warnings + found
+    reached = {name for name, probe in probe_round.results.items() if probe.reachable}
+    default_reachable = reaches_default_route(router, options.default_model, reached)
     return {
         "status": _status(store_check["ok"] and config["ok"], usable, providers),
         "version": __version__,
         "simulated": {name: True for name in options.simulated},
         "warnings": warnings,
         "store": store_check,
-        "config_checks": config_checks(config, providers),
+        "config_checks": config_checks(config, providers, default_reachable),
         "routes": {
             name: {
                 "usable": usable[name],

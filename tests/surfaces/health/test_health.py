@@ -302,6 +302,13 @@ async def test_health_details_a_reachable_provider(
         "temperature_ok": True,
         "max_tokens_ok": True,
         "key_format_ok": True,
+        # the CXone tutorial's shape, in the same object
+        "valid": True,
+        "checks": {
+            "endpoint_reachable": True,
+            "temperature_valid": True,
+            "model_format_valid": True,
+        },
     }
     default = body["providers"]["default"]
     assert {k: v for k, v in default.items() if k not in ("probe_latency_ms", "models")} == {
@@ -337,6 +344,24 @@ async def test_health_details_a_reachable_provider(
     ]
 
 
+def dead_and_live(live_url: str) -> list[dict[str, Any]]:
+    """Provider "dead" (model m1) where nothing listens, "sim" (model m2) at `live_url`."""
+    return [
+        {
+            "name": "dead",
+            "base_url": DEAD_URL,
+            "api_keys": ["env:SIM_KEY"],
+            "models": [{"name": "m1"}],
+        },
+        {
+            "name": "sim",
+            "base_url": live_url,
+            "api_keys": ["env:SIM_KEY"],
+            "models": [{"name": "m2"}],
+        },
+    ]
+
+
 async def test_a_dead_provider_in_a_fallback_chain_degrades_but_the_route_works(
     app_client: Callable[..., Any],
     llm_server: LoopbackServer,
@@ -346,20 +371,7 @@ async def test_a_dead_provider_in_a_fallback_chain_degrades_but_the_route_works(
     monkeypatch.setenv("SIM_KEY", TEST_KEY)
     path = providers_file(
         tmp_path,
-        [
-            {
-                "name": "dead",
-                "base_url": DEAD_URL,
-                "api_keys": ["env:SIM_KEY"],
-                "models": [{"name": "m1"}],
-            },
-            {
-                "name": "sim",
-                "base_url": llm_server.url,
-                "api_keys": ["env:SIM_KEY"],
-                "models": [{"name": "m2"}],
-            },
-        ],
+        dead_and_live(llm_server.url),
         routes=[
             {
                 "name": "assistant",
@@ -378,6 +390,9 @@ async def test_a_dead_provider_in_a_fallback_chain_degrades_but_the_route_works(
     assert body["routes"]["m1"]["usable"] is False
     assert body["providers"]["dead"]["models"][0]["routes"] == {"assistant": True, "m1": False}
     assert any(w.startswith("dead: unreachable") for w in body["warnings"])
+    # LLM_MODEL's route still reaches a provider: the tutorial's endpoint check holds
+    assert body["config_checks"]["checks"]["endpoint_reachable"] is True
+    assert body["config_checks"]["valid"] is True
     assert ready == 200  # readiness does not probe upstreams: the circuit decides there
 
 
@@ -389,6 +404,37 @@ async def test_a_single_dead_provider_makes_health_unhealthy(
     assert (status, body["status"]) == (503, "unhealthy")
     assert body["providers"]["default"]["reachable"] is False
     assert body["routes"]["gpt-4o-mini"]["usable"] is False
+    assert body["config_checks"]["valid"] is False
+    assert body["config_checks"]["checks"] == {
+        "endpoint_reachable": False,
+        "temperature_valid": True,
+        "model_format_valid": True,
+    }
+
+
+async def test_the_tutorial_checks_follow_the_route_of_llm_model_only(
+    app_client: Callable[..., Any],
+    llm_server: LoopbackServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dead provider that LLM_MODEL's route does not use degrades /health, but the CXone
+    tutorial's endpoint check is about the webhooks' model: it holds; pointed at the dead
+    provider's model it fails."""
+    monkeypatch.setenv("SIM_KEY", TEST_KEY)
+    path = providers_file(
+        tmp_path,
+        dead_and_live(llm_server.url),
+    )
+    async with app_client(providers_file=path, llm_model="m2") as client:
+        _, on_live = await get(client, "/health")
+    async with app_client(providers_file=path, llm_model="m1") as client:
+        _, on_dead = await get(client, "/health")
+    assert on_live["status"] == "degraded"
+    assert on_live["config_checks"]["checks"]["endpoint_reachable"] is True
+    assert on_live["config_checks"]["valid"] is True
+    assert on_dead["config_checks"]["checks"]["endpoint_reachable"] is False
+    assert on_dead["config_checks"]["valid"] is False
 
 
 async def test_a_slow_provider_counts_as_unreachable_after_the_probe_timeout(
@@ -449,6 +495,9 @@ async def test_limits_and_key_shapes_are_checked_per_provider_kind(
     checks = body["config_checks"]
     assert checks["ok"] is False and checks["temperature_ok"] is False
     assert checks["key_format_ok"] is False and checks["max_tokens_ok"] is False
+    assert checks["valid"] is False
+    assert checks["checks"]["temperature_valid"] is False
+    assert checks["checks"]["endpoint_reachable"] is True
 
 
 async def test_concurrent_health_calls_share_one_probe_per_provider_and_reuse_it(
