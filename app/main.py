@@ -19,6 +19,7 @@ from app.core.settings_loading import load_settings
 from app.http.request_ids import RequestIdMiddleware
 from app.http.request_metrics import RequestMetricsMiddleware
 from app.surfaces.admin import router as admin
+from app.surfaces.budget import metrics_router as gateway_metrics
 from app.surfaces.budget import router as budget
 from app.surfaces.chat import router as chat
 from app.surfaces.chat import websocket as ws_chat
@@ -26,7 +27,9 @@ from app.surfaces.cognigy import router as cognigy
 from app.surfaces.cxone import router as cxone
 from app.surfaces.health import router as health
 from app.surfaces.metrics import router as metrics
+from app.surfaces.oauth import router as oauth
 from app.surfaces.openai import embeddings_router as embeddings
+from app.surfaces.openai import gateway_router as gateway_chat
 from app.surfaces.openai import router as openai_compat
 from app.surfaces.provisioning import router as provisioning_v2
 
@@ -81,4 +84,7 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
     app.include_router(openai_compat.router)
     app.include_router(embeddings.router)
     app.include_router(ws_chat.router)
+    app.include_router(oauth.router)
+    app.include_router(gateway_chat.router)
+    app.include_router(gateway_metrics.router)
     return app

@@ -12,21 +12,28 @@ import hmac
 from collections.abc import Mapping, Sequence
 
 from app.auth.signatures import fingerprint
+from app.auth.tokens import AccessTokens, looks_like_token
 from app.core.credentials import parse_client_key
 from app.core.errors import AuthenticationFailed
 from app.core.principal import DEFAULT_TENANT, Principal
 
 
 class ClientAuthenticator:
-    def __init__(self, client_keys: Sequence[str], admin_token: str | None) -> None:
+    def __init__(
+        self,
+        client_keys: Sequence[str],
+        admin_token: str | None,
+        tokens: AccessTokens | None = None,
+    ) -> None:
+        self.tokens = tokens  # access tokens (POST /api/v1/auth/token), accepted like a key
         self._clients: list[tuple[bytes, Principal]] = []
         self.session_tokens_by_key: dict[str, int | None] = {}
         for entry in client_keys:
-            key, tenant, tokens, scopes = parse_client_key(entry)
+            key, tenant, budget, scopes = parse_client_key(entry)
             principal = Principal(tenant, fingerprint(key), "client", "api_key", scopes)
             self._clients.append((hashlib.sha256(key.encode()).digest(), principal))
-            if tokens is not None:
-                self.session_tokens_by_key[principal.key_id] = tokens
+            if budget is not None:
+                self.session_tokens_by_key[principal.key_id] = budget
         self._admin = (
             (hashlib.sha256(admin_token.encode()).digest(), fingerprint(admin_token))
             if admin_token
@@ -37,7 +44,8 @@ class ClientAuthenticator:
         presented = _presented(headers)
         if presented is None:
             raise AuthenticationFailed(
-                "missing credential: send Authorization: Bearer <client API key> or X-API-Key",
+                "missing credential: send Authorization: Bearer <client API key or access "
+                "token> or X-API-Key",
                 "missing",
             )
         digest = hashlib.sha256(presented.encode()).digest()
@@ -47,6 +55,8 @@ class ClientAuthenticator:
                 match = principal
         if self._admin is not None and hmac.compare_digest(self._admin[0], digest):
             match = Principal(DEFAULT_TENANT, self._admin[1], "admin", "admin_token")
+        if match is None and self.tokens is not None and looks_like_token(presented):
+            return self.tokens.verify(presented)
         if match is None:
             raise AuthenticationFailed("unknown API key")
         return match

@@ -1,7 +1,10 @@
-"""Inbound webhook authentication: HMAC body signatures, Standard Webhooks, and API keys.
+"""Inbound webhook authentication: HMAC body signatures, Standard Webhooks, API keys, HTTP Basic
+and OAuth2 access tokens.
 
-Cognigy's HTTP Request node cannot sign a body by itself, so an API-key header is accepted too;
-a gateway or Cognigy Extension in front can sign with either HMAC scheme. Several secrets may be
+Cognigy's HTTP Request node cannot sign a body by itself, so every authorization type it offers
+is accepted too: an API key (`X-API-Key` or `Authorization: ApiKey`), Basic Auth, and OAuth2
+client credentials (a bearer token from this service's own token endpoint); a gateway or Cognigy
+Extension in front can sign with either HMAC scheme. Several secrets may be
 active at once so one can be rotated without downtime. Every comparison is constant-time.
 
 Each secret and key may belong to a tenant (given as a `(value, tenant)` pair; the settings'
@@ -20,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from app.core.errors import AuthenticationFailed
 from app.core.principal import DEFAULT_TENANT, Principal
@@ -27,6 +31,9 @@ from app.core.principal import DEFAULT_TENANT, Principal
 HMAC_HEADER = "x-webhook-signature"
 API_KEY_HEADER = "x-api-key"
 SW_ID, SW_TIMESTAMP, SW_SIGNATURE = "webhook-id", "webhook-timestamp", "webhook-signature"
+
+if TYPE_CHECKING:
+    from app.auth.tokens import AccessTokens
 
 # A credential as configured: its value alone (the default tenant's), or (value, tenant).
 Credential = str | tuple[str, str]
@@ -100,11 +107,16 @@ class WebhookAuthenticator:
         replay_guard: ReplayGuard,
         allow_unauthenticated: bool = False,
         tenant: str = DEFAULT_TENANT,
+        basic: Sequence[tuple[str, str, str]] = (),
+        tokens: AccessTokens | None = None,
     ) -> None:
         pairs = [_with_tenant(s) for s in secrets]
         self._hmac_secrets = [_Secret(s.encode(), fingerprint(s), t) for s, t in pairs]
         self._sw_secrets = [_Secret(_standard_webhooks_key(s), fingerprint(s), t) for s, t in pairs]
         self._api_key_digests = _digests(api_keys)
+        # (username, password, tenant): the digest of the whole `username:password`
+        self._basic_digests = _digests([(f"{u}:{p}", t) for u, p, t in basic])
+        self._tokens = tokens if tokens is not None and tokens.configured else None
         self._schemes = set(schemes)
         self._tolerance = tolerance_seconds
         self._replays = replay_guard
@@ -126,11 +138,21 @@ class WebhookAuthenticator:
         presented_key = _api_key_from(headers)
         if presented_key is not None and "api_key" in self._schemes:
             return self._api_key(presented_key)
+        scheme, _, value = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic" and "basic" in self._schemes and self._basic_digests:
+            return self._basic(value.strip())
+        bearer = scheme.lower() == "bearer" and value.strip()
+        if bearer and "oauth2" in self._schemes and self._tokens is not None:
+            principal = self._tokens.verify(value.strip())
+            return Principal(
+                principal.tenant, principal.key_id, "webhook", "oauth2", principal.scopes
+            )
         if self._allow_unauthenticated:
             return Principal(self._tenant, "unauthenticated", "anonymous", "none")
         raise AuthenticationFailed(
             "missing webhook credential: send X-Webhook-Signature (HMAC-SHA256 of the body), "
-            "the Standard Webhooks headers, or X-API-Key",
+            "the Standard Webhooks headers, X-API-Key, Authorization: ApiKey, Basic or "
+            "Bearer <access token>",
             "missing",
         )
 
@@ -186,6 +208,19 @@ class WebhookAuthenticator:
                 f"webhook-id {message_id!r} was already delivered (replay)", "replayed"
             )
         return self._principal(match, "standard_webhooks")
+
+    def _basic(self, encoded: str) -> Principal:
+        """RFC 7617: base64 of `username:password`, compared whole as a digest."""
+        try:
+            pair = base64.b64decode(encoded, validate=True).decode()
+        except (binascii.Error, ValueError):
+            raise AuthenticationFailed(
+                "Authorization: Basic is not base64 of username:password", "malformed"
+            ) from None
+        match = _digest_match(self._basic_digests, pair)
+        if match is None:
+            raise AuthenticationFailed("unknown username or wrong password")
+        return self._principal(match, "basic")
 
     def _api_key(self, presented: str) -> Principal:
         match = _digest_match(self._api_key_digests, presented)

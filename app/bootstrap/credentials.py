@@ -13,7 +13,8 @@ from typing import Any, get_args
 from pydantic import SecretStr
 
 from app.auth.signatures import AuthorizationAuthenticator
-from app.core.credentials import split_tenant
+from app.auth.tokens import AccessTokens, OAuthClient
+from app.core.credentials import parse_oauth_client, split_tenant
 from app.core.settings import (
     DEV_BOT_STATE_SECRET,
     DEV_CLIENT_API_KEY,
@@ -92,6 +93,32 @@ def session_id_key(settings: Settings) -> bytes:
         "afresh (its budget too) and its earlier records are found only by the digest shown"
     )
     return secrets.token_bytes(32)
+
+
+ACCESS_TOKEN_KEY_LABEL = b"cx-relay access tokens"
+
+
+def access_tokens(settings: Settings) -> AccessTokens:
+    """The OAuth clients and the key their tokens are signed with: ACCESS_TOKEN_SECRET; else
+    one derived from BOT_STATE_SECRET (shared already; never the same key as its other uses);
+    else one of this process only (settings refuse that with several workers or replicas)."""
+    clients = [
+        OAuthClient.from_entry(parse_oauth_client(c.get_secret_value()))
+        for c in settings.oauth_clients
+    ]
+    if settings.access_token_secret is not None:
+        key = settings.access_token_secret.get_secret_value().encode()
+    elif settings.bot_state_secret is not None:
+        secret = settings.bot_state_secret.get_secret_value().encode()
+        key = hmac.new(secret, ACCESS_TOKEN_KEY_LABEL, hashlib.sha256).digest()
+    else:
+        if clients:
+            log.warning(
+                "ACCESS_TOKEN_SECRET is not set (nor BOT_STATE_SECRET): access tokens are "
+                "signed with a key of this process only, so a restart ends every token issued"
+            )
+        key = secrets.token_bytes(32)
+    return AccessTokens(clients, key, settings.access_token_ttl_seconds)
 
 
 def cxone_authorizations(settings: Settings) -> AuthorizationAuthenticator:

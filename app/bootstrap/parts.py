@@ -18,6 +18,7 @@ from app.accounting.ledger import Ledger
 from app.auth.clients import ClientAuthenticator
 from app.auth.signatures import AuthorizationAuthenticator, ReplayGuard, WebhookAuthenticator
 from app.bootstrap.credentials import (
+    access_tokens,
     cxone_authorizations,
     directive_policy,
     session_id_key,
@@ -31,7 +32,7 @@ from app.bootstrap.options import (
     router_options,
 )
 from app.bootstrap.pipelines import build_chat, build_cognigy, build_cxone_bot, pipeline_parts
-from app.core.credentials import split_tenant
+from app.core.credentials import parse_basic_credential, split_tenant
 from app.core.settings import Settings
 from app.llm import tokens
 from app.llm.base_config import startup_provider_config
@@ -151,9 +152,11 @@ def _build(
         directives=directive_policy(settings),
     )
     stack.push_async_callback(provisioner.aclose)  # before http.aclose: notifications use it
+    tokens = access_tokens(settings)
     client_auth = ClientAuthenticator(
         [k.get_secret_value() for k in settings.client_api_keys],
         settings.admin_token.get_secret_value() if settings.admin_token else None,
+        tokens,
     )
     budget = BudgetService(store, budget_policy(settings, client_auth.session_tokens_by_key))
     limits = build_inbound_limits(settings, store, llm)
@@ -164,6 +167,8 @@ def _build(
         # `value:tenant` (split_tenant): the verified credential's tenant is the turn's
         secrets=[split_tenant(s.get_secret_value()) for s in settings.cognigy_webhook_secret],
         api_keys=[split_tenant(k.get_secret_value()) for k in settings.cognigy_api_keys],
+        basic=[parse_basic_credential(b.get_secret_value()) for b in settings.cognigy_basic_auth],
+        tokens=tokens,
         schemes=settings.cognigy_auth_schemes,
         tolerance_seconds=settings.webhook_timestamp_tolerance_seconds,
         replay_guard=ReplayGuard(ttl_seconds=2 * settings.webhook_timestamp_tolerance_seconds),

@@ -4,6 +4,7 @@ validate them at start-up, and core imports nothing above itself."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import NamedTuple
 
@@ -47,3 +48,59 @@ def parse_client_key(entry: str) -> ClientKey:
         entry, tokens = head, int(last)
     key, tenant = split_tenant(entry)
     return ClientKey(key, tenant, tokens, scopes)
+
+
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class OAuthClientEntry(NamedTuple):
+    client_id: str
+    secret_sha256: str  # hex digest: the secret itself is never kept
+    tenant: str
+    scopes: frozenset[str]
+
+
+def _id_secret_tenant(head: str) -> tuple[str, str, str] | None:
+    """`id:secret:tenant` → its parts, or None: the id ends at the FIRST ':', the tenant starts
+    after the LAST, the secret is what lies between (it may hold ':')."""
+    ident, _, rest = head.partition(":")
+    secret, _, tenant = rest.rpartition(":")
+    if not ident or not secret or not TENANT_NAME.fullmatch(tenant):
+        return None
+    return ident, secret, tenant
+
+
+def parse_oauth_client(entry: str) -> OAuthClientEntry:
+    """`client_id:secret:tenant;scopes=a+b` (OAUTH_CLIENTS) → OAuthClientEntry. The client id
+    cannot hold ':' (HTTP Basic could not carry it); a secret written `sha256:<64 hex>` is taken
+    as its digest, so the setting need not hold the secret. The tenant and the scope list are
+    required: a token always has both. ValueError naming what is wrong (never the secret)."""
+    head, scopes = split_scopes(entry, "OAUTH_CLIENTS")
+    parts = _id_secret_tenant(head)
+    if parts is None:
+        raise ValueError(
+            "an OAUTH_CLIENTS entry is `client_id:secret:tenant;scopes=scope+scope` (the "
+            "secret may be `sha256:<hex digest>`)"
+        )
+    client_id, secret, tenant = parts
+    if not scopes:
+        raise ValueError(
+            f"OAUTH_CLIENTS entry for client {client_id!r} has no `;scopes=`: list what its "
+            "tokens may be granted"
+        )
+    kind, _, digest = secret.partition(":")
+    if kind == "sha256" and SHA256_HEX.fullmatch(digest):
+        secret_sha256 = digest.lower()
+    else:
+        secret_sha256 = hashlib.sha256(secret.encode()).hexdigest()
+    return OAuthClientEntry(client_id, secret_sha256, tenant, scopes)
+
+
+def parse_basic_credential(entry: str) -> tuple[str, str, str]:
+    """`username:password:tenant` (COGNIGY_BASIC_AUTH) → its parts, read as OAUTH_CLIENTS'
+    (the username cannot hold ':', RFC 7617; the password may). The tenant is required, as
+    `user:pass` alone could not say whether `pass` is a password or a tenant."""
+    parts = _id_secret_tenant(entry)
+    if parts is None:
+        raise ValueError("a COGNIGY_BASIC_AUTH entry is `username:password:tenant`")
+    return parts

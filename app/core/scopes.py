@@ -60,19 +60,19 @@ def parse_scope_list(text: str, where: str = "scope") -> frozenset[str]:
     return scopes
 
 
-def split_scopes(entry: str) -> tuple[str, frozenset[str] | None]:
+def split_scopes(entry: str, setting: str = "CLIENT_API_KEYS") -> tuple[str, frozenset[str] | None]:
     """`<credential>;scopes=a b` -> (credential, {a, b}); without the marker, (entry, None): a
     key without a scope list. The split is at the LAST marker. ValueError on an empty or unknown
     scope list."""
     head, sep, listed = entry.rpartition(SCOPES_MARKER)
     if not sep:
         return entry, None
-    scopes = parse_scope_list(listed, "scope in CLIENT_API_KEYS")
+    scopes = parse_scope_list(listed, f"scope in {setting}")
     if not scopes or not head:
         raise ValueError(
-            "a CLIENT_API_KEYS entry has `;scopes=` without a key before it or a scope after it: "
-            "write `key:tenant;scopes=llm.gateway:invoke+llm.gateway:metrics:read`, or leave "
-            "`;scopes=` out for a key allowed everywhere"
+            f"a {setting} entry has `;scopes=` without a credential before it or a scope after "
+            "it: write e.g. `key:tenant;scopes=llm.gateway:invoke+llm.gateway:metrics:read`, or "
+            "(CLIENT_API_KEYS) leave `;scopes=` out for a key allowed everywhere"
         )
     return head, scopes
 

@@ -27,12 +27,23 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from app.core.credentials import parse_client_key, split_tenant
+from app.core.credentials import (
+    parse_basic_credential,
+    parse_client_key,
+    parse_oauth_client,
+    split_tenant,
+)
 from app.core.limits import parse_limit_map
 from app.core.setting_names import NamesChecked
 
-AuthScheme = Literal["hmac", "standard_webhooks", "api_key"]
-ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = ("hmac", "standard_webhooks", "api_key")
+AuthScheme = Literal["hmac", "standard_webhooks", "api_key", "basic", "oauth2"]
+ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = (
+    "hmac",
+    "standard_webhooks",
+    "api_key",
+    "basic",
+    "oauth2",
+)
 
 # Used only when the service runs simulated (`serve --simulate`) without a configured secret, so
 # that the README's signed sample request works on a fresh clone. Never used otherwise.
@@ -180,10 +191,20 @@ class Settings(BaseSettings):
     intent_cache_enabled: bool = True
     intent_cache_ttl_seconds: float = Field(3600.0, gt=0.0, le=7 * 86400.0)
     intent_cache_max_entries: int = Field(10_000, ge=1, le=10_000_000)
-    prompt_injection_mode: Literal["off", "flag", "redact"] = "flag"
+    # filter: redact with the budgets tutorial's "[FILTERED]" instead of "[REMOVED]"
+    prompt_injection_mode: Literal["off", "flag", "redact", "filter"] = "flag"
 
     # --- client API keys (internal tools: /budget/*, and the chat surfaces) ----------------------
     client_api_keys: SecretList = Field(default_factory=list)  # "key:tenant" pairs
+
+    # --- OAuth2 client credentials (POST /api/v1/auth/token) ------------------------------------
+    # "client_id:secret:tenant;scopes=a+b" entries (the secret may be "sha256:<hex digest>"); the
+    # tokens they get are accepted wherever a client key is (and on the Cognigy webhook).
+    oauth_clients: SecretList = Field(default_factory=list)
+    # Signs the tokens (HMAC-SHA256); the same on every worker and replica. Unset: derived from
+    # BOT_STATE_SECRET, else a key of this process only (refused with several processes).
+    access_token_secret: SecretStr | None = None
+    access_token_ttl_seconds: int = Field(3600, ge=60, le=86400)
 
     # --- inbound limits, per client key and per tenant (its keys together), every surface -----
     # (per worker unless STORE_BACKEND=redis); "none" lifts one; the provider file's `limits:`
@@ -209,6 +230,8 @@ class Settings(BaseSettings):
     cognigy_api_keys: SecretList = Field(default_factory=list)
     # The tutorial's single key: one more entry of COGNIGY_API_KEYS.
     cognigy_api_key: SecretStr | None = None
+    # HTTP Basic credentials for the node's "Basic Auth": "username:password:tenant" entries.
+    cognigy_basic_auth: SecretList = Field(default_factory=list)
     cognigy_auth_schemes: Annotated[list[AuthScheme], NoDecode] = Field(
         default_factory=lambda: list(ALL_AUTH_SCHEMES)
     )
@@ -303,6 +326,8 @@ class Settings(BaseSettings):
         "cxone_webhook_authorization",
         "unsafe_output_categories",
         "client_api_keys",
+        "oauth_clients",
+        "cognigy_basic_auth",
         "simulated_upstreams",
         mode="before",
     )(_split_commas)
@@ -332,6 +357,31 @@ class Settings(BaseSettings):
                     f"one credential is listed for several tenants ({', '.join(sorted(names))}): "
                     "give each tenant its own"
                 )
+        return values
+
+    @field_validator("oauth_clients")
+    @classmethod
+    def _oauth_clients(cls, values: list[SecretStr]) -> list[SecretStr]:
+        """Each entry readable, each client id once (two secrets for one id would leave which
+        tenant its tokens name to chance)."""
+        seen: set[str] = set()
+        for entry in values:
+            client_id = parse_oauth_client(entry.get_secret_value()).client_id
+            if client_id in seen:
+                raise ValueError(f"client {client_id!r} is listed twice: keep one entry")
+            seen.add(client_id)
+        return values
+
+    @field_validator("cognigy_basic_auth")
+    @classmethod
+    def _basic_credentials(cls, values: list[SecretStr]) -> list[SecretStr]:
+        """Each entry readable, each username once (its tenant must be one)."""
+        seen: set[str] = set()
+        for entry in values:
+            username, _, _ = parse_basic_credential(entry.get_secret_value())
+            if username in seen:
+                raise ValueError(f"username {username!r} is listed twice: keep one entry")
+            seen.add(username)
         return values
 
     @field_validator("budget_session_tokens", mode="before")
@@ -384,6 +434,7 @@ class Settings(BaseSettings):
         "provisioning_secrets_dir",
         "bot_state_secret",
         "session_id_secret",
+        "access_token_secret",
         "metrics_token",
         "redis_url",
         "admin_token",
@@ -450,9 +501,10 @@ class Settings(BaseSettings):
         inbound = self.webhook_credentials_configured or bool(self.cxone_webhook_authorization)
         if not inbound and not self.allow_unauthenticated_webhooks:
             raise ValueError(
-                "no inbound webhook credential: set COGNIGY_WEBHOOK_SECRET or COGNIGY_API_KEYS "
-                "for the Cognigy webhook, CXONE_WEBHOOK_AUTHORIZATION (the Authorization header "
-                "value the Virtual Agent Hub sends) for the CXone webhook, or both (or "
+                "no inbound webhook credential: set COGNIGY_WEBHOOK_SECRET, COGNIGY_API_KEYS, "
+                "COGNIGY_BASIC_AUTH or OAUTH_CLIENTS for the Cognigy webhook, "
+                "CXONE_WEBHOOK_AUTHORIZATION (the Authorization header value the Virtual Agent "
+                "Hub sends) for the CXone webhook, or both (or "
                 "ALLOW_UNAUTHENTICATED_WEBHOOKS=true, for development only); a webhook without "
                 "its credential answers 401"
             )
@@ -511,6 +563,7 @@ class Settings(BaseSettings):
     def cxone_webhook_enabled(self) -> bool:
         """CXone turns are accepted (and their state signed)."""
         return bool(self.cxone_webhook_authorization) or self.allow_unauthenticated_webhooks
+
     @model_validator(mode="after")
     def _shared_session_id_key(self) -> Settings:
         """Several processes digesting session ids with keys of their own would each store the
@@ -528,9 +581,28 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _shared_access_token_key(self) -> Settings:
+        """Tokens signed with a key of one process would be refused by every other one."""
+        several = self.workers > 1 or self.store_backend == "redis"
+        shared = self.access_token_secret or self.bot_state_secret
+        if self.oauth_clients and several and shared is None:
+            raise ValueError(
+                "ACCESS_TOKEN_SECRET is not set (nor BOT_STATE_SECRET, from which it is "
+                "otherwise derived): with several workers (WORKERS>1) or replicas "
+                "(STORE_BACKEND=redis) a token issued by one process would be refused by the "
+                "others; set ACCESS_TOKEN_SECRET to the same random value on every replica"
+            )
+        return self
+
     @property
     def webhook_credentials_configured(self) -> bool:
-        return bool(self.cognigy_webhook_secret or self.cognigy_api_keys)
+        return bool(
+            self.cognigy_webhook_secret
+            or self.cognigy_api_keys
+            or self.cognigy_basic_auth
+            or self.oauth_clients
+        )
 
     @property
     def using_dev_secret(self) -> bool:

@@ -18,6 +18,8 @@ Three modes, chosen by the operator:
 - ``redact``: every match is replaced by ``[REMOVED]`` before the text reaches the model, so
   the instruction-like phrase never enters the prompt; detections are reported and counted
   the same way.
+- ``filter``: ``redact`` with the budgets tutorial's (001) marker, ``[FILTERED]``, for a flow
+  or a log reader that already looks for it.
 
 The patterns are tuned so normal contact-centre language ("ignore my previous message",
 "show me my invoice", "what are your instructions for returns") passes unchanged; the tests
@@ -44,16 +46,24 @@ from app.safety.rules import (
 
 INJECTION_FILE = "injection.yaml"
 REMOVED = "[REMOVED]"
+FILTERED = "[FILTERED]"  # the budgets tutorial's (001) marker: PROMPT_INJECTION_MODE=filter
 
-InjectionMode = Literal["off", "flag", "redact"]
+InjectionMode = Literal["off", "flag", "redact", "filter"]
 MODES: tuple[str, ...] = get_args(InjectionMode)
+REPLACEMENTS: dict[str, str] = {"redact": REMOVED, "filter": FILTERED}
+
+
+def redacts(mode: InjectionMode) -> bool:
+    """The mode cuts what it finds (redact, filter) instead of only reporting it."""
+    return mode in REPLACEMENTS
 
 
 @dataclass(frozen=True, slots=True)
 class Sanitised:
     """What to pass on, and the names of the patterns found (file order, each once).
 
-    In flag mode `text` is the input unchanged; in redact mode every match is "[REMOVED]".
+    In flag mode `text` is the input unchanged; in redact mode every match is "[REMOVED]" (in
+    filter mode "[FILTERED]").
     """
 
     text: str
@@ -95,12 +105,13 @@ class InjectionRules:
         """
         if mode == "off":
             return Sanitised(text)
-        if mode not in ("flag", "redact"):
+        if mode != "flag" and mode not in REPLACEMENTS:
             raise ValueError(f"unknown prompt-injection mode {mode!r} (known: {MODES})")
+        replacement = REPLACEMENTS.get(mode)
         found: list[str] = []
         for pattern in self.patterns:
-            if mode == "redact":
-                text, replaced = pattern.regex.subn(REMOVED, text)
+            if replacement is not None:
+                text, replaced = pattern.regex.subn(replacement, text)
                 hit = replaced > 0
             else:
                 hit = pattern.regex.search(text) is not None

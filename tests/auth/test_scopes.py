@@ -61,8 +61,8 @@ def test_the_scope_list_follows_the_key_tenant_and_tokens(
     ("entry", "named"),
     [
         ("ck:acme;scopes=llm.gateway:invoke+llm.gateway:write", "llm.gateway:write"),
-        ("ck:acme;scopes=", "without a key before it or a scope after it"),
-        (";scopes=llm.gateway:invoke", "without a key before it or a scope after it"),
+        ("ck:acme;scopes=", "without a credential before it or a scope after it"),
+        (";scopes=llm.gateway:invoke", "without a credential before it or a scope after it"),
     ],
 )
 def test_a_bad_scope_list_stops_start_up_naming_the_setting(

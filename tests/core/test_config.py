@@ -55,7 +55,7 @@ def test_reads_unprefixed_environment_variables(monkeypatch: pytest.MonkeyPatch)
         ("LLM_TEMPERATURE", "5"),
         ("COGNIGY_CONFIDENCE_THRESHOLD", "1.5"),
         ("LLM_GATEWAY_BASE_URL", "ftp://x"),
-        ("COGNIGY_AUTH_SCHEMES", "basic"),
+        ("COGNIGY_AUTH_SCHEMES", "digest"),
         ("PORT", "abc"),
     ],
 )

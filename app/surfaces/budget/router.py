@@ -46,10 +46,12 @@ def tenant_of(principal: Principal, requested: str | None) -> str:
 async def status(
     principal: UsageReaderDep, store: StoreDep, tenant: str | None = None
 ) -> dict[str, Any]:
-    """The tenant's totals, per-session costs and active sessions."""
+    """The tenant's totals, per-session costs and active sessions (the tutorial's
+    `tenant_total_cost`, `session_costs` and `active_sessions` among them)."""
     report = await store.tenant_status(tenant_of(principal, tenant))
     body = report.as_dict()
     body["total_cost"] = report.totals.cost
+    body["tenant_total_cost"] = report.totals.cost  # the budgets tutorial's (001) name
     body["session_costs"] = {s.session_id: s.totals.cost for s in report.sessions}
     return body
 

@@ -29,7 +29,7 @@ from app.metering.context import CallContext
 from app.metering.meter import Metering, Spend
 from app.observability.metrics import BUDGET_EXHAUSTED
 from app.prompts.renderer import PromptRenderer
-from app.safety.injection import InjectionMode, InjectionRules
+from app.safety.injection import InjectionMode, InjectionRules, redacts
 from app.safety.validation import parse_output, repair_messages
 from app.surfaces.cognigy.decision import RoutingDecision
 from app.surfaces.cognigy.schemas import (
@@ -207,7 +207,7 @@ class CognigyPipeline:
         """In redact mode the customer's history lines are cleaned too (the newest is usually
         this very message, so the phrase must not slip in through it). In flag mode they pass
         as they are and are not checked: an old line would be reported again on every turn."""
-        if self.options.injection_mode != "redact":
+        if not redacts(self.options.injection_mode):
             return history
         seen = {original: cleaned}
         kept: list[Turn] = []

@@ -14,9 +14,10 @@ from starlette.requests import HTTPConnection
 from app.core.deadline import Deadline
 from app.core.errors import AuthenticationFailed
 from app.core.principal import Principal
+from app.core.scopes import INVOKE_SCOPES, missing_scope
 from app.deps import SessionIdsDep, SettingsDep, WebhookAuthDep, parts_of
 from app.http.body import LimitedBodyDep, parse_body
-from app.http.caller import unauthorized
+from app.http.caller import record_auth_failure, unauthorized
 from app.http.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
 from app.observability.logs import request_id_var
 from app.observability.metrics import TURNS
@@ -36,13 +37,17 @@ async def webhook_caller(
     request: Request, body: LimitedBodyDep, webhook_auth: WebhookAuthDep
 ) -> Principal:
     """The caller, from the Cognigy credential (a signature covers the body, so it is read
-    first), or 401."""
+    first), or 401; an access token must also hold an invoke scope (403 naming it)."""
     try:
-        return webhook_auth.authenticate(request.headers, body)
+        principal = webhook_auth.authenticate(request.headers, body)
     except AuthenticationFailed as failure:
         raise unauthorized(
             log, "webhook authentication failed", request, failure, challenge="Signature"
         ) from None
+    if (problem := missing_scope(principal.scopes, INVOKE_SCOPES)) is not None:
+        record_auth_failure(log, "webhook scope refused", request, "scope", problem)
+        raise HTTPException(403, problem)
+    return principal
 
 
 CognigyPipelineDep = Annotated[CognigyPipeline, Depends(get_cognigy_pipeline)]
@@ -55,6 +60,7 @@ WebhookCallerDep = Annotated[Principal, Depends(webhook_caller)]
     responses={
         400: error_response("confidence above the threshold: no fallback needed", HTTPError),
         401: error_response("missing or invalid webhook credential", HTTPError),
+        403: error_response("an access token without an invoke scope", HTTPError),
         413: error_response("body over MAX_BODY_BYTES", HTTPError),
         422: error_response("malformed trigger; the detail names the field", ValidationErrorBody),
     },
