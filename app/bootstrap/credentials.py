@@ -33,7 +33,7 @@ def directive_policy(settings: Settings) -> DirectivePolicy:
     """What a configuration sent through the API may name as a key: PROVISIONING_ENV_PREFIX,
     PROVISIONING_SECRETS_DIR, and never a secret this service holds, named or copied: every
     SecretStr setting (by its variable names and its values, each credential entry also without
-    its `:tenant`)."""
+    its `:tenant` and in its long parts)."""
     names: set[str] = {name.upper() for name in _SECRET_URLS}
     digests: set[str] = set()
     for name, info in Settings.model_fields.items():
@@ -49,14 +49,24 @@ def directive_policy(settings: Settings) -> DirectivePolicy:
         value = getattr(settings, name)
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, SecretStr) and (secret := item.get_secret_value().strip()):
-                digests.add(secret_digest(secret))
-                digests.add(secret_digest(split_tenant(secret)[0]))
+                digests |= {secret_digest(part) for part in _secret_parts(secret)}
     return DirectivePolicy(
         env_prefix=settings.provisioning_env_prefix,
         secrets_dir=settings.provisioning_secrets_dir,
         reserved_names=frozenset(names),
         reserved_digests=frozenset(digests),
     )
+
+
+def _secret_parts(entry: str) -> set[str]:
+    """An entry as a whole, its credential without `:tenant`, and each long `:`-separated part
+    (an OAUTH_CLIENTS entry's secret sits between its id and its tenant)."""
+    head = entry.split(";", 1)[0]  # no `;scopes=...`
+    long_parts = {p.strip() for p in head.split(":") if len(p.strip()) >= _MIN_PART_CHARS}
+    return {entry, head, split_tenant(head)[0], *long_parts}
+
+
+_MIN_PART_CHARS = 12  # shorter pieces (a tenant, a client id) are no one's secret
 
 
 def _holds_secret(annotation: Any) -> bool:
