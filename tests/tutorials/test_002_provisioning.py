@@ -560,3 +560,36 @@ async def test_an_active_gateway_survives_a_restart_and_a_revert_removes_it(
         status = await TutorialClient(restarted, PROVISIONER).gateway(created["id"])
         assert status.json()["status"] == "active"  # the record keeps its last health check
     assert gateway_calls(world.endpoint_plan) == ["gpt-4-turbo"]
+
+
+async def test_the_tutorials_token_manager_then_the_flow(
+    service: Callable[..., Any], world: World
+) -> None:
+    """The tutorial's TokenManager: client credentials form-posted to `{BaseURL}/oauth/token`,
+    `access_token` used as the bearer, refreshed `expires_in - 120` seconds later."""
+    client_entry = "go-provisioner:go-client-secret-002:acme;scopes=gateway:write+provider:read"
+    async with service(oauth_clients=[SecretStr(client_entry)]) as client:
+        form = (
+            "grant_type=client_credentials&client_id=go-provisioner"
+            "&client_secret=go-client-secret-002"
+        )
+        issued = await client.post(
+            "/oauth/token",
+            content=form,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert issued.status_code == 200, issued.text
+        token = issued.json()
+        assert token["token_type"].lower() == "bearer"
+        assert token["expires_in"] > 120  # the tutorial refreshes 120 s early
+        tutorial = TutorialClient(client, token["access_token"])
+        matrix = tutorial.model_matrix(await tutorial.fetch_providers())
+        payload = gateway_payload("gw-oauth", world.endpoint.url)
+        assert TutorialClient.check(payload, matrix) is None
+        created = await tutorial.create_gateway(payload)
+        assert created.status_code == 201, created.text
+        checked = await tutorial.trigger_health_check(created.json()["health_check_url"])
+        assert checked.json()["status"] == "active"
+        assert await ask(client, "gw-oauth/gpt-4-turbo")
+        (record,) = [r for r in await audit(client) if r["action"] == "gateway_create"]
+    assert record["actor"].startswith("client:") and "(acme)" in record["actor"]
