@@ -55,16 +55,16 @@ class DirectivePolicy:
         value = resolve_key(directive, allow_literal=allow_literal, env=env)
         if secret_digest(value) in self.reserved_digests:
             raise DirectiveRefused(
-                f"{_shown(kind, rest)} holds the value of one of the service's own credentials, "
-                "which a configuration sent through the API can never use"
+                f"{_shown(kind, rest)} is refused: it holds the value of one of the service's own "
+                "credentials, which a configuration sent through the API can never use"
             )
         return value
 
     def _check_variable(self, name: str) -> None:
         if name.upper() in self.reserved_names:
             raise DirectiveRefused(
-                f"env:{name} is one of the service's own credentials, which a configuration "
-                "sent through the API can never name"
+                f"env:{name} is refused: it is one of the service's own credentials, which a "
+                "configuration sent through the API can never name"
             )
         if not self.env_prefix:
             raise DirectiveRefused(

@@ -141,19 +141,32 @@ def payload_hash(payload: dict[str, Any]) -> str:
 
 
 class Receiver:
-    """ADMIN_NOTIFY_URLS: records every JSON POST."""
+    """ADMIN_NOTIFY_URLS' receiver, and a provider endpoint a caller owns: records every request
+    (its method, path, Authorization and JSON body) and answers 200."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.posted: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []
         self.app = FastAPI()
 
-        @self.app.post("/{path:path}")
-        async def record(request: Request) -> dict[str, bool]:
-            body = await request.json()
+        @self.app.api_route("/{path:path}", methods=["GET", "POST"])
+        async def record(path: str, request: Request) -> dict[str, Any]:
+            raw = await request.body()
             with self.lock:
-                self.posted.append(body)
-            return {"ok": True}
+                self.requests.append(
+                    {
+                        "method": request.method,
+                        "path": f"/{path}",
+                        "authorization": request.headers.get("authorization"),
+                        "json": json.loads(raw) if raw else None,
+                    }
+                )
+            return {"object": "list", "data": []}
+
+    @property
+    def posted(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r["json"] for r in self.requests if r["method"] == "POST"]
 
 
 @dataclass
@@ -475,24 +488,29 @@ async def test_validation_lists_every_problem_with_its_path(
 
 
 async def test_a_refused_directive_never_reaches_the_provider(
-    service: Callable[..., Any], world: World
+    service: Callable[..., Any], world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 20 item 6 on the tutorial's endpoint: ADMIN_TOKEN pointed at a server the caller
-    owns is refused at create, so no health check can send it."""
-    async with service() as client:
+    """Issue 20 item 6 on the tutorial's endpoint: the service's secrets pointed at a server the
+    caller owns (the receiver) are refused at create, so no health check can send them; an
+    allowed directive is what the health check sends there."""
+    monkeypatch.setenv("ADMIN_TOKEN", ADMIN)
+    owned = world.receiver.url
+    async with service(admin_notify_urls=[]) as client:
         tutorial = TutorialClient(client, PROVISIONER)
         for directive in ("env:ADMIN_TOKEN", "env:CLIENT_API_KEYS", "file:/etc/hostname"):
             response = await tutorial.create_gateway(
-                gateway_payload("gw-steal", world.endpoint.url, api_key_directive=directive)
+                gateway_payload("gw-steal", owned, api_key_directive=directive)
             )
             problems = {p["path"]: p["message"] for p in response.json()["problems"]}
             assert response.status_code == 422
-            assert (
-                "refused" in problems["api_key_directive"]
-                or "own credentials" in problems["api_key_directive"]
-            )
+            assert "refused" in problems["api_key_directive"]
             assert ADMIN not in response.text
-    assert world.endpoint_plan.requests == []
+        assert world.received.requests == []
+        allowed = (await tutorial.create_gateway(gateway_payload("gw-owned", owned))).json()
+        await tutorial.trigger_health_check(allowed["health_check_url"])
+    assert {(r["method"], r["path"], r["authorization"]) for r in world.received.requests} == {
+        ("GET", "/v1/models", f"Bearer {GATEWAY_KEY}")
+    }
 
 
 async def test_unknown_ids_conflicting_names_and_credentials(

@@ -817,8 +817,8 @@ def to_recorder(u: Upstreams, *keys: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("directive", "rule"),
     [
-        ("env:ADMIN_TOKEN", "env:ADMIN_TOKEN is one of the service's own credentials"),
-        ("env:admin_token", "env:admin_token is one of the service's own credentials"),
+        ("env:ADMIN_TOKEN", "env:ADMIN_TOKEN is refused: it is one of the service's own"),
+        ("env:admin_token", "env:admin_token is refused: it is one of the service's own"),
         ("env:BOT_STATE_SECRET", "one of the service's own credentials"),
         ("env:CLIENT_API_KEYS", "one of the service's own credentials"),
         ("env:COGNIGY_WEBHOOK_SECRET", "one of the service's own credentials"),
