@@ -611,3 +611,45 @@ async def test_the_tutorials_token_manager_then_the_flow(
         assert await ask(client, "gw-oauth/gpt-4-turbo")
         (record,) = [r for r in await audit(client) if r["action"] == "gateway_create"]
     assert record["actor"].startswith("client:") and "(acme)" in record["actor"]
+
+
+async def test_each_endpoint_becomes_a_provider_with_the_gateways_limits(
+    service: Callable[..., Any], world: World, llm_server: LoopbackServer
+) -> None:
+    routing = {
+        "gpt-4-turbo": {
+            "endpoint_url": f"{world.endpoint.url}/v1/chat/completions",
+            "max_tokens": 2048,
+            "timeout_ms": 12000,
+        },
+        "gpt-4o-mini": {
+            "endpoint_url": f"{llm_server.url}/v1/chat/completions",
+            "max_tokens": 1024,
+            "timeout_ms": 9000,
+        },
+    }
+    payload = gateway_payload("gw-multi", world.endpoint.url, model_routing=routing)
+    async with service() as client:
+        tutorial = TutorialClient(client, PROVISIONER)
+        created = (await tutorial.create_gateway(payload)).json()
+        checked = (await tutorial.trigger_health_check(created["health_check_url"])).json()
+        assert checked["models"] == ["gw-multi/gpt-4-turbo", "gw-multi/gpt-4o-mini"]
+        listed = {p["id"]: p for p in await tutorial.fetch_providers()}
+        admin = await client.get("/admin/providers", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert await ask(client, "gw-multi/gpt-4-turbo")
+    assert set(listed) == {"openai", "gw-multi-1", "gw-multi-2"}
+    first, second = listed["gw-multi-1"], listed["gw-multi-2"]
+    assert first["engine"] == second["engine"] == "openai"
+    assert first["rate_limit_per_minute"] == second["rate_limit_per_minute"] == 120
+    assert first["models"] == [
+        {
+            "model_id": "gpt-4-turbo",
+            "endpoint_url": f"{world.endpoint.url}/v1/chat/completions",
+            "max_tokens": 2048,
+            "max_context_tokens": 8192,
+        }
+    ]
+    assert second["models"][0]["endpoint_url"] == f"{llm_server.url}/v1/chat/completions"
+    timeouts = {p["name"]: p["timeout_seconds"] for p in admin.json()["providers"]}
+    assert (timeouts["gw-multi-1"], timeouts["gw-multi-2"]) == (12.0, 9.0)
+    assert gateway_calls(world.endpoint_plan) == ["gpt-4-turbo"]
