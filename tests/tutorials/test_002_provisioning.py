@@ -653,3 +653,28 @@ async def test_each_endpoint_becomes_a_provider_with_the_gateways_limits(
     timeouts = {p["name"]: p["timeout_seconds"] for p in admin.json()["providers"]}
     assert (timeouts["gw-multi-1"], timeouts["gw-multi-2"]) == (12.0, 9.0)
     assert gateway_calls(world.endpoint_plan) == ["gpt-4-turbo"]
+
+
+async def test_on_the_llm_gateway_provider_alone_a_create_says_to_use_a_provider_file(
+    service: Callable[..., Any], world: World
+) -> None:
+    async with service(providers_file=None, llm_model="gpt-4o-mini") as client:
+        tutorial = TutorialClient(client, PROVISIONER)
+        (provider,) = await tutorial.fetch_providers()
+        response = await tutorial.create_gateway(
+            gateway_payload("gw-env", world.endpoint.url, provider_id=provider["id"])
+            | {
+                "model_routing": {
+                    "gpt-4o-mini": {
+                        "endpoint_url": f"{world.endpoint.url}/v1/chat/completions",
+                        "max_tokens": 1024,
+                        "timeout_ms": 5000,
+                    }
+                }
+            }
+        )
+    assert response.status_code == 422, response.text
+    (problem,) = response.json()["problems"]
+    assert problem["path"] == "(service)"
+    assert "PROVIDERS_FILE" in problem["message"]
+    assert "sk-test-provider-key" not in response.text
