@@ -295,6 +295,11 @@ def _payload_problems(problems: list[Problem], plan: _Plan, first_new: int) -> l
     return mapped
 
 
+def _under(path: str, prefix: str) -> bool:
+    """`model_routing.gpt-4.max_tokens` is under `model_routing.gpt-4`; `…gpt-4o` is not."""
+    return path == prefix or path.startswith(f"{prefix}.")
+
+
 def parse_gateway(raw: object) -> GatewayIn:
     try:
         return GatewayIn.model_validate(raw)
@@ -338,7 +343,7 @@ class GatewayService:
             sound = {
                 model: route
                 for model, route in gateway.model_routing.items()
-                if not any(p.path.startswith(f"model_routing.{model}") for p in problems)
+                if not any(_under(p.path, f"model_routing.{model}") for p in problems)
             }
             if sound:
                 plan = _plan(gateway.model_copy(update={"model_routing": sound}), reference)
