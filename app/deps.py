@@ -19,6 +19,7 @@ from app.accounting.ledger import Ledger
 from app.auth.clients import ClientAuthenticator
 from app.auth.signatures import AuthorizationAuthenticator, WebhookAuthenticator
 from app.core.settings import Settings
+from app.llm.gateways import GatewayService
 from app.llm.provisioning import Provisioner
 from app.llm.router import RouterSlot
 from app.pipelines.chat import ChatPipeline
@@ -92,6 +93,10 @@ async def get_audit_log(connection: HTTPConnection) -> AuditLog:
     return parts_of(connection).audit
 
 
+async def get_gateways(connection: HTTPConnection) -> GatewayService:
+    return parts_of(connection).gateways
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 HttpClientDep = Annotated[httpx.AsyncClient, Depends(get_http_client)]
 RouterSlotDep = Annotated[RouterSlot, Depends(get_router_slot)]
@@ -106,3 +111,4 @@ ChatPipelineDep = Annotated[ChatPipeline, Depends(get_chat_pipeline)]
 CallerTemplatesDep = Annotated[CallerTemplates, Depends(get_caller_templates)]
 ProvisionerDep = Annotated[Provisioner, Depends(get_provisioner)]
 AuditLogDep = Annotated[AuditLog, Depends(get_audit_log)]
+GatewaysDep = Annotated[GatewayService, Depends(get_gateways)]

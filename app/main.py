@@ -32,6 +32,7 @@ from app.surfaces.oauth import router as oauth
 from app.surfaces.openai import embeddings_router as embeddings
 from app.surfaces.openai import gateway_router as gateway_chat
 from app.surfaces.openai import router as openai_compat
+from app.surfaces.provisioning import router as provisioning_v2
 
 log = logging.getLogger("cxrelay")
 
@@ -78,6 +79,7 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
     app.include_router(cxone.router)
     app.include_router(admin.router)
     app.include_router(gateway.router)
+    app.include_router(provisioning_v2.router)
     app.include_router(metrics.router)
     app.include_router(budget.router)
     app.include_router(chat.router)

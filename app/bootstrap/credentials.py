@@ -8,6 +8,9 @@ import hashlib
 import hmac
 import logging
 import secrets
+from typing import Any, get_args
+
+from pydantic import SecretStr
 
 from app.auth.signatures import AuthorizationAuthenticator
 from app.auth.tokens import AccessTokens, OAuthClient
@@ -18,8 +21,58 @@ from app.core.settings import (
     DEV_CXONE_AUTHORIZATION,
     Settings,
 )
+from app.llm.directives import DirectivePolicy, secret_digest
 
 log = logging.getLogger("cxrelay")
+
+# not SecretStr, but a URL that may carry a password (redis://:password@host)
+_SECRET_URLS = ("redis_url",)
+
+
+def directive_policy(settings: Settings) -> DirectivePolicy:
+    """What a configuration sent through the API may name as a key: PROVISIONING_ENV_PREFIX,
+    PROVISIONING_SECRETS_DIR, and never a secret this service holds, named or copied: every
+    SecretStr setting (by its variable names and its values, each credential entry also without
+    its `:tenant` and in its long parts)."""
+    names: set[str] = {name.upper() for name in _SECRET_URLS}
+    digests: set[str] = set()
+    for name, info in Settings.model_fields.items():
+        if not _holds_secret(info.annotation):
+            continue
+        names.add(name.upper())
+        for alias in (info.alias, info.validation_alias):
+            if isinstance(alias, str):
+                names.add(alias.upper())
+            for choice in getattr(alias, "choices", ()):
+                if isinstance(choice, str):
+                    names.add(choice.upper())
+        value = getattr(settings, name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, SecretStr) and (secret := item.get_secret_value().strip()):
+                digests |= {secret_digest(part) for part in _secret_parts(secret)}
+    return DirectivePolicy(
+        env_prefix=settings.provisioning_env_prefix,
+        secrets_dir=settings.provisioning_secrets_dir,
+        reserved_names=frozenset(names),
+        reserved_digests=frozenset(digests),
+    )
+
+
+def _secret_parts(entry: str) -> set[str]:
+    """An entry as a whole, its credential without `:tenant`, and each long `:`-separated part
+    (an OAUTH_CLIENTS entry's secret sits between its id and its tenant)."""
+    head = entry.split(";", 1)[0]  # no `;scopes=...`
+    long_parts = {p.strip() for p in head.split(":") if len(p.strip()) >= _MIN_PART_CHARS}
+    return {entry, head, split_tenant(head)[0], *long_parts}
+
+
+_MIN_PART_CHARS = 12  # shorter pieces (a tenant, a client id) are no one's secret
+
+
+def _holds_secret(annotation: Any) -> bool:
+    if annotation is SecretStr:
+        return True
+    return any(_holds_secret(arg) for arg in get_args(annotation))
 
 
 def state_secret(settings: Settings) -> bytes:

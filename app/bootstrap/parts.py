@@ -20,6 +20,7 @@ from app.auth.signatures import AuthorizationAuthenticator, ReplayGuard, Webhook
 from app.bootstrap.credentials import (
     access_tokens,
     cxone_authorizations,
+    directive_policy,
     session_id_key,
     warn_about_development_settings,
 )
@@ -36,6 +37,7 @@ from app.core.settings import Settings
 from app.llm import tokens
 from app.llm.base_config import startup_provider_config
 from app.llm.catalog import ProviderConfig
+from app.llm.gateways import GatewayService
 from app.llm.provisioning import Provisioner
 from app.llm.router import LLMRouter, RouterSlot
 from app.metering.meter import Metering
@@ -44,6 +46,7 @@ from app.prompts.caller_templates import CallerTemplates
 from app.safety.session_ids import SessionIds
 from app.store import Store, open_store
 from app.store.audit import AuditLog
+from app.store.gateways import GatewayRegistry, SQLiteGateways
 from app.surfaces.cognigy.pipeline import CognigyPipeline
 from app.surfaces.cxone.pipeline import CXoneBotPipeline
 from app.surfaces.health.probes import ProviderProbes
@@ -74,6 +77,7 @@ class Parts:
     cxone_authorizations: AuthorizationAuthenticator
     audit: AuditLog
     provisioner: Provisioner
+    gateways: GatewayService  # /api/v2/gateways: records in the store, applied by the provisioner
     store: Store
     ledger: Ledger
     client_auth: ClientAuthenticator
@@ -94,7 +98,8 @@ async def build_parts(settings: Settings, stack: AsyncExitStack) -> Parts:
     stack.callback(tokens.use_exact_counting, True)  # process-wide: back to the default
     await asyncio.to_thread(tokens.preload, models)  # never load an encoding per request
     store, ledger = await open_usage_ledger(settings, stack)
-    parts = _build(settings, stack, audit, startup, store, ledger)
+    registry = await open_gateway_registry(settings, store, stack)
+    parts = _build(settings, stack, audit, startup, store, ledger, registry)
     reprobe = asyncio.create_task(
         _reprobe_keys(parts.llm, settings.key_reprobe_seconds), name="key-reprobe"
     )
@@ -130,6 +135,7 @@ def _build(
     startup: StartupConfig,
     store: Store,
     ledger: Ledger,
+    registry: GatewayRegistry,
 ) -> Parts:
     http = build_http_client(http_client_options(settings))
     stack.push_async_callback(http.aclose)
@@ -143,6 +149,7 @@ def _build(
         audit=audit,
         source=startup.source,
         sha256=startup.sha256,
+        directives=directive_policy(settings),
     )
     stack.push_async_callback(provisioner.aclose)  # before http.aclose: notifications use it
     tokens = access_tokens(settings)
@@ -183,6 +190,7 @@ def _build(
         cxone_authorizations=cxone_authorizations(settings),
         audit=audit,
         provisioner=provisioner,
+        gateways=GatewayService(provisioner, registry),
         store=store,
         ledger=ledger,
         client_auth=client_auth,
@@ -243,6 +251,19 @@ async def open_usage_ledger(settings: Settings, stack: AsyncExitStack) -> tuple[
     ledger = Ledger(store)
     stack.push_async_callback(ledger.close)
     return store, ledger
+
+
+async def open_gateway_registry(
+    settings: Settings, store: Store, stack: AsyncExitStack
+) -> GatewayRegistry:
+    """Where /api/v2/gateways keeps its records: beside the ledger, so every worker (SQLite: on
+    this host) or replica (Redis) answers a gateway's status."""
+    shared = store.gateway_registry()
+    if shared is not None:
+        return shared
+    registry = await SQLiteGateways.open(settings.data_dir)
+    stack.push_async_callback(registry.close)
+    return registry
 
 
 def build_inbound_limits(settings: Settings, store: Store, llm: RouterSlot) -> InboundLimiter:

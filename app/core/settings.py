@@ -216,6 +216,11 @@ class Settings(BaseSettings):
     # --- provisioning (admin) API ----------------------------------------------------------------
     admin_token: SecretStr | None = None
     admin_notify_urls: CommaList = Field(default_factory=list)
+    # What key directives a configuration sent through the API may name (the provider file is
+    # not limited): env: variables starting with this prefix ("" refuses env:), and files below
+    # this directory (unset refuses file:). The service's own secrets are refused regardless.
+    provisioning_env_prefix: str = Field("CXR_PROVIDER_KEY_", pattern=r"^[A-Za-z0-9_]*$")
+    provisioning_secrets_dir: Path | None = None
 
     # --- /metrics: open (Prometheus' convention) unless a bearer token is set ---------------------
     metrics_token: SecretStr | None = None
@@ -426,6 +431,7 @@ class Settings(BaseSettings):
         "cxone_api_base_url",
         "providers_file",
         "safety_rules_dir",
+        "provisioning_secrets_dir",
         "bot_state_secret",
         "session_id_secret",
         "access_token_secret",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from app.core.errors import ConfigError
 from app.llm.catalog import (
+    KeyResolver,
     Problem,
     ProviderConfig,
     ProviderConfigInvalid,
@@ -77,11 +78,12 @@ def check_default_model(config: ProviderConfig, model: str) -> None:
 
 
 def validate_candidate(
-    raw: object, default_model: str
+    raw: object, default_model: str, resolver: KeyResolver | None = None
 ) -> tuple[ProviderConfig | None, list[Problem]]:
     """Every problem of a configuration offered at run time, LLM_MODEL included: webhooks ask
-    for LLM_MODEL, so a configuration that does not serve it would break every turn."""
-    config, problems = validate_provider_config(raw)
+    for LLM_MODEL, so a configuration that does not serve it would break every turn. `resolver`
+    resolves its key directives (default: the provider file's rules)."""
+    config, problems = validate_provider_config(raw, resolver=resolver)
     if config is not None:
         try:
             check_default_model(config, default_model)

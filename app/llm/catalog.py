@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -194,25 +194,40 @@ def resolve_key(directive: str, *, allow_literal: bool, env: Mapping[str, str]) 
     )
 
 
+# How validation resolves a provider's key directive: (provider, directive, allow_literal_keys) ->
+# the key, or ValueError with the reason. The provider file's is resolve_key over the
+# environment; a configuration sent through the API gets a stricter one (app.llm.directives).
+KeyResolver = Callable[["ProviderSpec", str, bool], str]
+
+
+def env_resolver(env: Mapping[str, str]) -> KeyResolver:
+    def resolve(_provider: ProviderSpec, directive: str, allow_literal: bool) -> str:
+        return resolve_key(directive, allow_literal=allow_literal, env=env)
+
+    return resolve
+
+
 def _not_a_directive(value: object) -> str:
     if isinstance(value, dict):
         return 'not a key directive: YAML read it as a mapping (quote it, e.g. "env:VAR")'
     return f"not a key directive: expected a string like env:VAR, got {type(value).__name__}"
 
 
-def _directive_problem(directive: object, allow_literal: bool, env: Mapping[str, str]) -> str:
+def _directive_problem(
+    provider: ProviderSpec, directive: object, allow_literal: bool, resolver: KeyResolver
+) -> str:
     """Why a key directive cannot be used ("" when it can)."""
     if not isinstance(directive, str):
         return _not_a_directive(directive)
     try:
-        resolve_key(directive, allow_literal=allow_literal, env=env)
+        resolver(provider, directive, allow_literal)
     except ValueError as error:
         return str(error)
     return ""
 
 
 def _oauth_problems(
-    at: str, provider: ProviderSpec, oauth: OAuthSpec, literal: bool, env: Mapping[str, str]
+    at: str, provider: ProviderSpec, oauth: OAuthSpec, literal: bool, resolver: KeyResolver
 ) -> list[Problem]:
     problems: list[Problem] = []
     if provider.api_keys:
@@ -221,7 +236,7 @@ def _oauth_problems(
         problems.append(Problem(f"{at}.auth_header", "oauth sends Authorization: Bearer <token>"))
     if not oauth.token_url.startswith(("http://", "https://")):
         problems.append(Problem(f"{at}.oauth.token_url", "must be an http:// or https:// URL"))
-    if reason := _directive_problem(oauth.client_secret, literal, env):
+    if reason := _directive_problem(provider, oauth.client_secret, literal, resolver):
         problems.append(Problem(f"{at}.oauth.client_secret", reason))
     return problems
 
@@ -291,7 +306,7 @@ def _duplicates(names: list[str]) -> set[str]:
 
 def _semantic_problems(
     config: ProviderConfig,
-    env: Mapping[str, str],
+    resolver: KeyResolver,
     malformed: frozenset[str] | set[str] = frozenset(),
     positions: tuple[list[int], list[int]] | None = None,
 ) -> list[Problem]:
@@ -324,10 +339,12 @@ def _semantic_problems(
         if provider.timeout_seconds <= 0:
             problems.append(Problem(f"{at}.timeout_seconds", "must be above 0"))
         for k, directive in enumerate(provider.api_keys):
-            if reason := _directive_problem(directive, config.allow_literal_keys, env):
+            if reason := _directive_problem(
+                provider, directive, config.allow_literal_keys, resolver
+            ):
                 problems.append(Problem(f"{at}.api_keys[{k}]", reason))
         if (oauth := provider.oauth) is not None:
-            problems += _oauth_problems(at, provider, oauth, config.allow_literal_keys, env)
+            problems += _oauth_problems(at, provider, oauth, config.allow_literal_keys, resolver)
         for name in sorted(_duplicates([m.name for m in provider.models])):
             problems.append(Problem(f"{at}.models", f"duplicate model name {name!r}"))
         for m, model in enumerate(provider.models):
@@ -408,14 +425,15 @@ def _semantic_problems(
 
 
 def validate_provider_config(
-    raw: object, env: Mapping[str, str] | None = None
+    raw: object, env: Mapping[str, str] | None = None, resolver: KeyResolver | None = None
 ) -> tuple[ProviderConfig | None, list[Problem]]:
     """The parsed configuration and every problem found (None if its shape is wrong).
 
     Providers and routes are checked one by one, so a malformed entry does not hide the
-    problems of the others: an operator fixes the whole file in one round.
+    problems of the others: an operator fixes the whole file in one round. `resolver` (default:
+    the environment's) resolves each key directive.
     """
-    env = os.environ if env is None else env
+    resolver = resolver or env_resolver(os.environ if env is None else env)
     try:
         config = ProviderConfig.model_validate(raw)
     except ValidationError as error:
@@ -423,7 +441,7 @@ def validate_provider_config(
             Problem(loc_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()
         ]
     else:
-        return config, _semantic_problems(config, env)
+        return config, _semantic_problems(config, resolver)
     if not isinstance(raw, dict):
         return None, shape_problems
     providers: list[ProviderSpec] = []
@@ -449,7 +467,7 @@ def validate_provider_config(
         routes=routes,
         allow_literal_keys=raw.get("allow_literal_keys") is True,
     )
-    semantic = _semantic_problems(partial, env, malformed, (provider_at, route_at))
+    semantic = _semantic_problems(partial, resolver, malformed, (provider_at, route_at))
     return None, shape_problems + semantic
 
 

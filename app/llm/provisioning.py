@@ -8,6 +8,12 @@ in flight keep the router they read, so nothing is cut off and the old router is
 Every attempt, good or bad, is written to the audit log; a change that took effect is also
 persisted, so a restart comes back with it, and announced to ADMIN_NOTIFY_URLS.
 
+Key directives in a configuration sent through the API are resolved by the DirectivePolicy
+(app.llm.directives): in validation and in the health check alike, so a directive it refuses is
+a problem of the candidate and its value is never sent to a provider. Only a provider the change
+leaves pointing where it pointed (same name, kind, URLs, auth header, token URL) keeps the
+directives it had, whatever they name: the operator chose them in the provider file.
+
 Applies and reverts are serialised by one lock: two operators cannot interleave a
 probe-then-swap and end with a configuration nobody applied.
 """
@@ -20,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
@@ -30,6 +36,7 @@ from app.auth.signatures import fingerprint
 from app.core.errors import ConfigError
 from app.llm.base_config import BaseConfig, validate_candidate
 from app.llm.catalog import (
+    KeyResolver,
     Problem,
     ProviderConfig,
     ProviderConfigInvalid,
@@ -37,6 +44,7 @@ from app.llm.catalog import (
     canonical_json,
     resolve_key,
 )
+from app.llm.directives import DirectivePolicy
 from app.llm.notifications import ChangeNotifier, public_url
 from app.llm.router import LLMRouter, RouterOptions, RouterSlot
 from app.llm.routes import build_client
@@ -120,6 +128,7 @@ class Provisioner:
     audit: AuditLog
     source: str  # "applied", "providers_file" or "env"
     sha256: str | None = None  # of the configuration served (when not given: the slot's)
+    directives: DirectivePolicy = field(default_factory=DirectivePolicy)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _notifier: ChangeNotifier = field(init=False)
 
@@ -133,7 +142,23 @@ class Provisioner:
     # --- validation ------------------------------------------------------------------------------
 
     def validate(self, raw: object) -> list[Problem]:
-        return validate_candidate(raw, self.base.default_model)[1]
+        return self._validate(raw)[1]
+
+    def _validate(self, raw: object) -> tuple[ProviderConfig | None, list[Problem]]:
+        """The one check every configuration sent through the API passes (/admin, gateways)."""
+        resolver = self.key_resolver(self.slot.current.config)
+        return validate_candidate(raw, self.base.default_model, resolver)
+
+    def key_resolver(self, current: ProviderConfig) -> KeyResolver:
+        """Directives of an API candidate: the DirectivePolicy's, except those a provider keeps
+        while it still points where it pointed in `current` (chosen in the provider file)."""
+
+        def resolve(spec: ProviderSpec, directive: str, allow_literal: bool) -> str:
+            if directive in _kept_directives(spec, current.provider(spec.name)):
+                return resolve_key(directive, allow_literal=allow_literal, env=os.environ)
+            return self.directives.resolve(directive, allow_literal=allow_literal, env=os.environ)
+
+        return resolve
 
     async def dry_run(self, raw: object, actor: str) -> list[Problem]:
         """Validate without changing anything; audited as `validate` (no provider is called)."""
@@ -193,7 +218,7 @@ class Provisioner:
 
     async def _apply(self, raw: object, attempt: _Attempt) -> ApplyResult:
         """Validate, health-check, swap, persist, audit; called with the lock held."""
-        config, problems = validate_candidate(raw, self.base.default_model)
+        config, problems = self._validate(raw)
         if config is None or problems or not isinstance(raw, Mapping):
             return await self._rejected(attempt, "invalid", problems)
         failures, unhealthy = await self._health_check(config, self.slot.current.config)
@@ -229,6 +254,18 @@ class Provisioner:
             self.slot.swap(router)
             self.source, self.sha256 = self.base.source, attempt.digest
             return await self._changed(attempt, config)
+
+    async def apply_built(
+        self, build: Callable[[ProviderConfig], object], actor: str
+    ) -> ApplyResult:
+        """Apply the candidate `build` makes from the configuration in service, read under the
+        lock: a change that adds to the configuration (a gateway) never drops another change
+        applied meanwhile. Like every change, it ends in `_apply`, whose validation holds the
+        API's directive policy."""
+        started = time.perf_counter()
+        async with self._lock:
+            raw = build(self.slot.current.config)
+            return await self._apply(raw, _Attempt("apply", actor, payload_sha256(raw), started))
 
     async def _rejected(
         self, attempt: _Attempt, result: AuditResult, problems: list[Problem]
@@ -267,6 +304,23 @@ class Provisioner:
         self._notifier.notify(NOTIFY_EVENT, record.as_dict())
         return ApplyResult("ok", attempt.digest, [], record, providers, routes, unhealthy)
 
+    def notify(self, event: str, payload: dict[str, Any]) -> None:
+        """Announce an event to ADMIN_NOTIFY_URLS (fire-and-forget, as a configuration change)."""
+        self._notifier.notify(event, payload)
+
+    async def record(
+        self,
+        *,
+        action: AuditAction,
+        actor: str,
+        digest: str,
+        started: float,
+        result: AuditResult,
+        detail: str,
+    ) -> AuditRecord:
+        """An audit record of a step taken beside the configuration (a gateway's creation)."""
+        return await self._record(_Attempt(action, actor, digest, started), result, detail)
+
     async def _failed(self, attempt: _Attempt, error: Exception) -> ApplyResult:
         log.exception("provider configuration %s failed unexpectedly", attempt.action)
         problem = Problem("(server)", f"{type(error).__name__}: {error}"[:300])
@@ -298,8 +352,9 @@ class Provisioner:
             for i, spec in enumerate(config.providers)
             if current.provider(spec.name) != spec
         ]
+        resolver = self.key_resolver(current)
         probes = await asyncio.gather(
-            *(self._probe(spec, config.allow_literal_keys) for _, spec in changed)
+            *(self._probe(spec, config.allow_literal_keys, resolver) for _, spec in changed)
         )
         problems = [
             Problem(f"providers[{i}]", _failed_provider(spec.name, probe))
@@ -309,7 +364,9 @@ class Provisioner:
         unhealthy = [key for probe in probes if probe.passed for key in probe.failed]
         return problems, unhealthy
 
-    async def _probe(self, spec: ProviderSpec, allow_literal: bool) -> _ProviderProbe:
+    async def _probe(
+        self, spec: ProviderSpec, allow_literal: bool, resolver: KeyResolver
+    ) -> _ProviderProbe:
         """Each key once, all at once, each bounded by PROBE_TIMEOUT_SECONDS."""
         client = build_client(spec)
         url = public_url(str(getattr(client, "models_url", spec.base_url)))
@@ -318,8 +375,8 @@ class Provisioner:
         secrets: list[str | None] = []
         for directive in spec.api_keys:
             try:
-                secrets.append(resolve_key(directive, allow_literal=allow_literal, env=os.environ))
-            except ValueError:  # validated a moment ago; gone since (a deleted key file)
+                secrets.append(resolver(spec, str(directive), allow_literal))
+            except ValueError:  # validated a moment ago; gone or refused since (a file swapped)
                 secrets.append(None)
         served = await asyncio.gather(
             *(self._probe_key(client, s) if s is not None else _false() for s in secrets)
@@ -398,6 +455,29 @@ def mask_directive(directive: str) -> str:
     if sep and kind in ("env", "file"):
         return directive
     return f"{kind}:***" if sep and kind == "literal" else "***"
+
+
+def _kept_directives(spec: ProviderSpec, before: ProviderSpec | None) -> frozenset[str]:
+    """The directives `before` had, if `spec` still sends keys where `before` sent them."""
+    if before is None:
+        return frozenset()
+    if (spec.kind, spec.base_url, spec.transport, spec.ws_url, spec.auth_header) != (
+        before.kind,
+        before.base_url,
+        before.transport,
+        before.ws_url,
+        before.auth_header,
+    ):
+        return frozenset()
+    kept = {d for d in before.api_keys if isinstance(d, str)}
+    same_token_url = (
+        spec.oauth is not None
+        and before.oauth is not None
+        and spec.oauth.token_url == before.oauth.token_url
+    )
+    if same_token_url and before.oauth is not None and isinstance(before.oauth.client_secret, str):
+        kept.add(before.oauth.client_secret)
+    return frozenset(kept)
 
 
 def _failed_provider(name: str, probe: _ProviderProbe) -> str:

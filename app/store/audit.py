@@ -26,7 +26,9 @@ from app.store.sqlite_init import preparing
 DB_FILENAME = "cx-relay.sqlite3"
 MAX_DETAIL_CHARS = 2000
 
-AuditAction = Literal["apply", "revert", "validate"]
+# apply/revert/validate: /admin; gateway_create/gateway_health_check: /api/v2/gateways (whose
+# health check also writes the `apply` it makes)
+AuditAction = Literal["apply", "revert", "validate", "gateway_create", "gateway_health_check"]
 AuditResult = Literal["ok", "invalid", "health_check_failed", "error"]
 
 _T = TypeVar("_T")

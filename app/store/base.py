@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from app.core.errors import CxRelayError
 from app.store.counters import LimitCounters, MemoryCounters
@@ -52,6 +53,9 @@ from app.store.models import (
     parse_cursor,
     to_micros,
 )
+
+if TYPE_CHECKING:  # gateways.py imports the SQLite connection, which imports this module
+    from app.store.gateways import GatewayRegistry
 
 DEFAULT_RESERVATION_TTL_SECONDS = 300.0
 DEFAULT_ACTIVE_WINDOW_SECONDS = 1800.0
@@ -180,6 +184,11 @@ class Store(ABC):
     def limit_counters(self) -> LimitCounters:
         """Where the inbound limits count: in this process, unless the store is shared."""
         return MemoryCounters()
+
+    def gateway_registry(self) -> GatewayRegistry | None:
+        """Where /api/v2/gateways keeps its records when the store is shared by replicas; None:
+        in the SQLite file under DATA_DIR (app.store.gateways.SQLiteGateways)."""
+        return None
 
     # --- what each backend does its own way (arguments already checked) ---------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from app.store.base import DEFAULT_RESERVATION_TTL_SECONDS, StoreUnavailable
 from app.store.counters import LimitCounters
+from app.store.gateways import GatewayRegistry
 from app.store.models import Reservation, UsageRecord
 from app.store.redis_budget import (
     DEFAULT_BUDGET_KEY_TTL_SECONDS,
@@ -24,6 +25,7 @@ from app.store.redis_budget import (
 )
 from app.store.redis_connection import DEFAULT_PREFIX, connect
 from app.store.redis_counters import RedisCounters
+from app.store.redis_gateways import RedisGateways
 from app.store.redis_ledger import APPEND_FUNCTION, RedisLedger, append_args
 
 __all__ = ["DEFAULT_BUDGET_KEY_TTL_SECONDS", "DEFAULT_PREFIX", "RedisStore"]
@@ -54,6 +56,10 @@ class RedisStore(RedisBudget, RedisLedger):
     def limit_counters(self) -> LimitCounters:
         """In Redis, beside the budgets: every replica sees the same counts."""
         return RedisCounters(self.client, prefix=self.prefix)
+
+    def gateway_registry(self) -> GatewayRegistry:
+        """In Redis, on this client: every replica reads the same gateways."""
+        return RedisGateways(self.client, prefix=self.prefix)
 
     @classmethod
     async def open(

@@ -32,7 +32,7 @@ from app.simulator.server import LoopbackServer
 from tests.helpers import post_turn, trigger
 
 ROOT = Path(__file__).resolve().parents[2]
-SECRET_ENV = "ALPHA_CLIENT_SECRET"
+SECRET_ENV = "CXR_PROVIDER_KEY_ALPHA_CLIENT_SECRET"
 BETA_KEY = "sk-beta-static-key"
 SCOPE = "llm-gateway:manage"  # the NICE gateway tutorial's scope
 AUDIENCE = "https://llm-gateway.example"
@@ -56,8 +56,8 @@ class Fakes:
 def fakes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Fakes]:
     issuer, alpha_plan, beta_plan = TokenIssuer(), FaultPlan(), FaultPlan()
     monkeypatch.setenv(SECRET_ENV, issuer.client_secret)
-    monkeypatch.setenv("WRONG_SECRET", "not-the-client-secret")
-    monkeypatch.setenv("BETA_KEY", BETA_KEY)
+    monkeypatch.setenv("CXR_PROVIDER_KEY_WRONG_SECRET", "not-the-client-secret")
+    monkeypatch.setenv("CXR_PROVIDER_KEY_BETA", BETA_KEY)
     with (
         LoopbackServer(create_llm_simulator(alpha_plan, oauth=issuer)) as alpha,
         LoopbackServer(create_llm_simulator(beta_plan)) as beta,
@@ -89,7 +89,7 @@ def raw_config(urls: tuple[str, str], *, alpha: dict[str, Any] | None = None, **
     beta_spec = {
         "name": "beta",
         "base_url": urls[1],
-        "api_keys": ["env:BETA_KEY"],
+        "api_keys": ["env:CXR_PROVIDER_KEY_BETA"],
         "models": [{"name": "gpt-4o"}],
     }
     chain = [{"provider": "alpha", "model": "gpt-4o-mini"}, {"provider": "beta", "model": "gpt-4o"}]
@@ -241,7 +241,7 @@ async def test_a_token_endpoint_failure_falls_back_to_the_next_provider(
         fakes.issuer.plan.push(Fault(delay=0.4), Fault(delay=0.4))
         changes["timeout_seconds"] = 0.1
     else:
-        changes["client_secret"] = "env:WRONG_SECRET"
+        changes["client_secret"] = "env:CXR_PROVIDER_KEY_WRONG_SECRET"
     llm = build_router(http, fakes, **changes)
     result = await ask(llm)
     assert steps(result) in [[f"alpha:{o}", "beta:ok"] for o in outcome.split()]
@@ -276,7 +276,7 @@ def test_the_oauth_example_file_is_valid(monkeypatch: pytest.MonkeyPatch) -> Non
 @pytest.mark.parametrize(
     ("alpha", "path", "reason"),
     [
-        ({"api_keys": ["env:BETA_KEY"]}, ".oauth", "not both"),
+        ({"api_keys": ["env:CXR_PROVIDER_KEY_BETA"]}, ".oauth", "not both"),
         ({"auth_header": "x-api-key"}, ".auth_header", "Bearer"),
         ({"oauth": {"client_secret": "env:CX_RELAY_UNSET"}}, ".oauth.client_secret", "not set"),
         ({"oauth": {"client_secret": "pasted-secret"}}, ".oauth.client_secret", "bare key"),
@@ -290,7 +290,7 @@ def test_oauth_mistakes_are_reported_with_their_path(
     monkeypatch: pytest.MonkeyPatch, alpha: dict[str, Any], path: str, reason: str
 ) -> None:
     monkeypatch.setenv(SECRET_ENV, "s3cret")
-    monkeypatch.setenv("BETA_KEY", BETA_KEY)
+    monkeypatch.setenv("CXR_PROVIDER_KEY_BETA", BETA_KEY)
     raw = raw_config(("https://llm.example", "https://fallback.example"))
     spec = raw["providers"][0]
     for field, value in alpha.items():
@@ -354,7 +354,7 @@ async def test_the_admin_api_health_checks_an_oauth_provider_with_a_real_token(
 ) -> None:
     admin = {"Authorization": f"Bearer {ADMIN}"}
     async with gateway() as client:
-        wrong = raw_config(fakes.urls, client_secret="env:WRONG_SECRET")
+        wrong = raw_config(fakes.urls, client_secret="env:CXR_PROVIDER_KEY_WRONG_SECRET")
         refused = await client.put("/admin/config", json=wrong, headers=admin)
         changed = raw_config(fakes.urls, scope=["llm-gateway:read", "llm-gateway:chat"])
         applied = await client.put("/admin/config", json=changed, headers=admin)

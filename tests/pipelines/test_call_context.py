@@ -36,7 +36,12 @@ BETA = (3.0, 5.0)  # ... and routes to beta
 
 def provider(name: str, url: str, prices: tuple[float, float]) -> dict[str, Any]:
     model = {"name": MODEL, "price_per_1k_prompt": prices[0], "price_per_1k_completion": prices[1]}
-    return {"name": name, "base_url": url, "api_keys": ["env:CALL_CONTEXT_KEY"], "models": [model]}
+    return {
+        "name": name,
+        "base_url": url,
+        "api_keys": ["env:CXR_PROVIDER_KEY_CALL_CONTEXT"],
+        "models": [model],
+    }
 
 
 def config(providers: list[dict[str, Any]], serving: str) -> dict[str, Any]:
@@ -125,7 +130,7 @@ async def test_a_config_applied_mid_call_changes_the_next_call_only(
     slow: Fault,
 ) -> None:
     alpha_url, beta_url = servers
-    monkeypatch.setenv("CALL_CONTEXT_KEY", "sk-call-context")
+    monkeypatch.setenv("CXR_PROVIDER_KEY_CALL_CONTEXT", "sk-call-context")
     path = tmp_path / "providers.json"
     path.write_text(json.dumps(config([provider("alpha", alpha_url, ALPHA_BEFORE)], "alpha")))
     swapped = config(

@@ -45,7 +45,11 @@ TUTORIAL_KEY = "tutorial-000-scoped-key"
 TUTORIAL_SCOPES = ["llm-gateway:manage", "llm-inference:execute", "llm-inference:read"]
 INVOKE_ONLY_KEY = "tutorial-000-invoke-only"  # llm-inference:execute alone
 METRICS_ONLY_KEY = "tutorial-000-metrics-only"  # tutorial 001's read scope alone
-KEYS = {"T000_KEY_1": "sk-t000-one", "T000_KEY_2": "sk-t000-two", "T000_BACKUP": "sk-t000-b"}
+KEYS = {
+    "CXR_PROVIDER_KEY_T000_KEY_1": "sk-t000-one",
+    "CXR_PROVIDER_KEY_T000_KEY_2": "sk-t000-two",
+    "CXR_PROVIDER_KEY_T000_BACKUP": "sk-t000-b",
+}
 PRIMARY_MODEL = "gpt-4-1106-preview"
 BACKUP_MODEL = "claude-3-haiku-20240307"
 BASE_MODEL = "gpt-4o-mini"  # LLM_MODEL, served by the provider file's own provider
@@ -200,7 +204,7 @@ def provider_file(tmp_path: Path, llm_server: LoopbackServer) -> Callable[..., P
         base = {
             "name": "base",
             "base_url": llm_server.url,
-            "api_keys": ["env:T000_KEY_1"],
+            "api_keys": ["env:CXR_PROVIDER_KEY_T000_KEY_1"],
             "models": [{"name": BASE_MODEL}],
         }
         path.write_text(yaml.safe_dump({"providers": [base], **top}))
@@ -264,7 +268,7 @@ async def test_register_then_409_then_health_then_inference_over_websocket_and_h
     registered = await operator.register_provider(
         registration(
             "production-openai",
-            ["env:T000_KEY_1", "env:T000_KEY_2"],
+            ["env:CXR_PROVIDER_KEY_T000_KEY_1", "env:CXR_PROVIDER_KEY_T000_KEY_2"],
             PRIMARY_MODEL,
             baseUrl=primary,
         )
@@ -275,12 +279,16 @@ async def test_register_then_409_then_health_then_inference_over_websocket_and_h
     assert body["rotationStrategy"] == "ROUND_ROBIN_ON_FAILURE" and body["unhealthyKeys"] == []
 
     again = await operator.register_provider(
-        registration("production-openai", ["env:T000_KEY_1"], PRIMARY_MODEL, baseUrl=primary)
+        registration(
+            "production-openai", ["env:CXR_PROVIDER_KEY_T000_KEY_1"], PRIMARY_MODEL, baseUrl=primary
+        )
     )
     assert again.status_code == 409
     assert "already exists" in again.json()["detail"]
 
-    backup_provider = registration("backup", ["env:T000_BACKUP"], BACKUP_MODEL, baseUrl=backup)
+    backup_provider = registration(
+        "backup", ["env:CXR_PROVIDER_KEY_T000_BACKUP"], BACKUP_MODEL, baseUrl=backup
+    )
     backup_provider["type"] = "ANTHROPIC"
     assert (await operator.register_provider(backup_provider)).status_code == 201
 
@@ -312,7 +320,9 @@ async def test_register_then_409_then_health_then_inference_over_websocket_and_h
     fell_back = await reader.stream_over_websocket(inference("dialog-3", "cancel my plan"))
     assert fell_back.error is None, fell_back.last
     assert fell_back.last["model_used"] == BACKUP_MODEL
-    assert plan_b.requests[-1]["headers"]["x-api-key"] == KEYS["T000_BACKUP"]  # Anthropic's
+    assert (
+        plan_b.requests[-1]["headers"]["x-api-key"] == KEYS["CXR_PROVIDER_KEY_T000_BACKUP"]
+    )  # Anthropic's
     assert Intent.model_validate_json(fell_back.text)
 
 
@@ -335,9 +345,11 @@ async def test_fallback_models_answer_when_the_primary_times_out_or_is_rate_limi
     retried on the primary first (LLM_MAX_ATTEMPTS passes, 3), then fallbackModels answers;
     a key cooling past the deadline is not retried."""
     operator = GatewayClient(service.url, TUTORIAL_KEY)
-    keys = ["env:T000_KEY_1", "env:T000_KEY_2"]
+    keys = ["env:CXR_PROVIDER_KEY_T000_KEY_1", "env:CXR_PROVIDER_KEY_T000_KEY_2"]
     primary = registration("primary", keys, PRIMARY_MODEL, baseUrl=servers[0], timeoutMs=1000)
-    backup = registration("backup", ["env:T000_BACKUP"], BACKUP_MODEL, baseUrl=servers[1])
+    backup = registration(
+        "backup", ["env:CXR_PROVIDER_KEY_T000_BACKUP"], BACKUP_MODEL, baseUrl=servers[1]
+    )
     backup["type"] = "ANTHROPIC"
     for payload in (primary, backup):
         assert (await operator.register_provider(payload)).status_code == 201
@@ -345,14 +357,14 @@ async def test_fallback_models_answer_when_the_primary_times_out_or_is_rate_limi
     answer = await operator.stream_over_websocket(inference("fb-1", "cancel my plan"))
     assert answer.error is None, answer.last
     assert answer.last["model_used"] == BACKUP_MODEL
-    assert plan_b.requests[-1]["headers"]["x-api-key"] == KEYS["T000_BACKUP"]
+    assert plan_b.requests[-1]["headers"]["x-api-key"] == KEYS["CXR_PROVIDER_KEY_T000_BACKUP"]
     assert Intent.model_validate_json(answer.text)
 
 
 async def test_round_robin_on_failure_stays_on_a_key_until_it_is_refused(
     service: LoopbackServer, servers: tuple[str, str], plan_a: FaultPlan
 ) -> None:
-    keys = ["env:T000_KEY_1", "env:T000_KEY_2"]
+    keys = ["env:CXR_PROVIDER_KEY_T000_KEY_1", "env:CXR_PROVIDER_KEY_T000_KEY_2"]
     payload = registration("rotating", keys, PRIMARY_MODEL, baseUrl=servers[0])
     assert (await admin(service).register_provider(payload)).status_code == 201
     reader = client(service)
@@ -362,14 +374,16 @@ async def test_round_robin_on_failure_stays_on_a_key_until_it_is_refused(
             plan_a.push(Fault(status=401))  # the first key is refused
         ask = inference(f"r-{n}", "hello", fallbackModels=[])
         assert (await reader.stream_over_http(ask)).error is None
-    one, two = KEYS["T000_KEY_1"], KEYS["T000_KEY_2"]
+    one, two = KEYS["CXR_PROVIDER_KEY_T000_KEY_1"], KEYS["CXR_PROVIDER_KEY_T000_KEY_2"]
     assert keys_sent(plan_a) == [one, one, one, two, two]
 
 
 async def test_registration_is_audited_and_listed_with_masked_keys(
     service: LoopbackServer, servers: tuple[str, str]
 ) -> None:
-    payload = registration("audited", ["env:T000_KEY_2"], PRIMARY_MODEL, baseUrl=servers[0])
+    payload = registration(
+        "audited", ["env:CXR_PROVIDER_KEY_T000_KEY_2"], PRIMARY_MODEL, baseUrl=servers[0]
+    )
     assert (await admin(service).register_provider(payload)).status_code == 201
     async with httpx.AsyncClient(base_url=service.url) as http:
         auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -380,15 +394,17 @@ async def test_registration_is_audited_and_listed_with_masked_keys(
     assert "audited" in audit["detail"]
     assert listed["source"] == "applied"
     mine = next(p for p in listed["providers"] if p["name"] == "audited")
-    assert mine["keys"][0]["source"] == "env:T000_KEY_2"
+    assert mine["keys"][0]["source"] == "env:CXR_PROVIDER_KEY_T000_KEY_2"
     assert mine["key_rotation"] == "on_failure"
-    assert KEYS["T000_KEY_2"] not in json.dumps(listed)
+    assert KEYS["CXR_PROVIDER_KEY_T000_KEY_2"] not in json.dumps(listed)
 
 
 async def test_a_registered_provider_survives_a_restart(
     start: Callable[..., ServiceServer], servers: tuple[str, str]
 ) -> None:
-    payload = registration("kept", ["env:T000_KEY_1"], PRIMARY_MODEL, baseUrl=servers[0])
+    payload = registration(
+        "kept", ["env:CXR_PROVIDER_KEY_T000_KEY_1"], PRIMARY_MODEL, baseUrl=servers[0]
+    )
     with start() as first:
         assert (await admin(first).register_provider(payload)).status_code == 201
     with start() as second:  # the same DATA_DIR: the applied configuration is read back
@@ -406,14 +422,28 @@ async def test_a_registered_provider_survives_a_restart(
     [
         ({"apiKeyRotation": {"keys": ["sk-key1"]}}, "apiKeyRotation.keys[0]", "bare key"),
         ({"apiKeyRotation": {"keys": ["literal:sk-1"]}}, "apiKeyRotation.keys[0]", "literal"),
-        ({"apiKeyRotation": {"keys": ["env:T000_UNSET"]}}, "apiKeyRotation.keys[0]", "not set"),
         (
-            {"apiKeyRotation": {"keys": ["env:T000_KEY_1"], "rotationStrategy": "RANDOM"}},
+            {"apiKeyRotation": {"keys": ["env:CXR_PROVIDER_KEY_T000_UNSET"]}},
+            "apiKeyRotation.keys[0]",
+            "not set",
+        ),
+        (
+            {
+                "apiKeyRotation": {
+                    "keys": ["env:CXR_PROVIDER_KEY_T000_KEY_1"],
+                    "rotationStrategy": "RANDOM",
+                }
+            },
             "apiKeyRotation.rotationStrategy",
             "ROUND_ROBIN_ON_FAILURE",
         ),
         (
-            {"apiKeyRotation": {"keys": ["env:T000_KEY_1", "env:T000_KEY_2"], "enabled": False}},
+            {
+                "apiKeyRotation": {
+                    "keys": ["env:CXR_PROVIDER_KEY_T000_KEY_1", "env:CXR_PROVIDER_KEY_T000_KEY_2"],
+                    "enabled": False,
+                }
+            },
             "apiKeyRotation",
             "exactly one key",
         ),
@@ -433,7 +463,9 @@ async def test_a_bad_registration_is_422_naming_the_field(
     path: str,
     words: str,
 ) -> None:
-    payload = registration("bad", ["env:T000_KEY_1"], PRIMARY_MODEL, baseUrl=servers[0])
+    payload = registration(
+        "bad", ["env:CXR_PROVIDER_KEY_T000_KEY_1"], PRIMARY_MODEL, baseUrl=servers[0]
+    )
     for name, value in change.items():
         if isinstance(value, dict):
             payload[name] = {**payload[name], **value}
@@ -460,7 +492,9 @@ async def test_literal_keys_where_the_configuration_allows_them(
 async def test_a_provider_that_fails_its_health_check_is_424_and_not_added(
     service: LoopbackServer,
 ) -> None:
-    payload = registration("down", ["env:T000_KEY_1"], PRIMARY_MODEL, baseUrl=UNREACHABLE)
+    payload = registration(
+        "down", ["env:CXR_PROVIDER_KEY_T000_KEY_1"], PRIMARY_MODEL, baseUrl=UNREACHABLE
+    )
     response = await admin(service).register_provider(payload)
     assert response.status_code == 424, response.text
     assert response.json()["problems"][0]["path"] == "(provider)"
@@ -476,13 +510,13 @@ async def test_a_provider_that_fails_its_health_check_is_424_and_not_added(
 async def test_a_revoked_key_is_reported_and_set_aside(
     service: LoopbackServer, servers: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("T000_REVOKED", "revoked-key")
-    keys = ["env:T000_REVOKED", "env:T000_KEY_1"]
+    monkeypatch.setenv("CXR_PROVIDER_KEY_T000_REVOKED", "revoked-key")
+    keys = ["env:CXR_PROVIDER_KEY_T000_REVOKED", "env:CXR_PROVIDER_KEY_T000_KEY_1"]
     payload = registration("half", keys, PRIMARY_MODEL, baseUrl=servers[0])
     response = await admin(service).register_provider(payload)
     assert response.status_code == 201, response.text
     assert response.json()["unhealthyKeys"] == [
-        {"key_id": fingerprint("revoked-key"), "source": "env:T000_REVOKED"}
+        {"key_id": fingerprint("revoked-key"), "source": "env:CXR_PROVIDER_KEY_T000_REVOKED"}
     ]
 
 
@@ -491,7 +525,9 @@ async def test_registration_needs_llm_gateway_manage_or_the_admin_token(
     service: LoopbackServer, servers: tuple[str, str], key: str
 ) -> None:
     """A key without a scope list passes the other guards, as before scopes; not this one."""
-    payload = registration("nope", ["env:T000_KEY_1"], PRIMARY_MODEL, baseUrl=servers[0])
+    payload = registration(
+        "nope", ["env:CXR_PROVIDER_KEY_T000_KEY_1"], PRIMARY_MODEL, baseUrl=servers[0]
+    )
     refused = await GatewayClient(service.url, key).register_provider(payload)
     assert refused.status_code == 403
     assert "llm-gateway:manage" in refused.json()["detail"]
@@ -506,7 +542,9 @@ async def test_registration_on_the_llm_gateway_provider_is_refused(
     """Without a provider file the service runs on LLM_GATEWAY_*, whose literal keys would
     otherwise be written into the stored configuration. A key sent as a literal through the API
     is stored already: it does not stop the next registration."""
-    payload = registration("x", ["env:T000_KEY_1"], PRIMARY_MODEL, baseUrl=servers[0])
+    payload = registration(
+        "x", ["env:CXR_PROVIDER_KEY_T000_KEY_1"], PRIMARY_MODEL, baseUrl=servers[0]
+    )
     with start(providers_file=None) as server:
         response = await admin(server).register_provider(payload)
         async with httpx.AsyncClient(base_url=server.url) as http:
@@ -520,7 +558,7 @@ async def test_registration_on_the_llm_gateway_provider_is_refused(
     literal = registration("dev", ["literal:sk-dev"], PRIMARY_MODEL, baseUrl=servers[0])
     with start(literal_keys=True) as server:
         assert (await admin(server).register_provider(literal)).status_code == 201
-        other = registration("x", ["env:T000_KEY_1"], "gpt-4o", baseUrl=servers[0])
+        other = registration("x", ["env:CXR_PROVIDER_KEY_T000_KEY_1"], "gpt-4o", baseUrl=servers[0])
         assert (await admin(server).register_provider(other)).status_code == 201
 
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from app.llm.catalog import ModelSpec, Problem, RouteSpec
+from app.store.audit import AuditAction
 
 
 class ProblemOut(BaseModel):
@@ -83,7 +84,7 @@ class AuditRecordOut(BaseModel):
     id: int
     time: str
     actor: str
-    action: Literal["apply", "revert", "validate"]
+    action: AuditAction
     payload_sha256: str
     result: Literal["ok", "invalid", "health_check_failed", "error"]
     latency_ms: float

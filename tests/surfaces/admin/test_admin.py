@@ -35,9 +35,9 @@ TOKEN = "admin-token-for-tests-5f2c9e"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ADMIN_ID = f"admin:{fingerprint(TOKEN)}"
 SECRETS = {
-    "ALPHA_KEY_1": "sk-alpha-secret-one",
-    "ALPHA_KEY_2": "sk-alpha-secret-two",
-    "BETA_KEY": "sk-beta-secret-three",
+    "CXR_PROVIDER_KEY_ALPHA_1": "sk-alpha-secret-one",
+    "CXR_PROVIDER_KEY_ALPHA_2": "sk-alpha-secret-two",
+    "CXR_PROVIDER_KEY_BETA": "sk-beta-secret-three",
 }
 ROUTE = "support"  # LLM_MODEL: what the webhook asks for
 MODEL = "gpt-4o-mini"
@@ -134,11 +134,13 @@ def config(providers: list[dict[str, Any]], chain: list[str], **extra: Any) -> d
 
 
 def alpha_spec(u: Upstreams) -> dict[str, Any]:
-    return provider("alpha", u.alpha.url, "env:ALPHA_KEY_1", "env:ALPHA_KEY_2")
+    return provider(
+        "alpha", u.alpha.url, "env:CXR_PROVIDER_KEY_ALPHA_1", "env:CXR_PROVIDER_KEY_ALPHA_2"
+    )
 
 
 def beta_spec(u: Upstreams) -> dict[str, Any]:
-    return provider("beta", u.beta.url, "env:BETA_KEY")
+    return provider("beta", u.beta.url, "env:CXR_PROVIDER_KEY_BETA")
 
 
 def to_beta(u: Upstreams) -> dict[str, Any]:
@@ -286,7 +288,7 @@ async def test_providers_listing_masks_every_key(
         allow_literal_keys=True,
     )
     upstreams.alpha_plan.push(Fault(status=401))  # the first alpha key gets refused
-    async with gateway() as client:
+    async with gateway(provisioning_secrets_dir=str(tmp_path)) as client:
         assert await served_by(client) == "alpha"
         assert (await put_config(client, candidate)).status_code == 200
         response = await client.get("/admin/providers", headers=AUTH)
@@ -298,10 +300,13 @@ async def test_providers_listing_masks_every_key(
     assert listing["sha256"] == sha(candidate)
     assert listing["default_model"] == ROUTE
     alpha, beta, gamma = listing["providers"]
-    assert [k["source"] for k in alpha["keys"]] == ["env:ALPHA_KEY_1", "env:ALPHA_KEY_2"]
+    assert [k["source"] for k in alpha["keys"]] == [
+        "env:CXR_PROVIDER_KEY_ALPHA_1",
+        "env:CXR_PROVIDER_KEY_ALPHA_2",
+    ]
     assert [k["key_id"] for k in alpha["keys"]] == [
-        fingerprint(SECRETS["ALPHA_KEY_1"]),
-        fingerprint(SECRETS["ALPHA_KEY_2"]),
+        fingerprint(SECRETS["CXR_PROVIDER_KEY_ALPHA_1"]),
+        fingerprint(SECRETS["CXR_PROVIDER_KEY_ALPHA_2"]),
     ]
     assert beta["keys"][0]["source"] == f"file:{key_file}"
     assert gamma["keys"][0]["source"] == "literal:***"
@@ -330,10 +335,15 @@ async def test_listing_shows_live_key_and_circuit_state(gateway: Any, upstreams:
 async def test_validate_lists_every_seeded_problem_with_its_path(
     gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("UNSET_KEY_VAR", raising=False)
+    monkeypatch.delenv("CXR_PROVIDER_KEY_UNSET", raising=False)
     bad = config(
         [
-            provider("alpha", upstreams.alpha.url, "env:ALPHA_KEY_1", "env:UNSET_KEY_VAR"),
+            provider(
+                "alpha",
+                upstreams.alpha.url,
+                "env:CXR_PROVIDER_KEY_ALPHA_1",
+                "env:CXR_PROVIDER_KEY_UNSET",
+            ),
             {**provider("beta", upstreams.recorder.url), "rpm": 0},
             provider("alpha", upstreams.beta.url),
         ],
@@ -353,7 +363,7 @@ async def test_validate_lists_every_seeded_problem_with_its_path(
     body = response.json()
     assert body["valid"] is False
     problems = {p["path"]: p["message"] for p in body["problems"]}
-    assert "UNSET_KEY_VAR is not set" in problems["providers[0].api_keys[1]"]
+    assert "CXR_PROVIDER_KEY_UNSET is not set" in problems["providers[0].api_keys[1]"]
     assert "above 0" in problems["providers[1].rpm"]
     assert "duplicate provider name 'alpha'" in problems["providers"]
     assert "unknown provider 'ghost'" in problems["routes[0].chain[1].provider"]
@@ -406,9 +416,14 @@ async def test_apply_swaps_in_the_new_configuration(
 async def test_only_new_or_changed_providers_are_probed_with_every_key(
     gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("GAMMA_KEY_1", "sk-gamma-one")
-    monkeypatch.setenv("GAMMA_KEY_2", "sk-gamma-two")
-    gamma = provider("gamma", upstreams.recorder.url, "env:GAMMA_KEY_1", "env:GAMMA_KEY_2")
+    monkeypatch.setenv("CXR_PROVIDER_KEY_GAMMA_1", "sk-gamma-one")
+    monkeypatch.setenv("CXR_PROVIDER_KEY_GAMMA_2", "sk-gamma-two")
+    gamma = provider(
+        "gamma",
+        upstreams.recorder.url,
+        "env:CXR_PROVIDER_KEY_GAMMA_1",
+        "env:CXR_PROVIDER_KEY_GAMMA_2",
+    )
     first = config([alpha_spec(upstreams), gamma], ["alpha"])
     same_gamma = config([alpha_spec(upstreams), gamma], ["alpha", "gamma"])
     changed_gamma = config([alpha_spec(upstreams), {**gamma, "timeout_seconds": 9}], ["alpha"])
@@ -432,10 +447,10 @@ async def test_a_revoked_key_anywhere_in_the_pool_is_reported_not_refused(
 ) -> None:
     """Issue 16 item 9: [revoked, good, good] was refused with 424 (only the first key was
     probed) while [good, revoked, good] was accepted without a word about the bad key."""
-    monkeypatch.setenv("BETA_REVOKED", REVOKED)
-    monkeypatch.setenv("BETA_KEY_2", "sk-beta-secret-four")
-    keys = ["env:BETA_KEY", "env:BETA_KEY_2"]
-    keys.insert(revoked_at, "env:BETA_REVOKED")
+    monkeypatch.setenv("CXR_PROVIDER_KEY_BETA_REVOKED", REVOKED)
+    monkeypatch.setenv("CXR_PROVIDER_KEY_BETA_2", "sk-beta-secret-four")
+    keys = ["env:CXR_PROVIDER_KEY_BETA", "env:CXR_PROVIDER_KEY_BETA_2"]
+    keys.insert(revoked_at, "env:CXR_PROVIDER_KEY_BETA_REVOKED")
     candidate = config(
         [alpha_spec(upstreams), provider("beta", upstreams.beta.url, *keys)], ["beta"]
     )
@@ -447,11 +462,18 @@ async def test_a_revoked_key_anywhere_in_the_pool_is_reported_not_refused(
             assert answer.json()["provider"] == "beta"
         listing = (await client.get("/admin/providers", headers=AUTH)).json()
         (record,) = await audit_records(client)
-    unhealthy = {"provider": "beta", "key_id": fingerprint(REVOKED), "source": "env:BETA_REVOKED"}
+    unhealthy = {
+        "provider": "beta",
+        "key_id": fingerprint(REVOKED),
+        "source": "env:CXR_PROVIDER_KEY_BETA_REVOKED",
+    }
     assert response.json()["unhealthy_keys"] == [unhealthy]
     assert REVOKED not in response.text and REVOKED not in json.dumps(listing)
     assert record["result"] == "ok"
-    assert f"unhealthy keys: beta key {fingerprint(REVOKED)} (env:BETA_REVOKED)" in record["detail"]
+    assert (
+        f"unhealthy keys: beta key {fingerprint(REVOKED)} (env:CXR_PROVIDER_KEY_BETA_REVOKED)"
+        in record["detail"]
+    )
     beta = listing["providers"][1]
     assert [k["healthy"] for k in beta["keys"]] == [i != revoked_at for i in range(3)]
     used = [r["headers"]["authorization"] for r in upstreams.beta_plan.requests]
@@ -461,9 +483,14 @@ async def test_a_revoked_key_anywhere_in_the_pool_is_reported_not_refused(
 async def test_a_provider_with_every_key_revoked_fails_naming_the_keys(
     gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("BETA_REVOKED", REVOKED)
-    monkeypatch.setenv("BETA_REVOKED_2", REVOKED + "-2")
-    beta = provider("beta", upstreams.beta.url, "env:BETA_REVOKED", "env:BETA_REVOKED_2")
+    monkeypatch.setenv("CXR_PROVIDER_KEY_BETA_REVOKED", REVOKED)
+    monkeypatch.setenv("CXR_PROVIDER_KEY_BETA_REVOKED_2", REVOKED + "-2")
+    beta = provider(
+        "beta",
+        upstreams.beta.url,
+        "env:CXR_PROVIDER_KEY_BETA_REVOKED",
+        "env:CXR_PROVIDER_KEY_BETA_REVOKED_2",
+    )
     async with gateway() as client:
         response = await put_config(client, config([alpha_spec(upstreams), beta], ["beta"]))
         assert await served_by(client) == "alpha"
@@ -484,8 +511,10 @@ async def test_keys_are_probed_together(
     """Each probe waits for the others: one at a time, all but the last would fail."""
     secrets = [f"sk-gamma-{i}" for i in range(3)]
     for i, secret in enumerate(secrets):
-        monkeypatch.setenv(f"GAMMA_KEY_{i}", secret)
-    gamma = provider("gamma", upstreams.recorder.url, *(f"env:GAMMA_KEY_{i}" for i in range(3)))
+        monkeypatch.setenv(f"CXR_PROVIDER_KEY_GAMMA_{i}", secret)
+    gamma = provider(
+        "gamma", upstreams.recorder.url, *(f"env:CXR_PROVIDER_KEY_GAMMA_{i}" for i in range(3))
+    )
     upstreams.recorded.probe_quorum = 3
     async with gateway() as client:
         response = await put_config(client, config([alpha_spec(upstreams), gamma], ["alpha"]))
@@ -497,17 +526,26 @@ async def test_keys_are_probed_together(
 async def test_a_key_that_never_answers_is_bounded_by_the_probe_timeout(
     gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("GAMMA_KEY_1", "sk-gamma-good")
-    monkeypatch.setenv("GAMMA_KEY_2", "sk-gamma-stalls")
+    monkeypatch.setenv("CXR_PROVIDER_KEY_GAMMA_1", "sk-gamma-good")
+    monkeypatch.setenv("CXR_PROVIDER_KEY_GAMMA_2", "sk-gamma-stalls")
     upstreams.recorded.stalled_keys = {"sk-gamma-stalls"}
-    gamma = provider("gamma", upstreams.recorder.url, "env:GAMMA_KEY_1", "env:GAMMA_KEY_2")
+    gamma = provider(
+        "gamma",
+        upstreams.recorder.url,
+        "env:CXR_PROVIDER_KEY_GAMMA_1",
+        "env:CXR_PROVIDER_KEY_GAMMA_2",
+    )
     async with gateway() as client:
         started = time.monotonic()
         response = await put_config(client, config([alpha_spec(upstreams), gamma], ["alpha"]))
         took = time.monotonic() - started
     assert response.status_code == 200, response.text
     assert response.json()["unhealthy_keys"] == [
-        {"provider": "gamma", "key_id": fingerprint("sk-gamma-stalls"), "source": "env:GAMMA_KEY_2"}
+        {
+            "provider": "gamma",
+            "key_id": fingerprint("sk-gamma-stalls"),
+            "source": "env:CXR_PROVIDER_KEY_GAMMA_2",
+        }
     ]
     assert took < STALL_SECONDS  # the 5 s probe timeout, not the stalled answer
 
@@ -518,7 +556,7 @@ async def test_unreachable_provider_fails_the_health_check_and_the_old_config_se
     candidate = config(
         [
             alpha_spec(upstreams),
-            provider("gamma", UNREACHABLE, "env:BETA_KEY"),
+            provider("gamma", UNREACHABLE, "env:CXR_PROVIDER_KEY_BETA"),
             beta_spec(upstreams),
             provider("delta", f"{UNREACHABLE}/gateway"),
         ],
@@ -683,7 +721,7 @@ async def test_applied_config_that_no_longer_validates_is_not_used_at_start_up(
 ) -> None:
     async with gateway() as client:
         assert (await put_config(client, to_beta(upstreams))).status_code == 200
-    monkeypatch.delenv("BETA_KEY")
+    monkeypatch.delenv("CXR_PROVIDER_KEY_BETA")
     with caplog.at_level(logging.WARNING):
         async with gateway() as client:
             assert await served_by(client) == "alpha"
@@ -691,7 +729,7 @@ async def test_applied_config_that_no_longer_validates_is_not_used_at_start_up(
     assert listing["source"] == "providers_file"
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert any("no longer validates" in r.getMessage() for r in errors)
-    assert any("BETA_KEY is not set" in r.getMessage() for r in errors)
+    assert any("CXR_PROVIDER_KEY_BETA is not set" in r.getMessage() for r in errors)
 
 
 async def test_audit_pagination_is_newest_first_and_bounded(
@@ -758,3 +796,145 @@ async def test_a_successful_change_is_announced_to_the_notify_urls(
     warning = next(r for r in caplog.records if "notification failed" in r.getMessage())
     assert warning.levelno == logging.WARNING
     assert "secret-path" not in json.dumps(warning.__dict__, default=str)
+
+
+# --- key directives sent through the API (issue 20 item 6) ----------------------------------------
+
+
+def refusal(response: httpx.Response, path: str) -> str:
+    """The 422's message for `path`: a refused directive is a problem of the candidate."""
+    assert response.status_code == 422, response.text
+    problems = {p["path"]: p["message"] for p in response.json()["problems"]}
+    assert path in problems, problems
+    return problems[path]
+
+
+def to_recorder(u: Upstreams, *keys: str) -> dict[str, Any]:
+    """alpha unchanged, plus a provider at a server the caller owns (the recorder) with `keys`."""
+    return config([alpha_spec(u), provider("gamma", u.recorder.url, *keys)], ["alpha"])
+
+
+@pytest.mark.parametrize(
+    ("directive", "rule"),
+    [
+        ("env:ADMIN_TOKEN", "env:ADMIN_TOKEN is refused: it is one of the service's own"),
+        ("env:admin_token", "env:admin_token is refused: it is one of the service's own"),
+        ("env:BOT_STATE_SECRET", "one of the service's own credentials"),
+        ("env:CLIENT_API_KEYS", "one of the service's own credentials"),
+        ("env:COGNIGY_WEBHOOK_SECRET", "one of the service's own credentials"),
+        ("env:CXONE_CLIENT_SECRET", "one of the service's own credentials"),
+        ("env:HOME", "env: may name only variables starting with PROVISIONING_ENV_PREFIX"),
+        ("file:/etc/hostname", "below PROVISIONING_SECRETS_DIR, which is not set"),
+    ],
+)
+async def test_an_api_directive_cannot_name_the_services_secrets_or_leave_the_allow_list(
+    gateway: Any,
+    upstreams: Upstreams,
+    monkeypatch: pytest.MonkeyPatch,
+    directive: str,
+    rule: str,
+) -> None:
+    monkeypatch.setenv("ADMIN_TOKEN", TOKEN)  # as a deployment sets it
+    monkeypatch.setenv("BOT_STATE_SECRET", "test-bot-state-secret")
+    async with gateway() as client:
+        applied = await put_config(client, to_recorder(upstreams, directive))
+        checked = await client.post(
+            "/admin/config/validate", json=to_recorder(upstreams, directive), headers=AUTH
+        )
+        assert await served_by(client) == "alpha"
+        (latest, _) = await audit_records(client, limit=2)
+    assert rule in refusal(applied, "providers[1].api_keys[0]")
+    assert checked.json()["valid"] is False
+    assert (
+        rule
+        in {p["path"]: p["message"] for p in checked.json()["problems"]}["providers[1].api_keys[0]"]
+    )
+    assert upstreams.recorded.requests == []  # the health check never called the provider
+    assert latest["result"] == "invalid" and rule in latest["detail"]
+    assert TOKEN not in latest["detail"]
+
+
+async def test_a_variable_under_the_prefix_holding_a_service_secret_is_refused_by_value(
+    gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXR_PROVIDER_KEY_COPY", TOKEN)  # ADMIN_TOKEN's value under an allowed name
+    async with gateway() as client:
+        response = await put_config(client, to_recorder(upstreams, "env:CXR_PROVIDER_KEY_COPY"))
+    assert "holds the value of one of the service's own credentials" in refusal(
+        response, "providers[1].api_keys[0]"
+    )
+    assert TOKEN not in response.text
+    assert upstreams.recorded.requests == []
+
+
+async def test_a_service_secret_is_refused_even_when_it_matches_the_prefix(
+    gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BOT_STATE_SECRET", "test-bot-state-secret")
+    async with gateway(provisioning_env_prefix="BOT_") as client:
+        response = await put_config(client, to_recorder(upstreams, "env:BOT_STATE_SECRET"))
+    assert "one of the service's own credentials" in refusal(response, "providers[1].api_keys[0]")
+    assert upstreams.recorded.requests == []
+
+
+async def test_files_only_below_the_secrets_dir_resolved_without_symlink_escape(
+    gateway: Any, upstreams: Upstreams, tmp_path: Path
+) -> None:
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "gamma.key").write_text("sk-gamma-from-file\n")
+    outside = tmp_path / "outside.key"
+    outside.write_text("sk-not-for-the-api\n")
+    (secrets_dir / "escape.key").symlink_to(outside)
+    dotdot = f"file:{secrets_dir}/../outside.key"
+    async with gateway(provisioning_secrets_dir=str(secrets_dir)) as client:
+        escaped = await put_config(client, to_recorder(upstreams, f"file:{secrets_dir}/escape.key"))
+        climbed = await put_config(client, to_recorder(upstreams, dotdot))
+        elsewhere = await put_config(client, to_recorder(upstreams, f"file:{outside}"))
+        assert upstreams.recorded.requests == []
+        allowed = await put_config(client, to_recorder(upstreams, f"file:{secrets_dir}/gamma.key"))
+    for response in (escaped, climbed, elsewhere):
+        message = refusal(response, "providers[1].api_keys[0]")
+        assert f"file: may name only files below PROVISIONING_SECRETS_DIR ({secrets_dir})" in (
+            message
+        )
+        assert "sk-not-for-the-api" not in response.text
+    assert allowed.status_code == 200, allowed.text
+    assert [r["authorization"] for r in upstreams.recorded.probes()] == [
+        "Bearer sk-gamma-from-file"
+    ]
+
+
+async def test_an_allowed_variable_is_resolved_and_probed(
+    gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CXR_PROVIDER_KEY_GAMMA", "sk-gamma-allowed")
+    async with gateway() as client:
+        response = await put_config(client, to_recorder(upstreams, "env:CXR_PROVIDER_KEY_GAMMA"))
+    assert response.status_code == 200, response.text
+    assert [r["authorization"] for r in upstreams.recorded.probes()] == ["Bearer sk-gamma-allowed"]
+
+
+async def test_a_provider_file_key_cannot_be_moved_to_another_url_through_the_api(
+    gateway: Any, upstreams: Upstreams, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The provider file may name any variable; through the API a provider keeps such a key only
+    while it still points where the file pointed it."""
+    monkeypatch.setenv("OPENAI_KEY", "sk-from-the-provider-file")
+    path = tmp_path / "providers-any-name.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            config([provider("alpha", upstreams.alpha.url, "env:OPENAI_KEY")], ["alpha"])
+        )
+    )
+    moved = config([provider("alpha", upstreams.recorder.url, "env:OPENAI_KEY")], ["alpha"])
+    kept = config(
+        [{**provider("alpha", upstreams.alpha.url, "env:OPENAI_KEY"), "rpm": 100}], ["alpha"]
+    )
+    async with gateway(providers_file=str(path)) as client:  # start-up: any name, as before
+        assert await served_by(client) == "alpha"
+        refused = await put_config(client, moved)
+        assert upstreams.recorded.requests == []
+        unchanged_destination = await put_config(client, kept)
+    assert "PROVISIONING_ENV_PREFIX" in refusal(refused, "providers[0].api_keys[0]")
+    assert unchanged_destination.status_code == 200, unchanged_destination.text

@@ -1,0 +1,487 @@
+"""Gateways: the provisioning tutorial's unit (seed 002), built on the provider configuration.
+
+A gateway names a provider the service knows (`provider_id`, one of GET /api/v2/providers), the
+models of it to serve, where to send each (`endpoint_url`) and with which key directive. Created,
+it is only a stored record (`pending_validation`): nothing routes to it. Its health check turns
+it into providers and routes of the configuration in service through the Provisioner's apply
+(the same validation, directive policy, key probe, atomic swap and audit as PUT /admin/config),
+then it is `active` and its models answer as `<gateway name>/<model>`, or `failed` with the
+reasons. Every step is audited with the SHA-256 of the gateway's payload, and each health check
+is announced to ADMIN_NOTIFY_URLS with the tutorial's metrics of the last hour's health checks.
+
+One gateway becomes one provider per distinct endpoint URL (a provider has one base URL):
+named after the gateway (`<name>-1`, `<name>-2`, ... when it has several), of the referenced
+provider's kind, with its models' prices and abilities, `max_tokens` from the route,
+`max_context_tokens` and `rpm` from the gateway, the longest `timeout_ms` as its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app.llm.catalog import Problem, ProviderConfig, ProviderSpec, loc_path
+from app.llm.notifications import public_url
+from app.llm.provisioning import ApplyResult, Provisioner, payload_sha256
+from app.llm.wire import v1_url
+from app.store.audit import AuditResult, utc_now
+from app.store.gateways import GatewayRecord, GatewayRegistry, GatewayStatus
+
+STATUS_EVENT = "gateway_status_changed"
+METRICS_WINDOW_SECONDS = 3600
+_AUDIT_SCAN = 500  # the newest audit records read for the metrics window
+_RESOURCE = {"openai": "chat/completions", "anthropic": "messages"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRouteIn(_Strict):
+    endpoint_url: str = Field(min_length=1)
+    max_tokens: int = Field(gt=0)
+    timeout_ms: int = Field(gt=0, le=600_000)
+
+
+class GatewayIn(_Strict):
+    """The tutorial's create payload."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    provider_id: str = Field(min_length=1)
+    api_key_directive: str = Field(min_length=1)
+    model_routing: dict[str, ModelRouteIn] = Field(min_length=1)
+    max_context_tokens: int = Field(gt=0)
+    rate_limit_rpm: int = Field(gt=0)
+
+
+class GatewayInvalid(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+class GatewayNameTaken(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A health check's outcome: the stored record and the metrics it was announced with."""
+
+    record: GatewayRecord
+    metrics: dict[str, float | int]
+
+
+# --- the provider matrix (GET /api/v2/providers) ------------------------------------------------
+
+
+def provider_matrix(config: ProviderConfig) -> list[dict[str, Any]]:
+    """Each provider in service, its engine (kind) and its chat models with their limits."""
+    return [
+        {
+            "id": spec.name,
+            "name": spec.name,
+            "engine": spec.kind,
+            "rate_limit_per_minute": spec.rpm or 0,
+            "models": [
+                {
+                    "model_id": model.name,
+                    "endpoint_url": public_url(v1_url(spec.base_url, _RESOURCE[spec.kind])),
+                    "max_tokens": model.max_tokens,
+                    "max_context_tokens": model.max_context_tokens,
+                }
+                for model in spec.models
+                if model.kind == "chat"
+            ],
+        }
+        for spec in config.providers
+    ]
+
+
+# --- from the payload to providers and routes ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    providers: list[dict[str, Any]]
+    routes: list[dict[str, Any]]
+    first_model: dict[str, str]  # provider name -> its first model (where its problems point)
+
+    @property
+    def route_names(self) -> list[str]:
+        return [str(r["name"]) for r in self.routes]
+
+
+def _by_url(gateway: GatewayIn) -> dict[str, list[str]]:
+    """The gateway's models by endpoint URL, in the payload's order: one provider each."""
+    by_url: dict[str, list[str]] = {}
+    for model, route in gateway.model_routing.items():
+        by_url.setdefault(route.endpoint_url, []).append(model)
+    return by_url
+
+
+def _names(gateway: GatewayIn) -> tuple[list[str], list[str]]:
+    """The names the gateway takes in the configuration: its providers' and its routes'."""
+    count = len(_by_url(gateway))
+    providers = (
+        [gateway.name] if count == 1 else [f"{gateway.name}-{i}" for i in range(1, count + 1)]
+    )
+    return providers, [f"{gateway.name}/{model}" for model in gateway.model_routing]
+
+
+def _plan(gateway: GatewayIn, reference: ProviderSpec) -> _Plan:
+    by_url = _by_url(gateway)
+    names = _names(gateway)[0]
+    models = {m.name: m for m in reference.models}
+    providers: list[dict[str, Any]] = []
+    routes: list[dict[str, Any]] = []
+    first: dict[str, str] = {}
+    for name, (url, served) in zip(names, by_url.items(), strict=True):
+        entries = []
+        for model in served:
+            route = gateway.model_routing[model]
+            entry = models[model].model_dump(mode="json", exclude_unset=True)
+            entry |= {
+                "name": model,
+                "max_tokens": route.max_tokens,
+                "max_context_tokens": gateway.max_context_tokens,
+            }
+            entries.append(entry)
+            routes.append(
+                {
+                    "name": f"{gateway.name}/{model}",
+                    "chain": [{"provider": name, "model": model}],
+                    "context_tokens": gateway.max_context_tokens,
+                }
+            )
+        provider: dict[str, Any] = {
+            "name": name,
+            "kind": reference.kind,
+            "base_url": url,
+            "api_keys": [gateway.api_key_directive],
+            "timeout_seconds": max(gateway.model_routing[m].timeout_ms for m in served) / 1000,
+            "rpm": gateway.rate_limit_rpm,
+            "models": entries,
+        }
+        for inherited in ("auth_header", "structured_outputs"):
+            if getattr(reference, inherited) is not None:
+                provider[inherited] = getattr(reference, inherited)
+        providers.append(provider)
+        first[name] = served[0]
+    return _Plan(providers, routes, first)
+
+
+def _candidate(current: ProviderConfig, plan: _Plan) -> dict[str, Any]:
+    """The configuration in service as it was given, plus the gateway's providers and routes."""
+    raw = current.model_dump(mode="json", exclude_unset=True)
+    raw["providers"] = [*raw.get("providers", []), *plan.providers]
+    raw["routes"] = [*raw.get("routes", []), *plan.routes]
+    return raw
+
+
+def _semantic_problems(gateway: GatewayIn, current: ProviderConfig) -> list[Problem]:
+    """What the payload asks that the configuration in service cannot give."""
+    reference = current.provider(gateway.provider_id)
+    if reference is None:
+        known = ", ".join(p.name for p in current.providers)
+        return [
+            Problem(
+                "provider_id",
+                f"unknown provider {gateway.provider_id!r} (GET /api/v2/providers lists: {known})",
+            )
+        ]
+    problems: list[Problem] = []
+    if any(
+        isinstance(d, str) and d.startswith("literal:")
+        for p in current.providers
+        for d in p.api_keys
+    ):
+        problems.append(
+            Problem(
+                "(service)",
+                "the configuration in service holds literal keys (the LLM_GATEWAY_* provider); "
+                "a gateway is added to it and the result is stored: serve a PROVIDERS_FILE with "
+                "env:/file: key directives to add gateways",
+            )
+        )
+    providers, routes = _names(gateway)
+    taken = [n for n in providers if current.provider(n) is not None]
+    taken += [n for n in routes if current.route(n) is not None]
+    if taken:
+        problems.append(Problem("name", f"already in the configuration: {', '.join(taken)}"))
+    chat = {m.name: m for m in reference.models if m.kind == "chat"}
+    wrong_kind = _RESOURCE["anthropic" if reference.kind == "openai" else "openai"]
+    for model, route in gateway.model_routing.items():
+        at = f"model_routing.{model}"
+        spec = chat.get(model)
+        if spec is None:
+            problems.append(
+                Problem(
+                    at,
+                    f"provider {reference.name!r} has no chat model {model!r} "
+                    f"(it has: {', '.join(chat) or 'none'})",
+                )
+            )
+            continue
+        named = f"{reference.name}/{model}"
+        if route.max_tokens > spec.max_tokens:
+            problems.append(
+                Problem(
+                    f"{at}.max_tokens",
+                    f"{route.max_tokens} is above {named}'s max_tokens {spec.max_tokens}",
+                )
+            )
+        elif route.max_tokens > gateway.max_context_tokens:
+            problems.append(
+                Problem(
+                    f"{at}.max_tokens",
+                    f"{route.max_tokens} is above the gateway's max_context_tokens "
+                    f"{gateway.max_context_tokens}",
+                )
+            )
+        if gateway.max_context_tokens > spec.max_context_tokens and not any(
+            p.path == "max_context_tokens" for p in problems
+        ):  # once, for the first model whose window is too small
+            problems.append(
+                Problem(
+                    "max_context_tokens",
+                    f"{gateway.max_context_tokens} is above {named}'s context window "
+                    f"{spec.max_context_tokens}",
+                )
+            )
+        url = route.endpoint_url.rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            problems.append(Problem(f"{at}.endpoint_url", "must be an http:// or https:// URL"))
+        elif url.endswith(f"/{wrong_kind}"):
+            problems.append(
+                Problem(
+                    f"{at}.endpoint_url",
+                    f"is a /{wrong_kind} endpoint, but {reference.name!r} speaks the "
+                    f"{reference.kind} wire format (/{_RESOURCE[reference.kind]})",
+                )
+            )
+    return problems
+
+
+_PROVIDER_PATH = re.compile(r"providers\[(\d+)\](.*)")
+
+
+def _payload_problems(problems: list[Problem], plan: _Plan, first_new: int) -> list[Problem]:
+    """Problems of the composed configuration, pointed back at the payload where they come from
+    (a refused directive is the payload's `api_key_directive`)."""
+    mapped = []
+    for problem in problems:
+        match = _PROVIDER_PATH.fullmatch(problem.path)
+        index = int(match[1]) - first_new if match else -1
+        if match is None or not 0 <= index < len(plan.providers):
+            mapped.append(Problem(f"(configuration in service) {problem.path}", problem.message))
+            continue
+        name = str(plan.providers[index]["name"])
+        rest = match[2]
+        if rest.startswith(".api_keys"):
+            path = "api_key_directive"
+        elif rest in ("", ".base_url"):
+            path = f"model_routing.{plan.first_model[name]}.endpoint_url"
+        else:
+            path = f"(gateway provider {name}){rest}"
+        mapped.append(Problem(path, problem.message))
+    return mapped
+
+
+def _under(path: str, prefix: str) -> bool:
+    """`model_routing.gpt-4.max_tokens` is under `model_routing.gpt-4`; `…gpt-4o` is not."""
+    return path == prefix or path.startswith(f"{prefix}.")
+
+
+def parse_gateway(raw: object) -> GatewayIn:
+    try:
+        return GatewayIn.model_validate(raw)
+    except ValidationError as error:
+        raise GatewayInvalid(
+            [Problem(loc_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()]
+        ) from None
+
+
+# --- the service ---------------------------------------------------------------------------------
+
+
+class _Stale(Exception):
+    """The configuration changed since the gateway was created and no longer fits it."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+
+
+@dataclass(eq=False)
+class GatewayService:
+    provisioner: Provisioner
+    registry: GatewayRegistry
+
+    def __post_init__(self) -> None:
+        self._lock = asyncio.Lock()  # one health check at a time in this process
+
+    def providers(self) -> list[dict[str, Any]]:
+        return provider_matrix(self.provisioner.slot.current.config)
+
+    def _check(self, raw: object) -> GatewayIn:
+        """Every problem of a create payload: its shape, then what the configuration in service
+        can give, then the composed configuration through the provisioning validation (which
+        holds the directive policy), each with its path in the payload."""
+        gateway = parse_gateway(raw)
+        current = self.provisioner.slot.current.config
+        problems = _semantic_problems(gateway, current)
+        reference = current.provider(gateway.provider_id)
+        if reference is not None and not any(p.path in ("name", "(service)") for p in problems):
+            # the routes with no problem of their own, composed and validated as an apply would
+            sound = {
+                model: route
+                for model, route in gateway.model_routing.items()
+                if not any(_under(p.path, f"model_routing.{model}") for p in problems)
+            }
+            if sound:
+                plan = _plan(gateway.model_copy(update={"model_routing": sound}), reference)
+                composed = self.provisioner.validate(_candidate(current, plan))
+                for problem in _payload_problems(composed, plan, len(current.providers)):
+                    if problem not in problems:
+                        problems.append(problem)
+        if problems:
+            raise GatewayInvalid(problems)
+        return gateway
+
+    async def create(self, raw: object, actor: str) -> GatewayRecord:
+        """Validated and stored `pending_validation`; nothing routes to it yet. Audited as
+        `gateway_create`, refused (invalid, or the name taken) or not."""
+        started = time.perf_counter()
+        digest = payload_sha256(raw)
+        result: AuditResult = "error"  # until known otherwise (the store may fail)
+        detail = "the gateway could not be stored"
+        try:
+            record = await self._store(self._check(raw), actor, digest)
+        except (GatewayInvalid, GatewayNameTaken) as refused:
+            result, detail = "invalid", str(refused)
+            raise
+        else:
+            result, detail = "ok", f"gateway {record.id} ({record.name}): pending_validation"
+            return record
+        finally:
+            await self.provisioner.record(
+                action="gateway_create",
+                actor=actor,
+                digest=digest,
+                started=started,
+                result=result,
+                detail=detail,
+            )
+
+    async def _store(self, gateway: GatewayIn, actor: str, digest: str) -> GatewayRecord:
+        now = utc_now()
+        record = GatewayRecord(
+            id=f"gw_{secrets.token_hex(6)}",
+            name=gateway.name,
+            status="pending_validation",
+            created_at=now,
+            updated_at=now,
+            actor=actor,
+            payload=gateway.model_dump(mode="json"),
+            payload_sha256=digest,
+        )
+        if not await self.registry.create(record):
+            raise GatewayNameTaken(f"a gateway named {gateway.name!r} exists")
+        return record
+
+    async def get(self, gateway_id: str) -> GatewayRecord | None:
+        return await self.registry.get(gateway_id)
+
+    async def health_check(self, gateway_id: str, actor: str) -> Checked | None:
+        """Probe and, if it passes, serve: `active`, else `failed` with the reasons. A gateway
+        already active is left as it is (its providers are in service)."""
+        started = time.perf_counter()
+        async with self._lock:
+            record = await self.registry.get(gateway_id)
+            if record is None:
+                return None
+            if record.status == "active":
+                return Checked(record, await self.metrics())
+            status, reasons, routes, result = await self._apply(record, actor)
+            record = replace(
+                record,
+                status=status,
+                updated_at=utc_now(),
+                reasons=[{"path": p.path, "message": p.message} for p in reasons],
+                routes=routes,
+            )
+            await self.registry.update(record)
+            detail = f"gateway {record.id} ({record.name}): {status}"
+            if reasons:
+                detail += ": " + "; ".join(str(p) for p in reasons)
+            await self.provisioner.record(
+                action="gateway_health_check",
+                actor=actor,
+                digest=record.payload_sha256,
+                started=started,
+                result=result,
+                detail=detail,
+            )
+        metrics = await self.metrics()
+        self.provisioner.notify(
+            STATUS_EVENT,
+            {
+                "gateway_id": record.id,
+                "name": record.name,
+                "status": record.status,
+                "reasons": record.reasons,
+                "payload_sha256": record.payload_sha256,
+                "metrics": metrics,
+            },
+        )
+        return Checked(record, metrics)
+
+    async def _apply(
+        self, record: GatewayRecord, actor: str
+    ) -> tuple[GatewayStatus, list[Problem], list[str], AuditResult]:
+        gateway = GatewayIn.model_validate(record.payload)  # validated when it was created
+        planned: list[tuple[_Plan, int]] = []
+
+        def build(current: ProviderConfig) -> object:
+            problems = _semantic_problems(gateway, current)
+            reference = current.provider(gateway.provider_id)
+            if problems or reference is None:
+                raise _Stale(problems)
+            plan = _plan(gateway, reference)
+            planned.append((plan, len(current.providers)))
+            return _candidate(current, plan)
+
+        try:
+            result: ApplyResult = await self.provisioner.apply_built(build, actor)
+        except _Stale as stale:
+            return "failed", stale.problems, [], "invalid"
+        plan, first_new = planned[0]
+        if result.ok:
+            return "active", [], plan.route_names, "ok"
+        return "failed", _payload_problems(result.problems, plan, first_new), [], result.outcome
+
+    async def metrics(self) -> dict[str, float | int]:
+        """The tutorial's callback metrics over the last METRICS_WINDOW_SECONDS of health checks:
+        how many, the share that went active (percent), their average latency."""
+        since = datetime.now(UTC) - timedelta(seconds=METRICS_WINDOW_SECONDS)
+        cutoff = since.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        checks = [
+            r
+            for r in await self.provisioner.audit.list(_AUDIT_SCAN)
+            if r.action == "gateway_health_check" and r.time >= cutoff
+        ]
+        total = len(checks)
+        passed = sum(1 for r in checks if r.result == "ok")
+        return {
+            "window_seconds": METRICS_WINDOW_SECONDS,
+            "total_configurations": total,
+            "success_rate": round(100 * passed / total, 2) if total else 0.0,
+            "avg_latency_ms": round(sum(r.latency_ms for r in checks) / total, 1) if total else 0.0,
+        }
