@@ -43,9 +43,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.parts = await build_parts(app.state.settings, stack)
         if app.state.owns_process:
             settle_startup_heap()
-        log.info(
+        log.info(  # one line per process: with WORKERS > 1, each worker logs its own
             "cx-relay started",
-            extra={"version": __version__, "started_at": datetime.now().isoformat()},
+            extra={
+                "version": __version__,
+                "started_at": datetime.now().isoformat(),
+                **app.state.parts.health.startup,  # app.bootstrap.summary
+            },
         )
         yield
         log.info("cx-relay stopping")

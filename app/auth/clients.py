@@ -40,6 +40,16 @@ class ClientAuthenticator:
             else None
         )
 
+    @property
+    def credentials(self) -> dict[str, int]:
+        """How many of each credential the client routes accept (counts only, for the start-up
+        summary): none at all, and every client route answers 401."""
+        return {
+            "client_keys": len(self._clients),
+            "oauth_clients": self.tokens.client_count if self.tokens is not None else 0,
+            "admin_token": int(self._admin is not None),
+        }
+
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
         presented = _presented(headers)
         if presented is None:

@@ -123,8 +123,29 @@ class WebhookAuthenticator:
         self._allow_unauthenticated = allow_unauthenticated
         self._tenant = tenant  # of an unauthenticated request (ALLOW_UNAUTHENTICATED_WEBHOOKS)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any request can pass (the start-up summary says so): off, every request is
+        refused as `disabled`."""
+        return bool(self._hmac_secrets or self._api_key_digests or self._allow_unauthenticated)
+
+    @property
+    def accepted_schemes(self) -> list[str]:
+        """The COGNIGY_AUTH_SCHEMES a request can pass with now (a credential configured for
+        each), in the order they are tried; names only, never a credential."""
+        if not self.enabled:
+            return []
+        held = {
+            "standard_webhooks": bool(self._sw_secrets),
+            "hmac": bool(self._hmac_secrets),
+            "api_key": bool(self._api_key_digests),
+            "basic": bool(self._basic_digests),
+            "oauth2": self._tokens is not None,
+        }
+        return [scheme for scheme, ok in held.items() if ok and scheme in self._schemes]
+
     def authenticate(self, headers: Mapping[str, str], body: bytes) -> Principal:
-        if not (self._hmac_secrets or self._api_key_digests or self._allow_unauthenticated):
+        if not self.enabled:
             # only the CXone webhook is configured (the CXone tutorial's .env has no Cognigy part)
             raise AuthenticationFailed(
                 "the Cognigy webhook is disabled until COGNIGY_WEBHOOK_SECRET or "

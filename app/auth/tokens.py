@@ -93,6 +93,10 @@ class AccessTokens:
     def configured(self) -> bool:
         return bool(self._clients)
 
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
     def client(self, client_id: str, secret: str) -> OAuthClient:
         """The client these credentials are, or invalid_client (401)."""
         id_digest = hashlib.sha256(client_id.encode()).digest()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -32,6 +32,7 @@ from app.bootstrap.options import (
     router_options,
 )
 from app.bootstrap.pipelines import build_chat, build_cognigy, build_cxone_bot, pipeline_parts
+from app.bootstrap.summary import startup_summary
 from app.core.credentials import parse_basic_credential, split_tenant
 from app.core.settings import Settings
 from app.llm import tokens
@@ -84,7 +85,7 @@ class Parts:
     limits: InboundLimiter
     session_ids: SessionIds  # a caller's session id -> the stored one (a digest when it is PII)
     probes: ProviderProbes  # /health's provider probes, cached and single-flight
-    health: HealthOptions
+    health: HealthOptions  # with the start-up summary (app.bootstrap.summary)
 
 
 async def build_parts(settings: Settings, stack: AsyncExitStack) -> Parts:
@@ -100,6 +101,8 @@ async def build_parts(settings: Settings, stack: AsyncExitStack) -> Parts:
     store, ledger = await open_usage_ledger(settings, stack)
     registry = await open_gateway_registry(settings, store, stack)
     parts = _build(settings, stack, audit, startup, store, ledger, registry)
+    # read off the built parts (what they accept is what is on), logged by the lifespan
+    parts = replace(parts, health=replace(parts.health, startup=startup_summary(parts)))
     reprobe = asyncio.create_task(
         _reprobe_keys(parts.llm, settings.key_reprobe_seconds), name="key-reprobe"
     )

@@ -44,6 +44,9 @@ class HealthOptions:
     max_tokens: int  # LLM_MAX_TOKENS
     temperatures: Mapping[str, float] = field(default_factory=dict)  # setting name -> value
     simulated: tuple[str, ...] = ()
+    # what the service started with (app.bootstrap.summary): surfaces on and off, provider URLs
+    # masked, the store, workers; as of start-up (`providers` above is the configuration now)
+    startup: Mapping[str, Any] = field(default_factory=dict)
 
 
 def provider_usable(runtime: ProviderRuntime) -> bool:
@@ -301,6 +304,7 @@ async def health_report(
         },
         "providers": providers,
         "probes": {"age_seconds": probes.age(probe_round), "cache_seconds": probes.cache_seconds},
+        "startup": dict(options.startup),
     }
 
 
