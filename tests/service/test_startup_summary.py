@@ -4,6 +4,10 @@ store, the workers and what is simulated; never a secret, whatever the configura
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager
@@ -27,7 +31,9 @@ from app.llm.catalog import canonical_json
 from app.main import create_app
 from app.serving import start_simulators
 from app.simulator.server import LoopbackServer
-from tests.helpers import TEST_BASE_URL, Captured, capture_logs
+from tests.helpers import TEST_BASE_URL, Captured, capture_logs, service_env
+from tests.observability.test_metrics_multiprocess import wait_until_both_live
+from tests.service.test_cli import _free_port
 
 STARTED = "cx-relay started"
 REDIS_PASSWORD = "redis-pass-5e0f7a"  # the real Redis's default user is `nopass`: any is taken
@@ -290,6 +296,39 @@ async def test_surfaces_without_their_credential_are_off(
     assert chat.status_code == 401
     budgets = summary_of(only_started_line(captured))["budgets"]
     assert budgets["on"] is False and budgets["session_tokens"] is None
+
+
+def test_each_worker_logs_its_own_summary(tmp_path: Path) -> None:
+    """`serve --simulate` with WORKERS=2: two "cx-relay started" lines, one per worker process
+    (told apart by `pid`), each with the same summary otherwise; /health shows the answering
+    worker's."""
+    port = _free_port()
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--simulate", "--port", str(port)],
+            cwd=tmp_path,
+            env=service_env(WORKERS="2"),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            base_url = f"http://127.0.0.1:{port}"
+            wait_until_both_live(base_url, process, log)
+            health = httpx.get(f"{base_url}/health", timeout=15).json()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
+    lines = [json.loads(ln) for ln in log.read_text().splitlines() if STARTED in ln]
+    assert len(lines) == 2, log.read_text()[-3000:]
+    summaries = [summary_of(line) for line in lines]
+    pids = {summary.pop("pid") for summary in summaries}
+    assert len(pids) == 2 and summaries[0] == summaries[1]
+    assert summaries[0]["workers"] == 2 and summaries[0]["simulated"] == ["llm", "cxone"]
+    assert health["startup"]["pid"] in pids
 
 
 @pytest.mark.parametrize(
