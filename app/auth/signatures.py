@@ -127,7 +127,13 @@ class WebhookAuthenticator:
     def enabled(self) -> bool:
         """Whether any request can pass (the start-up summary says so): off, every request is
         refused as `disabled`."""
-        return bool(self._hmac_secrets or self._api_key_digests or self._allow_unauthenticated)
+        return bool(
+            self._hmac_secrets
+            or self._api_key_digests
+            or self._basic_digests
+            or self._tokens is not None
+            or self._allow_unauthenticated
+        )
 
     @property
     def accepted_schemes(self) -> list[str]:
@@ -148,8 +154,8 @@ class WebhookAuthenticator:
         if not self.enabled:
             # only the CXone webhook is configured (the CXone tutorial's .env has no Cognigy part)
             raise AuthenticationFailed(
-                "the Cognigy webhook is disabled until COGNIGY_WEBHOOK_SECRET or "
-                "COGNIGY_API_KEYS is set",
+                "the Cognigy webhook is disabled until one of COGNIGY_WEBHOOK_SECRET, "
+                "COGNIGY_API_KEYS, COGNIGY_BASIC_AUTH or OAUTH_CLIENTS is set",
                 "disabled",
             )
         if SW_SIGNATURE in headers and "standard_webhooks" in self._schemes:

@@ -512,6 +512,31 @@ async def test_cognigy_accepts_basic_auth_and_gateway_tokens(
         assert (await client.post(WEBHOOK, content=body, headers=json_type)).status_code == 200
 
 
+@pytest.mark.parametrize("only", ["basic", "oauth2"])
+async def test_basic_auth_or_oauth_clients_alone_open_the_cognigy_webhook(
+    asgi_app: Callable[..., Any], only: str
+) -> None:
+    """A flow whose HTTP Request node uses Basic Auth or OAuth2, with no HMAC secret or API key
+    configured: the webhook is on, not 'disabled'."""
+    body = json.dumps(trigger()).encode()
+    json_type = {"Content-Type": "application/json"}
+    alone: dict[str, Any] = {"cognigy_webhook_secret": [], "cognigy_api_keys": []}
+    if only == "basic":
+        alone["oauth_clients"] = []
+    else:
+        alone["cognigy_basic_auth"] = []
+    async with asgi_app(**alone) as (client, _):
+        if only == "basic":
+            credential = basic(BASIC_USER, BASIC_PASSWORD)
+        else:
+            credential = bearer((await token_of(client, scope=INVOKE)).json()["access_token"])
+        answered = await client.post(WEBHOOK, content=body, headers={**json_type, **credential})
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["status"] == "success"
+        refused = await client.post(WEBHOOK, content=body, headers=json_type)
+        assert refused.status_code == 401 and "disabled" not in refused.text
+
+
 async def test_a_basic_auth_turn_is_charged_to_its_tenant(
     asgi_app: Callable[..., Any],
 ) -> None:
