@@ -11,6 +11,7 @@ settings validate scope lists at start-up.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 INVOKE = "llm.gateway:invoke"  # 001: the gateway chat
 METRICS_READ = "llm.gateway:metrics:read"  # 001: the metrics and budget reads
@@ -48,15 +49,25 @@ SCOPES_MARKER = ";scopes="
 _SEPARATORS = re.compile(r"[ +]+")
 
 
+def scope_names(text: str) -> list[str]:
+    """Scopes separated by spaces or `+`, in their order."""
+    return [s for s in _SEPARATORS.split(text.strip()) if s]
+
+
+def unknown_scopes(names: Iterable[str], where: str = "scope") -> str | None:
+    """The message naming the names that are no scope (and the known ones), or None."""
+    unknown = sorted(set(names) - KNOWN_SCOPES)
+    if not unknown:
+        return None
+    return f"unknown {where} {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_SCOPES))})"
+
+
 def parse_scope_list(text: str, where: str = "scope") -> frozenset[str]:
     """Scopes separated by spaces or `+` -> the set; ValueError naming an unknown one (a typo
     would otherwise leave a key that is refused everywhere, found out only by its users)."""
-    scopes = frozenset(s for s in _SEPARATORS.split(text.strip()) if s)
-    unknown = sorted(scopes - KNOWN_SCOPES)
-    if unknown:
-        raise ValueError(
-            f"unknown {where} {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_SCOPES))})"
-        )
+    scopes = frozenset(scope_names(text))
+    if problem := unknown_scopes(scopes, where):
+        raise ValueError(problem)
     return scopes
 
 
@@ -77,10 +88,21 @@ def split_scopes(entry: str, setting: str = "CLIENT_API_KEYS") -> tuple[str, fro
     return head, scopes
 
 
-def missing_scope(held: frozenset[str] | None, any_of: tuple[str, ...]) -> str | None:
+def missing_scope(
+    held: frozenset[str] | None, any_of: tuple[str, ...], *, explicit: bool = False
+) -> str | None:
     """None when a credential holding `held` may pass a guard asking for any of `any_of`, else
-    the message naming what is missing. No scope list (None) passes every guard."""
-    if held is None or not any_of or held.intersection(any_of):
+    the message naming what is missing. No scope list (None) passes every guard, unless the
+    guard is `explicit`: a right a key must be given (provisioning), which a key without a list
+    never had."""
+    if not any_of or (held is not None and held.intersection(any_of)):
+        return None
+    if held is None and not explicit:
         return None
     wanted = " or ".join(any_of)
+    if held is None:
+        return (
+            f"missing scope: {wanted} (this key has no scope list; this route needs the admin "
+            "token or a credential whose scope list holds the scope)"
+        )
     return f"missing scope: {wanted} (this credential holds: {' '.join(sorted(held)) or 'none'})"

@@ -86,14 +86,21 @@ async def caller(request: Request, client_auth: ClientAuthDep) -> Principal:
 CallerDep = Annotated[Principal, Depends(caller)]
 
 
-def require_scope(*any_of: str) -> Callable[..., Awaitable[Principal]]:
+def require_scope(*any_of: str, explicit: bool = False) -> Callable[..., Awaitable[Principal]]:
     """A dependency: the caller (401 as `caller`), who must hold one of `any_of` when its
     credential has a scope list; 403 naming the scope otherwise, with RFC 6750's
     `WWW-Authenticate: Bearer error="insufficient_scope"`. A credential without a scope list
-    (and the admin token) passes, as before scopes existed."""
+    (and the admin token) passes, as before scopes existed.
+
+    `explicit=True` guards a right a key must be given (registering providers, provisioning
+    gateways): the admin token passes, a credential only when its scope list holds one of
+    `any_of`; a key without a scope list, which passes the other guards, is refused (it could
+    not provision before scopes existed)."""
 
     async def scoped_caller(request: Request, principal: CallerDep) -> Principal:
-        problem = missing_scope(principal.scopes, any_of)
+        if explicit and principal.role == "admin":
+            return principal
+        problem = missing_scope(principal.scopes, any_of, explicit=explicit)
         if problem is None:
             return principal
         record_auth_failure(log, "client scope refused", request, "scope", problem)

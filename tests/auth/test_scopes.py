@@ -81,6 +81,10 @@ def test_split_scopes_and_missing_scope() -> None:
     assert missing_scope(frozenset({INVOKE}), (INVOKE, "llm-inference:execute")) is None
     problem = missing_scope(frozenset({METRICS_READ}), (INVOKE,))
     assert problem is not None and INVOKE in problem and METRICS_READ in problem
+    # a right a key must be given (provisioning): no list is no right
+    unscoped = missing_scope(None, ("gateway:write",), explicit=True)
+    assert unscoped is not None and "gateway:write" in unscoped and "no scope list" in unscoped
+    assert missing_scope(frozenset({"gateway:write"}), ("gateway:write",), explicit=True) is None
 
 
 # --- over HTTP ---------------------------------------------------------------------------------

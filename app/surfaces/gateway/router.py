@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -25,7 +25,7 @@ from app.core.principal import Principal
 from app.core.scopes import GATEWAY_MANAGE, INFERENCE_EXECUTE, INFERENCE_READ
 from app.deps import ProvisionerDep
 from app.http.body import LimitedBodyDep
-from app.http.caller import CallerDep, record_auth_failure, require_scope
+from app.http.caller import require_scope
 from app.http.openapi import HTTPError, error_response, json_request_body
 from app.llm.catalog import Problem, loc_path
 from app.llm.notifications import public_url
@@ -61,23 +61,9 @@ def permissions(principal: Principal) -> list[str]:
     return sorted(principal.scopes)
 
 
-async def manager(request: Request, principal: CallerDep) -> Principal:
-    """Registering a provider changes what every tenant is served by: the admin token, or a
-    credential whose scope list holds llm-gateway:manage. A key without a scope list, which
-    passes the other guards, does not pass this one (it could not provision before scopes)."""
-    if principal.role == "admin" or GATEWAY_MANAGE in (principal.scopes or ()):
-        return principal
-    held = "no scope list" if principal.scopes is None else " ".join(sorted(principal.scopes))
-    problem = (
-        f"missing scope: {GATEWAY_MANAGE} (this credential holds: {held}); registering a "
-        "provider needs that scope or the admin token"
-    )
-    record_auth_failure(log, "client scope refused", request, "scope", problem)
-    challenge = f'Bearer error="insufficient_scope", scope="{GATEWAY_MANAGE}"'
-    raise HTTPException(403, problem, headers={"WWW-Authenticate": challenge})
-
-
-ManagerDep = Annotated[Principal, Depends(manager)]
+# Registering a provider changes what every tenant is served by: the admin token, or a credential
+# whose scope list holds llm-gateway:manage (a key without a scope list does not pass).
+ManagerDep = Annotated[Principal, Depends(require_scope(GATEWAY_MANAGE, explicit=True))]
 ReaderDep = Annotated[Principal, Depends(require_scope(INFERENCE_READ))]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
@@ -19,7 +18,7 @@ from app.core.principal import Principal
 from app.core.scopes import GATEWAY_WRITE, MODEL_READ, PROVIDER_READ
 from app.deps import GatewaysDep, SettingsDep
 from app.http.body import read_limited_body
-from app.http.caller import CallerDep, record_auth_failure
+from app.http.caller import require_scope
 from app.http.openapi import HTTPError, error_response
 from app.llm.catalog import Problem
 from app.llm.gateways import GatewayInvalid, GatewayNameTaken
@@ -35,31 +34,10 @@ from app.surfaces.provisioning.schemas import (
 log = logging.getLogger("cxrelay.gateways")
 
 
-def granted(*any_of: str) -> Callable[..., Awaitable[Principal]]:
-    """The admin token, or a credential whose scope list holds one of `any_of`: 403 naming the
-    scope otherwise (after the caller's own 401 for a missing or unknown credential)."""
-
-    async def provisioner(request: Request, principal: CallerDep) -> Principal:
-        if principal.role == "admin" or (principal.scopes or frozenset()).intersection(any_of):
-            return principal
-        wanted = " or ".join(any_of)
-        if principal.scopes is None:
-            detail = (
-                f"missing scope: {wanted} (this key has no scope list; provisioning needs the "
-                "admin token or a key whose scope list holds the scope)"
-            )
-        else:
-            held = " ".join(sorted(principal.scopes)) or "none"
-            detail = f"missing scope: {wanted} (this credential holds: {held})"
-        record_auth_failure(log, "client scope refused", request, "scope", detail)
-        challenge = f'Bearer error="insufficient_scope", scope="{" ".join(any_of)}"'
-        raise HTTPException(403, detail, headers={"WWW-Authenticate": challenge})
-
-    return provisioner
-
-
-WriterDep = Annotated[Principal, Depends(granted(GATEWAY_WRITE))]
-ReaderDep = Annotated[Principal, Depends(granted(GATEWAY_WRITE, PROVIDER_READ, MODEL_READ))]
+WriterDep = Annotated[Principal, Depends(require_scope(GATEWAY_WRITE, explicit=True))]
+ReaderDep = Annotated[
+    Principal, Depends(require_scope(GATEWAY_WRITE, PROVIDER_READ, MODEL_READ, explicit=True))
+]
 
 _AUTH: dict[int | str, dict[str, Any]] = {
     401: error_response("missing or unknown credential", HTTPError),
