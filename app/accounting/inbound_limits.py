@@ -28,14 +28,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.core.credentials import TENANT_NAME
+from app.core.credentials import TENANT_NAME, key_ids
 from app.core.errors import RateLimited
 from app.core.ids import new_id
 from app.core.principal import Principal
@@ -45,7 +44,6 @@ from app.store.counters import Bucket, LimitCounters
 log = logging.getLogger("cxrelay.limits")
 
 Kind = Literal["rpm", "tpm", "streams"]
-KEY_ID = re.compile(r"[0-9a-f]{8}")
 T = TypeVar("T")
 # How long a stream's slot outlives its last renewal: the most an orphaned lease blocks a slot.
 LEASE_SECONDS = 15.0
@@ -82,23 +80,20 @@ class LimitsSpec(BaseModel):
     tenants: dict[str, LimitOverride] = Field(default_factory=dict)
     keys: dict[str, LimitOverride] = Field(default_factory=dict)
 
-    @field_validator("tenants", "keys", mode="before")
+    @field_validator("tenants", mode="before")
     @classmethod
-    def _names(cls, value: Any, info: ValidationInfo) -> Any:
+    def _tenant_names(cls, value: Any) -> Any:
         """Checked before the limits themselves, so a misspelt name is named as such."""
         if not isinstance(value, dict):
             return value
         for name in value:
             if not isinstance(name, str):
                 raise ValueError(f"{name!r} was read as a number: quote it (e.g. '{name}':)")
-            if info.field_name == "tenants" and not TENANT_NAME.fullmatch(name):
+            if not TENANT_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a tenant name (letters, digits, '.', '_', '-')")
-            if info.field_name == "keys" and not KEY_ID.fullmatch(name.lower()):
-                raise ValueError(
-                    f"{name!r} is not a key id: the first 8 hex digits of the key's SHA-256 "
-                    "(`printf %s KEY | sha256sum | cut -c1-8`), as key_id in the logs"
-                )
-        return {name.lower() if info.field_name == "keys" else name: v for name, v in value.items()}
+        return value
+
+    _key_ids = field_validator("keys", mode="before")(key_ids)
 
 
 @dataclass(frozen=True)

@@ -3,19 +3,67 @@
 `;scopes=a+b` to limit what it may do) or the admin token.
 Keys are held only as SHA-256 digests and compared in constant time. The
 `key:tenant[:tokens][;scopes=...]` syntax is read by app.core.credentials (settings validate it
-too)."""
+too).
+
+A key's scope list may also come from the configuration in service: the provider file's
+`client_keys: {<key id>: {scopes: [...]}}` (ClientKeySpec). There, a key's list replaces the
+setting's for that key, and a change applied through the provisioning API holds from the next
+request on, without a restart. Only client keys: an access token's scopes are its client's
+(OAUTH_CLIENTS), the admin token has none."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
 from app.auth.signatures import fingerprint
 from app.auth.tokens import AccessTokens, looks_like_token
 from app.core.credentials import parse_client_key
 from app.core.errors import AuthenticationFailed
 from app.core.principal import DEFAULT_TENANT, Principal
+from app.core.scopes import scope_names, unknown_scopes
+
+
+def _known(scope: str) -> str:
+    if problem := unknown_scopes([scope]):
+        raise ValueError(problem)
+    return scope
+
+
+class ClientKeySpec(BaseModel):
+    """One client key's entry in the provider file's `client_keys`, named by the key's id.
+    `scopes`: a list, or one string in the setting's form (`a+b` or `a b`); it replaces the
+    key's CLIENT_API_KEYS list. Never empty: a key refused on every guarded route is revoked by
+    taking it out of CLIENT_API_KEYS."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scopes: list[Annotated[str, AfterValidator(_known)]]
+
+    @field_validator("scopes", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        """The setting's string form split; an empty list named as such (not as a length)."""
+        names = scope_names(value) if isinstance(value, str) else value
+        if names == []:
+            raise ValueError(
+                "an empty scope list would refuse the key on every scope-guarded route: list "
+                "its scopes, or leave the key out of client_keys to keep CLIENT_API_KEYS' list"
+            )
+        return names
+
+
+# The configuration in service's client_keys, read once per authentication.
+KeySettings = Callable[[], Mapping[str, ClientKeySpec]]
+
+
+def _no_key_settings() -> Mapping[str, ClientKeySpec]:
+    return {}
 
 
 class ClientAuthenticator:
@@ -24,8 +72,10 @@ class ClientAuthenticator:
         client_keys: Sequence[str],
         admin_token: str | None,
         tokens: AccessTokens | None = None,
+        key_settings: KeySettings = _no_key_settings,
     ) -> None:
         self.tokens = tokens  # access tokens (POST /api/v1/auth/token), accepted like a key
+        self._key_settings = key_settings  # read per request: a change applies at once
         self._clients: list[tuple[bytes, Principal]] = []
         self.session_tokens_by_key: dict[str, int | None] = {}
         for entry in client_keys:
@@ -69,6 +119,8 @@ class ClientAuthenticator:
             return self.tokens.verify(presented)
         if match is None:
             raise AuthenticationFailed("unknown API key")
+        if match.role == "client" and (own := self._key_settings().get(match.key_id)) is not None:
+            match = replace(match, scopes=frozenset(own.scopes))
         return match
 
 

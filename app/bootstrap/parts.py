@@ -160,6 +160,7 @@ def _build(
         [k.get_secret_value() for k in settings.client_api_keys],
         settings.admin_token.get_secret_value() if settings.admin_token else None,
         tokens,
+        lambda: llm.current.config.client_keys,  # the scopes in service decide, per request
     )
     budget = BudgetService(store, budget_policy(settings, client_auth.session_tokens_by_key))
     limits = build_inbound_limits(settings, store, llm)

@@ -17,6 +17,28 @@ from app.core.scopes import split_scopes
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+# How the provider file names a client key (its limits, its scopes): the key's id, the first 8 hex
+# digits of its SHA-256 (the `key_id` of the logs), never the key itself.
+KEY_ID = re.compile(r"[0-9a-f]{8}")
+
+
+def key_ids(entries: object) -> object:
+    """A provider-file mapping keyed by key id (`limits.keys`, `client_keys`), its names checked
+    and lower-cased; ValueError naming a name that is not an id, so a misspelt or pasted key is
+    named as such before its entry is read. Anything but a mapping is left to the schema."""
+    if not isinstance(entries, dict):
+        return entries
+    for name in entries:
+        if not isinstance(name, str):
+            raise ValueError(f"{name!r} was read as a number: quote it (e.g. '{name}':)")
+        if not KEY_ID.fullmatch(name.lower()):
+            raise ValueError(
+                f"{name!r} is not a key id: the first 8 hex digits of the key's SHA-256 "
+                "(`printf %s KEY | sha256sum | cut -c1-8`), as key_id in the logs"
+            )
+    return {name.lower(): value for name, value in entries.items()}
+
+
 def split_tenant(entry: str) -> tuple[str, str]:
     """`value:tenant` → (value, tenant). The split is at the LAST ':', and only when what follows
     is a tenant name (or nothing: `value:` is the default tenant); otherwise the whole entry is

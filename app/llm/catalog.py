@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.accounting.inbound_limits import LimitsSpec
+from app.auth.clients import ClientKeySpec
+from app.core.credentials import key_ids
 from app.core.documents import DocumentInvalid, load_yaml
 from app.llm.keys import KeyRotation
 
@@ -139,6 +141,10 @@ class ProviderConfig(_Strict):
     routes: list[RouteSpec] = Field(default_factory=list)
     allow_literal_keys: bool = False
     limits: LimitsSpec | None = None  # inbound limits per tenant and per key
+    # per client key, by its id: a scope list replacing its CLIENT_API_KEYS one (app.auth.clients)
+    client_keys: dict[str, ClientKeySpec] = Field(default_factory=dict)
+
+    _key_ids = field_validator("client_keys", mode="before")(key_ids)
 
     def provider(self, name: str) -> ProviderSpec | None:
         return next((p for p in self.providers if p.name == name), None)
@@ -438,7 +444,8 @@ def validate_provider_config(
         config = ProviderConfig.model_validate(raw)
     except ValidationError as error:
         shape_problems = [
-            Problem(loc_path(e["loc"]) or "(root)", str(e["msg"])) for e in error.errors()
+            Problem(loc_path(e["loc"]) or "(root)", str(e["msg"]).removeprefix("Value error, "))
+            for e in error.errors()
         ]
     else:
         return config, _semantic_problems(config, resolver)

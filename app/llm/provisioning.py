@@ -290,6 +290,8 @@ class Provisioner:
         providers = [p.name for p in config.providers]
         routes = [r.name for r in config.routes]
         detail = f"providers: {', '.join(providers)}; routes: {', '.join(routes) or 'none'}"
+        if config.client_keys:  # their ids: which keys' scopes the configuration decides
+            detail += f"; client key scopes: {', '.join(sorted(config.client_keys))}"
         if unhealthy:
             detail += f"; unhealthy keys: {', '.join(str(k) for k in unhealthy)}"
         record = await self._record(attempt, "ok", detail)
