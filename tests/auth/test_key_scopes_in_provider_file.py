@@ -18,12 +18,13 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from app.auth.signatures import fingerprint
-from app.core.scopes import INFERENCE_READ, INVOKE, METRICS_READ
+from app.core.scopes import GATEWAY_MANAGE, INFERENCE_READ, INVOKE, METRICS_READ
 from app.core.settings import Settings
 from app.llm.catalog import validate_provider_config
 from app.main import create_app
 from app.simulator.faults import FaultPlan
 from tests.llm.test_provider_file import _check
+from tests.tutorials.test_000_inference import registration
 
 ADMIN_TOKEN = "admin-token-for-key-scopes"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -31,6 +32,7 @@ SCOPED = "ck-scoped-in-settings"  # CLIENT_API_KEYS gives it llm.gateway:invoke
 PLAIN = "ck-no-list-in-settings"  # CLIENT_API_KEYS gives it no list
 KEYS = [SecretStr(f"{SCOPED}:acme;scopes={INVOKE}"), SecretStr(f"{PLAIN}:acme")]
 KEY_VARIABLE = "CXR_PROVIDER_KEY_KEY_SCOPES"
+PROVIDER_KEY = "sk-key-scopes-provider"  # not one of the service's own credentials
 OAUTH_CLIENT = "key-scopes-client"
 OAUTH_SECRET = "key-scopes-client-secret"
 CHAT = {"session_id": "s-1", "messages": [{"role": "user", "content": "Where is my parcel?"}]}
@@ -59,7 +61,7 @@ def config(url: str, client_keys: dict[str, Any] | None = None) -> dict[str, Any
 @pytest.fixture
 def provider_file(tmp_path: Path, llm_server: Any, monkeypatch: pytest.MonkeyPatch) -> Path:
     """SCOPED may only read usage here, whatever CLIENT_API_KEYS says."""
-    monkeypatch.setenv(KEY_VARIABLE, "sk-test-provider-key")
+    monkeypatch.setenv(KEY_VARIABLE, PROVIDER_KEY)
     path = tmp_path / "providers.yaml"
     scoped = {fingerprint(SCOPED): {"scopes": [METRICS_READ]}}
     path.write_text(json.dumps(config(llm_server.url, scoped)))
@@ -120,6 +122,32 @@ async def test_the_files_list_replaces_the_settings_and_a_put_changes_it_for_the
         ids = ", ".join(sorted([fingerprint(SCOPED), fingerprint(PLAIN)]))
         assert records[1]["detail"].endswith(f"; client key scopes: {ids}")
         assert "client key" not in records[0]["detail"]  # none left
+
+
+async def test_the_file_can_grant_provisioning_and_provisioning_keeps_the_files_lists(
+    app_client: Callable[..., Any], tmp_path: Path, llm_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A right a key must be given (llm-gateway:manage) may be given here; registering a
+    provider through the tutorial's endpoint adds a provider and carries client_keys over, so
+    it cannot widen (or drop) anyone's scopes."""
+    monkeypatch.setenv(KEY_VARIABLE, PROVIDER_KEY)
+    path = tmp_path / "providers.yaml"
+    lists = {fingerprint(SCOPED): {"scopes": [GATEWAY_MANAGE]}}
+    path.write_text(json.dumps(config(llm_server.url, lists)))
+    payload = registration("second", [f"env:{KEY_VARIABLE}"], "sim-second", baseUrl=llm_server.url)
+    async with start(app_client, path) as client:
+        unscoped = await client.post(
+            "/api/v1/llm-gateway/providers", json=payload, headers=bearer(PLAIN)
+        )
+        assert unscoped.status_code == 403 and GATEWAY_MANAGE in unscoped.json()["detail"]
+        registered = await client.post(
+            "/api/v1/llm-gateway/providers", json=payload, headers=bearer(SCOPED)
+        )
+        assert registered.status_code == 201, registered.text
+        refused = await chat(client, SCOPED)  # still the file's list: manage, not invoke
+        assert refused.status_code == 403 and INVOKE in refused.json()["detail"]
+        records = (await client.get("/admin/audit", headers=ADMIN)).json()["records"]
+        assert records[0]["detail"].endswith(f"client key scopes: {fingerprint(SCOPED)}")
 
 
 async def test_bad_scope_lists_are_refused_with_their_paths_and_change_nothing(
@@ -191,7 +219,7 @@ async def test_an_access_token_keeps_its_clients_scopes(
     app_client: Callable[..., Any], tmp_path: Path, llm_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A token's key id in client_keys changes nothing: its scopes are OAUTH_CLIENTS'."""
-    monkeypatch.setenv(KEY_VARIABLE, "sk-test-provider-key")
+    monkeypatch.setenv(KEY_VARIABLE, PROVIDER_KEY)
     token_key_id = fingerprint(f"oauth-client:{OAUTH_CLIENT}")
     path = tmp_path / "providers.yaml"
     path.write_text(json.dumps(config(llm_server.url, {token_key_id: {"scopes": [METRICS_READ]}})))
