@@ -485,7 +485,8 @@ def _failed_provider(name: str, probe: _ProviderProbe) -> str:
     ids = f" ({', '.join(k.key_id for k in probe.failed)})" if probe.failed else ""
     return (
         f"provider {name!r} failed the health check: GET {probe.url}{with_keys}{ids} did not "
-        f"return 200 (unreachable, key refused, or no answer within {PROBE_TIMEOUT_SECONDS:g}s)"
+        f"return 200 with a model list (unreachable, key refused, not a provider's answer, or no "
+        f"answer within {PROBE_TIMEOUT_SECONDS:g}s)"
     )
 
 
