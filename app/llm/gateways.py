@@ -462,7 +462,7 @@ class GatewayService:
             result: ApplyResult = await self.provisioner.apply_built(build, actor)
         except _Stale as stale:
             return "failed", stale.problems, [], "invalid"
-        plan, first_new = planned[0]
+        plan, first_new = planned[-1]  # the last build (again when another worker applied)
         if result.ok:
             return "active", [], plan.route_names, "ok"
         return "failed", _payload_problems(result.problems, plan, first_new), [], result.outcome
