@@ -25,6 +25,7 @@ from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
 from tests.helpers import ServiceProcess, running_service
 from tests.store.test_store import REDIS_URL
+from tests.tutorials.test_002_provisioning import gateway_payload
 
 ADMIN = "admin-token-gateway-attacks-5e1f"
 WRITER = "ck-gateway-writer-7a2c"  # acme: gateway:write, provider:read, invoke
@@ -131,23 +132,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         client.close()
 
 
-def payload(name: str, endpoint: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "provider_id": "openai",
-        "api_key_directive": "env:CXR_PROVIDER_KEY_GATEWAY",
-        "model_routing": {
-            "gpt-4-turbo": {
-                "endpoint_url": f"{endpoint}/v1/chat/completions",
-                "max_tokens": 4096,
-                "timeout_ms": 15000,
-            }
-        },
-        "max_context_tokens": 8192,
-        "rate_limit_rpm": 120,
-    }
-
-
 AUTH = {"Authorization": f"Bearer {WRITER}"}
 
 
@@ -158,7 +142,7 @@ def _fresh(world: World) -> httpx.Client:
 
 def _create(world: World, name: str, endpoint: str) -> dict[str, Any]:
     with _fresh(world) as http:
-        created = http.post("/api/v2/gateways", json=payload(name, endpoint))
+        created = http.post("/api/v2/gateways", json=gateway_payload(name, endpoint))
     assert created.status_code == 201, created.text
     body: dict[str, Any] = created.json()
     return body
@@ -196,7 +180,8 @@ def test_racing_creates_and_checks_across_two_workers(world: World) -> None:
     async def race() -> str:
         async def create() -> httpx.Response:
             async with httpx.AsyncClient(base_url=world.service.url, headers=AUTH) as http:
-                return await http.post("/api/v2/gateways", json=payload("raced", world.simulator))
+                body = gateway_payload("raced", world.simulator)
+                return await http.post("/api/v2/gateways", json=body)
 
         created = await asyncio.gather(*(create() for _ in range(8)))
         assert sorted(r.status_code for r in created) == [201] + [409] * 7
