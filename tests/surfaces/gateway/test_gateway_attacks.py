@@ -198,6 +198,11 @@ def test_racing_creates_and_checks_across_two_workers(world: World) -> None:
         return str(first["id"])
 
     gateway_id = asyncio.run(race())
+    with _fresh(world) as http:  # applied once: the other worker found it served already
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        records = http.get("/admin/audit?limit=200", headers=admin).json()["records"]
+    applied = [r for r in records if r["action"] == "apply" and r["result"] == "ok"]
+    assert len(applied) == 1, applied
     for _ in range(6):  # whichever worker answers reads the same status
         with _fresh(world) as http:
             assert http.get(f"/api/v2/gateways/{gateway_id}").json()["status"] == "active"
