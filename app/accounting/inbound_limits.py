@@ -26,6 +26,7 @@ requests through (logged): the budgets, which cannot be reserved then, still ref
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Coroutine
@@ -47,6 +48,17 @@ Kind = Literal["rpm", "tpm", "streams"]
 T = TypeVar("T")
 # How long a stream's slot outlives its last renewal: the most an orphaned lease blocks a slot.
 LEASE_SECONDS = 15.0
+# Where the token endpoint's attempt counters live: not a tenant name, so no tenant's counter
+ATTEMPTS_PLACE = "~token-endpoint"
+
+
+@dataclass(frozen=True)
+class AttemptLimits:
+    """Failed token requests (a wrong client secret) per minute: per client_id, from every
+    address together, and per source address, whatever client_id it tries; None: no limit."""
+
+    per_client: int | None = 60
+    per_address: int | None = 10
 
 
 @dataclass(frozen=True)
@@ -121,9 +133,11 @@ class InboundLimiter:
         overrides: Callable[[], LimitsSpec | None] = lambda: None,
         *,
         lease_seconds: float = LEASE_SECONDS,
+        attempts: AttemptLimits = AttemptLimits(),
     ) -> None:
         self.counters = counters
         self.defaults = defaults
+        self.attempts = attempts
         self._overrides = overrides  # read per request: a provisioning change applies at once
         self.lease_seconds = lease_seconds
         self._unfinished: set[asyncio.Task[None]] = set()  # leases being given back
@@ -205,6 +219,50 @@ class InboundLimiter:
             await _counted(
                 self.counters.adjust(charge.tenant, charge.buckets, used - charge.tokens), None
             )
+
+    async def token_attempt(self, client_id: str, address: str) -> tuple[Bucket, ...]:
+        """Count one token request for `client_id` from `address` before its secret is checked;
+        RateLimited (with the wait) when either has used its failed attempts of the minute.
+        Counting before the check bounds guesses sent at once too; `attempt_succeeded` gives a
+        right secret's unit back, so only failures use the allowance. The window slides: an
+        attacker who fills a client's allowance blocks it only while still guessing (one
+        attempt frees every 60/per_client seconds), and one address alone cannot fill it while
+        per_address is below per_client."""
+        digest = hashlib.sha256(client_id.encode()).hexdigest()[:32]  # any length, any bytes
+        chosen = [
+            (scope, (name, allowed))
+            for scope, name, allowed in (
+                ("client_id", f"auth:c:{digest}", self.attempts.per_client),
+                ("address", f"auth:a:{address}", self.attempts.per_address),
+            )
+            if allowed is not None
+        ]
+        if not chosen:
+            return ()
+        buckets = tuple(b for _, b in chosen)
+        wait, index = await _counted(self.counters.take(ATTEMPTS_PLACE, buckets, 1), (0.0, -1))
+        if index >= 0:
+            scope, (_, allowed) = chosen[index]
+            who = "this client_id" if scope == "client_id" else "this address"
+            log.warning(
+                "token requests throttled after failed attempts",
+                extra={"scope": scope, "remote": address, "allowed": allowed},
+            )
+            return_in = max(1, math.ceil(wait))
+            raise RateLimited(
+                f"too many failed token requests for {who} ({allowed} per minute): "
+                f"retry in {return_in} s",
+                scope=scope,
+                limit="failed_attempts",
+                allowed=allowed,
+                retry_after=wait,
+            )
+        return buckets
+
+    async def attempt_succeeded(self, buckets: tuple[Bucket, ...]) -> None:
+        """Give a successful token request's unit back: the allowance counts failures only."""
+        if buckets:
+            await _counted(self.counters.adjust(ATTEMPTS_PLACE, buckets, -1), None)
 
     async def open_stream(self, principal: Principal) -> StreamLease:
         """A concurrent-stream slot for the key and its tenant; RateLimited when one is full.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import httpx
 
 from app.accounting.budget import BudgetService
-from app.accounting.inbound_limits import InboundLimiter, Limits
+from app.accounting.inbound_limits import AttemptLimits, InboundLimiter, Limits
 from app.accounting.ledger import Ledger
 from app.auth.clients import ClientAuthenticator
 from app.auth.signatures import AuthorizationAuthenticator, ReplayGuard, WebhookAuthenticator
@@ -279,7 +279,13 @@ def build_inbound_limits(settings: Settings, store: Store, llm: RouterSlot) -> I
         tpm=settings.client_rate_limit_tpm,
         streams=settings.client_max_concurrent_streams,
     )
-    return InboundLimiter(store.limit_counters(), defaults, lambda: llm.current.config.limits)
+    attempts = AttemptLimits(
+        per_client=settings.oauth_max_failures_per_client,
+        per_address=settings.oauth_max_failures_per_address,
+    )
+    return InboundLimiter(
+        store.limit_counters(), defaults, lambda: llm.current.config.limits, attempts=attempts
+    )
 
 
 async def _reprobe_keys(llm: RouterSlot, interval_seconds: float) -> None:

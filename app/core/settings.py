@@ -205,6 +205,10 @@ class Settings(BaseSettings):
     # BOT_STATE_SECRET, else a key of this process only (refused with several processes).
     access_token_secret: SecretStr | None = None
     access_token_ttl_seconds: int = Field(3600, ge=60, le=86400)
+    # Failed token requests (wrong secret) allowed per minute, per client_id (from every address)
+    # and per source address; over either: 429 with Retry-After. "none" lifts one.
+    oauth_max_failures_per_client: int | None = Field(60, ge=1)
+    oauth_max_failures_per_address: int | None = Field(10, ge=1)
 
     # --- inbound limits, per client key and per tenant (its keys together), every surface -----
     # (per worker unless STORE_BACKEND=redis); "none" lifts one; the provider file's `limits:`
@@ -418,6 +422,8 @@ class Settings(BaseSettings):
         "client_rate_limit_rpm",
         "client_rate_limit_tpm",
         "client_max_concurrent_streams",
+        "oauth_max_failures_per_client",
+        "oauth_max_failures_per_address",
         mode="before",
     )
     @classmethod

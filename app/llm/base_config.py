@@ -99,7 +99,7 @@ def startup_provider_config(
     "env"). One applied through the admin API wins over PROVIDERS_FILE/env while it still
     validates, so a restart does not silently undo an operator's change."""
     if applied is not None:
-        config, problems = _stored_candidate(applied, base.default_model)
+        config, problems = stored_candidate(applied, base.default_model)
         if config is not None and not problems:
             log.warning(
                 "starting with the provider configuration applied through the admin API "
@@ -123,7 +123,7 @@ def startup_provider_config(
     return base.load(), base.source
 
 
-def _stored_candidate(
+def stored_candidate(
     applied: Mapping[str, str], default_model: str
 ) -> tuple[ProviderConfig | None, list[Problem]]:
     try:

@@ -319,6 +319,27 @@ class _Stale(Exception):
         self.problems = problems
 
 
+class _AlreadyServing(Exception):
+    """The configuration in service already holds this gateway, as it would add it: another
+    worker's health check of the same gateway applied it first."""
+
+    def __init__(self, routes: list[str]) -> None:
+        self.routes = routes
+
+
+def _served_already(gateway: GatewayIn, current: ProviderConfig) -> list[str] | None:
+    """The gateway's routes when `current` already serves it (each of its providers by name
+    at its endpoint, each of its routes), else None."""
+    providers, routes = _names(gateway)
+    for name, url in zip(providers, _by_url(gateway), strict=True):
+        spec = current.provider(name)
+        if spec is None or spec.base_url.rstrip("/") != url.rstrip("/"):
+            return None
+    if any(current.route(route) is None for route in routes):
+        return None
+    return list(routes)
+
+
 @dataclass(eq=False)
 class GatewayService:
     provisioner: Provisioner
@@ -450,6 +471,9 @@ class GatewayService:
         planned: list[tuple[_Plan, int]] = []
 
         def build(current: ProviderConfig) -> object:
+            served = _served_already(gateway, current)
+            if served is not None:
+                raise _AlreadyServing(served)
             problems = _semantic_problems(gateway, current)
             reference = current.provider(gateway.provider_id)
             if problems or reference is None:
@@ -462,7 +486,9 @@ class GatewayService:
             result: ApplyResult = await self.provisioner.apply_built(build, actor)
         except _Stale as stale:
             return "failed", stale.problems, [], "invalid"
-        plan, first_new = planned[0]
+        except _AlreadyServing as already:
+            return "active", [], already.routes, "ok"
+        plan, first_new = planned[-1]  # the last build (again when another worker applied)
         if result.ok:
             return "active", [], plan.route_names, "ok"
         return "failed", _payload_problems(result.problems, plan, first_new), [], result.outcome

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any
 
@@ -34,7 +34,7 @@ import httpx
 
 from app.auth.signatures import fingerprint
 from app.core.errors import ConfigError
-from app.llm.base_config import BaseConfig, validate_candidate
+from app.llm.base_config import BaseConfig, stored_candidate, validate_candidate
 from app.llm.catalog import (
     KeyResolver,
     Problem,
@@ -105,6 +105,9 @@ class _ProviderProbe:
     keys: int  # how many keys were probed (0: a provider without keys, or behind OAuth)
 
 
+SUPERSEDED_RETRIES = 3
+
+
 @dataclass(frozen=True)
 class _Attempt:
     """What every audit record of one operation shares."""
@@ -113,6 +116,14 @@ class _Attempt:
     actor: str
     digest: str
     started: float = field(default_factory=time.perf_counter)
+
+
+class _Superseded(Exception):
+    """The stored configuration changed while a change was being made (another worker)."""
+
+    def __init__(self, attempt: _Attempt) -> None:
+        super().__init__(attempt.action)
+        self.attempt = attempt
 
 
 @dataclass(eq=False, repr=False)
@@ -178,8 +189,7 @@ class Provisioner:
 
     async def apply(self, raw: object, actor: str) -> ApplyResult:
         attempt = _Attempt("apply", actor, payload_sha256(raw))
-        async with self._lock:
-            return await self._apply(raw, attempt)
+        return await self._changing(lambda: self._apply(raw, attempt))
 
     async def add_provider(self, entry: Mapping[str, Any], actor: str) -> ApplyResult:
         """The configuration in service plus one provider (a provider-file entry), applied as
@@ -191,7 +201,8 @@ class Provisioner:
         a provider file's): storing the result would copy them into the database. The
         candidate keeps the configuration's allow_literal_keys: a literal key is accepted only
         where that configuration allows literals."""
-        async with self._lock:
+
+        async def add() -> ApplyResult:
             current = self.slot.current.config
             raw = current.model_dump(mode="json", exclude_unset=True)
             raw["providers"] = [*raw.get("providers", []), dict(entry)]
@@ -216,6 +227,8 @@ class Provisioner:
                 return replace(result, exists=refusal.path == "name", added_at=added_at)
             return replace(await self._apply(raw, attempt), added_at=added_at)
 
+        return await self._changing(add)
+
     async def _apply(self, raw: object, attempt: _Attempt) -> ApplyResult:
         """Validate, health-check, swap, persist, audit; called with the lock held."""
         config, problems = self._validate(raw)
@@ -227,9 +240,13 @@ class Provisioner:
         try:
             router = LLMRouter(self.http, config, self.router_options)
             _set_aside(router, unhealthy)
-            await self.audit.save_applied(canonical_json(raw), attempt.digest, attempt.actor)
+            stored = await self.audit.save_applied(
+                canonical_json(raw), attempt.digest, attempt.actor, expected=self._stored_sha256
+            )
         except Exception as error:
             return await self._failed(attempt, error)
+        if not stored:  # another worker stored a change since this one caught up: again
+            raise _Superseded(attempt)
         self.slot.swap(router)  # the old router is left alone: requests on it finish there
         self.source, self.sha256 = "applied", attempt.digest
         return await self._changed(attempt, config, unhealthy)
@@ -263,9 +280,61 @@ class Provisioner:
         applied meanwhile. Like every change, it ends in `_apply`, whose validation holds the
         API's directive policy."""
         started = time.perf_counter()
-        async with self._lock:
+
+        async def built() -> ApplyResult:
             raw = build(self.slot.current.config)
             return await self._apply(raw, _Attempt("apply", actor, payload_sha256(raw), started))
+
+        return await self._changing(built)
+
+    @property
+    def _stored_sha256(self) -> str | None:
+        """The applied configuration's digest as this worker believes it stored (None: none)."""
+        return self.sha256 if self.source == "applied" else None
+
+    async def _changing(self, change: Callable[[], Awaitable[ApplyResult]]) -> ApplyResult:
+        """Make a change under the lock (this process's, then the one the workers sharing
+        DATA_DIR share), first catching up with a configuration another worker applied or
+        reverted since this one last looked, so a change that adds to the configuration (a
+        provider, a gateway) builds on it instead of dropping it; save_applied's
+        compare-and-swap is the check that nothing was stored in between (again if it was)."""
+        async with self._lock, self.audit.change_lock():
+            for _ in range(SUPERSEDED_RETRIES):
+                await self._catch_up()
+                try:
+                    return await change()
+                except _Superseded as superseded:
+                    attempt = superseded.attempt
+            error = RuntimeError(
+                "the stored configuration kept changing under this change (other workers "
+                "applying at the same moment): send it again"
+            )
+            return await self._failed(attempt, error)
+
+    async def _catch_up(self) -> None:
+        """Serve what is stored when another worker changed it: the configuration it applied
+        (checked by that worker's health check, as at start-up), or the base after a revert."""
+        applied = await self.audit.load_applied()
+        stored = applied["sha256"] if applied is not None else None
+        if stored == self._stored_sha256:
+            return
+        if applied is None:
+            try:
+                config, source, digest = self.base.load(), self.base.source, None
+            except ConfigError:
+                return  # the base no longer loads: keep serving what this worker serves
+        else:
+            loaded, problems = stored_candidate(applied, self.base.default_model)
+            if loaded is None or problems:
+                return
+            config, source, digest = loaded, "applied", stored
+        self.slot.swap(LLMRouter(self.http, config, self.router_options))
+        self.source, self.sha256 = source, digest or payload_sha256(config)
+        log.info(
+            "serving the provider configuration another worker %s",
+            "applied" if applied is not None else "reverted to",
+            extra={"config_sha256": self.sha256, "source": source},
+        )
 
     async def _rejected(
         self, attempt: _Attempt, result: AuditResult, problems: list[Problem]
@@ -487,7 +556,8 @@ def _failed_provider(name: str, probe: _ProviderProbe) -> str:
     ids = f" ({', '.join(k.key_id for k in probe.failed)})" if probe.failed else ""
     return (
         f"provider {name!r} failed the health check: GET {probe.url}{with_keys}{ids} did not "
-        f"return 200 (unreachable, key refused, or no answer within {PROBE_TIMEOUT_SECONDS:g}s)"
+        f"return 200 with a model list (unreachable, key refused, not a provider's answer, or no "
+        f"answer within {PROBE_TIMEOUT_SECONDS:g}s)"
     )
 
 

@@ -145,12 +145,20 @@ def transport_failure(exc: BaseException) -> str:
 async def probe_key(
     http: httpx.AsyncClient, url: str, headers: dict[str, str], timeout: float
 ) -> bool:
-    """Does this key work? A `GET /v1/models` costs no tokens."""
+    """Does this key work? A `GET /v1/models` costs no tokens. Only a model list counts (OpenAI's
+    and Anthropic's `{"data": [...]}`): a 200 with anything else (a login page, a proxy's or a
+    catch-all server's answer) is not a provider taking the key."""
     try:
         response = await http.get(url, headers=headers, timeout=timeout)
     except httpx.HTTPError:
         return False
-    return response.status_code == 200
+    if response.status_code != 200:
+        return False
+    try:
+        listed = response.json()
+    except ValueError:  # not JSON (or not UTF-8)
+        return False
+    return isinstance(listed, dict) and isinstance(listed.get("data"), list)
 
 
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+\S+")

@@ -13,9 +13,12 @@ guarded by a lock; the event loop never waits on the disk.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -150,18 +153,51 @@ class AuditLog:
 
     # --- the configuration applied through the API ----------------------------------------------
 
-    async def save_applied(self, config_json: str, sha256: str, actor: str) -> None:
+    @asynccontextmanager
+    async def change_lock(self) -> AsyncIterator[None]:
+        """Held while a configuration change is made, so the processes sharing this database
+        (WORKERS > 1) make theirs one at a time: an advisory lock on a file beside it, polled
+        rather than waited for in a thread, so a waiter that is cancelled leaves nothing held."""
+        fd = os.open(self.path.with_suffix(".config-lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    async def save_applied(
+        self, config_json: str, sha256: str, actor: str, *, expected: str | None
+    ) -> bool:
+        """Store the applied configuration only while the one stored is still `expected` (its
+        sha256; None: none is): a compare-and-swap under SQLite's write lock, so a worker that
+        has not seen another worker's change (they share this file) never overwrites it. False,
+        and nothing written, when the stored one has changed."""
         values = (config_json, sha256, utc_now(), actor)
 
-        def upsert(db: sqlite3.Connection) -> None:
-            with db:
+        def swap(db: sqlite3.Connection) -> bool:
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: no other writer in between
+            try:
+                row = db.execute("SELECT sha256 FROM applied_provider_config").fetchone()
+                if (row[0] if row is not None else None) != expected:
+                    db.rollback()
+                    return False
                 db.execute(
                     "INSERT OR REPLACE INTO applied_provider_config "
                     "(id, config_json, sha256, applied_at, actor) VALUES (1, ?, ?, ?, ?)",
                     values,
                 )
+            except BaseException:
+                db.rollback()
+                raise
+            db.commit()
+            return True
 
-        await self._run(upsert)
+        return await self._run(swap)
 
     async def load_applied(self) -> dict[str, str] | None:
         """`{"config_json", "sha256", "applied_at", "actor"}`, or None if none is applied."""

@@ -18,8 +18,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from app.accounting.inbound_limits import InboundLimiter
 from app.auth.tokens import AccessTokens, TokenRequestRefused
-from app.deps import ClientAuthDep
+from app.core.errors import RateLimited
+from app.deps import ClientAuthDep, LimiterDep
 from app.http.body import LimitedBodyDep
 from app.http.caller import record_auth_failure
 
@@ -65,19 +67,30 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "description": "invalid_request, unsupported_grant_type, invalid_scope",
     },
     401: {"model": TokenError, "description": "invalid_client: unknown client or wrong secret"},
+    429: {
+        "model": TokenError,
+        "description": "too_many_attempts: too many failed requests for this client_id or from "
+        "this address (OAUTH_MAX_FAILURES_PER_*); Retry-After says when to try again",
+    },
 }
 
 
-async def token(request: Request, body: LimitedBodyDep, client_auth: ClientAuthDep) -> Any:
+async def token(
+    request: Request, body: LimitedBodyDep, client_auth: ClientAuthDep, limiter: LimiterDep
+) -> Any:
     tokens = client_auth.tokens
     try:
         if tokens is None or not tokens.configured:
             raise TokenRequestRefused(
                 "invalid_client", "no OAuth clients are configured here (OAUTH_CLIENTS)", 401
             )
-        issued = _issue(request, body, tokens)
+        issued = await _issue(request, body, tokens, limiter)
     except TokenRequestRefused as refused:
         return _refusal(request, refused)
+    except RateLimited as limited:
+        headers = {**NO_STORE, "Retry-After": str(limited.retry_after_header)}
+        body_ = {"error": "too_many_attempts", "error_description": str(limited)}
+        return JSONResponse(body_, status_code=429, headers=headers)
     return JSONResponse(issued, headers=NO_STORE)
 
 
@@ -92,7 +105,9 @@ for path in ("/api/v1/auth/token", "/oauth/token"):  # 001's path, and 002's
     )(token)
 
 
-def _issue(request: Request, body: bytes, tokens: AccessTokens) -> dict[str, Any]:
+async def _issue(
+    request: Request, body: bytes, tokens: AccessTokens, limiter: InboundLimiter
+) -> dict[str, Any]:
     form = _form(request, body)
     grant = form.get("grant_type")
     if grant is None:
@@ -102,7 +117,12 @@ def _issue(request: Request, body: bytes, tokens: AccessTokens) -> dict[str, Any
             "unsupported_grant_type", f"grant_type {grant!r} is not supported: client_credentials"
         )
     client_id, secret = _client_credentials(request, form)
+    # a guess is counted before it is checked (429 once over), given back when it was right
+    attempt = await limiter.token_attempt(
+        client_id, request.client.host if request.client else "unknown"
+    )
     client = tokens.client(client_id, secret)
+    await limiter.attempt_succeeded(attempt)
     issued = tokens.issue(client, form.get("scope"))
     log.info(
         "access token issued",
