@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -470,3 +471,48 @@ def test_an_encoding_start_up_left_out_is_ready_once_loaded() -> None:
     assert "cl100k_base" in loads
     counters.preload(["text-embedding-3-small"])
     assert loads.count("cl100k_base") == 1  # once, however often it is asked for
+
+
+class _RecordingEncoder:
+    """Records what each encode call is given."""
+
+    def __init__(self, inner: Encoder) -> None:
+        self.inner = inner
+        self.pieces: list[str] = []
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        self.pieces.append(text)
+        return self.inner.encode_ordinary(text)
+
+
+def _longest_run(text: str) -> int:
+    return max((len(m.group()) for m in re.finditer(r"\S+|\s+", text)), default=0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "🚀" * 60_000,  # a 240 KB body of one emoji: 9 s of BPE in one piece
+        " " * 100_000,
+        "é" * 120_000,
+        "prefix words " + "a" * 10_000 + " and words after\n" + "x" * 700,
+    ],
+)
+def test_a_long_run_reaches_the_tokenizer_in_bounded_pieces(text: str) -> None:
+    """tiktoken's BPE is quadratic in one pretoken's length: no encode call is ever given a
+    run longer than the bound, and the count stays within a token per piece of the exact one."""
+    recording = _RecordingEncoder(tokens._load_tiktoken(O200K_BASE))
+    counter = tokens.TokenCounter("gpt-4o", O200K_BASE, recording)
+    counted = counter.count_text(text)
+    assert max(_longest_run(piece) for piece in recording.pieces) <= tokens._MAX_RUN_CHARS
+    exact = len(tokens._load_tiktoken(O200K_BASE).encode_ordinary(text[:20_000]))
+    if len(text) <= 20_000:
+        assert abs(counted - exact) <= len(recording.pieces)
+
+
+def test_ordinary_text_is_counted_in_one_piece_exactly() -> None:
+    recording = _RecordingEncoder(tokens._load_tiktoken(O200K_BASE))
+    text = (ROOT / "README.md").read_text(encoding="utf-8")[:40_000]
+    counted = tokens.TokenCounter("gpt-4o", O200K_BASE, recording).count_text(text)
+    assert recording.pieces == [text]
+    assert counted == len(tokens._load_tiktoken(O200K_BASE).encode_ordinary(text))
