@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install bench reliability
+.PHONY: run test test-fast lint install bench reliability
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m app serve --simulate
 
+# The whole suite; CI (.ci/run) runs this. TEST_WORKERS=auto runs it on every core (pytest-xdist;
+# each worker has its own Redis key prefixes, ports and temporary directories). Still one process
+# by default: in parallel on 2 busy cores, some timing tests still fail now and then (README).
+TEST_WORKERS ?= 0
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
+
+# The unit tests only: not `slow` (a process of their own, tests/reliability/) and not
+# `integration` (the app against its simulated upstreams); see tests/conftest.py.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n auto -m "not slow and not integration"
 
 lint: $(STAMP)
 	$(PY) -m ruff check app tests reliability

@@ -7,8 +7,11 @@ transport, so every outbound call it makes crosses a real socket.
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +26,44 @@ from app.simulator.faults import FaultPlan
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
 from tests.helpers import API_KEY, CXONE_AUTH, SECRET, TEST_BASE_URL, Captured, capture_logs
+
+# --- `make test-fast`: the unit tests, `-m "not slow and not integration"` ---------------------
+# slow: starts a process (the service, redis-server, a script, a fork; marked where it does), or
+# is in tests/reliability/ (fault injection, abuse timing, fuzzing: what `make reliability` runs).
+# integration: runs the app against the simulated upstreams (these fixtures, and make_settings,
+# app_client and client built on them). What is left tests the parts themselves.
+
+RELIABILITY = Path(__file__).parent / "reliability"
+UPSTREAM_FIXTURES = {"llm_server", "cxone_server", "servers"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if RELIABILITY in item.path.parents:
+            item.add_marker(pytest.mark.slow)
+        if UPSTREAM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under `-m "not slow"`, a test that starts a process fails, naming the mark it lacks, so
+    the unit selection stays what it says."""
+    if "not slow" not in (request.config.option.markexpr or ""):
+        return
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(
+            f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow "
+            "(`make test-fast` runs only tests that start none)"
+        )
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
 
 
 @pytest.fixture(autouse=True)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import os
+import random
 import re
 import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -127,11 +130,43 @@ def service_env(**values: str) -> dict[str, str]:
     return env
 
 
+# Ports for what the tests start on their own (a service process, a redis-server, a proxy that
+# must come back on the same port, a port nothing listens on). Not bind(("127.0.0.1", 0)) and
+# close: that port is in the kernel's ephemeral range, where another xdist worker's bind(0) and
+# every outgoing connection take theirs, so it can be taken again before the service binds it.
+# Instead each worker of a run has a block of its own below the ephemeral range (32768 on Linux,
+# 49152 elsewhere), offset by the run's id so two runs side by side seldom share one, and hands
+# its ports out in turn (a port comes back 400 ports later, long after its TIME_WAIT).
+PORT_BLOCKS_START = 20_000
+PORT_BLOCK_SIZE = 400
+PORT_BLOCKS = 30  # 20000-31999
+_port_turn = itertools.count(random.randrange(PORT_BLOCK_SIZE))
+
+
+def worker_id() -> str:
+    """This pytest-xdist worker ("gw0", "gw1" …), or "main" without xdist."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+
+def _port_block() -> int:
+    worker = worker_id().removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+    return (index + zlib.crc32(run.encode())) % PORT_BLOCKS
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A loopback port nothing listens on now that no other worker of this run hands out."""
+    first = PORT_BLOCKS_START + _port_block() * PORT_BLOCK_SIZE
+    for _ in range(PORT_BLOCK_SIZE):
+        port = first + next(_port_turn) % PORT_BLOCK_SIZE
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use (another run, a TIME_WAIT): the next one
+                continue
         return port
+    raise RuntimeError(f"no free port in {first}-{first + PORT_BLOCK_SIZE - 1}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import httpx
+import pytest
 from pydantic import model_validator
 
 from app.auth.signatures import sign_hmac
@@ -74,6 +75,7 @@ def test_settings_unset_by_default_are_empty_in_env_example() -> None:
     assert not written, written
 
 
+@pytest.mark.slow
 def test_make_run_with_a_copied_env_example_stays_simulated(tmp_path: Path) -> None:
     """`cp .env.example .env && make run`: the README's signed Cognigy sample still answers from
     the simulated provider (an example naming a real provider's URL made it llm_unavailable)."""

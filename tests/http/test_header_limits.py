@@ -129,6 +129,7 @@ def rss_bytes(pid: int) -> int:
 # --- size ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_64_mib_header_gets_431_and_is_not_read(service: ServiceProcess) -> None:
     rss_before = rss_bytes(service.process.pid)
     sent = 0
@@ -154,6 +155,7 @@ def test_a_64_mib_header_gets_431_and_is_not_read(service: ServiceProcess) -> No
     assert rss_bytes(service.process.pid) - rss_before < 32 * MiB
 
 
+@pytest.mark.slow
 def test_a_head_of_exactly_the_limit_is_served_and_one_byte_more_gets_431(
     service: ServiceProcess,
 ) -> None:
@@ -167,6 +169,7 @@ def test_a_head_of_exactly_the_limit_is_served_and_one_byte_more_gets_431(
     assert status_of(long_url) == 431, long_url[:200]
 
 
+@pytest.mark.slow
 def test_an_http_client_sending_a_20_kb_cookie_reads_431(service: ServiceProcess) -> None:
     response = httpx.get(
         f"http://127.0.0.1:{service.port}/health/live",
@@ -182,6 +185,7 @@ def test_an_http_client_sending_a_20_kb_cookie_reads_431(service: ServiceProcess
 # --- time ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_header_trickled_a_byte_a_second_gets_408_and_is_closed(service: ServiceProcess) -> None:
     started = time.monotonic()
     with _connect(service.port) as sock:
@@ -195,6 +199,7 @@ def test_a_header_trickled_a_byte_a_second_gets_408_and_is_closed(service: Servi
     assert HEAD_TIMEOUT * 0.5 < elapsed < HEAD_TIMEOUT + 6
 
 
+@pytest.mark.slow
 def test_fifty_slow_connections_are_all_closed(service: ServiceProcess) -> None:
     """25 trickling a header and 25 that never send anything: none is kept."""
     trickling = [_connect(service.port) for _ in range(25)]
@@ -224,6 +229,7 @@ def test_fifty_slow_connections_are_all_closed(service: ServiceProcess) -> None:
     assert httpx.get(f"http://127.0.0.1:{service.port}/health/live").status_code == 200
 
 
+@pytest.mark.slow
 def test_each_keep_alive_request_has_its_own_head_time_and_the_idle_wait_is_not_it(
     service: ServiceProcess,
 ) -> None:
@@ -245,6 +251,7 @@ def test_each_keep_alive_request_has_its_own_head_time_and_the_idle_wait_is_not_
     assert status_of(stalled) == 408
 
 
+@pytest.mark.slow
 def test_a_slow_body_after_a_prompt_head_is_not_timed(service: ServiceProcess) -> None:
     body = json.dumps(trigger()).encode()
     head = (
@@ -264,6 +271,7 @@ def test_a_slow_body_after_a_prompt_head_is_not_timed(service: ServiceProcess) -
     assert body_of(response)["status"] == "success"
 
 
+@pytest.mark.slow
 def test_a_websocket_outlives_the_head_timeout(service: ServiceProcess) -> None:
     with websocket_connect(
         f"ws://127.0.0.1:{service.port}/ws/chat",
@@ -281,6 +289,7 @@ def test_a_websocket_outlives_the_head_timeout(service: ServiceProcess) -> None:
 # --- several workers ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_with_two_workers_every_worker_bounds_heads(tmp_path: Path) -> None:
     with _running_service(tmp_path, WORKERS="2") as running:
         for _ in range(4):  # connections spread over both workers

@@ -382,12 +382,14 @@ def _check(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_check_config_prints_ok_for_the_readme_example() -> None:
     result = _check(ROOT / "examples/providers.yaml", EXAMPLE_ENV)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("ok")
 
 
+@pytest.mark.slow
 def test_check_config_lists_every_problem_and_fails() -> None:
     result = _check(ROOT / "examples/providers.broken.yaml", {})
     assert result.returncode == 1
@@ -396,6 +398,7 @@ def test_check_config_lists_every_problem_and_fails() -> None:
     assert "routes[0].chain[1].provider: unknown provider 'azure'" in result.stdout
 
 
+@pytest.mark.slow
 def test_check_config_on_a_missing_file_fails_clearly(tmp_path: Path) -> None:
     result = _check(tmp_path / "nope.yaml", {})
     assert result.returncode == 1

@@ -166,6 +166,7 @@ def test_a_rank_file_that_is_not_openais_is_refused(
     assert counter.estimated and counter.encoding == FALLBACK_ENCODING
 
 
+@pytest.mark.slow
 def test_exact_counting_does_not_import_bpe_openai() -> None:
     """Its rank files are read as data; importing the package would cost ~66 MiB."""
     script = (
@@ -310,6 +311,7 @@ def test_long_texts_are_counted_exactly_in_pieces() -> None:
         assert counter.count_text(text) == direct
 
 
+@pytest.mark.slow
 def test_pathological_texts_do_not_raise() -> None:
     counter = load_counter("gpt-4o")
     assert counter.count_text("word\n" * 240_000) == 480_000  # 1.2 M characters
@@ -318,6 +320,7 @@ def test_pathological_texts_do_not_raise() -> None:
     assert counter.count_text("\ud800 lone surrogate") > 0
 
 
+@pytest.mark.slow
 def test_counts_are_offline_from_the_install_alone(tmp_path: Path) -> None:
     """A fresh process with no cache, an unroutable proxy and every socket call refused."""
     cache = tmp_path / "cache"

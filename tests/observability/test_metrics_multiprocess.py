@@ -22,8 +22,7 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from app import serving
 from app.core.settings import Settings
 from app.observability.metrics import MULTIPROC_ENV, exposition, forget_dead_processes
-from tests.helpers import service_env
-from tests.service.test_cli import _free_port
+from tests.helpers import free_port, service_env
 
 REQUESTS = 40
 CHAT_SUCCESS = 'cxrelay_requests_total{outcome="success",reason="",surface="chat"}'
@@ -109,7 +108,7 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         1000,
         **stale,
     )
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "stderr.log"
     env = service_env(WORKERS="2", **{MULTIPROC_ENV: str(metrics_dir)})
     with log.open("wb") as stderr:
@@ -132,6 +131,7 @@ def two_workers(tmp_path: Path) -> Iterator[tuple[str, Path]]:
                 process.wait(timeout=30)
 
 
+@pytest.mark.slow
 async def test_every_request_is_counted_whichever_worker_answers(
     two_workers: tuple[str, Path],
 ) -> None:
@@ -191,6 +191,7 @@ def test_exposition_adds_up_processes_and_takes_the_worst_gauges(
     assert scraped(text, "cxrelay_provider_circuit_state{") == 2  # the worst breaker
 
 
+@pytest.mark.slow
 def test_a_dead_workers_live_gauges_are_dropped_but_its_counters_stay(tmp_path: Path) -> None:
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ import redis
 from app.simulator.cxone import CXoneSimulatorState
 from app.simulator.faults import Fault, FaultPlan
 from app.store.redis_store import RedisStore
-from tests.helpers import parts
+from tests.helpers import free_port, parts
 from tests.reliability.conftest import (
     AUTH,
     MetricWatch,
@@ -70,9 +69,7 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed: the Redis store scenario needs it")
         self.binary = binary
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port: int = probe.getsockname()[1]
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

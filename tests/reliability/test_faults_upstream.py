@@ -20,7 +20,7 @@ import pytest
 from pydantic import SecretStr
 
 from app.simulator.faults import Fault, FaultPlan
-from tests.helpers import post_turn, trigger
+from tests.helpers import free_port, post_turn, trigger
 from tests.metric_samples import samples
 from tests.reliability.conftest import (
     MetricWatch,
@@ -47,10 +47,7 @@ def assert_waited_out(turns: list[Turn], cooldown: float) -> None:
 @pytest.fixture
 def closed_port() -> int:
     """A loopback port nothing listens on: connecting to it is refused at once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+    return free_port()
 
 
 class Blackhole:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,9 @@ import pytest
 
 from app.auth.signatures import sign_hmac
 from app.core.settings import DEV_WEBHOOK_SECRET
-from tests.helpers import service_env
+from tests.helpers import free_port, service_env
+
+pytestmark = pytest.mark.slow  # each test runs `python -m app` in a process of its own
 
 TIMEOUT = 30
 
@@ -31,12 +32,6 @@ def _run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[
         timeout=TIMEOUT,
         check=False,
     )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_serve_without_gateway_url_exits_2_and_says_why(tmp_path: Path) -> None:
@@ -105,7 +100,7 @@ def test_serve_reads_dotenv_from_working_directory(tmp_path: Path) -> None:
 
 @pytest.fixture
 def simulated_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
-    port = _free_port()
+    port = free_port()
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(

@@ -7,18 +7,21 @@ import inspect
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import pytest
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.routing import BaseRoute
 
 from app.core.settings import Settings
 from app.main import create_app
-from tests.helpers import service_env
+from tests.helpers import service_env, worker_id
 
 
+@pytest.mark.slow
 def test_the_app_module_never_loads_the_simulator(tmp_path: Path) -> None:
     """In a fresh interpreter (this one has the simulators loaded by conftest): importing
     app.main and building an app, simulated settings and all, imports no app.simulator module."""
@@ -82,6 +85,7 @@ def test_every_route_dependency_runs_on_the_event_loop(
     assert in_thread_pool == []
 
 
+@pytest.mark.slow
 def test_only_the_serve_commands_app_settles_the_heap(tmp_path: Path) -> None:
     """The serve command's app freezes what start-up left and raises the young threshold
     (app.core.heap), once its parts are built; an app built elsewhere (a test run builds many in
@@ -141,6 +145,7 @@ def _modules_after_start_up(tmp_path: Path, **values: str) -> set[str]:
     return set(result.stdout.strip().splitlines()[-1].split(","))
 
 
+@pytest.mark.slow
 def test_a_service_on_sqlite_never_loads_the_redis_client(tmp_path: Path) -> None:
     """The Redis client costs ~7 MiB that the embedded default has no use for; on Redis, the
     store and the inbound limits' counters load it."""
@@ -149,7 +154,7 @@ def test_a_service_on_sqlite_never_loads_the_redis_client(tmp_path: Path) -> Non
         tmp_path,
         STORE_BACKEND="redis",
         REDIS_URL="redis://127.0.0.1:6379/0",
-        REDIS_KEY_PREFIX=f"cxr-test-{tmp_path.name}",
+        REDIS_KEY_PREFIX=f"cxrelay-test-{worker_id()}-{uuid.uuid4().hex}:",
         SESSION_ID_SECRET="s" * 32,
     )
     assert "redis" in on_redis

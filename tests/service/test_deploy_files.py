@@ -24,9 +24,8 @@ import yaml
 from prometheus_client import REGISTRY
 
 import app.observability.metrics  # noqa: F401  (registers the collectors)
-from tests.helpers import readme_samples, service_env
+from tests.helpers import free_port, readme_samples, service_env
 from tests.observability.test_metrics_multiprocess import counts_by_process, wait_until_both_live
-from tests.service.test_cli import _free_port
 from tests.store.test_store import redis_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -299,7 +298,7 @@ async def compose_stack(compose: dict[str, Any], tmp_path: Path) -> AsyncIterato
     image = final_stage()
     assert image.workdir == image.env["DATA_DIR"]  # the image starts in its data directory
 
-    simulator_port = _free_port()
+    simulator_port = free_port()
     simulator = [sys.executable if a == "python" else a for a in services["simulator"]["command"]]
     compose_port = simulator[simulator.index("--port") + 1]
     simulator[simulator.index("--host") + 1] = "127.0.0.1"
@@ -323,7 +322,7 @@ async def compose_stack(compose: dict[str, Any], tmp_path: Path) -> AsyncIterato
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    port = _free_port()
+    port = free_port()
     async with redis_prefix() as prefix:
         env = service_env(
             **{
@@ -353,6 +352,7 @@ def turns_by_process(metrics_dir: Path) -> dict[int, float]:
     return counts_by_process(metrics_dir, "cxrelay_turns_total", surface="cxone")
 
 
+@pytest.mark.slow
 async def test_the_compose_stack_carries_a_cxone_conversation_as_one_session(
     compose_stack: Stack,
 ) -> None:

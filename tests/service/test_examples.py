@@ -36,6 +36,7 @@ def run_example(name: str, service: ServiceProcess) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_the_tool_calling_example_completes_both_loops(simulated: ServiceProcess) -> None:
     out = run_example("tool_calling.py", simulated)
     lines = out.splitlines()
@@ -53,6 +54,7 @@ def test_examples_are_listed_in_the_readme() -> None:
         assert f"examples/{example.name}" in readme, example.name
 
 
+@pytest.mark.slow
 def test_make_run_answers_an_image_part_and_a_strict_json_schema(
     simulated: ServiceProcess,
 ) -> None:
@@ -100,6 +102,7 @@ def readme_embeddings_sample() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.slow
 def test_the_embeddings_example_and_readme_sample_are_answered_and_metered(
     simulated: ServiceProcess,
 ) -> None:

@@ -32,7 +32,9 @@ from app.simulator.faults import Fault, FaultPlan
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
 from app.store.audit import DB_FILENAME
-from tests.helpers import service_env
+from tests.helpers import free_port, service_env
+
+pytestmark = pytest.mark.slow  # each test signals a service process
 
 CLIENT_KEY = "ck-shutdown-key-5e1f"
 AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
@@ -43,13 +45,6 @@ STARTUP_TIMEOUT = 30.0
 GRACE_FIELD = "shutdown_grace_seconds"
 CONFIGURABLE_GRACE = GRACE_FIELD in Settings.model_fields
 DEFAULT_GRACE = 20
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

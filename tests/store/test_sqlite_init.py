@@ -10,8 +10,12 @@ import multiprocessing
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
+import pytest
+
 from app.store.audit import AuditLog
 from app.store.sqlite_store import SQLiteStore
+
+pytestmark = pytest.mark.slow  # processes open one data directory together
 
 PROCESSES = 2  # measured: two at a barrier collide most (26 of 40 rounds failed unlocked)
 ROUNDS = 40

@@ -28,6 +28,7 @@ from app.store import (
     UsageRecord,
 )
 from app.store.redis_store import RedisStore
+from tests.helpers import worker_id
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 # sqlite-inline: statements on the event loop, writes group-committed (one worker's default)
@@ -39,8 +40,9 @@ BACKENDS = ["memory", "sqlite", "sqlite-inline", "redis"]
 
 @asynccontextmanager
 async def redis_prefix() -> AsyncIterator[str]:
-    """A key prefix no other run uses; every key under it is deleted afterwards."""
-    prefix = f"cxrelay-test-{uuid.uuid4().hex}:"
+    """A key prefix no other test, xdist worker or run uses (its worker named, to tell whose
+    keys are left if a run is killed); every key under it is deleted afterwards."""
+    prefix = f"cxrelay-test-{worker_id()}-{uuid.uuid4().hex}:"
     try:
         yield prefix
     finally:

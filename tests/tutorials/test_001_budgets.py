@@ -153,6 +153,7 @@ def answer_parts(result: dict[str, Any]) -> tuple[str, int, int]:
 # --- end to end, against the service as users run it ------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_tutorial_flow_runs_against_a_running_service(tmp_path: Path) -> None:
     """token -> invoke -> metrics -> budget status over real sockets, the base URL the only
     change; the token is fetched once and reused (the tutorial's cache)."""

@@ -28,6 +28,8 @@ from app.simulator.server import LoopbackServer
 from tests.helpers import ServiceProcess
 from tests.tutorials.dotenv_service import chat_calls, serving
 
+pytestmark = pytest.mark.slow  # each test starts the service from the tutorial's .env
+
 SECRET = "cognigy-tutorial-webhook-secret"
 GATEWAY_KEY = "sk-llm-gateway-key-0001"
 FALLBACK_PATH = "/webhook/cognigy/fallback"

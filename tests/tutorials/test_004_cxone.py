@@ -25,6 +25,8 @@ from tests.helpers import ServiceProcess
 from tests.surfaces.cxone.test_cxone_webhook import said, validate_against_spec
 from tests.tutorials.dotenv_service import chat_calls, refused_start, serving
 
+pytestmark = pytest.mark.slow  # each test starts the service from the tutorial's .env
+
 VAH_AUTHORIZATION = "Bearer vah-exchange-token-004"
 GATEWAY_KEY = "sk-llm-gateway-key-0004-abcdef"
 FALLBACK = "I am currently experiencing high demand. Please try again shortly."

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import socket
 from typing import Any
 
 import httpx
@@ -13,12 +12,7 @@ import pytest
 
 from app.bootstrap.options import http_client_options
 from app.upstream.http_client import build_http_client
-
-
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import free_port
 
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
@@ -28,7 +22,7 @@ async def test_a_refused_connection_is_a_connect_error_not_a_timeout(
     client = build_http_client(http_client_options(make_settings(http_transport=transport)))
     try:
         with pytest.raises(httpx.ConnectError):
-            await client.get(f"http://127.0.0.1:{_dead_port()}/v1/models")
+            await client.get(f"http://127.0.0.1:{free_port()}/v1/models")
     finally:
         await client.aclose()
 
@@ -147,7 +141,7 @@ async def test_post_json_on_aiohttp_fails_as_httpx_does(make_settings: Any) -> N
     client = build_http_client(http_client_options(make_settings(http_transport="aiohttp")))
     try:
         with pytest.raises(httpx.ConnectError):
-            await client.post_json(f"http://127.0.0.1:{_dead_port()}/x", {}, {}, 2.0)
+            await client.post_json(f"http://127.0.0.1:{free_port()}/x", {}, {}, 2.0)
         async with RecordingServer(b"") as url:  # reads the request, hangs up unanswered
             with pytest.raises(httpx.TransportError) as hung_up:
                 await client.post_json(f"{url}/x", {}, {}, 2.0)

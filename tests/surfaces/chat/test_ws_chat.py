@@ -539,6 +539,7 @@ class RawSocket:
         self.sock.close()
 
 
+@pytest.mark.slow
 def test_service_closes_a_socket_that_stops_answering_pings_1011(service_port: int) -> None:
     client = RawSocket(service_port, answer_pings=False)
     try:
@@ -555,6 +556,7 @@ def test_service_closes_a_socket_that_stops_answering_pings_1011(service_port: i
     assert PONG_TIMEOUT - 0.05 <= closed - client.pings[0] < PONG_TIMEOUT + 1.0
 
 
+@pytest.mark.slow
 def test_service_keeps_a_socket_that_answers_pings_until_it_idles_4408(
     service_port: int,
 ) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from app.simulator.faults import FaultPlan
 from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
 from app.store import StoreUnavailable
-from tests.helpers import parts
+from tests.helpers import free_port, parts
+from tests.store.test_store import redis_prefix
 
 TEST_KEY = "sk-test-provider-key"  # what conftest configures as LLM_GATEWAY_API_KEY
 DEAD_URL = "http://127.0.0.1:9"  # the discard port: nothing listens there
@@ -169,11 +169,12 @@ async def test_a_store_that_hangs_fails_readiness_within_the_timeout(
 
 class TcpProxy:
     """A loopback TCP relay to the real Redis that can be cut and restored on the same port,
-    so the app's own Redis client lives through an outage."""
+    so the app's own Redis client lives through an outage. Its port is from free_port(): one
+    from bind(0) could be taken by another worker while the proxy is down."""
 
     def __init__(self, target_port: int = 6379) -> None:
         self.target_port = target_port
-        self.port = 0
+        self.port = free_port()
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -213,14 +214,16 @@ async def test_readiness_follows_a_redis_store_through_an_outage(
 ) -> None:
     proxy = TcpProxy()
     await proxy.start()  # the real Redis must be up: the app's start-up pings it through here
-    running = app_client(
-        store_backend="redis",
-        redis_url=f"redis://127.0.0.1:{proxy.port}/0",
-        redis_key_prefix=f"cxrelay-health-{uuid.uuid4().hex[:8]}:",
-        health_store_timeout_seconds=1.0,
-    )
     try:
-        async with running as client:
+        async with (
+            redis_prefix() as prefix,
+            app_client(
+                store_backend="redis",
+                redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                redis_key_prefix=prefix,
+                health_store_timeout_seconds=1.0,
+            ) as client,
+        ):
             assert (await client.get("/health/ready")).status_code == 200
             await proxy.stop()
             status, body = await get(client, "/health/ready")
