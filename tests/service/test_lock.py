@@ -4,6 +4,7 @@ carry upper bounds. Also the licence the project declares."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,12 @@ def uv_lock_check(directory: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin", "UV_PYTHON_DOWNLOADS": "never", "UV_PYTHON": sys.executable},
+        # make's UV_PROJECT_ENVIRONMENT and the like left out: the check reads only `directory`
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("UV_")},
+            "UV_PYTHON_DOWNLOADS": "never",
+            "UV_PYTHON": sys.executable,
+        },
     )
 
 
