@@ -7,6 +7,7 @@ through promtool (installed by scripts/ensure-promtool.sh where missing: never s
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -240,3 +241,25 @@ def test_compose_s_prometheus_loads_the_alert_rules() -> None:
     compose: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
     mounts = dict(volume.split(":")[:2] for volume in compose["services"]["prometheus"]["volumes"])
     assert mounts["./deploy/prometheus/alerts.yml"] == rule_file
+
+
+def test_the_promtool_script_says_how_to_install_where_it_cannot(tmp_path: Path) -> None:
+    """No promtool and no apt-get on PATH: the script stops with how to install it (the tests and
+    `make lint` fail loudly instead of skipping the check)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "id", "env"):
+        found = shutil.which(tool)
+        assert found is not None
+        (bin_dir / tool).symlink_to(found)
+    result = subprocess.run(
+        ["bash", str(ENSURE_PROMTOOL), "check", "rules", str(ALERTS)],
+        env={"PATH": str(bin_dir)},
+        executable=str(bin_dir / "bash"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "promtool is missing" in result.stderr
+    assert "apt-get install prometheus" in result.stderr
