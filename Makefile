@@ -14,9 +14,11 @@ export UV_PYTHON_DOWNLOADS := never
 
 .PHONY: run test lint lock install bench reliability
 
-$(STAMP): pyproject.toml uv.lock
+$(UV):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv==$(UV_VERSION)
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
 	$(UV) sync --locked --extra dev --python $(PY)
 	touch $(STAMP)
 
@@ -24,8 +26,8 @@ install: $(STAMP)
 
 # After changing a dependency in pyproject.toml: re-resolve uv.lock (`make lock UV_LOCK_ARGS=--upgrade`
 # moves every package to its newest release within the bounds), then commit both files.
-lock: $(STAMP)
-	$(UV) lock $(UV_LOCK_ARGS)
+lock: | $(UV)
+	$(UV) lock --python $(PY) $(UV_LOCK_ARGS)
 
 run: $(STAMP)
 	$(PY) -m app serve --simulate
