@@ -185,6 +185,7 @@ async def test_bad_scope_lists_are_refused_with_their_paths_and_change_nothing(
         assert {r["result"] for r in records if r["action"] == "apply"} == {"invalid"}
 
 
+@pytest.mark.slow
 def test_check_config_lists_every_scope_problem_with_its_path(tmp_path: Path) -> None:
     path = tmp_path / "providers.yaml"
     path.write_text(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.service.test_cli import _free_port
+from tests.helpers import free_port
 from tests.service.test_deploy_files import (
     COMPOSE,
     DOCKERFILE,
@@ -28,6 +28,8 @@ from tests.service.test_deploy_files import (
     exported_names,
     run_healthcheck,
 )
+
+pytestmark = pytest.mark.slow  # hadolint, promtool and the health check run as processes
 
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
@@ -186,7 +188,7 @@ def test_the_image_runs_as_a_numeric_user_that_owns_compose_s_tmpfs() -> None:
 
 def test_the_health_check_fails_where_nothing_answers() -> None:
     """(test_deploy_files runs it against the service as compose runs it, where it passes.)"""
-    result = run_healthcheck(_free_port())
+    result = run_healthcheck(free_port())
     assert result.returncode != 0
     assert "Connection refused" in result.stderr or "URLError" in result.stderr, result.stderr
 

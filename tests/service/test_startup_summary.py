@@ -31,9 +31,8 @@ from app.llm.catalog import canonical_json
 from app.main import create_app
 from app.serving import start_simulators
 from app.simulator.server import LoopbackServer
-from tests.helpers import TEST_BASE_URL, Captured, capture_logs, service_env
+from tests.helpers import TEST_BASE_URL, Captured, capture_logs, free_port, service_env
 from tests.observability.test_metrics_multiprocess import wait_until_both_live
-from tests.service.test_cli import _free_port
 
 STARTED = "cx-relay started"
 REDIS_PASSWORD = "redis-pass-5e0f7a"  # the real Redis's default user is `nopass`: any is taken
@@ -298,11 +297,12 @@ async def test_surfaces_without_their_credential_are_off(
     assert budgets["on"] is False and budgets["session_tokens"] is None
 
 
+@pytest.mark.slow
 def test_each_worker_logs_its_own_summary(tmp_path: Path) -> None:
     """`serve --simulate` with WORKERS=2: two "cx-relay started" lines, one per worker process
     (told apart by `pid`), each with the same summary otherwise; /health shows the answering
     worker's."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "stderr.log"
     with log.open("wb") as stderr:
         process = subprocess.Popen(

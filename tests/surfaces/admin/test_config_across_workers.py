@@ -21,6 +21,8 @@ from app.simulator.llm import create_llm_simulator
 from app.simulator.server import LoopbackServer
 from tests.helpers import running_service
 
+pytestmark = pytest.mark.slow  # the service runs as a process
+
 ADMIN = "admin-token-across-workers-3b9d"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 

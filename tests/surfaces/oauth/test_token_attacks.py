@@ -10,10 +10,13 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 import redis
 
 from tests.helpers import ServiceProcess, running_service
 from tests.store.test_store import REDIS_URL
+
+pytestmark = pytest.mark.slow  # the service runs as a process
 
 CLIENT_ID, SECRET = "budget-manager", "the-real-secret"
 ENV = {
