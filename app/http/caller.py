@@ -114,3 +114,11 @@ def require_scope(*any_of: str, explicit: bool = False) -> Callable[..., Awaitab
 # cost (/budget/*, the gateway metrics): with a scope list, it must hold one of these.
 InvokerDep = Annotated[Principal, Depends(require_scope(*INVOKE_SCOPES))]
 UsageReaderDep = Annotated[Principal, Depends(require_scope(*READ_USAGE_SCOPES))]
+
+
+def audit_actor(principal: Principal) -> str:
+    """Who the audit log names for a change made with this credential: its role and
+    fingerprint (and tenant), never the credential."""
+    if principal.role == "admin":
+        return f"admin:{principal.key_id}"
+    return f"{principal.role}:{principal.key_id} ({principal.tenant})"

@@ -19,6 +19,7 @@ from app.deps import AuditLogDep, ProvisionerDep, SettingsDep
 from app.http.body import read_limited_body
 from app.http.caller import bearer_failure, unauthorized
 from app.http.openapi import HTTPError, error_response
+from app.http.problems import ProblemOut, ProblemsResponse, problems_response
 from app.llm.catalog import Problem, ProviderConfigInvalid, parse_provider_text
 from app.llm.provisioning import ApplyResult, Provisioner
 from app.store.audit import AuditAction
@@ -26,8 +27,6 @@ from app.surfaces.admin.schemas import (
     ApplyResponse,
     AuditPage,
     AuditRecordOut,
-    ProblemOut,
-    ProblemsResponse,
     ProvidersResponse,
     UnhealthyKeyOut,
     ValidateResponse,
@@ -135,17 +134,12 @@ async def _candidate(request: Request, limit: int) -> object:
         raise _Unparsable(body, error.problems) from None
 
 
-def _problems(status: int, detail: str, problems: list[Problem]) -> JSONResponse:
-    body = ProblemsResponse(detail=detail, problems=[ProblemOut.of(p) for p in problems])
-    return JSONResponse(body.model_dump(), status_code=status)
-
-
 async def _unparsable(
     provisioner: Provisioner, admin: Admin, action: AuditAction, error: _Unparsable
 ) -> JSONResponse:
     """Refused before validation, but still an attempt: audited as `invalid`."""
     await provisioner.record_unparsable(action, admin.actor, error.body, error.problems)
-    return _problems(422, "the body is not valid JSON or YAML", error.problems)
+    return problems_response(422, "the body is not valid JSON or YAML", error.problems)
 
 
 def _outcome(result: ApplyResult, invalid: str) -> ApplyResponse | JSONResponse:
@@ -161,10 +155,12 @@ def _outcome(result: ApplyResult, invalid: str) -> ApplyResponse | JSONResponse:
             ],
         )
     if result.outcome == "invalid":
-        return _problems(422, invalid, result.problems)
+        return problems_response(422, invalid, result.problems)
     if result.outcome == "health_check_failed":
-        return _problems(424, "provider health check failed", result.problems)
-    return _problems(500, "the configuration change failed; nothing changed", result.problems)
+        return problems_response(424, "provider health check failed", result.problems)
+    return problems_response(
+        500, "the configuration change failed; nothing changed", result.problems
+    )
 
 
 @router.get("/providers", response_model=ProvidersResponse)

@@ -6,17 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from app.llm.catalog import ModelSpec, Problem, RouteSpec
+from app.http.problems import ProblemOut
+from app.llm.catalog import ModelSpec, RouteSpec
 from app.store.audit import AuditAction
-
-
-class ProblemOut(BaseModel):
-    path: str
-    message: str
-
-    @classmethod
-    def of(cls, problem: Problem) -> ProblemOut:
-        return cls(path=problem.path, message=problem.message)
 
 
 class ValidateResponse(BaseModel):
@@ -39,13 +31,6 @@ class ApplyResponse(BaseModel):
     providers: list[str]
     routes: list[str]
     unhealthy_keys: list[UnhealthyKeyOut] = []
-
-
-class ProblemsResponse(BaseModel):
-    """422 (invalid candidate), 424 (a provider failed its health check), 500 (apply failed)."""
-
-    detail: str
-    problems: list[ProblemOut]
 
 
 class KeyView(BaseModel):

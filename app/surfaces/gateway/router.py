@@ -25,8 +25,9 @@ from app.core.principal import Principal
 from app.core.scopes import GATEWAY_MANAGE, INFERENCE_EXECUTE, INFERENCE_READ
 from app.deps import ProvisionerDep
 from app.http.body import LimitedBodyDep
-from app.http.caller import require_scope
+from app.http.caller import audit_actor, require_scope
 from app.http.openapi import HTTPError, error_response, json_request_body
+from app.http.problems import problems_response
 from app.llm.catalog import Problem, loc_path
 from app.llm.notifications import public_url
 from app.llm.provisioning import ApplyResult
@@ -65,21 +66,6 @@ def permissions(principal: Principal) -> list[str]:
 # whose scope list holds llm-gateway:manage (a key without a scope list does not pass).
 ManagerDep = Annotated[Principal, Depends(require_scope(GATEWAY_MANAGE, explicit=True))]
 ReaderDep = Annotated[Principal, Depends(require_scope(INFERENCE_READ))]
-
-
-def actor_of(principal: Principal) -> str:
-    """Who the audit log names: the credential's fingerprint, never the credential."""
-    if principal.role == "admin":
-        return f"admin:{principal.key_id}"
-    return f"client:{principal.key_id} (tenant {principal.tenant})"
-
-
-def _problems(status: int, detail: str, problems: list[Problem]) -> JSONResponse:
-    body = {
-        "detail": detail,
-        "problems": [{"path": p.path, "message": p.message} for p in problems],
-    }
-    return JSONResponse(body, status_code=status)
 
 
 def _payload_problems(error: ValidationError) -> list[Problem]:
@@ -136,18 +122,22 @@ async def register_provider(
     try:
         registration = ProviderRegistration.model_validate_json(body)
     except ValidationError as error:
-        return _problems(422, "the provider registration is invalid", _payload_problems(error))
-    result = await provisioner.add_provider(registration.provider_entry(), actor_of(principal))
+        return problems_response(
+            422, "the provider registration is invalid", _payload_problems(error)
+        )
+    result = await provisioner.add_provider(registration.provider_entry(), audit_actor(principal))
     if result.ok:
         return _registered(registration, result)
     problems = [Problem(payload_path(p.path, result.added_at), p.message) for p in result.problems]
     if result.exists:
-        return _problems(409, f"provider {registration.name!r} already exists", problems)
+        return problems_response(409, f"provider {registration.name!r} already exists", problems)
     if result.outcome == "invalid":
-        return _problems(422, "the provider registration is invalid; nothing changed", problems)
+        return problems_response(
+            422, "the provider registration is invalid; nothing changed", problems
+        )
     if result.outcome == "health_check_failed":
-        return _problems(424, "provider health check failed; nothing changed", problems)
-    return _problems(500, "the configuration change failed; nothing changed", problems)
+        return problems_response(424, "provider health check failed; nothing changed", problems)
+    return problems_response(500, "the configuration change failed; nothing changed", problems)
 
 
 def _registered(registration: ProviderRegistration, result: ApplyResult) -> RegisteredProvider:

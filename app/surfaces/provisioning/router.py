@@ -18,16 +18,15 @@ from app.core.principal import Principal
 from app.core.scopes import GATEWAY_WRITE, MODEL_READ, PROVIDER_READ
 from app.deps import GatewaysDep, SettingsDep
 from app.http.body import read_limited_body
-from app.http.caller import require_scope
+from app.http.caller import audit_actor, require_scope
 from app.http.openapi import HTTPError, error_response
+from app.http.problems import ProblemsResponse, problems_response
 from app.llm.catalog import Problem
 from app.llm.gateways import GatewayInvalid, GatewayNameTaken
 from app.surfaces.provisioning.schemas import (
     GatewayCreated,
     GatewayView,
     HealthCheckView,
-    ProblemOut,
-    ProblemsResponse,
     ProviderOut,
 )
 
@@ -47,20 +46,6 @@ _AUTH: dict[int | str, dict[str, Any]] = {
 GatewayId = Annotated[str, Path(min_length=1, max_length=64)]
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: error_response("no such gateway", HTTPError)}
 router = APIRouter(prefix="/api/v2", tags=["gateways (tutorial 002)"], responses=_AUTH)
-
-
-def actor_of(principal: Principal) -> str:
-    """As the audit log names who acted: the credential's role and fingerprint (and tenant)."""
-    if principal.role == "admin":
-        return f"admin:{principal.key_id}"
-    return f"{principal.role}:{principal.key_id} ({principal.tenant})"
-
-
-def _problems(status: int, detail: str, problems: list[Problem]) -> JSONResponse:
-    body = ProblemsResponse(
-        detail=detail, problems=[ProblemOut(path=p.path, message=p.message) for p in problems]
-    )
-    return JSONResponse(body.model_dump(), status_code=status)
 
 
 @router.get("/providers", response_model=list[ProviderOut])
@@ -96,12 +81,14 @@ async def create(
         raw = json.loads(body)
     except ValueError as error:  # UnicodeDecodeError is one
         problem = Problem("(root)", f"the body is not JSON: {error}")
-        return _problems(422, "the gateway payload is invalid; nothing was created", [problem])
+        return problems_response(
+            422, "the gateway payload is invalid; nothing was created", [problem]
+        )
     try:
-        record = await gateways.create(raw, actor_of(writer))
+        record = await gateways.create(raw, audit_actor(writer))
     except GatewayInvalid as invalid:
         detail = "the gateway payload is invalid; nothing was created"
-        return _problems(422, detail, invalid.problems)
+        return problems_response(422, detail, invalid.problems)
     except GatewayNameTaken as taken:
         raise HTTPException(409, str(taken)) from None
     response.headers["Location"] = f"/api/v2/gateways/{record.id}"
@@ -124,7 +111,7 @@ async def health_check(
 ) -> HealthCheckView:
     """Probe the gateway's endpoints with its key and, if they answer, serve it (`active`);
     else `failed` with the reasons. Answered when done (200), never left half-applied."""
-    checked = await gateways.health_check(gateway_id, actor_of(writer))
+    checked = await gateways.health_check(gateway_id, audit_actor(writer))
     if checked is None:
         raise HTTPException(404, f"no gateway {gateway_id!r}")
     view = GatewayView.of(checked.record)

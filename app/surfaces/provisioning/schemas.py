@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from app.http.problems import ProblemOut
 from app.store.gateways import GatewayRecord, GatewayStatus
 
 
@@ -20,18 +21,6 @@ class ProviderOut(BaseModel):
     engine: str
     models: list[ModelEndpointOut]
     rate_limit_per_minute: int
-
-
-class ProblemOut(BaseModel):
-    path: str
-    message: str
-
-
-class ProblemsResponse(BaseModel):
-    """422: every problem of the payload, each with its path in it (as check-config lists)."""
-
-    detail: str
-    problems: list[ProblemOut]
 
 
 class GatewayCreated(BaseModel):
