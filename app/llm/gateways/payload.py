@@ -1,13 +1,6 @@
-"""Gateways: the provisioning tutorial's unit (seed 002), built on the provider configuration.
-
-A gateway names a provider the service knows (`provider_id`, one of GET /api/v2/providers), the
-models of it to serve, where to send each (`endpoint_url`) and with which key directive. Created,
-it is only a stored record (`pending_validation`): nothing routes to it. Its health check turns
-it into providers and routes of the configuration in service through the Provisioner's apply
-(the same validation, directive policy, key probe, atomic swap and audit as PUT /admin/config),
-then it is `active` and its models answer as `<gateway name>/<model>`, or `failed` with the
-reasons. Every step is audited with the SHA-256 of the gateway's payload, and each health check
-is announced to ADMIN_NOTIFY_URLS with the tutorial's metrics of the last hour's health checks.
+"""A gateway's payload (the provisioning tutorial's, seed 002) and what it becomes: the providers
+and routes it adds to the provider configuration, every problem with its path in the payload,
+and the provider matrix of GET /api/v2/providers.
 
 One gateway becomes one provider per distinct endpoint URL (a provider has one base URL):
 named after the gateway (`<name>-1`, `<name>-2`, ... when it has several), of the referenced
@@ -17,26 +10,16 @@ provider's kind, with its models' prices and abilities, `max_tokens` from the ro
 
 from __future__ import annotations
 
-import asyncio
 import re
-import secrets
-import time
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.llm.catalog import Problem, ProviderConfig, ProviderSpec, loc_path
 from app.llm.notifications import public_url
-from app.llm.provisioning import ApplyResult, Provisioner, payload_sha256
 from app.llm.wire import v1_url
-from app.store.audit import AuditResult, utc_now
-from app.store.gateways import GatewayRecord, GatewayRegistry, GatewayStatus
 
-STATUS_EVENT = "gateway_status_changed"
-METRICS_WINDOW_SECONDS = 3600
-_AUDIT_SCAN = 500  # the newest audit records read for the metrics window
 _RESOURCE = {"openai": "chat/completions", "anthropic": "messages"}
 
 
@@ -65,18 +48,6 @@ class GatewayInvalid(Exception):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("; ".join(str(p) for p in problems))
-
-
-class GatewayNameTaken(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class Checked:
-    """A health check's outcome: the stored record and the metrics it was announced with."""
-
-    record: GatewayRecord
-    metrics: dict[str, float | int]
 
 
 # --- the provider matrix (GET /api/v2/providers) ------------------------------------------------
@@ -109,7 +80,7 @@ def provider_matrix(config: ProviderConfig) -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     providers: list[dict[str, Any]]
     routes: list[dict[str, Any]]
     first_model: dict[str, str]  # provider name -> its first model (where its problems point)
@@ -136,7 +107,7 @@ def _names(gateway: GatewayIn) -> tuple[list[str], list[str]]:
     return providers, [f"{gateway.name}/{model}" for model in gateway.model_routing]
 
 
-def _plan(gateway: GatewayIn, reference: ProviderSpec) -> _Plan:
+def plan_providers(gateway: GatewayIn, reference: ProviderSpec) -> Plan:
     by_url = _by_url(gateway)
     names = _names(gateway)[0]
     models = {m.name: m for m in reference.models}
@@ -175,10 +146,10 @@ def _plan(gateway: GatewayIn, reference: ProviderSpec) -> _Plan:
                 provider[inherited] = getattr(reference, inherited)
         providers.append(provider)
         first[name] = served[0]
-    return _Plan(providers, routes, first)
+    return Plan(providers, routes, first)
 
 
-def _candidate(current: ProviderConfig, plan: _Plan) -> dict[str, Any]:
+def candidate_config(current: ProviderConfig, plan: Plan) -> dict[str, Any]:
     """The configuration in service as it was given, plus the gateway's providers and routes."""
     raw = current.model_dump(mode="json", exclude_unset=True)
     raw["providers"] = [*raw.get("providers", []), *plan.providers]
@@ -186,7 +157,7 @@ def _candidate(current: ProviderConfig, plan: _Plan) -> dict[str, Any]:
     return raw
 
 
-def _semantic_problems(gateway: GatewayIn, current: ProviderConfig) -> list[Problem]:
+def semantic_problems(gateway: GatewayIn, current: ProviderConfig) -> list[Problem]:
     """What the payload asks that the configuration in service cannot give."""
     reference = current.provider(gateway.provider_id)
     if reference is None:
@@ -273,7 +244,7 @@ def _semantic_problems(gateway: GatewayIn, current: ProviderConfig) -> list[Prob
 _PROVIDER_PATH = re.compile(r"providers\[(\d+)\](.*)")
 
 
-def _payload_problems(problems: list[Problem], plan: _Plan, first_new: int) -> list[Problem]:
+def payload_problems(problems: list[Problem], plan: Plan, first_new: int) -> list[Problem]:
     """Problems of the composed configuration, pointed back at the payload where they come from
     (a refused directive is the payload's `api_key_directive`)."""
     mapped = []
@@ -295,7 +266,7 @@ def _payload_problems(problems: list[Problem], plan: _Plan, first_new: int) -> l
     return mapped
 
 
-def _under(path: str, prefix: str) -> bool:
+def under(path: str, prefix: str) -> bool:
     """`model_routing.gpt-4.max_tokens` is under `model_routing.gpt-4`; `…gpt-4o` is not."""
     return path == prefix or path.startswith(f"{prefix}.")
 
@@ -309,25 +280,7 @@ def parse_gateway(raw: object) -> GatewayIn:
         ) from None
 
 
-# --- the service ---------------------------------------------------------------------------------
-
-
-class _Stale(Exception):
-    """The configuration changed since the gateway was created and no longer fits it."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-
-
-class _AlreadyServing(Exception):
-    """The configuration in service already holds this gateway, as it would add it: another
-    worker's health check of the same gateway applied it first."""
-
-    def __init__(self, routes: list[str]) -> None:
-        self.routes = routes
-
-
-def _served_already(gateway: GatewayIn, current: ProviderConfig) -> list[str] | None:
+def served_already(gateway: GatewayIn, current: ProviderConfig) -> list[str] | None:
     """The gateway's routes when `current` already serves it (each of its providers by name
     at its endpoint, each of its routes), else None."""
     providers, routes = _names(gateway)
@@ -338,176 +291,3 @@ def _served_already(gateway: GatewayIn, current: ProviderConfig) -> list[str] | 
     if any(current.route(route) is None for route in routes):
         return None
     return list(routes)
-
-
-@dataclass(eq=False)
-class GatewayService:
-    provisioner: Provisioner
-    registry: GatewayRegistry
-
-    def __post_init__(self) -> None:
-        self._lock = asyncio.Lock()  # one health check at a time in this process
-
-    def providers(self) -> list[dict[str, Any]]:
-        return provider_matrix(self.provisioner.slot.current.config)
-
-    def _check(self, raw: object) -> GatewayIn:
-        """Every problem of a create payload: its shape, then what the configuration in service
-        can give, then the composed configuration through the provisioning validation (which
-        holds the directive policy), each with its path in the payload."""
-        gateway = parse_gateway(raw)
-        current = self.provisioner.slot.current.config
-        problems = _semantic_problems(gateway, current)
-        reference = current.provider(gateway.provider_id)
-        if reference is not None and not any(p.path in ("name", "(service)") for p in problems):
-            # the routes with no problem of their own, composed and validated as an apply would
-            sound = {
-                model: route
-                for model, route in gateway.model_routing.items()
-                if not any(_under(p.path, f"model_routing.{model}") for p in problems)
-            }
-            if sound:
-                plan = _plan(gateway.model_copy(update={"model_routing": sound}), reference)
-                composed = self.provisioner.validate(_candidate(current, plan))
-                for problem in _payload_problems(composed, plan, len(current.providers)):
-                    if problem not in problems:
-                        problems.append(problem)
-        if problems:
-            raise GatewayInvalid(problems)
-        return gateway
-
-    async def create(self, raw: object, actor: str) -> GatewayRecord:
-        """Validated and stored `pending_validation`; nothing routes to it yet. Audited as
-        `gateway_create`, refused (invalid, or the name taken) or not."""
-        started = time.perf_counter()
-        digest = payload_sha256(raw)
-        result: AuditResult = "error"  # until known otherwise (the store may fail)
-        detail = "the gateway could not be stored"
-        try:
-            record = await self._store(self._check(raw), actor, digest)
-        except (GatewayInvalid, GatewayNameTaken) as refused:
-            result, detail = "invalid", str(refused)
-            raise
-        else:
-            result, detail = "ok", f"gateway {record.id} ({record.name}): pending_validation"
-            return record
-        finally:
-            await self.provisioner.record(
-                action="gateway_create",
-                actor=actor,
-                digest=digest,
-                started=started,
-                result=result,
-                detail=detail,
-            )
-
-    async def _store(self, gateway: GatewayIn, actor: str, digest: str) -> GatewayRecord:
-        now = utc_now()
-        record = GatewayRecord(
-            id=f"gw_{secrets.token_hex(6)}",
-            name=gateway.name,
-            status="pending_validation",
-            created_at=now,
-            updated_at=now,
-            actor=actor,
-            payload=gateway.model_dump(mode="json"),
-            payload_sha256=digest,
-        )
-        if not await self.registry.create(record):
-            raise GatewayNameTaken(f"a gateway named {gateway.name!r} exists")
-        return record
-
-    async def get(self, gateway_id: str) -> GatewayRecord | None:
-        return await self.registry.get(gateway_id)
-
-    async def health_check(self, gateway_id: str, actor: str) -> Checked | None:
-        """Probe and, if it passes, serve: `active`, else `failed` with the reasons. A gateway
-        already active is left as it is (its providers are in service)."""
-        started = time.perf_counter()
-        async with self._lock:
-            record = await self.registry.get(gateway_id)
-            if record is None:
-                return None
-            if record.status == "active":
-                return Checked(record, await self.metrics())
-            status, reasons, routes, result = await self._apply(record, actor)
-            record = replace(
-                record,
-                status=status,
-                updated_at=utc_now(),
-                reasons=[{"path": p.path, "message": p.message} for p in reasons],
-                routes=routes,
-            )
-            await self.registry.update(record)
-            detail = f"gateway {record.id} ({record.name}): {status}"
-            if reasons:
-                detail += ": " + "; ".join(str(p) for p in reasons)
-            await self.provisioner.record(
-                action="gateway_health_check",
-                actor=actor,
-                digest=record.payload_sha256,
-                started=started,
-                result=result,
-                detail=detail,
-            )
-        metrics = await self.metrics()
-        self.provisioner.notify(
-            STATUS_EVENT,
-            {
-                "gateway_id": record.id,
-                "name": record.name,
-                "status": record.status,
-                "reasons": record.reasons,
-                "payload_sha256": record.payload_sha256,
-                "metrics": metrics,
-            },
-        )
-        return Checked(record, metrics)
-
-    async def _apply(
-        self, record: GatewayRecord, actor: str
-    ) -> tuple[GatewayStatus, list[Problem], list[str], AuditResult]:
-        gateway = GatewayIn.model_validate(record.payload)  # validated when it was created
-        planned: list[tuple[_Plan, int]] = []
-
-        def build(current: ProviderConfig) -> object:
-            served = _served_already(gateway, current)
-            if served is not None:
-                raise _AlreadyServing(served)
-            problems = _semantic_problems(gateway, current)
-            reference = current.provider(gateway.provider_id)
-            if problems or reference is None:
-                raise _Stale(problems)
-            plan = _plan(gateway, reference)
-            planned.append((plan, len(current.providers)))
-            return _candidate(current, plan)
-
-        try:
-            result: ApplyResult = await self.provisioner.apply_built(build, actor)
-        except _Stale as stale:
-            return "failed", stale.problems, [], "invalid"
-        except _AlreadyServing as already:
-            return "active", [], already.routes, "ok"
-        plan, first_new = planned[-1]  # the last build (again when another worker applied)
-        if result.ok:
-            return "active", [], plan.route_names, "ok"
-        return "failed", _payload_problems(result.problems, plan, first_new), [], result.outcome
-
-    async def metrics(self) -> dict[str, float | int]:
-        """The tutorial's callback metrics over the last METRICS_WINDOW_SECONDS of health checks:
-        how many, the share that went active (percent), their average latency."""
-        since = datetime.now(UTC) - timedelta(seconds=METRICS_WINDOW_SECONDS)
-        cutoff = since.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        checks = [
-            r
-            for r in await self.provisioner.audit.list(_AUDIT_SCAN)
-            if r.action == "gateway_health_check" and r.time >= cutoff
-        ]
-        total = len(checks)
-        passed = sum(1 for r in checks if r.result == "ok")
-        return {
-            "window_seconds": METRICS_WINDOW_SECONDS,
-            "total_configurations": total,
-            "success_rate": round(100 * passed / total, 2) if total else 0.0,
-            "avg_latency_ms": round(sum(r.latency_ms for r in checks) / total, 1) if total else 0.0,
-        }
