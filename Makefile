@@ -32,10 +32,9 @@ lock: | $(UV)
 run: $(STAMP)
 	$(PY) -m app serve --simulate
 
-# The whole suite; CI (.ci/run) runs this. TEST_WORKERS=auto runs it on every core (pytest-xdist;
-# each worker has its own Redis key prefixes, ports and temporary directories). Still one process
-# by default: in parallel on 2 busy cores, some timing tests still fail now and then (README).
-TEST_WORKERS ?= 0
+# The whole suite; CI (.ci/run) runs this. On every core by default (pytest-xdist; each worker has
+# its own Redis key prefixes, ports and temporary directories); TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
