@@ -44,7 +44,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n auto -m "not slow and not integration"
 
 lint: $(STAMP)
-	$(UV) lock --check --offline  # uv.lock matches pyproject.toml (else: make lock)
+	$(UV) lock --check  # uv.lock matches pyproject.toml (else: make lock); no network unless stale
 	$(PY) -m ruff check app tests reliability
 	$(PY) -m mypy
 	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml [tool.importlinter]

@@ -51,7 +51,10 @@ def uv_lock_check(directory: Path) -> subprocess.CompletedProcess[str]:
     if not uv.exists():
         pytest.fail(f"uv is not installed in {uv.parent}: `make install` installs it (dev extra)")
     return subprocess.run(
-        [str(uv), "lock", "--check", "--offline"],
+        # not --offline: a stale lock is re-resolved to tell that it is stale, which needs the
+        # packages' metadata, in uv's cache only where an earlier resolution put it (a fresh
+        # machine's cache lacks uv's own, installed by pip); a current lock needs no network
+        [str(uv), "lock", "--check"],
         cwd=directory,
         capture_output=True,
         text=True,
