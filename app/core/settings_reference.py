@@ -182,7 +182,8 @@ def render_markdown(settings_cls: type[BaseSettings]) -> str:
         "prefix, any case) or a `.env` file in the working directory (the environment wins); "
         "`.env.example` lists every one with its default, so `cp .env.example .env` changes "
         "nothing until you edit it. A wrong value stops start-up with a message naming the "
-        "variable. Secrets are never logged and have no default here.",
+        "variable (`cx-relay: invalid settings: LLM_TEMPERATURE: Input should be less than or "
+        "equal to 2`). Secrets are never logged and have no default here.",
         "",
         "Names under *also read as* are the integration tutorials' names for the same setting, "
         "so their `.env` files work; setting two names of one setting to different values stops "
