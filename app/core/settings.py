@@ -777,7 +777,8 @@ class Settings(BaseSettings):
         gt=0.0,
         le=60.0,
         description=(
-            "The whole turn answers within this (Cognigy's HTTP Request node times out after 8 s)."
+            "The whole turn answers within this; keep it below the HTTP Request node's timeout "
+            "(Cognigy: 8 s on dedicated SaaS and on-premises, 15 s on shared SaaS)."
         ),
     )
     cognigy_repair_min_seconds: float = Field(
