@@ -62,6 +62,7 @@ def _section_of_each_field(settings_cls: type[BaseSettings]) -> dict[str, str]:
     for line in source.splitlines():
         if section := _SECTION.match(line):
             title = section.group(1).strip()
+            title = title[:1].upper() + title[1:]  # a heading: "serving" -> "Serving"
         elif (field := _FIELD.match(line)) and field.group(1) in settings_cls.model_fields:
             found.setdefault(field.group(1), title)
     return found
