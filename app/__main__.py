@@ -2,6 +2,8 @@
 
 python -m app serve [--simulate] [--host H] [--port P]   the service (WORKERS processes)
 python -m app simulator [--host H] [--port P]            the simulated LLM provider and CXone
+python -m app check-config FILE                          validate a provider file
+python -m app config-docs [--check]                      docs/configuration.md and .env.example
 """
 
 from __future__ import annotations
@@ -39,7 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         "check-config", help="validate a provider file; prints every problem, exits 1 if any"
     )
     check.add_argument("file", type=Path)
+    docs = commands.add_parser(
+        "config-docs",
+        help="write docs/configuration.md and .env.example from Settings (make docs)",
+    )
+    docs.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if either file is stale"
+    )
+    docs.add_argument(
+        "--root", type=Path, default=Path.cwd(), help="the repository (default: the current one)"
+    )
     args = parser.parse_args(argv)
+    if args.command == "config-docs":
+        return config_docs(args.root, check=args.check)
     if args.command == "simulator":
         return run_simulator(args.host, args.port)
     if args.command == "check-config":
@@ -62,6 +76,25 @@ def main(argv: list[str] | None = None) -> int:
     from app.serving import serve as run_service  # after the encoding (app.worker says why)
 
     return run_service(settings, overrides)
+
+
+def config_docs(root: Path, *, check: bool) -> int:
+    """The settings reference and `.env.example`, rendered from Settings (one source)."""
+    from app.core.settings import Settings
+    from app.core.settings_reference import stale_files, write_files
+
+    if not check:
+        for path in write_files(Settings, root):
+            print(f"wrote {path.relative_to(root)}")
+        return 0
+    stale = stale_files(Settings, root)
+    for path in stale:
+        print(
+            f"{path.relative_to(root)} is stale: it no longer matches the settings in "
+            "app/core/settings.py; run `make docs` and commit the result",
+            file=sys.stderr,
+        )
+    return 1 if stale else 0
 
 
 def check_config(path: Path) -> int:

@@ -1,9 +1,9 @@
 """Prometheus collectors, and their exposition with one process or several.
 
-Names are stable (documented in the README); labels are bounded: surface, outcome, reason, kind
-and scope come from fixed vocabularies, provider, model and route from the configuration (the
-configured model name, never the string a provider echoes back), tenant from the operator's
-client keys; never a session id, a key or a customer's text.
+Names are stable (documented in docs/operations.md, "Metrics"); labels are bounded: surface,
+outcome, reason, kind and scope come from fixed vocabularies, provider, model and route from the
+configuration (the configured model name, never the string a provider echoes back), tenant from the
+operator's client keys; never a session id, a key or a customer's text.
 
 With several worker processes (WORKERS > 1), prometheus-client's multiprocess mode keeps each
 process's values in files under PROMETHEUS_MULTIPROC_DIR (the variable must be set before this

@@ -1,8 +1,9 @@
 """Fault-injection scenarios: bursts of turns through every surface, each answer judged, the
 figures recorded.
 
-`scenario.burst(surface, client, n)` sends n turns at once, times each from the request to the
-last byte of its response, and judges it against what the README documents for the surface:
+`scenario.burst(surface, client, n)` sends n turns at once, times each from the request to the last
+byte of its response, and judges it against what the docs (docs/cognigy.md, cxone.md, chat.md)
+document for the surface:
 
 - answered: a 200 in the surface's shape with a real answer;
 - fallback: the documented degraded answer — Cognigy's 200 route-to-human (status names why),
@@ -67,7 +68,7 @@ DEADLINES = {"cognigy": 2.0, "cxone": 2.0, "chat": 2.0, "openai": 2.0}
 COGNIGY_FALLBACK = Settings.model_fields["cognigy_fallback_response"].default
 CXONE_FALLBACK = Settings.model_fields["fallback_bot_response"].default
 CXONE_FALLBACKS = {"fallback", "fallback_escalated", "budget_exhausted"}
-# The chat surfaces' documented refusals and failures: code -> status (README, "Chat").
+# The chat surfaces' documented refusals and failures: code -> status (docs/chat.md).
 CHAT_FAILURES = {
     "upstream_unavailable": 502,
     "upstream_rejected": 502,

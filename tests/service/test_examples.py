@@ -96,8 +96,8 @@ def test_make_run_answers_an_image_part_and_a_strict_json_schema(
 
 
 def readme_embeddings_sample() -> str:
-    """The README's /v1/embeddings Python sample, as it is written there."""
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    """docs/chat.md's /v1/embeddings Python sample, as it is written there."""
+    readme = (REPO_ROOT / "docs" / "chat.md").read_text(encoding="utf-8")
     section = readme.split("\n### OpenAI-compatible embeddings: `/v1/embeddings`\n", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 

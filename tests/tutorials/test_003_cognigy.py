@@ -150,7 +150,8 @@ def test_a_decision_that_breaks_the_schema_answers_with_the_tutorials_error_key(
 
 def test_the_tutorials_refusals(service: ServiceProcess, llm_plan: FaultPlan) -> None:
     """Above the fallback threshold (0.75) is 400, as in the tutorial; a bad signature is 401
-    where the tutorial said 403 (README's differences table); neither reaches the provider."""
+    where the tutorial said 403 (the differences table in docs/tutorials.md); neither reaches the
+    provider."""
     confident = fallback_trigger(service.url, trigger(confidenceScore=0.9))
     assert confident.status_code == 400
     assert "threshold" in confident.json()["detail"]

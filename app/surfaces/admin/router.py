@@ -56,7 +56,7 @@ _VALIDATE_RESPONSES = {**_BODY_RESPONSES, 422: _REVERT_RESPONSES[422]}
 
 
 def _provider_file_body(json_schema: dict[str, Any]) -> dict[str, Any]:
-    """The provider file (README "Providers"), as JSON or as the YAML text an operator writes."""
+    """The provider file (docs/providers.md), as JSON or as the YAML text an operator writes."""
     content = {"application/json": {"schema": json_schema}, "application/yaml": {"schema": {}}}
     return {"requestBody": {"required": True, "content": content}}
 

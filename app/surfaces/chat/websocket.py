@@ -88,7 +88,7 @@ log = logging.getLogger("cxrelay.ws_chat")
 
 AUTH_FRAME_SECONDS = 5.0
 SURFACE = "ws_chat"
-# Close codes (the README's table)
+# Close codes (the table in docs/chat.md, "WebSocket")
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011  # also uvicorn's code for a missing pong
 UNAUTHENTICATED = 4401

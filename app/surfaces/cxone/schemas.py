@@ -106,7 +106,7 @@ class ExternalIntegrationBotExchangeRequest(_In):
                 "botId/sessionId is the CXone tutorial's own body, which CXone never sends: "
                 "this endpoint takes Virtual Agent Hub's exchange request (userInput, "
                 "userInputType, executionInfo, botSessionState, ...); register it in CXone as "
-                "a Custom Exchange Endpoint (see the README)"
+                "a Custom Exchange Endpoint (see docs/cxone.md)"
             )
         return data
 

@@ -1,6 +1,6 @@
 """The Cognigy LLM-gateway tutorial's provider registration, and how it maps to a provider-file
-entry (README "Providers, keys and routes"): what each of its fields means here, and the values
-cx-relay cannot honour refused by name rather than dropped."""
+entry (docs/providers.md, "Providers, keys and routes"): what each of its fields means here, and the
+values cx-relay cannot honour refused by name rather than dropped."""
 
 from __future__ import annotations
 

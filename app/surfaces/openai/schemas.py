@@ -3,7 +3,7 @@
 
 Every request field the official client can send (its messages and tools: openai_messages)
 is passed on, mapped or refused with a 400
-that names it, never dropped silently (the README's field table says which, per provider kind):
+that names it, never dropped silently (docs/chat.md's field table says which, per provider kind):
 messages of every role (system, developer, user, assistant with `tool_calls`, tool with
 `tool_call_id`), content as a string or parts (`text`, `image_url`, `input_audio`), tools,
 tool_choice, parallel_tool_calls, response_format, stop, seed, top_p, the penalties,

@@ -430,8 +430,8 @@ def test_an_unexpected_failure_is_an_internal_error_frame_then_1011(
     assert llm_plan.requests == []
 
 
-def test_the_readme_lists_every_close_code() -> None:
-    readme = (REPO_ROOT / "README.md").read_text()
+def test_the_docs_list_every_close_code() -> None:
+    readme = (REPO_ROOT / "docs" / "chat.md").read_text()
     section = readme.split("### WebSocket: `/ws/chat`", 1)[1].split("\n## ", 1)[0]
     codes = [
         ws_chat.MESSAGE_TOO_BIG,
