@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -281,6 +282,41 @@ async def test_a_v1_call_from_the_openai_client(
     (attempt,) = named(steps, "llm.attempt")
     sent = llm_plan.requests[0]["headers"]["traceparent"]
     assert traceparent_parts(sent) == (TRACE_ID, hex_id(attempt.context.span_id, 16))
+
+
+async def test_a_websocket_providers_handshake_carries_the_attempts_trace(
+    traced: Callable[..., Any],
+    exporter: InMemorySpanExporter,
+    llm_server: Any,
+    llm_plan: FaultPlan,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SIM_KEY", "sk-sim-websocket-key")
+    provider = {
+        "name": "wsgw",
+        "base_url": llm_server.url,
+        "transport": "websocket",
+        "api_keys": ["env:SIM_KEY"],
+        "models": [{"name": "gpt-4o-mini"}],
+    }
+    chain = [{"provider": "wsgw", "model": "gpt-4o-mini"}]
+    path = tmp_path / "providers.json"
+    routes = [{"name": "r", "chain": chain}]
+    path.write_text(json.dumps({"providers": [provider], "routes": routes}))
+    llm_plan.push(Fault(content="Your order ships tomorrow."))
+    async with traced(providers_file=path, llm_model="r") as (client, _):
+        response = await cxone_turn(client)
+    assert response.status_code == 200, response.text
+    (attempt,) = named(list(exporter.get_finished_spans()), "llm.attempt")
+    assert attempt.attributes is not None
+    assert attempt.attributes["gen_ai.provider.name"] == "wsgw"
+    assert attempt.attributes["cxrelay.llm.key_fingerprint"] == fingerprint("sk-sim-websocket-key")
+    sent = llm_plan.requests[0]["headers"]["traceparent"]
+    assert traceparent_parts(sent) == (
+        hex_id(attempt.context.trace_id, 32),
+        hex_id(attempt.context.span_id, 16),
+    )
 
 
 async def test_a_refused_request_is_traced_with_its_status(
