@@ -137,7 +137,10 @@ async def test_a_cognigy_turn_is_one_trace_below_the_callers(
     steps = under(spans, request)
     names = {s.name for s in steps}
     assert {"safety.injection", "cxone.history", "budget.reserve", "llm.attempt"} <= names
-    assert "ledger.commit" in names
+    assert {"safety.validation", "ledger.commit"} <= names
+    (validation,) = named(steps, "safety.validation")
+    assert validation.attributes == {"cxrelay.safety.schema": "RoutingDecision"}
+    assert validation.status.status_code is StatusCode.UNSET
     (attempt,) = named(steps, "llm.attempt")
     assert dict(attempt.attributes or {}) == {
         "gen_ai.provider.name": "default",
@@ -218,6 +221,22 @@ async def test_a_provider_that_fails_is_an_error_on_the_attempt_and_the_turn_fal
     assert all(a.status.description in ("unavailable", "UpstreamUnavailable") for a in attempts)
     request = server_span(spans, "POST /webhook/cognigy/fallback")
     assert request.status.status_code is StatusCode.UNSET  # answered (its fallback), 200
+
+
+async def test_an_answer_that_breaks_the_schema_is_a_failed_validation_then_a_repair(
+    traced: Callable[..., Any], exporter: InMemorySpanExporter, llm_plan: FaultPlan
+) -> None:
+    llm_plan.push(Fault(content=json.dumps({**DECISION, "confidence": "very"})))
+    llm_plan.push(Fault(content=json.dumps(DECISION)))
+    async with traced() as (client, _):
+        response = await post_turn(client, trigger())
+    assert response.json()["status"] == "success", response.text
+    spans = list(exporter.get_finished_spans())
+    first, second = named(spans, "safety.validation")
+    assert first.status.status_code is StatusCode.ERROR
+    assert first.status.description == "OutputInvalid"  # the kind, not the answer's text
+    assert second.status.status_code is StatusCode.UNSET
+    assert len(named(spans, "llm.attempt")) == 2  # the answer, then its repair
 
 
 async def test_a_cxone_bot_turn(
