@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -18,6 +19,8 @@ from app.core.settings import Settings
 from app.core.settings_loading import load_settings
 from app.http.request_ids import RequestIdMiddleware
 from app.http.request_metrics import RequestMetricsMiddleware
+from app.observability import tracing
+from app.observability.tracing_setup import start_tracing, tracing_config
 from app.surfaces.admin import router as admin
 from app.surfaces.budget import metrics_router as gateway_metrics
 from app.surfaces.budget import router as budget
@@ -34,12 +37,16 @@ from app.surfaces.openai import gateway_router as gateway_chat
 from app.surfaces.openai import router as openai_compat
 from app.surfaces.provisioning import router as provisioning_v2
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
 log = logging.getLogger("cxrelay")
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
+        await _start_tracing(app, stack)
         app.state.parts = await build_parts(app.state.settings, stack)
         if app.state.owns_process:
             settle_startup_heap()
@@ -55,6 +62,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("cx-relay stopping")
 
 
+async def _start_tracing(app: FastAPI, stack: AsyncExitStack) -> None:
+    """This process's tracer (with WORKERS > 1 each worker's own, built after the fork), stopped
+    last: the parts' shutdown is still traced, then what is buffered is sent (SIGTERM too)."""
+    provider = app.state.tracer_provider
+    if provider is None:
+        if app.state.tracing is None:
+            return
+        sdk_provider = start_tracing(app.state.tracing, __version__)
+        stack.push_async_callback(asyncio.to_thread, sdk_provider.shutdown)
+        provider = sdk_provider
+    tracing.enable(provider.get_tracer("cx-relay", __version__))
+    stack.callback(tracing.disable)
+
+
 def _without_native_telemetry() -> dict[str, Any]:
     """FastAPI's built-in OpenTelemetry hooks (newer releases) look up the global providers on
     every request (~5% of a request's CPU, measured); the service has its own Prometheus metrics
@@ -64,9 +85,15 @@ def _without_native_telemetry() -> dict[str, Any]:
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
-def create_app(settings: Settings | None = None, *, owns_process: bool = False) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    owns_process: bool = False,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
     """`owns_process`: the serve command's app, the only one in its process, which may set
-    process-wide state after start-up (app.core.heap)."""
+    process-wide state after start-up (app.core.heap). `tracer_provider`: trace into it (tests)
+    instead of what the OTEL_* variables ask for (app.observability.tracing_setup)."""
     app = FastAPI(
         title="cx-relay",
         version=__version__,
@@ -76,8 +103,14 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
     )
     app.state.settings = settings or load_settings()
     app.state.owns_process = owns_process
+    app.state.tracer_provider = tracer_provider
+    app.state.tracing = tracing_config() if tracer_provider is None else None
     app.add_middleware(RequestMetricsMiddleware)  # inner: the request id is set when it counts
     app.add_middleware(RequestIdMiddleware)
+    if tracer_provider is not None or app.state.tracing is not None:
+        from app.http.tracing import TracingMiddleware  # only then is OpenTelemetry imported
+
+        app.add_middleware(TracingMiddleware)  # outermost: its span holds the whole request
     app.include_router(health.router)
     app.include_router(cognigy.router)
     app.include_router(cxone.router)

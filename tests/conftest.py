@@ -72,6 +72,8 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Non
     for name, field in Settings.model_fields.items():
         for env_name in names_of(field, name):  # the tutorials' names too
             monkeypatch.delenv(env_name.upper(), raising=False)
+    for name in [n for n in os.environ if n.startswith("OTEL_")]:  # tracing: off unless asked
+        monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)  # no stray .env is read
 
 

@@ -121,7 +121,11 @@ def service_env(**values: str) -> dict[str, str]:
         for name, field in Settings.model_fields.items()
         for env_name in names_of(field, name)  # the tutorials' names too
     } | {MULTIPROC_ENV}
-    env = {k: v for k, v in os.environ.items() if k.upper() not in names}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.upper() not in names and not k.startswith("OTEL_")  # tracing: off unless asked
+    }
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
     )

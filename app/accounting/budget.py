@@ -28,6 +28,7 @@ from typing import Any, Generic, TypeVar
 
 from app.core.errors import CxRelayError
 from app.core.principal import Principal
+from app.observability import tracing
 from app.store import (
     NO_SESSION,
     BudgetScope,
@@ -213,10 +214,12 @@ class BudgetService:
     ) -> Grant | Refusal:
         """Hold `requested_tokens` (prompt + max_tokens) and `estimated_cost` on every scope."""
         scopes = self.scopes_for(principal, session_id)
-        try:
-            outcome = await self.store.reserve(scopes, requested_tokens, estimated_cost)
-        except StoreUnavailable as exc:
-            raise BudgetUnavailable(str(exc)) from exc
+        with tracing.span("budget.reserve", {"cxrelay.budget.tokens": requested_tokens}):
+            try:
+                outcome = await self.store.reserve(scopes, requested_tokens, estimated_cost)
+            except StoreUnavailable as exc:
+                raise BudgetUnavailable(str(exc)) from exc
+            tracing.annotate({"cxrelay.budget.granted": not isinstance(outcome, Refusal)})
         if isinstance(outcome, Refusal):
             log.info(
                 "budget refused",
@@ -235,7 +238,8 @@ class BudgetService:
 
     async def release(self, grant: Grant) -> None:
         """Give the reservation back (the call failed). Never raises; the TTL is the backstop."""
-        await _finish(self.store.release(grant.reservation), "release", grant.reservation)
+        with tracing.span("budget.release"):
+            await _finish(self.store.release(grant.reservation), "release", grant.reservation)
 
     async def session_budget(self, principal: Principal, session_id: str) -> ScopeUsage:
         if session_id == NO_SESSION:

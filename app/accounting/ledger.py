@@ -31,6 +31,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+from app.observability import tracing
 from app.store import Reservation, Store, StoreUnavailable, UsageRecord
 
 __all__ = ["Ledger", "UsageRecord"]
@@ -83,7 +84,12 @@ class Ledger:
             self._lost(entry, "ledger record after close, not written")
             return False
         try:
-            return await self._commit(entry)
+            with tracing.span("ledger.commit", {"cxrelay.ledger.settles": reservation is not None}):
+                stored = await self._commit(entry)
+                tracing.annotate({"cxrelay.ledger.stored": stored})
+                if not stored:
+                    tracing.failed("kept for retry")
+                return stored
         except asyncio.CancelledError:
             # cancelled mid-write: it may or may not have been applied, and it is idempotent,
             # so it is written again behind the caller (cheaper than shielding every write)

@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from app.llm.router import LLMRouter
 from app.llm.routes import ProviderRuntime
+from app.observability import tracing
+from app.observability.tracing_setup import tracing_config
 from app.store.audit import DB_FILENAME
 from app.surfaces.health.report import addressable_routes
 
@@ -108,7 +110,21 @@ def startup_summary(parts: Parts) -> dict[str, Any]:
         "simulated": list(settings.simulated_upstreams),
         "token_counting": settings.token_counting,
         "http_transport": settings.http_transport,
+        "tracing": _tracing(),
     }
+
+
+def _tracing() -> dict[str, Any]:
+    """Whether this process sends traces, and where (the OTEL_* variables, docs/tracing.md)."""
+    if not tracing.enabled():
+        return {"on": False}
+    config = tracing_config()
+    if config is None:  # a tracer provider handed to create_app (tests)
+        return {"on": True}
+    detail: dict[str, Any] = {"on": True, "exporters": list(config.exporters)}
+    if config.endpoint is not None:
+        detail["endpoint"] = masked_url(config.endpoint)
+    return detail
 
 
 def _provider(runtime: ProviderRuntime) -> dict[str, Any]:

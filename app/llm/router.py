@@ -77,7 +77,9 @@ from app.llm.types import (
     Usage,
 )
 from app.llm.wire import shown_url
+from app.observability import tracing
 from app.observability.metrics import LLM_FALLBACKS, LLM_RETRIES, TTFT
+from app.observability.tracing import Attributes
 
 log = logging.getLogger("cxrelay.router")
 
@@ -422,7 +424,9 @@ class LLMRouter:
         name = runtime.spec.name
         if not runtime.breaker.allow():
             cause = runtime.breaker.last_failure
-            self._note(trail, Attempt(name, model.name, "", "circuit_open"), runtime, cause)
+            opened = _attempt_attributes(name, model.name, "", len(trail) + 1)
+            with tracing.span("llm.attempt", opened):
+                self._note(trail, Attempt(name, model.name, "", "circuit_open"), runtime, cause)
             skipped = CircuitOpen(f"{name}: circuit open", upstream=name, detail=cause)
             # half-open: a trial is testing the provider right now, worth another pass
             skipped.retryable = runtime.breaker.state == "half_open"
@@ -445,7 +449,9 @@ class LLMRouter:
                 tokens = request_tokens(call.messages, call.max_tokens) if runtime.spec.tpm else 0
                 permit = await runtime.limiter.acquire(max(0.0, queue), tokens)
                 if isinstance(permit, str):  # over rpm, tpm or max_concurrent for longer
-                    self._note(trail, Attempt(name, model.name, "", "local_rate_limit"))
+                    opened = _attempt_attributes(name, model.name, "", len(trail) + 1)
+                    with tracing.span("llm.attempt", opened):
+                        self._note(trail, Attempt(name, model.name, "", "local_rate_limit"))
                     raise UpstreamRateLimited(
                         f"{name}: over its configured {permit}", upstream=name, retry_after=None
                     )
@@ -455,50 +461,57 @@ class LLMRouter:
                 if timeout < MIN_ATTEMPT_SECONDS:
                     permit.release()
                     raise UpstreamTimeout("deadline reached", upstream=name)
-                started = time.perf_counter()
-                try:
-                    result = await send(runtime.client, call, timeout, total, key.secret)
-                    permit.settle(result.usage.total_tokens if result.usage_reported else None)
-                except UpstreamRateLimited as error:
-                    self._note(
-                        trail, Attempt(name, model.name, key.key_id, "rate_limited", ms(started))
-                    )
-                    runtime.keys.mark_rate_limited(key, error.retry_after)
-                    rate_limited = error
-                    continue  # the next key at once
-                except UpstreamRejected as error:
-                    outcome = rejection(error)
-                    self._note(trail, Attempt(name, model.name, key.key_id, outcome, ms(started)))
-                    if outcome == "unauthorized":
-                        runtime.keys.mark_unauthorized(key, error.status)
-                        continue
-                    runtime.breaker.release_trial()
-                    raise
-                except (
-                    UpstreamUnavailable,
-                    UpstreamTimeout,
-                    UpstreamProtocolError,
-                    StreamBroken,
-                ) as error:
-                    attempt = Attempt(name, model.name, key.key_id, reason(error), ms(started))
-                    self._note(trail, attempt, runtime, error.for_operator())
-                    runtime.breaker.record_failure(error.for_operator())
-                    raise
-                except asyncio.CancelledError:
-                    # the caller's deadline fired first (a stalled loop), or the caller left
-                    cut = deadline.remaining() <= DEADLINE_MARGIN_SECONDS
-                    outcome = "timeout" if cut else "cancelled"
-                    why = f"{name}: cut by the caller's deadline" if cut else ""
-                    attempt = Attempt(name, model.name, key.key_id, outcome, ms(started))
-                    self._note(trail, attempt, runtime, why)
-                    if cut:
-                        runtime.breaker.record_failure(why)
-                    raise
-                finally:
-                    permit.release()
-                runtime.breaker.record_success()
-                self._note(trail, Attempt(name, model.name, key.key_id, "ok", ms(started)))
-                return result
+                opened = _attempt_attributes(name, model.name, key.key_id, len(trail) + 1)
+                with tracing.span("llm.attempt", opened):  # the provider's parent span
+                    started = time.perf_counter()
+                    try:
+                        result = await send(runtime.client, call, timeout, total, key.secret)
+                        permit.settle(result.usage.total_tokens if result.usage_reported else None)
+                        if result.usage_reported:
+                            tracing.annotate(_usage_attributes(result))
+                    except UpstreamRateLimited as error:
+                        _trace_status(error)
+                        attempt = Attempt(name, model.name, key.key_id, "rate_limited", ms(started))
+                        self._note(trail, attempt)
+                        runtime.keys.mark_rate_limited(key, error.retry_after)
+                        rate_limited = error
+                        continue  # the next key at once
+                    except UpstreamRejected as error:
+                        _trace_status(error)
+                        outcome = rejection(error)
+                        attempt = Attempt(name, model.name, key.key_id, outcome, ms(started))
+                        self._note(trail, attempt)
+                        if outcome == "unauthorized":
+                            runtime.keys.mark_unauthorized(key, error.status)
+                            continue
+                        runtime.breaker.release_trial()
+                        raise
+                    except (
+                        UpstreamUnavailable,
+                        UpstreamTimeout,
+                        UpstreamProtocolError,
+                        StreamBroken,
+                    ) as error:
+                        _trace_status(error)
+                        attempt = Attempt(name, model.name, key.key_id, reason(error), ms(started))
+                        self._note(trail, attempt, runtime, error.for_operator())
+                        runtime.breaker.record_failure(error.for_operator())
+                        raise
+                    except asyncio.CancelledError:
+                        # the caller's deadline fired first (a stalled loop), or the caller left
+                        cut = deadline.remaining() <= DEADLINE_MARGIN_SECONDS
+                        outcome = "timeout" if cut else "cancelled"
+                        why = f"{name}: cut by the caller's deadline" if cut else ""
+                        attempt = Attempt(name, model.name, key.key_id, outcome, ms(started))
+                        self._note(trail, attempt, runtime, why)
+                        if cut:
+                            runtime.breaker.record_failure(why)
+                        raise
+                    finally:
+                        permit.release()
+                    runtime.breaker.record_success()
+                    self._note(trail, Attempt(name, model.name, key.key_id, "ok", ms(started)))
+                    return result
         finally:
             runtime.breaker.release_trial()
         if rate_limited is not None or runtime.keys.next_available_in() is not None:
@@ -546,6 +559,9 @@ class LLMRouter:
         provider's URL and what went wrong, so an unreachable provider is told by the log."""
         trail.append(attempt)
         observe(attempt)
+        tracing.annotate({"cxrelay.llm.outcome": attempt.outcome})  # on the attempt's span
+        if attempt.outcome != "ok":
+            tracing.failed(attempt.outcome)
         extra: dict[str, object] = {**attempt.public(), "key_id": attempt.key_id}
         if runtime is not None:
             extra["base_url"] = shown_url(runtime.spec.base_url)
@@ -578,6 +594,30 @@ class RouterSlot:
     def swap(self, router: LLMRouter) -> LLMRouter:
         previous, self.current = self.current, router
         return previous
+
+
+def _attempt_attributes(provider: str, model: str, key_id: str, number: int) -> Attributes:
+    """An attempt's span: configured names and the key's fingerprint (app.auth.signatures),
+    never the key; `number`: its place on the request's trail, from 1."""
+    return {
+        "gen_ai.provider.name": provider,
+        "gen_ai.request.model": model,
+        "cxrelay.llm.key_fingerprint": key_id or "none",
+        "cxrelay.llm.attempt": number,
+    }
+
+
+def _usage_attributes(result: ChatResult) -> Attributes:
+    return {
+        "gen_ai.usage.input_tokens": result.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": result.usage.completion_tokens,
+    }
+
+
+def _trace_status(error: UpstreamError) -> None:
+    """The provider's HTTP status on the attempt's span, when it answered with one."""
+    if error.status is not None:
+        tracing.annotate({"http.response.status_code": error.status})
 
 
 def cannot_take(target: Target, request: ChatRequest) -> tuple[str, str] | None:

@@ -43,6 +43,7 @@ from app.llm.openai_provider import (
 )
 from app.llm.streaming import collect_stream, stream_cut
 from app.llm.types import ChatRequest, ChatResult, StreamChunk
+from app.observability.tracing import with_trace_headers
 
 WS_PATH = "/chat/completions/ws"
 
@@ -154,7 +155,7 @@ class OpenAIWebSocketProvider(OpenAICompatibleProvider):
     def _connect(self, api_key: str | None, timeout: float) -> connect:
         return connect(
             self.url,
-            additional_headers=self.headers(api_key),
+            additional_headers=with_trace_headers(self.headers(api_key)),
             open_timeout=timeout,
             close_timeout=CLOSE_TIMEOUT,
             ping_interval=None,  # one short exchange: the receive timeout is the liveness check

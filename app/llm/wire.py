@@ -22,6 +22,7 @@ from app.core.errors import (
 )
 from app.llm.messages import SYSTEM_ROLES, Message, message_text
 from app.llm.types import OutputSchema
+from app.observability.tracing import with_trace_headers
 from app.safety.rules import SafetyRules
 from app.upstream.http_client import UpstreamClient
 
@@ -111,10 +112,11 @@ async def post_json(
     headers: dict[str, str],
     timeout: float,
 ) -> httpx.Response:
+    sent = with_trace_headers(headers)  # the attempt's span is the provider's parent
     try:
         if isinstance(http, UpstreamClient):  # the service's own client: its direct path
-            return await http.post_json(url, body, headers, timeout)
-        return await http.post(url, json=body, headers=headers, timeout=timeout)
+            return await http.post_json(url, body, sent, timeout)
+        return await http.post(url, json=body, headers=sent, timeout=timeout)
     except httpx.TimeoutException as exc:
         raise UpstreamTimeout(
             f"{provider} did not answer within {timeout:.2f}s", upstream=provider
@@ -131,9 +133,10 @@ def stream_json(
     http: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str], timeout: float
 ) -> AbstractAsyncContextManager[httpx.Response]:
     """A streamed POST: on the service's own client, its direct path (as `post_json`)."""
+    sent = with_trace_headers(headers)
     if isinstance(http, UpstreamClient):
-        return http.stream_json(url, body, headers, timeout)
-    return http.stream("POST", url, json=body, headers=headers, timeout=timeout)
+        return http.stream_json(url, body, sent, timeout)
+    return http.stream("POST", url, json=body, headers=sent, timeout=timeout)
 
 
 def transport_failure(exc: BaseException) -> str:

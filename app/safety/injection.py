@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from app.observability import tracing
 from app.observability.metrics import INJECTION_DETECTIONS
 from app.safety.rules import (
     RULES_DIR,
@@ -107,6 +108,12 @@ class InjectionRules:
             return Sanitised(text)
         if mode != "flag" and mode not in REPLACEMENTS:
             raise ValueError(f"unknown prompt-injection mode {mode!r} (known: {MODES})")
+        with tracing.span("safety.injection", {"cxrelay.safety.mode": mode}):
+            checked = self._sanitise(text, mode)
+            tracing.annotate({"cxrelay.safety.detections": len(checked.matches)})
+            return checked
+
+    def _sanitise(self, text: str, mode: InjectionMode) -> Sanitised:
         replacement = REPLACEMENTS.get(mode)
         found: list[str] = []
         for pattern in self.patterns:

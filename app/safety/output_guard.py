@@ -21,6 +21,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.observability import tracing
 from app.observability.metrics import SAFETY_EVENTS
 from app.safety.rules import SafetyRules
 from app.safety.stream_hold import StreamHold
@@ -56,8 +57,10 @@ class OutputGuard:
 
     def check(self, text: str) -> Checked:
         """A whole answer: redacted, or blocked (the caller substitutes its fallback text)."""
-        released = self._release(text)
-        return Checked(released if self.blocked is None else "", self.blocked, self.redactions)
+        with tracing.span("safety.output_guard"):
+            released = self._release(text)
+            self._trace()
+            return Checked(released if self.blocked is None else "", self.blocked, self.redactions)
 
     def feed(self, delta: str) -> str:
         """Text that may be passed on now (often ""), or "" for ever once blocked."""
@@ -75,9 +78,18 @@ class OutputGuard:
     def finish(self) -> str:
         """The stream ended: release what is still held."""
         ready, self._held = self._held, ""
-        if self.blocked is not None or not ready:
-            return ""
-        return self._release(ready)
+        with tracing.span("safety.output_guard", {"cxrelay.safety.streamed": True}):
+            released = "" if self.blocked is not None or not ready else self._release(ready)
+            self._trace()
+            return released
+
+    def _trace(self) -> None:
+        """What the guard did to the whole answer: redactions counted, a block's category."""
+        if not tracing.enabled():
+            return
+        tracing.annotate({"cxrelay.safety.redactions": sum(self.redactions.values())})
+        if self.blocked is not None:
+            tracing.annotate({"cxrelay.safety.blocked": self.blocked})
 
     def check_tool_calls(self, calls: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
         """Tool calls by the same rules as text: each string in a call's JSON arguments is

@@ -16,6 +16,7 @@ from jsonschema import SchemaError, validators
 from pydantic import BaseModel, ValidationError
 
 from app.core.errors import OutputInvalid
+from app.observability import tracing
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -105,14 +106,16 @@ def parse_json_schema_output(
 
 def parse_output(raw: str, schema: type[Model]) -> Model:
     """The validated object, or OutputInvalid listing every problem (path: message)."""
-    data = _json_object(raw)
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        errors = [
-            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
-        ]
-        raise OutputInvalid("output breaks the schema", raw=raw, errors=errors) from exc
+    with tracing.span("safety.validation", {"cxrelay.safety.schema": schema.__name__}):
+        data = _json_object(raw)
+        try:
+            return schema.model_validate(data)
+        except ValidationError as exc:
+            errors = [
+                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+                for e in exc.errors()
+            ]
+            raise OutputInvalid("output breaks the schema", raw=raw, errors=errors) from exc
 
 
 def repair_messages(

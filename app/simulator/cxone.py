@@ -169,7 +169,11 @@ def create_cxone_simulator(state: CXoneSimulatorState | None = None) -> FastAPI:
         sortingType: str = "desc",
     ) -> Response:
         state.message_faults.record(
-            {"contact_id": contact_id, "params": dict(request.query_params)}
+            {
+                "contact_id": contact_id,
+                "params": dict(request.query_params),
+                "headers": dict(request.headers),
+            }
         )
         if (scripted := await _fault_response(state.message_faults.next())) is not None:
             return scripted

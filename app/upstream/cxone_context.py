@@ -25,6 +25,7 @@ from app.core.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from app.observability import tracing
 from app.upstream.http_client import UpstreamClient
 from app.upstream.oauth import TokenCache
 
@@ -83,6 +84,14 @@ class CXoneContextClient:
         """The last `max_turns` text turns, oldest first (the order a prompt reads them in)."""
         if max_turns <= 0:
             return []
+        with tracing.span("cxone.history", {"cxone.history.max_turns": max_turns}):
+            turns = await self._fetch_history(contact_id, max_turns, deadline)
+            tracing.annotate({"cxone.history.turns": len(turns)})
+            return turns
+
+    async def _fetch_history(
+        self, contact_id: str, max_turns: int, deadline: Deadline
+    ) -> list[Turn]:
         newest_first: list[Turn] = []
         scroll_token: str | None = None
         while len(newest_first) < max_turns:
@@ -151,10 +160,11 @@ class CXoneContextClient:
         headers = {"Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        sent = tracing.with_trace_headers(headers)  # CXone's spans join the caller's trace
         try:
             if isinstance(self.http, UpstreamClient):  # the service's own client: direct
-                return await self.http.get_whole(url, params, headers, timeout)
-            return await self.http.get(url, params=params, headers=headers, timeout=timeout)
+                return await self.http.get_whole(url, params, sent, timeout)
+            return await self.http.get(url, params=params, headers=sent, timeout=timeout)
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout("CXone did not answer in time", upstream=UPSTREAM) from exc
         except httpx.HTTPError as exc:

@@ -28,6 +28,7 @@ from app.core.principal import Principal
 from app.llm.types import ChatRequest, ChatResult
 from app.metering.context import CallContext
 from app.metering.meter import Metering
+from app.observability import tracing
 from app.observability.metrics import BUDGET_EXHAUSTED, SAFETY_EVENTS
 from app.prompts.renderer import PromptRenderer
 from app.safety.injection import InjectionRules
@@ -130,7 +131,9 @@ class CXoneBotPipeline:
         # What is kept in botSessionState and echoed in intentInfo is always redacted: CXone
         # stores both in script variables and logs. The provider sees the raw text unless
         # REDACT_PII_INPUT is on.
-        stored = self.safety.redact(user_text)
+        with tracing.span("safety.pii_redaction", {"cxrelay.safety.direction": "input"}):
+            stored = self.safety.redact(user_text)
+            tracing.annotate({"cxrelay.safety.redactions": sum(stored.counts.values())})
         if stored.changed and self.options.redact_input:
             user_text = stored.text
             _count(turn.redactions, stored.counts, "input")
@@ -165,9 +168,13 @@ class CXoneBotPipeline:
             turn.reason = handoff.group(1).strip()[:200] or "the assistant asked for an agent"
             session.add_exchange(stored.text, "", **self._bounds())
             return self._return_to_script(session, turn, turn.reason)
-        redaction = self.safety.redact(text)
+        with tracing.span("safety.output_guard"):
+            redaction = self.safety.redact(text)
+            category = self.safety.unsafe_category(redaction.text, self.options.unsafe_categories)
+            tracing.annotate({"cxrelay.safety.redactions": sum(redaction.counts.values())})
+            if category is not None:
+                tracing.annotate({"cxrelay.safety.blocked": category})
         _count(turn.redactions, redaction.counts, "output")
-        category = self.safety.unsafe_category(redaction.text, self.options.unsafe_categories)
         if category is not None:
             SAFETY_EVENTS.labels("cxone", f"unsafe_{category}").inc()
             return self.failure(session, turn, f"reply blocked by the {category} filter")
