@@ -15,12 +15,13 @@ simply written again in a task the ledger keeps, and a clean shutdown waits for 
 
 When the store refuses the write (down, unreachable), the answer still goes out — the provider
 has already been paid — and the entry joins a backlog retried in the background with exponential
-backoff (the write is idempotent on the reservation and the record id, so an ambiguous failure
-is simply written again). `flush()` and `close()` drain the backlog; the lifespan closes the
-ledger on shutdown, after the server stopped taking requests and before it closes the store. If
-the store is still failing when `close()` gives up, each unwritten record is logged at ERROR as
-JSON (with its reservation id), so it can be replayed from the logs. Only that backlog — records
-of a store outage — is lost by a crash.
+backoff by tenacity (the write is idempotent on the reservation and the record id, so an
+ambiguous failure is simply written again); the wait itself is ours, so a flush or close cuts
+it short. `flush()` and `close()` drain the backlog; the lifespan closes the ledger on shutdown,
+after the server stopped taking requests and before it closes the store. If the store is still
+failing when `close()` gives up, each unwritten record is logged at ERROR as JSON (with its
+reservation id), so it can be replayed from the logs. Only that backlog — records of a store
+outage — is lost by a crash.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from app.observability import tracing
 from app.store import Reservation, Store, StoreUnavailable, UsageRecord
@@ -59,7 +62,8 @@ class Ledger:
     ) -> None:
         self.store = store
         self._retry_initial = retry_initial_seconds
-        self._retry_max = retry_max_seconds
+        self._backoff = wait_exponential(multiplier=retry_initial_seconds, max=retry_max_seconds)
+        self._failed_attempts = 0  # of the backlog's writes, since it last emptied
         self._backlog_warning = backlog_warning
         self._backlog: deque[_Entry] = deque()
         self._writing: set[asyncio.Task[bool]] = set()  # writes finished behind a cancellation
@@ -139,37 +143,53 @@ class Ledger:
 
     async def _drain(self) -> None:
         """Retry the backlog, oldest first, until the store takes all of it."""
-        failures = 0
         while self._backlog:
             entry = self._backlog[0]
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(StoreUnavailable),
+                wait=self._delay,
+                sleep=self._pause,
+                before_sleep=self._failed,
+                reraise=True,
+            )
             try:
-                await self._write(entry)
-            except StoreUnavailable as exc:
-                failures += 1
-                self.write_failures_total += 1
-                delay = min(self._retry_max, self._retry_initial * 2 ** min(failures - 1, 16))
-                if self._closing:  # closing: retry soon, not in 30 s
-                    delay = min(delay, self._retry_initial)
-                log.error(
-                    "ledger retry of %d waiting records failed (attempt %d), next in %.1fs: %s",
-                    len(self._backlog),
-                    failures,
-                    delay,
-                    exc,
-                )
-                self._retry_now.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._retry_now.wait(), delay)
-                continue
-            except Exception:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._write(entry)
+            except Exception:  # a bug, not an outage (retry_if_exception_type let it through)
                 log.exception("ledger write failed")
                 self._lost(self._backlog.popleft(), "ledger record not written")
                 continue
             self._backlog.popleft()
             self.written_total += 1
-        if failures:
-            log.warning("ledger writes recovered after %d failed attempts", failures)
+        if self._failed_attempts:
+            log.warning("ledger writes recovered after %d failed attempts", self._failed_attempts)
+        self._failed_attempts = 0
         self._warned_backlog = False
+
+    def _delay(self, state: RetryCallState) -> float:
+        """Exponential backoff; closing: retry soon, not in 30 s."""
+        delay = float(self._backoff(state))
+        return min(delay, self._retry_initial) if self._closing else delay
+
+    async def _pause(self, seconds: float) -> None:
+        """tenacity's sleep, cut short when a flush or close asks for a retry now."""
+        self._retry_now.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._retry_now.wait(), seconds)
+
+    def _failed(self, state: RetryCallState) -> None:
+        self._failed_attempts += 1
+        self.write_failures_total += 1
+        error = state.outcome.exception() if state.outcome is not None else None
+        delay = state.next_action.sleep if state.next_action is not None else 0.0
+        log.error(
+            "ledger retry of %d waiting records failed (attempt %d), next in %.1fs: %s",
+            len(self._backlog),
+            self._failed_attempts,
+            delay,
+            error,
+        )
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait for the writes in progress and the backlog; False if `timeout` passed first."""

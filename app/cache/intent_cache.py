@@ -11,14 +11,15 @@ Only validated, safe answers are cached: callers `put` an answer only after outp
 the safety checks have passed on it, never a fallback, a refusal, a blocked or a redacted-away
 reply. `put` itself refuses an empty answer. The cache serves exactly what was stored.
 
-Entries live `ttl_seconds` (one hour by default) and expire on read; an expired entry is a miss.
-The cache holds at most `max_entries`; writing to a full cache evicts the least recently used entry
-(a hit counts as a use), in O(1) with an OrderedDict. Keys are the SHA-256 of a canonical tuple
-(tenant, model, SHA-256 of the system instruction, normalised input), so a key does not keep a
-customer's text around longer than its entry does. Every lookup increments
-`cxrelay_cache_lookups_total{result="hit"|"miss"}`; there is no tenant label (bounded cardinality).
+Entries live `ttl_seconds` (one hour by default); an expired entry is a miss. The cache holds at
+most `max_entries`; writing to a full cache evicts the least recently used entry (a hit counts as
+a use). Both are cachetools' TTLCache: LRU order with a per-entry expiry, on the cache's clock.
+Keys are the SHA-256 of a canonical tuple (tenant, model, SHA-256 of the system instruction,
+normalised input), so a key does not keep a customer's text around longer than its entry does.
+Every lookup increments `cxrelay_cache_lookups_total{result="hit"|"miss"}`; there is no tenant
+label (bounded cardinality).
 
-The cache is in-process (per replica) and thread-safe.
+The cache is in-process (per replica) and thread-safe (TTLCache is not: a lock guards it).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import re
 import threading
 import time
 import unicodedata
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from cachetools import TTLCache
 
 from app.observability.metrics import CACHE_LOOKUPS
 
@@ -72,12 +74,6 @@ def cache_key(tenant: str, model: str, system_instruction: str, user_input: str)
     return _sha256(canonical)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    expires_at: float
-    answer: CachedAnswer
-
-
 class IntentCache:
     """Exact-match answer cache per tenant, with a TTL and LRU eviction at a size bound."""
 
@@ -91,10 +87,9 @@ class IntentCache:
             raise ValueError("max_entries must be at least 1")
         if ttl_seconds <= 0:
             raise ValueError("ttl_seconds must be positive")
-        self._max_entries = max_entries
-        self._ttl = ttl_seconds
-        self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: TTLCache[str, CachedAnswer] = TTLCache(
+            maxsize=max_entries, ttl=ttl_seconds, timer=clock
+        )
         self._lock = threading.Lock()
 
     def get(
@@ -103,16 +98,9 @@ class IntentCache:
         """The cached answer, or None on a miss (absent or expired). Counts the lookup."""
         key = cache_key(tenant, model, system_instruction, user_input)
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.expires_at <= self._clock():
-                del self._entries[key]
-                entry = None
-            if entry is None:
-                CACHE_LOOKUPS.labels(result="miss").inc()
-                return None
-            self._entries.move_to_end(key)
-        CACHE_LOOKUPS.labels(result="hit").inc()
-        return entry.answer
+            answer = self._entries.get(key)  # a hit moves the entry to the LRU's young end
+        CACHE_LOOKUPS.labels(result="miss" if answer is None else "hit").inc()
+        return answer
 
     def put(
         self,
@@ -127,10 +115,7 @@ class IntentCache:
             return
         key = cache_key(tenant, model, system_instruction, user_input)
         with self._lock:
-            self._entries[key] = _Entry(self._clock() + self._ttl, answer)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
+            self._entries[key] = answer  # a full cache evicts its least recently used entry
 
     def clear(self) -> None:
         with self._lock:

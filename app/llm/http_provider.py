@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from httpx_sse import SSEError
 
+from app.core.errors import UpstreamProtocolError
 from app.llm.streaming import SSEEvent, iter_sse, stream_transport_error, whole_as_chunk
 from app.llm.types import ChatRequest, ChatResult, StreamChunk
 from app.llm.wire import post_json, probe_key, stream_json
@@ -91,8 +93,12 @@ class HTTPProvider(ABC):
                     await response.aread()
                     yield whole_as_chunk(self.result(response, request, 0.0), "stop")
                     return
-                async for chunk in self.read_events(iter_sse(response.aiter_bytes()), api_key):
+                async for chunk in self.read_events(iter_sse(response), api_key):
                     yield chunk
+        except SSEError as exc:  # neither JSON nor an event stream
+            raise UpstreamProtocolError(
+                f"{self.name} answered a streamed request with {exc}", upstream=self.name
+            ) from exc
         except httpx.HTTPError as exc:
             raise stream_transport_error(self.name, exc, timeout) from exc
 

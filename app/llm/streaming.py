@@ -1,5 +1,6 @@
-"""Streamed answers: the Server-Sent Events parser both HTTP wires share, and `collect_stream`,
-which turns a provider's stream into one ChatResult under a time-to-first-token and a total limit.
+"""Streamed answers: the Server-Sent Events reader both HTTP wires share (httpx-sse parses), and
+`collect_stream`, which turns a provider's stream into one ChatResult under a time-to-first-token
+and a total limit.
 
 Why stream at all: the CXone bot webhook has a hard answer budget. Streaming lets it give up on a
 provider that has not produced its first token in time (and fall back) instead of waiting for a
@@ -9,21 +10,19 @@ whole completion, and an explicit end marker lets it tell a complete answer from
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from httpx_sse import EventSource
 
 from app.core.errors import StreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from app.llm.types import ChatResult, StreamChunk, ToolCallDelta, Usage
 from app.llm.wire import transport_failure
 
 OnDelta = Callable[[str], Awaitable[None]]
-
-_END_OF_LINE = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -35,78 +34,37 @@ class SSEEvent:
     event: str = "message"
 
 
-class SSEParser:
-    """Incremental `text/event-stream` parser (WHATWG rules, minus `id`/`retry`).
+async def iter_sse(response: httpx.Response) -> AsyncIterator[SSEEvent]:
+    """The events of a `text/event-stream` response, parsed by httpx-sse (WHATWG rules: lines
+    split across reads, CRLF/LF/CR, comments as keep-alives, multi-line data).
 
-    Feed it the body as it arrives, in pieces of any size: a line, an event or a UTF-8 character
-    may be split across network reads. Lines end with CRLF, LF or CR; an empty line dispatches
-    the event; lines starting with ":" are comments (keep-alives); a field without a colon is a
-    field with an empty value.
+    Two choices are ours. A body whose last line ended but whose blank line never came still
+    dispatches its last event (a `data: [DONE]\n` at the very end is the end marker), while a
+    line cut mid-way is dropped, so a cut stream stays a cut. And an event without data (only an
+    `event:`, `id:` or `retry:` field) is not passed on: the wires carry everything in `data`.
+    Raises httpx_sse.SSEError when the response is not an event stream.
     """
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[str] = []
-        self._event = ""
-
-    def feed(self, chunk: bytes) -> list[SSEEvent]:
-        self._buffer += chunk
-        events: list[SSEEvent] = []
-        position = 0
-        while match := _END_OF_LINE.search(self._buffer, position):
-            if match.group() == b"\r" and match.end() == len(self._buffer):
-                break  # maybe the first half of a CRLF split across reads: wait for more
-            line = self._buffer[position : match.start()]
-            position = match.end()
-            event = self._line(line.decode("utf-8", errors="replace"))
-            if event is not None:
-                events.append(event)
-        self._buffer = self._buffer[position:]
-        return events
-
-    def close(self) -> list[SSEEvent]:
-        """The body ended. A last complete line is honoured (a lone CR included) and a pending
-        event is dispatched even without its blank line; an unterminated last line is a cut
-        mid-line and dropped."""
-        events: list[SSEEvent] = []
-        if self._buffer.endswith(b"\r"):
-            events.extend(self.feed(b"\n"))
-        self._buffer = b""
-        if self._data:
-            events.append(self._dispatch())
-        return events
-
-    def _line(self, line: str) -> SSEEvent | None:
-        if not line:
-            if self._data:
-                return self._dispatch()
-            self._event = ""  # an empty event (e.g. only an event name) is not dispatched
-            return None
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        return None
-
-    def _dispatch(self) -> SSEEvent:
-        event = SSEEvent(data="\n".join(self._data), event=self._event or "message")
-        self._data = []
-        self._event = ""
-        return event
+    content_type = response.headers.get("content-type", "")
+    body = httpx.Response(
+        response.status_code,
+        headers={"content-type": content_type},
+        content=_last_line_dispatched(response.aiter_bytes()),
+    )
+    async for sse in EventSource(body).aiter_sse():
+        if sse.data:
+            yield SSEEvent(sse.data, sse.event)
 
 
-async def iter_sse(byte_chunks: AsyncIterable[bytes]) -> AsyncIterator[SSEEvent]:
-    """The events of a `text/event-stream` body read as raw byte chunks."""
-    parser = SSEParser()
-    async for chunk in byte_chunks:
-        for event in parser.feed(chunk):
-            yield event
-    for event in parser.close():
-        yield event
+async def _last_line_dispatched(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """The body, plus a blank line when it ended right after a complete line: that dispatches
+    a pending last event, which a spec parser would drop at the end of the stream."""
+    last = b""
+    async for chunk in chunks:
+        if chunk:
+            last = chunk[-1:]
+            yield chunk
+    if last in (b"\n", b"\r"):
+        yield b"\r\n"  # after CR: CR ended the line, CRLF is the blank one; after LF: blank
 
 
 def stream_transport_error(provider: str, exc: httpx.HTTPError, timeout: float) -> UpstreamError:

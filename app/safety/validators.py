@@ -1,10 +1,13 @@
-"""Validators a PII pattern can name, to tell a real card, IBAN, SSN or phone number from digits.
+"""Validators a PII pattern can name, to tell a real card, IBAN, national ID or phone number from
+digits.
 
 A regex alone over-redacts (order numbers, ticket ids look like cards), so pii.yaml entries may
-name one of these checks; `safety.py` looks them up in VALIDATORS when it loads the rules. Each
+name one of these checks; `rules.py` looks them up in VALIDATORS when it loads the rules. Each
 takes the text a pattern matched (separators included) and says whether it really is what the
-pattern is looking for. A regex digit class matches any Unicode decimal digit, so they read
-digits with str.isdecimal/int rather than assuming ASCII. Pure functions, no I/O or state.
+pattern is looking for. The check digits and issuing rules are python-stdnum's (kept up to date
+with the registries: IBAN formats per country, never-issued SSNs); what is ours is the shape a
+pattern may match. A regex digit class matches any Unicode decimal digit while stdnum reads
+ASCII, so digits are made ASCII first. Pure functions, no I/O or state.
 """
 
 from __future__ import annotations
@@ -13,67 +16,50 @@ import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+from stdnum import iban as _iban
+from stdnum import luhn as _luhn
+from stdnum.es import dni as _dni
+from stdnum.es import nie as _nie
+from stdnum.fr import nir as _nir
+from stdnum.us import ssn as _ssn
+
 Validator = Callable[[str], bool]
+
+
+_NO_SEPARATORS = str.maketrans("", "", " -")
+
+
+def _ascii(value: str) -> str:
+    """Unicode decimal digits as ASCII digits; every other character unchanged."""
+    if value.isascii():
+        return value
+    return "".join(str(int(ch)) if ch.isdecimal() else ch for ch in value)
 
 
 def luhn(digits: str) -> bool:
     """Payment-card check digit; spaces and dashes are ignored, anything else fails."""
-    numbers = [int(ch) for ch in digits if ch.isdecimal()]
-    if len(numbers) < 2 or any(not ch.isdecimal() and ch not in " -" for ch in digits):
-        return False
-    total = 0
-    for position, number in enumerate(reversed(numbers)):
-        if position % 2 == 1:
-            number *= 2
-            if number > 9:
-                number -= 9
-        total += number
-    return total % 10 == 0
+    compact = _ascii(digits).translate(_NO_SEPARATORS)
+    return len(compact) >= 2 and compact.isdigit() and _luhn.is_valid(compact)
 
 
-_SSN_SHAPE = re.compile(r"(\d{3})[- ]?(\d{2})[- ]?(\d{4})")
+_SSN_SHAPE = re.compile(r"\d{3}([- ]?)\d{2}\1\d{4}")
 
 
 def ssn(value: str) -> bool:
-    """US SSN: area 000, 666 and 900-999, group 00 and serial 0000 are never issued."""
-    match = _SSN_SHAPE.fullmatch(value.strip())
-    if match is None:
-        return False
-    area, group, serial = (int(part) for part in match.groups())
-    return area not in (0, 666) and area < 900 and group != 0 and serial != 0
-
-
-# ISO 13616 lengths for the countries callers see most; any other country: 15-34 characters.
-IBAN_LENGTHS: Mapping[str, int] = MappingProxyType(
-    {
-        "AT": 20,
-        "BE": 16,
-        "CH": 21,
-        "DE": 22,
-        "ES": 24,
-        "FR": 27,
-        "GB": 22,
-        "IE": 22,
-        "IT": 27,
-        "NL": 18,
-    }
-)
-_IBAN_SHAPE = re.compile(r"[A-Z]{2}[0-9]{2}[A-Z0-9]+", re.ASCII)
+    """US SSN in its 3-2-4 shape: the SSA's rules (area 000, 666 and 900-999, group 00 and
+    serial 0000 are never issued) and the numbers it voided after they were published
+    (078-05-1120, ...)."""
+    value = _ascii(value.strip())
+    shape = _SSN_SHAPE.fullmatch(value)
+    return shape is not None and _ssn.is_valid(value.translate(_NO_SEPARATORS))
 
 
 def iban(value: str) -> bool:
-    """ISO 13616: country length, then mod 97 == 1 with the first four characters moved last."""
-    compact = value.replace(" ", "").upper()
-    if not compact.isascii() or _IBAN_SHAPE.fullmatch(compact) is None:
-        return False
-    expected = IBAN_LENGTHS.get(compact[:2])
-    if expected is not None and len(compact) != expected:
-        return False
-    if not 15 <= len(compact) <= 34:
-        return False
-    rearranged = compact[4:] + compact[:4]
-    # int(ch, 36) maps 0-9 to themselves and A..Z to 10..35, exactly the ISO 13616 mapping.
-    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+    """ISO 13616: the country's length and account format (every registered country; an
+    unknown country code fails), then mod 97 == 1. Not the national checks (bank code lists,
+    national check digits): a bank missing from stdnum's copy of a registry must not let a
+    customer's account number through unredacted."""
+    return value.isascii() and _iban.is_valid(value, check_country=False)
 
 
 def phone(value: str) -> bool:
@@ -81,6 +67,29 @@ def phone(value: str) -> bool:
     return sum(ch.isdecimal() for ch in value) >= 10
 
 
+def es_dni(value: str) -> bool:
+    """Spanish DNI: eight digits and the check letter (mod 23) that belongs to them."""
+    return _dni.is_valid(_ascii(value))
+
+
+def es_nie(value: str) -> bool:
+    """Spanish NIE (foreigners' number): X, Y or Z, seven digits and the check letter."""
+    return _nie.is_valid(_ascii(value))
+
+
+def fr_nir(value: str) -> bool:
+    """French social security number (NIR): 13 digits and the two check digits (mod 97)."""
+    return _nir.is_valid(_ascii(value))
+
+
 VALIDATORS: Mapping[str, Validator] = MappingProxyType(
-    {"luhn": luhn, "iban": iban, "ssn": ssn, "phone": phone}
+    {
+        "luhn": luhn,
+        "iban": iban,
+        "ssn": ssn,
+        "phone": phone,
+        "es_dni": es_dni,
+        "es_nie": es_nie,
+        "fr_nir": fr_nir,
+    }
 )

@@ -126,6 +126,23 @@ async def test_a_store_outage_delays_records_and_flush_cuts_a_long_backoff_short
     await ledger.close()
 
 
+async def test_retries_back_off_exponentially_up_to_the_maximum(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    flaky = FlakyStore(MemoryStore(), failures=5)
+    ledger = ledger_over(flaky, retry_initial_seconds=0.01, retry_max_seconds=0.04)
+    with caplog.at_level(logging.WARNING, logger="cxrelay.ledger"):
+        assert await ledger.commit(make_record()) is False
+        assert await ledger.flush(timeout=2)
+    retries = [r for r in caplog.records if r.getMessage().startswith("ledger retry of")]
+    waits = [r.args[2] for r in retries if isinstance(r.args, tuple)]
+    # the commit itself failed once; its retries wait 0.01, 0.02, 0.04 (the maximum), 0.04 s
+    assert waits == pytest.approx([0.01, 0.02, 0.04, 0.04])
+    assert flaky.writes == 6 and ledger.pending == 0 and ledger.write_failures_total == 5
+    assert "ledger writes recovered after 4 failed attempts" in caplog.text
+    await ledger.close()
+
+
 async def test_the_write_completes_even_if_the_request_is_cancelled(store: Store) -> None:
     flaky = FlakyStore(store)
     flaky.gate.clear()  # the write is under way when the request is cancelled

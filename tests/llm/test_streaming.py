@@ -30,7 +30,7 @@ from app.core.errors import (
 )
 from app.llm.anthropic_provider import ANTHROPIC_VERSION, AnthropicProvider
 from app.llm.openai_provider import OpenAICompatibleProvider, stream_error
-from app.llm.streaming import SSEEvent, SSEParser, collect_stream, iter_sse
+from app.llm.streaming import SSEEvent, collect_stream, iter_sse
 from app.llm.types import (
     ChatRequest,
     ProviderClient,
@@ -187,41 +187,62 @@ SSE_EVENTS = [
 ]
 
 
-def parse_in_pieces(pieces: list[bytes]) -> list[SSEEvent]:
-    parser = SSEParser()
-    events: list[SSEEvent] = []
-    for piece in pieces:
-        events += parser.feed(piece)
-    return events + parser.close()
+def sse_response(pieces: list[bytes], content_type: str = "text/event-stream") -> httpx.Response:
+    """A streamed response whose body arrives in exactly these reads."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    return httpx.Response(200, headers={"content-type": content_type}, content=body())
 
 
-def test_sse_parser_whole_body() -> None:
-    assert parse_in_pieces([SSE_BODY]) == SSE_EVENTS
+async def parse_in_pieces(pieces: list[bytes]) -> list[SSEEvent]:
+    return [event async for event in iter_sse(sse_response(pieces))]
+
+
+async def test_sse_parser_whole_body() -> None:
+    assert await parse_in_pieces([SSE_BODY]) == SSE_EVENTS
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 13])
-def test_sse_parser_reassembles_lines_split_anywhere(size: int) -> None:
+async def test_sse_parser_reassembles_lines_split_anywhere(size: int) -> None:
     """Split mid-line, mid-CRLF and mid-UTF-8 character: the same events come out."""
-    assert parse_in_pieces(split_every(SSE_BODY, size)) == SSE_EVENTS
+    assert await parse_in_pieces(split_every(SSE_BODY, size)) == SSE_EVENTS
 
 
-def test_sse_parser_every_two_way_split() -> None:
+async def test_sse_parser_every_two_way_split() -> None:
     for cut in range(len(SSE_BODY) + 1):
-        assert parse_in_pieces([SSE_BODY[:cut], SSE_BODY[cut:]]) == SSE_EVENTS, cut
+        assert await parse_in_pieces([SSE_BODY[:cut], SSE_BODY[cut:]]) == SSE_EVENTS, cut
 
 
-def test_sse_parser_drops_an_unterminated_last_line_and_keeps_a_complete_one() -> None:
-    assert parse_in_pieces([b"data: whole\n", b'data: {"cut": tr']) == [SSEEvent("whole")]
-    assert parse_in_pieces([b"data: [DONE]\n"]) == [SSEEvent("[DONE]")]
-    assert parse_in_pieces([b"data: x\r"]) == [SSEEvent("x")]
+async def test_sse_parser_drops_an_unterminated_last_line_and_keeps_a_complete_one() -> None:
+    # cut mid-line: the event it belongs to may be missing lines, so it is not dispatched
+    assert await parse_in_pieces([b"data: whole\n\n", b'data: {"cut": tr']) == [SSEEvent("whole")]
+    assert await parse_in_pieces([b"data: part one\n", b"data: part tw"]) == []
+    assert await parse_in_pieces([b"data: [DONE]\n"]) == [SSEEvent("[DONE]")]
+    assert await parse_in_pieces([b"data: x\r"]) == [SSEEvent("x")]
+    assert await parse_in_pieces([b"data: a\n\n", b"data: b\n", b""]) == [
+        SSEEvent("a"),
+        SSEEvent("b"),
+    ]
 
 
-async def test_iter_sse_over_a_byte_stream() -> None:
-    async def pieces() -> AsyncIterator[bytes]:
-        for piece in split_every(SSE_BODY, 4):
-            yield piece
+async def test_sse_parser_reads_a_huge_event_in_linear_time() -> None:
+    """A provider that streams one enormous event (a long tool-call argument, or a lying one)
+    in small reads: the hand-written parser re-scanned its whole buffer on every read (about a
+    second for 1 MB in 4 KB reads); this one keeps up with the bytes."""
+    body = b'data: {"arguments": "' + b"x" * 4_000_000 + b'"}\n\n'
+    started = time.perf_counter()
+    events = await parse_in_pieces(split_every(body, 4096))
+    assert time.perf_counter() - started < 2.0
+    assert [len(event.data) for event in events] == [len(body) - len("data: \n\n")]
 
-    assert [event async for event in iter_sse(pieces())] == SSE_EVENTS
+
+async def test_a_streamed_answer_that_is_not_an_event_stream_is_a_protocol_error() -> None:
+    async with mock_client(b"<html>busy</html>", content_type="text/html") as client:
+        with pytest.raises(UpstreamProtocolError, match="text/event-stream"):
+            await drain(OpenAICompatibleProvider("o", "http://x"), client)
 
 
 # --- every transport against the simulator ----------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from app.core.errors import ConfigError
 from app.safety.rules import RULES_DIR, Redaction, SafetyRules, fold
-from app.safety.validators import iban, luhn, phone, ssn
+from app.safety.validators import es_dni, es_nie, fr_nir, iban, luhn, phone, ssn
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,46 @@ def test_ssn_is_redacted(rules: SafetyRules, number: str) -> None:
 )
 def test_never_issued_ssns_pass_unchanged(rules: SafetyRules, number: str) -> None:
     assert not rules.redact(f"ref {number}").changed
+
+
+@pytest.mark.parametrize(
+    ("number", "name"),
+    [
+        ("12345678Z", "es_dni"),
+        ("87654321-x", "es_dni"),
+        ("X1234567L", "es_nie"),
+        ("Z-7654321-H", "es_nie"),
+        ("2 95 10 99 126 111 93", "fr_nir"),
+        ("295109912611193", "fr_nir"),
+        ("1 84 02 75 123 456 74", "fr_nir"),
+    ],
+)
+def test_spanish_and_french_national_ids_are_redacted(
+    rules: SafetyRules, number: str, name: str
+) -> None:
+    result = rules.redact(f"my number is {number}, thanks")
+    assert result.text == "my number is [ID REDACTED], thanks"
+    assert result.counts == {name: 1}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "order 12345678A",  # a DNI's shape, the wrong letter
+        "ref X1234567A",  # a NIE's shape, the wrong letter
+        "case 2 95 10 99 126 111 94",  # a NIR's shape, the wrong key
+        "order 295109912611192",  # 15 digits, the wrong key (and not a card)
+        "order 195139912611193",  # month 13: no NIR
+        "parcel AB12345678Z",  # part of a longer token
+    ],
+)
+def test_national_id_lookalikes_pass_unchanged(rules: SafetyRules, text: str) -> None:
+    assert rules.redact(text) == Redaction(text, {})
+
+
+@pytest.mark.parametrize("number", ["078-05-1120", "219-09-9999"])
+def test_ssns_voided_after_publication_pass_unchanged(rules: SafetyRules, number: str) -> None:
+    assert not rules.redact(f"sample SSN {number}").changed
 
 
 def test_email_is_redacted(rules: SafetyRules) -> None:
@@ -166,7 +206,16 @@ def test_ordinary_customer_text_passes_unchanged(rules: SafetyRules, text: str) 
 
 
 def test_shipped_patterns_are_exposed_compiled_in_file_order(rules: SafetyRules) -> None:
-    assert [p.name for p in rules.pii_patterns] == ["email", "iban", "card", "ssn", "phone"]
+    assert [p.name for p in rules.pii_patterns] == [
+        "email",
+        "iban",
+        "card",
+        "ssn",
+        "es_dni",
+        "es_nie",
+        "fr_nir",
+        "phone",
+    ]
     card = rules.pii_patterns[2]
     assert card.label == "[CARD REDACTED]"
     assert card.validator is luhn
@@ -198,6 +247,23 @@ def test_ssn() -> None:
     assert ssn("899 99 9999")
     assert not ssn("666-45-6789")
     assert not ssn("12-345-6789")
+
+
+def test_luhn_reads_any_unicode_decimal_digits() -> None:
+    assert luhn("\u0664" + "\u0661" * 15)  # 4111 1111 1111 1111 in Arabic-Indic digits
+    assert not luhn("\u0664" + "\u0661" * 14 + "\u0662")
+
+
+def test_iban_knows_every_registered_country_and_no_other() -> None:
+    assert iban("NO93 8601 1117 947")  # Norway: 15 characters, not in a hand-kept list
+    assert not iban("XX82 WEST 1234 5698 7654 32")  # no such country
+    assert not iban("DE89 3704 0044 0532 013A 00")  # Germany's account part is all digits
+
+
+def test_national_ids() -> None:
+    assert es_dni("12345678Z") and not es_dni("12345678A")
+    assert es_nie("X1234567L") and not es_nie("W1234567L")
+    assert fr_nir("2 95 10 99 126 111 93") and not fr_nir("2 95 10 99 126 111 94")
 
 
 def test_phone_needs_ten_digits() -> None:
