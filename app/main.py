@@ -18,6 +18,7 @@ from app.core.settings import Settings
 from app.core.settings_loading import load_settings
 from app.http.request_ids import RequestIdMiddleware
 from app.http.request_metrics import RequestMetricsMiddleware
+from app.surfaces.admin import keys as admin_keys
 from app.surfaces.admin import router as admin
 from app.surfaces.budget import metrics_router as gateway_metrics
 from app.surfaces.budget import router as budget
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, *, owns_process: bool = False) 
     app.include_router(cognigy.router)
     app.include_router(cxone.router)
     app.include_router(admin.router)
+    app.include_router(admin_keys.router)
     app.include_router(gateway.router)
     app.include_router(provisioning_v2.router)
     app.include_router(metrics.router)

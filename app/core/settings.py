@@ -196,6 +196,16 @@ class Settings(BaseSettings):
 
     # --- client API keys (internal tools: /budget/*, and the chat surfaces) ----------------------
     client_api_keys: SecretList = Field(default_factory=list)  # "key:tenant" pairs
+    client_keys_refresh_seconds: float = Field(
+        0.25,
+        ge=0.05,
+        le=1.0,
+        description=(
+            "How often each worker checks the store for client keys created, rotated or revoked "
+            "through /admin/keys or `python -m app keys` (one small read). A revoked key stops "
+            "working everywhere within about this long."
+        ),
+    )
 
     # --- OAuth2 client credentials (POST /api/v1/auth/token) ------------------------------------
     # "client_id:secret:tenant;scopes=a+b" entries (the secret may be "sha256:<hex digest>"); the
