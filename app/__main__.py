@@ -2,16 +2,19 @@
 
 python -m app serve [--simulate] [--host H] [--port P]   the service (WORKERS processes)
 python -m app simulator [--host H] [--port P]            the simulated LLM provider and CXone
+python -m app keys create|list|rotate|revoke ...          client keys, in the configured store
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 
 import uvicorn
 
+from app.bootstrap.keys_cli import add_keys_command
 from app.core.errors import ConfigError
 from app.core.settings_loading import load_settings
 from app.observability.logs import configure_logging
@@ -39,11 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         "check-config", help="validate a provider file; prints every problem, exits 1 if any"
     )
     check.add_argument("file", type=Path)
+    add_keys_command(commands)
     args = parser.parse_args(argv)
     if args.command == "simulator":
         return run_simulator(args.host, args.port)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "keys":
+        return manage_keys(args)
 
     overrides: dict[str, object] = {}
     if args.simulate:
@@ -78,6 +84,17 @@ def check_config(path: Path) -> int:
     routes = ", ".join(r.name for r in config.routes) or "none"
     print(f"ok: {len(config.providers)} provider(s), routes: {routes}")
     return 0
+
+
+def manage_keys(args: argparse.Namespace) -> int:
+    from app.bootstrap.keys_cli import load_key_settings, run_keys
+
+    try:
+        settings = load_key_settings()
+    except ConfigError as error:
+        print(f"cx-relay: {error}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_keys(settings, args))
 
 
 def run_simulator(host: str, port: int) -> int:
