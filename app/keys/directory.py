@@ -55,7 +55,8 @@ class KeyDirectory:
         self.registry = registry
         self.refresh_seconds = refresh_seconds
         self.touch_seconds = touch_seconds
-        self._by_digest: dict[str, StoredClientKey] = {}
+        # by the digest's bytes (as the authenticator has it), with its caller built once
+        self._by_digest: dict[bytes, tuple[StoredClientKey, Principal]] = {}
         self._by_id: dict[str, StoredClientKey] = {}
         self._version = -1
         self._misses: set[str] = set()
@@ -66,11 +67,11 @@ class KeyDirectory:
 
     def find(self, digest: bytes) -> Principal | None:
         """The caller of a loaded key, or None (then `fetch` asks the store)."""
-        key = self._by_digest.get(digest.hex())
-        if key is None:
+        found = self._by_digest.get(digest)
+        if found is None:
             return None
-        self._mark_used(key.id)
-        return principal_of(key)
+        self._mark_used(found[0].id)
+        return found[1]
 
     async def fetch(self, digest: bytes) -> Principal | None:
         """A key not loaded yet, from the store; None when there is no such key (remembered) or
@@ -89,11 +90,12 @@ class KeyDirectory:
                 self._misses.clear()
             self._misses.add(hexdigest)
             return None
+        principal = principal_of(key)
         if version == self._version:  # no reload in between that may have revoked it since
-            self._by_digest[hexdigest] = key
+            self._by_digest[digest] = (key, principal)
             self._by_id[key.id] = key
         self._mark_used(key.id)
-        return principal_of(key)
+        return principal
 
     def loaded(self, key_id: str) -> StoredClientKey | None:
         return self._by_id.get(key_id)
@@ -114,7 +116,7 @@ class KeyDirectory:
         raises it past what is kept, so the next refresh reloads)."""
         version = await self.registry.version()
         keys = await self.registry.all()
-        self._by_digest = {key.digest: key for key in keys}
+        self._by_digest = {bytes.fromhex(key.digest): (key, principal_of(key)) for key in keys}
         self._by_id = {key.id: key for key in keys}
         self._misses = set()
         self._version = version
