@@ -323,6 +323,7 @@ def build_inbound_limits(settings: Settings, store: Store, llm: RouterSlot) -> I
     attempts = AttemptLimits(
         per_client=settings.oauth_max_failures_per_client,
         per_address=settings.oauth_max_failures_per_address,
+        admin_per_address=settings.admin_max_failures_per_address,
     )
     return InboundLimiter(
         store.limit_counters(), defaults, lambda: llm.current.config.limits, attempts=attempts

@@ -20,6 +20,7 @@ router = APIRouter(
     dependencies=[Depends(require_admin)],
     responses={
         401: error_response("no ADMIN_TOKEN configured, or a missing or wrong token", HTTPError),
+        429: error_response("too many wrong admin tokens from this address", HTTPError),
         503: error_response("the store could not be reached; nothing changed", HTTPError),
     },
 )

@@ -197,3 +197,30 @@ async def test_changes_are_audited_with_the_admin_and_never_the_key(
     for secret in (created["key"], rotated["key"]):
         assert secret not in str(rows)
         assert hashlib.sha256(secret.encode()).hexdigest() not in str(rows)
+
+
+# --- the admin token itself ----------------------------------------------------------------------
+
+
+async def test_wrong_admin_tokens_are_throttled_per_address(app_client: Any) -> None:
+    async with running(app_client, admin_max_failures_per_address=3) as client:
+        for _ in range(5):  # right tokens are given back: never throttled
+            assert (await client.get("/admin/keys", headers=AUTH)).status_code == 200
+        wrong = {"Authorization": "Bearer not-the-admin-token-at-all"}
+        statuses = [(await client.get("/admin/keys", headers=wrong)).status_code for _ in range(3)]
+        assert statuses == [401, 401, 401]
+        throttled = await client.post("/admin/keys", json={"tenant": "acme"}, headers=wrong)
+        assert throttled.status_code == 429
+        assert int(throttled.headers["Retry-After"]) >= 1
+        assert "too many failed admin requests for this address" in throttled.json()["detail"]
+        # the right token from this address waits too (counted before the check), nothing made
+        assert (await client.get("/admin/keys", headers=AUTH)).status_code == 429
+    async with running(app_client, admin_max_failures_per_address=None) as unlimited:
+        wrong = {"Authorization": "Bearer not-the-admin-token-at-all"}
+        for _ in range(15):
+            assert (await unlimited.get("/admin/keys", headers=wrong)).status_code == 401
+
+
+def test_a_short_admin_token_is_refused_at_start_up(make_settings: Any) -> None:
+    with pytest.raises(ValueError, match="ADMIN_TOKEN is 9 characters: use at least 16"):
+        make_settings(admin_token=SecretStr("too-short"))
