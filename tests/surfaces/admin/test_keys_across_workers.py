@@ -49,16 +49,11 @@ def on_both_workers(url: str, key: str) -> dict[int, list[int]]:
     raise AssertionError(f"one worker answered every connection: {dict(statuses)}")
 
 
-def seconds_until_refused_everywhere(url: str, key: str, since: float) -> float:
-    """Poll on new connections until both workers have answered 401 twice in a row each (at
-    most REVOKED_WITHIN_SECONDS after `since`); how long after `since` that was."""
-    refused: dict[int, int] = defaultdict(int)
-    while time.monotonic() - since < REVOKED_WITHIN_SECONDS:
-        pid, status = one_request(url, key)
-        refused[pid] = refused[pid] + 1 if status == 401 else 0
-        if len(refused) == 2 and min(refused.values()) >= 2:
-            break
-    return time.monotonic() - since
+def poll_until(url: str, key: str, deadline: float) -> None:
+    """Requests on new connections until `deadline` (what a client sees meanwhile is not
+    asserted: a worker may take up to CLIENT_KEYS_REFRESH_SECONDS to see the revocation)."""
+    while time.monotonic() < deadline:
+        one_request(url, key)
 
 
 def audit(url: str) -> list[dict[str, str]]:
@@ -87,11 +82,9 @@ def test_a_created_key_works_on_every_worker_and_a_revoked_one_is_refused_within
             assert answer.choices[0].message.content
 
             assert admin.delete(f"/admin/keys/{key_id}").status_code == 200
-            revoked_at = time.monotonic()
-        took = seconds_until_refused_everywhere(service.url, key, revoked_at)
-        after = on_both_workers(service.url, key)
+            poll_until(service.url, key, time.monotonic() + REVOKED_WITHIN_SECONDS)
+        after = on_both_workers(service.url, key)  # every request from one second on: 401
         assert all(s == [401] * len(s) for s in after.values()), after
-        assert took < REVOKED_WITHIN_SECONDS, f"refused everywhere only after {took:.2f} s"
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
 
@@ -120,10 +113,9 @@ def test_a_key_made_with_the_cli_is_taken_up_by_the_running_service(tmp_path: Pa
         assert all(s == [200] * len(s) for s in statuses.values()), statuses
         key_id = next(line.split()[0] for line in cli("list").splitlines() if "from the" in line)
         cli("revoke", key_id)
-        took = seconds_until_refused_everywhere(service.url, key, time.monotonic())
+        poll_until(service.url, key, time.monotonic() + REVOKED_WITHIN_SECONDS)
         after = on_both_workers(service.url, key)
         assert all(s == [401] * len(s) for s in after.values()), after
-        assert took < REVOKED_WITHIN_SECONDS, f"refused everywhere only after {took:.2f} s"
         actor = f"cli:{getpass.getuser()}"
         mine = [r["action"] for r in audit(service.url) if r["actor"] == actor]
         assert mine == ["key_revoke", "key_create"]
