@@ -8,7 +8,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, status
 
 from app.deps import ClientKeysDep
-from app.http.openapi import HTTPError, error_response
+from app.http.body import LimitedBodyDep, parse_body
+from app.http.openapi import HTTPError, ValidationErrorBody, error_response, json_request_body
 from app.keys.service import KeyConflict, KeyNotFound, KeyRequestInvalid
 from app.store.base import StoreUnavailable
 from app.surfaces.admin.key_schemas import KeyCreate, KeyIssued, KeyList, KeyOut
@@ -51,10 +52,18 @@ _REFUSED = (KeyNotFound, KeyConflict, KeyRequestInvalid, StoreUnavailable)
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=KeyIssued,
-    responses={409: error_response("a key of this name exists", HTTPError)},
+    responses={
+        409: error_response("a key of this name exists", HTTPError),
+        413: error_response("body over MAX_BODY_BYTES", HTTPError),
+        422: error_response("the field named in detail[].loc is wrong", ValidationErrorBody),
+    },
+    openapi_extra=json_request_body(KeyCreate),
 )
-async def create_key(body: KeyCreate, keys: ClientKeysDep, admin: AdminDep) -> KeyIssued:
-    """A new key; the answer holds it, the only time it is shown."""
+async def create_key(admin: AdminDep, raw: LimitedBodyDep, keys: ClientKeysDep) -> KeyIssued:
+    """A new key; the answer holds it, the only time it is shown. The body is read here (the
+    admin token checked first, MAX_BODY_BYTES kept), so a body that is not JSON is a 422 as
+    every other mistake in it."""
+    body = parse_body(KeyCreate, raw)
     try:
         issued = await keys.create(
             tenant=body.tenant,

@@ -147,6 +147,14 @@ async def test_bad_input_is_422_naming_the_field(
         assert (await client.get("/admin/keys", headers=AUTH)).json()["keys"][1:] == []
 
 
+async def test_a_body_that_is_not_json_is_422(app_client: Any) -> None:
+    async with running(app_client) as client:
+        for content in (b"\xff\xfe{not json", b'{"tenant": "acme",'):
+            response = await client.post("/admin/keys", content=content, headers=AUTH)
+            assert response.status_code == 422, response.text
+            assert response.json()["detail"][0]["type"] in ("json_invalid", "value_error")
+
+
 async def test_refusals_a_person_can_act_on(app_client: Any) -> None:
     async with running(app_client) as client:
         await create(client, name="taken")
