@@ -211,6 +211,7 @@ def _build(
             audit,
             client_auth.environment_keys,
             client_auth.session_tokens_by_key,
+            changed=directory.refresh,
         ),
         limits=limits,
         session_ids=SessionIds(shared.safety, session_id_key(settings)),

@@ -15,12 +15,13 @@ CLIENT_API_KEYS' keys are listed too (source `environment`) but are changed only
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -152,8 +153,12 @@ class ClientKeyService:
         audit: AuditLog,
         environment: Sequence[Principal] = (),
         environment_session_tokens: Mapping[str, int | None] | None = None,
+        changed: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.registry = registry
+        # after each change: this worker's directory reloads at once (the others within their
+        # refresh interval), so a revoke answered here is in force here before the answer
+        self._changed = changed
         self._audit = audit
         self._environment = {p.key_id: p for p in environment}
         self._environment_tokens = dict(environment_session_tokens or {})
@@ -242,7 +247,8 @@ class ClientKeyService:
         self, action: AuditAction, actor: str, key: StoredClientKey, started: float
     ) -> None:
         """The change in the audit log: the key's id, tenant and settings (digested as the
-        payload, for comparing); never the key or its digest."""
+        payload, for comparing); never the key or its digest. Then this worker's directory
+        (if that read fails, its refresh task catches up: the change itself is made)."""
         described = {
             "id": key.id,
             "tenant": key.tenant,
@@ -260,3 +266,6 @@ class ClientKeyService:
             latency_ms=(time.perf_counter() - started) * 1000,
             detail=detail,
         )
+        if self._changed is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self._changed()

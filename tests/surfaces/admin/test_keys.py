@@ -11,11 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from app.auth.signatures import fingerprint
 from app.store.audit import DB_FILENAME
 from tests.helpers import Captured
+from tests.store.test_store import REDIS_URL, redis_prefix
 
 TOKEN = "admin-token-for-key-tests-71c0"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -241,3 +243,25 @@ async def test_a_short_admin_token_is_warned_about_at_start_up(
     assert len(warned) == 1 and warned[0]["level"] == "WARNING"
     assert "ADMIN_TOKEN is 9 characters" in warned[0]["message"]
     assert "too-short" not in captured.text
+
+
+async def test_with_the_redis_store_keys_live_in_redis_as_digests(app_client: Any) -> None:
+    async with redis_prefix() as prefix:
+        settings = {"store_backend": "redis", "redis_url": REDIS_URL, "redis_key_prefix": prefix}
+        async with running(app_client, **settings) as client:
+            created = await create(client, name="replicated")
+            assert (
+                await client.post("/chat", json=HELLO, headers=bearer(created["key"]))
+            ).status_code == 200
+            redis = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+            try:
+                names = [name async for name in redis.scan_iter(match=f"{prefix}{{client_keys}}*")]
+                digest = hashlib.sha256(created["key"].encode()).hexdigest()
+                assert f"{prefix}{{client_keys}}:digest:{digest}" in names
+                values = [await redis.get(n) for n in names if await redis.type(n) == "string"]
+                assert created["key"] not in str(values)
+            finally:
+                await redis.aclose()
+            await client.delete(f"/admin/keys/{created['id']}", headers=AUTH)
+            refused = await client.post("/chat", json=HELLO, headers=bearer(created["key"]))
+            assert refused.status_code == 401
