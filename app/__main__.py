@@ -4,16 +4,19 @@ python -m app serve [--simulate] [--host H] [--port P]   the service (WORKERS pr
 python -m app simulator [--host H] [--port P]            the simulated LLM provider and CXone
 python -m app check-config FILE                          validate a provider file
 python -m app config-docs [--check]                      docs/configuration.md and .env.example
+python -m app keys create|list|rotate|revoke ...          client keys, in the configured store
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 
 import uvicorn
 
+from app.bootstrap.keys_cli import add_keys_command
 from app.core.errors import ConfigError
 from app.core.settings_loading import load_settings
 from app.observability.logs import configure_logging
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     docs.add_argument(
         "--root", type=Path, default=Path.cwd(), help="the repository (default: the current one)"
     )
+    add_keys_command(commands)
     args = parser.parse_args(argv)
     if args.command == "config-docs":
         return config_docs(args.root, check=args.check)
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_simulator(args.host, args.port)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command == "keys":
+        return manage_keys(args)
 
     overrides: dict[str, object] = {}
     if args.simulate:
@@ -111,6 +117,17 @@ def check_config(path: Path) -> int:
     routes = ", ".join(r.name for r in config.routes) or "none"
     print(f"ok: {len(config.providers)} provider(s), routes: {routes}")
     return 0
+
+
+def manage_keys(args: argparse.Namespace) -> int:
+    from app.bootstrap.keys_cli import load_key_settings, run_keys
+
+    try:
+        settings = load_key_settings()
+    except ConfigError as error:
+        print(f"cx-relay: {error}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_keys(settings, args))
 
 
 def run_simulator(host: str, port: int) -> int:

@@ -19,6 +19,7 @@ from app.accounting.ledger import Ledger
 from app.auth.clients import ClientAuthenticator
 from app.auth.signatures import AuthorizationAuthenticator, WebhookAuthenticator
 from app.core.settings import Settings
+from app.keys.service import ClientKeyService
 from app.llm.gateways import GatewayService
 from app.llm.provisioning import Provisioner
 from app.llm.router import RouterSlot
@@ -93,6 +94,10 @@ async def get_audit_log(connection: HTTPConnection) -> AuditLog:
     return parts_of(connection).audit
 
 
+async def get_client_keys(connection: HTTPConnection) -> ClientKeyService:
+    return parts_of(connection).keys
+
+
 async def get_gateways(connection: HTTPConnection) -> GatewayService:
     return parts_of(connection).gateways
 
@@ -111,4 +116,5 @@ ChatPipelineDep = Annotated[ChatPipeline, Depends(get_chat_pipeline)]
 CallerTemplatesDep = Annotated[CallerTemplates, Depends(get_caller_templates)]
 ProvisionerDep = Annotated[Provisioner, Depends(get_provisioner)]
 AuditLogDep = Annotated[AuditLog, Depends(get_audit_log)]
+ClientKeysDep = Annotated[ClientKeyService, Depends(get_client_keys)]
 GatewaysDep = Annotated[GatewayService, Depends(get_gateways)]

@@ -21,6 +21,7 @@ from app.http.request_ids import RequestIdMiddleware
 from app.http.request_metrics import RequestMetricsMiddleware
 from app.observability import tracing
 from app.observability.tracing_setup import start_tracing, tracing_config
+from app.surfaces.admin import keys as admin_keys
 from app.surfaces.admin import router as admin
 from app.surfaces.budget import metrics_router as gateway_metrics
 from app.surfaces.budget import router as budget
@@ -115,6 +116,7 @@ def create_app(
     app.include_router(cognigy.router)
     app.include_router(cxone.router)
     app.include_router(admin.router)
+    app.include_router(admin_keys.router)
     app.include_router(gateway.router)
     app.include_router(provisioning_v2.router)
     app.include_router(metrics.router)

@@ -59,6 +59,7 @@ class AttemptLimits:
 
     per_client: int | None = 60
     per_address: int | None = 10
+    admin_per_address: int | None = 10  # wrong admin tokens (/admin), per source address
 
 
 @dataclass(frozen=True)
@@ -229,14 +230,28 @@ class InboundLimiter:
         attempt frees every 60/per_client seconds), and one address alone cannot fill it while
         per_address is below per_client."""
         digest = hashlib.sha256(client_id.encode()).hexdigest()[:32]  # any length, any bytes
-        chosen = [
-            (scope, (name, allowed))
-            for scope, name, allowed in (
+        return await self._attempt(
+            "token requests",
+            address,
+            [
                 ("client_id", f"auth:c:{digest}", self.attempts.per_client),
                 ("address", f"auth:a:{address}", self.attempts.per_address),
-            )
-            if allowed is not None
-        ]
+            ],
+        )
+
+    async def admin_attempt(self, address: str) -> tuple[Bucket, ...]:
+        """As `token_attempt`, for a request to /admin from `address`: the admin token is one
+        secret for everyone, so only the address is limited (a limit on the token would let
+        anyone lock the operators out)."""
+        place = ("address", f"auth:admin:a:{address}", self.attempts.admin_per_address)
+        return await self._attempt("admin requests", address, [place])
+
+    async def _attempt(
+        self, what: str, address: str, places: list[tuple[str, str, int | None]]
+    ) -> tuple[Bucket, ...]:
+        """Take one attempt from each limited place (scope, counter name, allowed per minute);
+        RateLimited naming the first that has none left."""
+        chosen = [(scope, (name, allowed)) for scope, name, allowed in places if allowed]
         if not chosen:
             return ()
         buckets = tuple(b for _, b in chosen)
@@ -245,13 +260,12 @@ class InboundLimiter:
             scope, (_, allowed) = chosen[index]
             who = "this client_id" if scope == "client_id" else "this address"
             log.warning(
-                "token requests throttled after failed attempts",
+                f"{what} throttled after failed attempts",
                 extra={"scope": scope, "remote": address, "allowed": allowed},
             )
             return_in = max(1, math.ceil(wait))
             raise RateLimited(
-                f"too many failed token requests for {who} ({allowed} per minute): "
-                f"retry in {return_in} s",
+                f"too many failed {what} for {who} ({allowed} per minute): retry in {return_in} s",
                 scope=scope,
                 limit="failed_attempts",
                 allowed=allowed,

@@ -9,7 +9,11 @@ A key's scope list may also come from the configuration in service: the provider
 `client_keys: {<key id>: {scopes: [...]}}` (ClientKeySpec). There, a key's list replaces the
 setting's for that key, and a change applied through the provisioning API holds from the next
 request on, without a restart. Only client keys: an access token's scopes are its client's
-(OAUTH_CLIENTS), the admin token has none."""
+(OAUTH_CLIENTS), the admin token has none.
+
+Keys created at run time (/admin/keys) come from `ManagedKeys` (app.keys.directory): a loaded
+one is found without waiting; `verify` also asks the store for one this worker has not loaded
+yet, so a key created through another worker works on the next request."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import hashlib
 import hmac
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
@@ -66,6 +70,16 @@ def _no_key_settings() -> Mapping[str, ClientKeySpec]:
     return {}
 
 
+class ManagedKeys(Protocol):
+    """The client keys created at run time, looked up by the SHA-256 digest of the key."""
+
+    def find(self, digest: bytes) -> Principal | None:
+        """Among the keys this worker has loaded (no waiting)."""
+
+    async def fetch(self, digest: bytes) -> Principal | None:
+        """In the store: a key created since this worker last loaded them."""
+
+
 class ClientAuthenticator:
     def __init__(
         self,
@@ -73,8 +87,10 @@ class ClientAuthenticator:
         admin_token: str | None,
         tokens: AccessTokens | None = None,
         key_settings: KeySettings = _no_key_settings,
+        managed: ManagedKeys | None = None,
     ) -> None:
         self.tokens = tokens  # access tokens (POST /api/v1/auth/token), accepted like a key
+        self.managed = managed  # keys created at run time
         self._key_settings = key_settings  # read per request: a change applies at once
         self._clients: list[tuple[bytes, Principal]] = []
         self.session_tokens_by_key: dict[str, int | None] = {}
@@ -91,6 +107,12 @@ class ClientAuthenticator:
         )
 
     @property
+    def environment_keys(self) -> list[Principal]:
+        """CLIENT_API_KEYS' keys as callers (id, tenant, scopes; never the key), for listing
+        beside the keys created at run time."""
+        return [principal for _, principal in self._clients]
+
+    @property
     def credentials(self) -> dict[str, int]:
         """How many of each credential the client routes accept (counts only, for the start-up
         summary): none at all, and every client route answers 401."""
@@ -100,7 +122,23 @@ class ClientAuthenticator:
             "admin_token": int(self._admin is not None),
         }
 
+    async def verify(self, headers: Mapping[str, str]) -> Principal:
+        """`authenticate`, and then a key created at run time that this worker has not loaded
+        yet (one store look-up; an unknown key's digest is remembered, app.keys.directory)."""
+        try:
+            return self.authenticate(headers)
+        except AuthenticationFailed as failure:
+            presented = _presented(headers)
+            if failure.reason != "invalid" or self.managed is None or presented is None:
+                raise
+            match = await self.managed.fetch(hashlib.sha256(presented.encode()).digest())
+            if match is None:
+                raise
+            return self._with_key_settings(match)
+
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        """Without waiting: CLIENT_API_KEYS, the admin token, an access token, or a key created
+        at run time that this worker has loaded."""
         presented = _presented(headers)
         if presented is None:
             raise AuthenticationFailed(
@@ -115,12 +153,18 @@ class ClientAuthenticator:
                 match = principal
         if self._admin is not None and hmac.compare_digest(self._admin[0], digest):
             match = Principal(DEFAULT_TENANT, self._admin[1], "admin", "admin_token")
+        if match is None and self.managed is not None:
+            match = self.managed.find(digest)
         if match is None and self.tokens is not None and looks_like_token(presented):
             return self.tokens.verify(presented)
         if match is None:
             raise AuthenticationFailed("unknown API key")
+        return self._with_key_settings(match)
+
+    def _with_key_settings(self, match: Principal) -> Principal:
+        """The provider file's `client_keys` scopes for this key id, when it names it."""
         if match.role == "client" and (own := self._key_settings().get(match.key_id)) is not None:
-            match = replace(match, scopes=frozenset(own.scopes))
+            return replace(match, scopes=frozenset(own.scopes))
         return match
 
 

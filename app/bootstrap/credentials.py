@@ -19,6 +19,7 @@ from app.core.settings import (
     DEV_BOT_STATE_SECRET,
     DEV_CLIENT_API_KEY,
     DEV_CXONE_AUTHORIZATION,
+    MIN_ADMIN_TOKEN_CHARS,
     Settings,
 )
 from app.llm.directives import DirectivePolicy, secret_digest
@@ -140,6 +141,15 @@ def cxone_authorizations(settings: Settings) -> AuthorizationAuthenticator:
 
 
 def warn_about_development_settings(settings: Settings) -> None:
+    admin = settings.admin_token
+    if admin is not None and len(admin.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
+        log.warning(
+            "ADMIN_TOKEN is %d characters: a short token can be guessed (wrong tokens are "
+            "throttled per address, ADMIN_MAX_FAILURES_PER_ADDRESS, not per token); use at least "
+            "%d random characters, e.g. `openssl rand -hex 32`",
+            len(admin.get_secret_value()),
+            MIN_ADMIN_TOKEN_CHARS,
+        )
     if settings.allow_unauthenticated_webhooks:
         log.warning(
             "ALLOW_UNAUTHENTICATED_WEBHOOKS=true: webhook requests WITHOUT a credential are "

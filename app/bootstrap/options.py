@@ -107,7 +107,7 @@ def budget_policy(settings: Settings, key_limits: Mapping[str, int | None]) -> B
     return BudgetPolicy(
         session_tokens=settings.budget_session_tokens,
         session_tokens_by_tenant=settings.budget_session_tokens_by_tenant,
-        session_tokens_by_key=dict(key_limits),
+        session_tokens_by_key=key_limits,  # read per call: keys created at run time
         tenant_limits=PeriodLimits(
             day_tokens=settings.budget_tenant_day_tokens,
             day_cost=settings.budget_tenant_day_cost,

@@ -35,6 +35,8 @@ from app.bootstrap.pipelines import build_chat, build_cognigy, build_cxone_bot, 
 from app.bootstrap.summary import startup_summary
 from app.core.credentials import parse_basic_credential, split_tenant
 from app.core.settings import Settings
+from app.keys.directory import KeyDirectory, KeySessionTokens
+from app.keys.service import ClientKeyService
 from app.llm import tokens
 from app.llm.base_config import startup_provider_config
 from app.llm.catalog import ProviderConfig
@@ -47,6 +49,7 @@ from app.prompts.caller_templates import CallerTemplates
 from app.safety.session_ids import SessionIds
 from app.store import Store, open_store
 from app.store.audit import AuditLog
+from app.store.client_keys import ClientKeyRegistry, SQLiteClientKeys
 from app.store.gateways import GatewayRegistry, SQLiteGateways
 from app.surfaces.cognigy.pipeline import CognigyPipeline
 from app.surfaces.cxone.pipeline import CXoneBotPipeline
@@ -82,6 +85,7 @@ class Parts:
     store: Store
     ledger: Ledger
     client_auth: ClientAuthenticator
+    keys: ClientKeyService  # /admin/keys: client keys created at run time
     limits: InboundLimiter
     session_ids: SessionIds  # a caller's session id -> the stored one (a digest when it is PII)
     probes: ProviderProbes  # /health's provider probes, cached and single-flight
@@ -100,7 +104,8 @@ async def build_parts(settings: Settings, stack: AsyncExitStack) -> Parts:
     await asyncio.to_thread(tokens.preload, models)  # never load an encoding per request
     store, ledger = await open_usage_ledger(settings, stack)
     registry = await open_gateway_registry(settings, store, stack)
-    parts = _build(settings, stack, audit, startup, store, ledger, registry)
+    directory = await open_key_directory(settings, store, stack)
+    parts = _build(settings, stack, audit, startup, store, ledger, registry, directory)
     # read off the built parts (what they accept is what is on), logged by the lifespan
     parts = replace(parts, health=replace(parts.health, startup=startup_summary(parts)))
     reprobe = asyncio.create_task(
@@ -139,6 +144,7 @@ def _build(
     store: Store,
     ledger: Ledger,
     registry: GatewayRegistry,
+    directory: KeyDirectory,
 ) -> Parts:
     http = build_http_client(http_client_options(settings))
     stack.push_async_callback(http.aclose)
@@ -161,8 +167,10 @@ def _build(
         settings.admin_token.get_secret_value() if settings.admin_token else None,
         tokens,
         lambda: llm.current.config.client_keys,  # the scopes in service decide, per request
+        directory,
     )
-    budget = BudgetService(store, budget_policy(settings, client_auth.session_tokens_by_key))
+    key_budgets = KeySessionTokens(client_auth.session_tokens_by_key, directory)
+    budget = BudgetService(store, budget_policy(settings, key_budgets))
     limits = build_inbound_limits(settings, store, llm)
     stack.push_async_callback(limits.aclose)  # leases still being given back, before the store
     metering = Metering(budget, ledger, llm, limits)
@@ -198,6 +206,13 @@ def _build(
         store=store,
         ledger=ledger,
         client_auth=client_auth,
+        keys=ClientKeyService(
+            directory.registry,
+            audit,
+            client_auth.environment_keys,
+            client_auth.session_tokens_by_key,
+            changed=directory.refresh,
+        ),
         limits=limits,
         session_ids=SessionIds(shared.safety, session_id_key(settings)),
         probes=ProviderProbes(settings.health_cache_seconds, settings.health_probe_timeout_seconds),
@@ -270,6 +285,33 @@ async def open_gateway_registry(
     return registry
 
 
+async def open_client_key_registry(
+    settings: Settings, store: Store, stack: AsyncExitStack
+) -> ClientKeyRegistry:
+    """Where the client keys created at run time are kept: beside the ledger (SQLite: every
+    worker on this host; Redis: every replica)."""
+    shared = store.client_key_registry()
+    if shared is not None:
+        return shared
+    registry = await SQLiteClientKeys.open(settings.data_dir)
+    stack.push_async_callback(registry.close)
+    return registry
+
+
+async def open_key_directory(
+    settings: Settings, store: Store, stack: AsyncExitStack
+) -> KeyDirectory:
+    """This worker's copy of the client keys, loaded now and kept current by a task; on
+    shutdown the task stops and the last-used times gathered are written."""
+    registry = await open_client_key_registry(settings, store, stack)
+    directory = KeyDirectory(registry, refresh_seconds=settings.client_keys_refresh_seconds)
+    await directory.load()
+    stack.push_async_callback(directory.flush)
+    task = asyncio.create_task(directory.run(), name="client-key-refresh")
+    stack.callback(task.cancel)
+    return directory
+
+
 def build_inbound_limits(settings: Settings, store: Store, llm: RouterSlot) -> InboundLimiter:
     """Counted in Redis when the store is Redis (every replica sees the same counts), else in
     this process (per worker). The per-tenant and per-key overrides are the provider
@@ -282,6 +324,7 @@ def build_inbound_limits(settings: Settings, store: Store, llm: RouterSlot) -> I
     attempts = AttemptLimits(
         per_client=settings.oauth_max_failures_per_client,
         per_address=settings.oauth_max_failures_per_address,
+        admin_per_address=settings.admin_max_failures_per_address,
     )
     return InboundLimiter(
         store.limit_counters(), defaults, lambda: llm.current.config.limits, attempts=attempts

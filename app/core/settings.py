@@ -50,6 +50,7 @@ ALL_AUTH_SCHEMES: tuple[AuthScheme, ...] = (
 DEV_WEBHOOK_SECRET = "cx-relay-dev-secret"
 DEV_CXONE_AUTHORIZATION = "Bearer cx-relay-dev-token"
 DEV_CLIENT_API_KEY = "cx-relay-dev-key"
+MIN_ADMIN_TOKEN_CHARS = 16  # ADMIN_TOKEN: shorter is warned about at start-up
 # Signs CXone's botSessionState in simulated mode without BOT_STATE_SECRET: a fixed value, so that
 # several simulated workers (and a restart) still accept each other's state.
 DEV_BOT_STATE_SECRET = "cx-relay-dev-bot-state-secret"
@@ -594,6 +595,16 @@ class Settings(BaseSettings):
             "ck-1:acme:8192;scopes=llm.gateway:invoke+llm.gateway:metrics:read"
         ),
     )
+    client_keys_refresh_seconds: float = Field(
+        0.25,
+        ge=0.05,
+        le=1.0,
+        description=(
+            "How often each worker checks the store for client keys created, rotated or revoked "
+            "through /admin/keys or `python -m app keys` (one small read). A revoked key stops "
+            "working everywhere within about this long."
+        ),
+    )
 
     # --- OAuth2 client credentials (POST /api/v1/auth/token) ------------------------------------
     oauth_clients: SecretList = Field(
@@ -676,7 +687,19 @@ class Settings(BaseSettings):
     # --- provisioning (admin) API ----------------------------------------------------------------
     admin_token: SecretStr | None = Field(
         None,
-        description="Bearer token for the admin API; empty: the admin API answers 401 to everyone.",
+        description=(
+            "The bearer token of /admin (provider changes, client keys, the audit log); unset, "
+            f"the admin API answers 401. Use at least {MIN_ADMIN_TOKEN_CHARS} random characters "
+            "(e.g. `openssl rand -hex 32`): a shorter one is warned about at start-up."
+        ),
+    )
+    admin_max_failures_per_address: int | None = Field(
+        10,
+        ge=1,
+        description=(
+            "Wrong admin tokens allowed per minute from one source address; over it /admin "
+            "answers 429 with Retry-After (a right token is not counted). `none` lifts it."
+        ),
     )
     admin_notify_urls: CommaList = Field(
         default_factory=list,
@@ -1202,6 +1225,7 @@ class Settings(BaseSettings):
         "client_max_concurrent_streams",
         "oauth_max_failures_per_client",
         "oauth_max_failures_per_address",
+        "admin_max_failures_per_address",
         mode="before",
     )
     @classmethod

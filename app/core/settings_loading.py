@@ -28,7 +28,13 @@ def describe_validation_error(error: ValidationError) -> str:
 
 def load_settings(**overrides: object) -> Settings:
     """Build Settings or raise ConfigError with a message a person can act on."""
+    return load_settings_as(Settings, **overrides)
+
+
+def load_settings_as(settings_class: type[Settings], /, **overrides: object) -> Settings:
+    """load_settings with a subclass of Settings that checks less, for a command that needs
+    less (`python -m app keys`)."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return settings_class(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error)) from error

@@ -78,7 +78,7 @@ def unauthorized(
 
 async def caller(request: Request, client_auth: ClientAuthDep) -> Principal:
     try:
-        return client_auth.authenticate(request.headers)
+        return await client_auth.verify(request.headers)
     except AuthenticationFailed as failure:
         raise unauthorized(log, "client authentication failed", request, failure) from None
 

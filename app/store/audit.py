@@ -30,8 +30,18 @@ DB_FILENAME = "cx-relay.sqlite3"
 MAX_DETAIL_CHARS = 2000
 
 # apply/revert/validate: /admin; gateway_create/gateway_health_check: /api/v2/gateways (whose
-# health check also writes the `apply` it makes)
-AuditAction = Literal["apply", "revert", "validate", "gateway_create", "gateway_health_check"]
+# health check also writes the `apply` it makes); key_*: client keys (/admin/keys, `python -m app
+# keys`), the detail naming the key id and tenant, never the key
+AuditAction = Literal[
+    "apply",
+    "revert",
+    "validate",
+    "gateway_create",
+    "gateway_health_check",
+    "key_create",
+    "key_rotate",
+    "key_revoke",
+]
 AuditResult = Literal["ok", "invalid", "health_check_failed", "error"]
 
 _T = TypeVar("_T")

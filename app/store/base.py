@@ -55,6 +55,7 @@ from app.store.models import (
 )
 
 if TYPE_CHECKING:  # gateways.py imports the SQLite connection, which imports this module
+    from app.store.client_keys import ClientKeyRegistry
     from app.store.gateways import GatewayRegistry
 
 DEFAULT_RESERVATION_TTL_SECONDS = 300.0
@@ -188,6 +189,11 @@ class Store(ABC):
     def gateway_registry(self) -> GatewayRegistry | None:
         """Where /api/v2/gateways keeps its records when the store is shared by replicas; None:
         in the SQLite file under DATA_DIR (app.store.gateways.SQLiteGateways)."""
+        return None
+
+    def client_key_registry(self) -> ClientKeyRegistry | None:
+        """Where the client keys created at run time are kept when the store is shared by
+        replicas; None: in the SQLite file under DATA_DIR (app.store.client_keys)."""
         return None
 
     # --- what each backend does its own way (arguments already checked) ---------------------------

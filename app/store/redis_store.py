@@ -15,6 +15,7 @@ script stays in one Redis Cluster slot.
 from __future__ import annotations
 
 from app.store.base import DEFAULT_RESERVATION_TTL_SECONDS, StoreUnavailable
+from app.store.client_keys import ClientKeyRegistry
 from app.store.counters import LimitCounters
 from app.store.gateways import GatewayRegistry
 from app.store.models import Reservation, UsageRecord
@@ -23,6 +24,7 @@ from app.store.redis_budget import (
     SETTLE_FUNCTION,
     RedisBudget,
 )
+from app.store.redis_client_keys import RedisClientKeys
 from app.store.redis_connection import DEFAULT_PREFIX, connect
 from app.store.redis_counters import RedisCounters
 from app.store.redis_gateways import RedisGateways
@@ -60,6 +62,10 @@ class RedisStore(RedisBudget, RedisLedger):
     def gateway_registry(self) -> GatewayRegistry:
         """In Redis, on this client: every replica reads the same gateways."""
         return RedisGateways(self.client, prefix=self.prefix)
+
+    def client_key_registry(self) -> ClientKeyRegistry:
+        """In Redis, on this client: every replica reads the same client keys."""
+        return RedisClientKeys(self.client, prefix=self.prefix)
 
     @classmethod
     async def open(

@@ -13,9 +13,9 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from app.auth.signatures import fingerprint
-from app.core.errors import AuthenticationFailed
+from app.core.errors import AuthenticationFailed, RateLimited
 from app.core.principal import DEFAULT_TENANT, Principal
-from app.deps import AuditLogDep, ProvisionerDep, SettingsDep
+from app.deps import AuditLogDep, LimiterDep, ProvisionerDep, SettingsDep
 from app.http.body import read_limited_body
 from app.http.caller import bearer_failure, unauthorized
 from app.http.openapi import HTTPError, error_response
@@ -41,6 +41,11 @@ SQLITE_MAX_INT = 2**63 - 1  # the audit log's OFFSET: beyond it SQLite cannot ta
 
 _UNAUTHORIZED = error_response(
     "no ADMIN_TOKEN configured, or a missing or wrong bearer token", HTTPError
+)
+_THROTTLED = error_response(
+    "too many wrong admin tokens from this address (ADMIN_MAX_FAILURES_PER_ADDRESS a minute); "
+    "Retry-After says when to try again",
+    HTTPError,
 )
 _BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: error_response("body over MAX_BODY_BYTES", HTTPError),
@@ -74,11 +79,24 @@ _REFUSALS = {
 }
 
 
-async def require_admin(request: Request, settings: SettingsDep) -> Admin:
-    """Authorization: Bearer <ADMIN_TOKEN> (bearer_failure: constant time over digests)."""
+async def require_admin(request: Request, settings: SettingsDep, limiter: LimiterDep) -> Admin:
+    """Authorization: Bearer <ADMIN_TOKEN> (bearer_failure: constant time over digests). Each
+    attempt is counted against its address before the check and given back when the token was
+    right, so wrong tokens beyond ADMIN_MAX_FAILURES_PER_ADDRESS a minute are answered 429, as
+    the OAuth token endpoint does for wrong secrets."""
     token = settings.admin_token
     secret = token.get_secret_value() if token is not None else ""
-    reason = bearer_failure(request, secret) if secret else "disabled"
+    reason: str | None = "disabled"
+    if secret:
+        address = request.client.host if request.client else "unknown"
+        try:
+            attempt = await limiter.admin_attempt(address)
+        except RateLimited as limited:
+            headers = {"Retry-After": str(limited.retry_after_header)}
+            raise HTTPException(429, str(limited), headers=headers) from None
+        reason = bearer_failure(request, secret)
+        if reason is None:
+            await limiter.attempt_succeeded(attempt)
     if reason is not None:
         failure = AuthenticationFailed(_REFUSALS[reason], reason)
         raise unauthorized(log, "admin authentication failed", request, failure)
@@ -106,7 +124,7 @@ router = APIRouter(
     prefix="/admin",
     tags=["admin"],
     dependencies=[Depends(require_admin)],
-    responses={401: _UNAUTHORIZED},
+    responses={401: _UNAUTHORIZED, 429: _THROTTLED},
 )
 
 

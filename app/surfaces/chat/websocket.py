@@ -260,7 +260,7 @@ class Connection:
         """From the handshake headers, else from a first `auth` frame; False once closed."""
         reason = "missing"  # no auth frame in time, or a first frame that is not one
         try:
-            principal = self.client_auth.authenticate(await self._credential())
+            principal = await self.client_auth.verify(await self._credential())
             if (problem := missing_scope(principal.scopes, INVOKE_SCOPES)) is None:
                 self.principal = principal
                 return True
