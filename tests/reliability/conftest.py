@@ -90,6 +90,7 @@ class Turn:
     latency_ms: float
     late: bool
     body: Any
+    ended_at: float = 0.0  # time.perf_counter() at the last byte
 
     @property
     def request_metric(self) -> tuple[str, str, str]:
@@ -263,7 +264,16 @@ class Scenario:
         elapsed = time.perf_counter() - started  # the whole body is read: the last byte
         kind, detail, body = _judge(surface, response, stream)
         late = elapsed > limit + SLACK
-        turn = Turn(surface, kind, detail, response.status_code, elapsed * 1000, late, body)
+        turn = Turn(
+            surface,
+            kind,
+            detail,
+            response.status_code,
+            elapsed * 1000,
+            late,
+            body,
+            started + elapsed,
+        )
         self.turns.append(turn)
         return turn
 
