@@ -10,21 +10,14 @@ kept apart from the record and written in batches: it never raises the version.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from app.store.audit import DB_FILENAME
-from app.store.base import StoreUnavailable
-from app.store.sqlite_connection import connect
-
-_T = TypeVar("_T")
+from app.store.sqlite_table import SQLiteTable
 
 # what create refuses: the id or the digest is taken (a generated value: try another), or the name
 Conflict = Literal["id", "digest", "name"]
@@ -114,44 +107,12 @@ INSERT OR IGNORE INTO client_keys_version (id, version) VALUES (1, 0);
 _BUMP = "UPDATE client_keys_version SET version = version + 1 WHERE id = 1"
 
 
-class SQLiteClientKeys(ClientKeyRegistry):
+class SQLiteClientKeys(SQLiteTable, ClientKeyRegistry):
     """Open with `await SQLiteClientKeys.open(data_dir)`; statements run in a worker thread, a
     change in one BEGIN IMMEDIATE transaction with its version bump."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self._db = connection
-        self._lock = threading.Lock()
-
-    @classmethod
-    async def open(cls, data_dir: Path) -> SQLiteClientKeys:
-        path = Path(data_dir) / DB_FILENAME
-        try:
-            connection = await asyncio.to_thread(connect, path, "FULL", _SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open the client keys table at {path}: {exc}") from exc
-        return cls(connection)
-
-    async def _run(self, work: Callable[[sqlite3.Connection], _T], *, write: bool = False) -> _T:
-        def locked() -> _T:
-            with self._lock:
-                if not write:
-                    return work(self._db)
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = work(self._db)
-                except BaseException:
-                    self._db.rollback()
-                    raise
-                self._db.commit()
-                return result
-
-        try:
-            return await asyncio.to_thread(locked)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store error: {exc}") from exc
-
-    async def close(self) -> None:
-        await self._run(lambda db: db.close())
+    SCHEMA = _SCHEMA
+    WHAT = "client keys"
 
     async def create(self, key: StoredClientKey) -> Conflict | None:
         def insert(db: sqlite3.Connection) -> Conflict | None:

@@ -10,23 +10,15 @@ creation (a UNIQUE column; SET NX in the same Lua script).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from app.store.audit import DB_FILENAME
-from app.store.base import StoreUnavailable
-from app.store.sqlite_connection import connect
+from app.store.sqlite_table import SQLiteTable
 
 GatewayStatus = Literal["pending_validation", "active", "failed"]
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -75,34 +67,11 @@ CREATE TABLE IF NOT EXISTS gateways (
 """
 
 
-class SQLiteGateways(GatewayRegistry):
+class SQLiteGateways(SQLiteTable, GatewayRegistry):
     """Open with `await SQLiteGateways.open(data_dir)`; statements run in a worker thread."""
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self._db = connection
-        self._lock = threading.Lock()
-
-    @classmethod
-    async def open(cls, data_dir: Path) -> SQLiteGateways:
-        path = Path(data_dir) / DB_FILENAME
-        try:
-            connection = await asyncio.to_thread(connect, path, "FULL", _SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open the gateways table at {path}: {exc}") from exc
-        return cls(connection)
-
-    async def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        def locked() -> _T:
-            with self._lock:
-                return work(self._db)
-
-        try:
-            return await asyncio.to_thread(locked)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store error: {exc}") from exc
-
-    async def close(self) -> None:
-        await self._run(lambda db: db.close())
+    SCHEMA = _SCHEMA
+    WHAT = "gateways"
 
     async def create(self, record: GatewayRecord) -> bool:
         def insert(db: sqlite3.Connection) -> bool:
