@@ -20,7 +20,7 @@ from app.core.settings_loading import load_settings
 from app.http.request_ids import RequestIdMiddleware
 from app.http.request_metrics import RequestMetricsMiddleware
 from app.observability import tracing
-from app.observability.tracing_setup import start_tracing, tracing_config
+from app.observability.tracing_setup import excluded_urls, start_tracing, tracing_config
 from app.surfaces.admin import keys as admin_keys
 from app.surfaces.admin import router as admin
 from app.surfaces.budget import metrics_router as gateway_metrics
@@ -111,7 +111,8 @@ def create_app(
     if tracer_provider is not None or app.state.tracing is not None:
         from app.http.tracing import TracingMiddleware  # only then is OpenTelemetry imported
 
-        app.add_middleware(TracingMiddleware)  # outermost: its span holds the whole request
+        # outermost: its span holds the whole request
+        app.add_middleware(TracingMiddleware, excluded=excluded_urls())
     app.include_router(health.router)
     app.include_router(cognigy.router)
     app.include_router(cxone.router)

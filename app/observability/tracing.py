@@ -12,8 +12,9 @@ exception's message (it can quote either): a failed step's status names the exce
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,9 @@ Attributes = Mapping[str, AttributeValue]
 
 _tracer: Tracer | None = None
 _OFF: nullcontext[None] = nullcontext()
+# set for a request that is not traced (a probe): its steps open no spans either, rather than
+# each becoming a trace of its own
+_untraced: ContextVar[bool] = ContextVar("cxrelay_untraced", default=False)
 
 
 def enable(tracer: Tracer) -> None:
@@ -47,9 +51,19 @@ def current_tracer() -> Tracer | None:
     return _tracer
 
 
+@contextmanager
+def untraced() -> Iterator[None]:
+    """No span for the steps run inside (a request the operator excluded from tracing)."""
+    token = _untraced.set(True)
+    try:
+        yield
+    finally:
+        _untraced.reset(token)
+
+
 def span(name: str, attributes: Attributes | None = None) -> AbstractContextManager[Span | None]:
     """A child of the current span for the step the block runs (None inside when off)."""
-    if _tracer is None:
+    if _tracer is None or _untraced.get():
         return _OFF
     return _Step(_tracer, name, attributes)
 

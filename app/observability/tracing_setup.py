@@ -14,6 +14,7 @@ thread) after the fork, and shuts it down, sending what is buffered, when it sto
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +25,11 @@ if TYPE_CHECKING:
 DEFAULT_SERVICE_NAME = "cx-relay"
 EXPORTERS = ("otlp", "console")
 DEFAULT_TRACES_ENDPOINT = "http://localhost:4318/v1/traces"
+# OpenTelemetry Python's own variables for requests not to trace (comma-separated regular
+# expressions, each searched in the request's URL without its query), the ASGI one first
+EXCLUDED_URLS_VARIABLES = ("OTEL_PYTHON_ASGI_EXCLUDED_URLS", "OTEL_PYTHON_EXCLUDED_URLS")
+# when neither is set: the probes and the scrapes, which would otherwise be most of the traces
+DEFAULT_EXCLUDED_URLS = "/health/live$,/health/ready$,/metrics$"
 
 
 class TracingConfigError(ValueError):
@@ -73,6 +79,22 @@ def tracing_config(environ: Mapping[str, str] | None = None) -> TracingConfig | 
     return TracingConfig(
         tuple(dict.fromkeys(exporters)), traces_endpoint or DEFAULT_TRACES_ENDPOINT
     )
+
+
+def excluded_urls(environ: Mapping[str, str] | None = None) -> re.Pattern[str] | None:
+    """What requests go untraced, or None (every one is traced: a variable set to "")."""
+    env = os.environ if environ is None else environ
+    name = next((n for n in EXCLUDED_URLS_VARIABLES if n in env), None)
+    value = DEFAULT_EXCLUDED_URLS if name is None else env[name]
+    patterns = [p.strip() for p in value.split(",") if p.strip()]
+    if not patterns:
+        return None
+    try:
+        return re.compile("|".join(f"(?:{p})" for p in patterns))
+    except re.error as error:
+        raise TracingConfigError(
+            f"{name} is not a comma-separated list of regular expressions: {error}"
+        ) from None
 
 
 def start_tracing(config: TracingConfig, service_version: str) -> TracerProvider:

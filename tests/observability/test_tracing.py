@@ -442,3 +442,35 @@ async def test_off_by_default_no_layer_no_spans_no_header(
     assert response.json()["status"] == "success"
     assert "traceparent" not in llm_plan.requests[0]["headers"]  # not passed on: not ours
     assert running.app.state.parts.health.startup["tracing"] == {"on": False}
+
+
+async def test_probes_and_scrapes_are_not_traced_unless_asked(
+    traced: Callable[..., Any], exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default the liveness and readiness probes and /metrics go untraced (every few seconds,
+    they would be most of the traces); the full /health report is traced. OpenTelemetry's own
+    OTEL_PYTHON_EXCLUDED_URLS replaces that list, and set empty traces everything."""
+    async with traced() as (client, _):
+        for path in ("/health/live", "/health/ready", "/metrics", "/health"):
+            await client.get(path)
+    assert [s.name for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER] == [
+        "GET /health"
+    ]
+
+    exporter.clear()
+    monkeypatch.setenv("OTEL_PYTHON_EXCLUDED_URLS", "")
+    async with traced() as (client, _):
+        assert (await client.get("/health/live")).status_code == 200
+    assert [s.name for s in exporter.get_finished_spans()] == ["GET /health/live"]
+
+    exporter.clear()
+    monkeypatch.setenv("OTEL_PYTHON_EXCLUDED_URLS", "/chat$, ^http://[^/]*/v1/models$")
+    async with traced(client_api_keys=[SecretStr(CLIENT_KEY)]) as (client, _):
+        auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        chat = {"session_id": "s-1", "messages": [{"role": "user", "content": "Hello"}]}
+        assert (await client.post("/chat", json=chat, headers=auth)).status_code == 200
+        assert (await client.get("/v1/models", headers=auth)).status_code == 200
+        assert (await client.get("/health/live")).status_code == 200
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans if s.kind is SpanKind.SERVER] == ["GET /health/live"]
+    assert not [s for s in spans if s.name == "llm.attempt"]  # the untraced call's steps too

@@ -169,7 +169,8 @@ def test_one_signed_cognigy_turn_reaches_the_collector_as_its_span_tree(
 
     by_id = {span.span_id: span for _, span in spans}
     server = [s for s in by_id.values() if s.kind == Span.SpanKind.SPAN_KIND_SERVER]
-    assert {s.name for s in server} == {"POST /webhook/cognigy/fallback", "GET /health/live"}
+    # the start-up polls of /health/live are not traced (OTEL_PYTHON_EXCLUDED_URLS' default)
+    assert {s.name for s in server} == {"POST /webhook/cognigy/fallback"}
     (request,) = [s for s in server if s.name == "POST /webhook/cognigy/fallback"]
     assert request.trace_id.hex() == TRACE_ID
     assert request.parent_span_id.hex() == CALLER_SPAN

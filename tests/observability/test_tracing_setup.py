@@ -11,6 +11,7 @@ from app.observability.tracing_setup import (
     DEFAULT_TRACES_ENDPOINT,
     TracingConfig,
     TracingConfigError,
+    excluded_urls,
     start_tracing,
     tracing_config,
 )
@@ -81,3 +82,20 @@ def test_the_service_name_is_the_operators_when_set(monkeypatch: pytest.MonkeyPa
         assert provider.resource.attributes["service.name"] == "relay-eu"
     finally:
         provider.shutdown()
+
+
+def test_the_excluded_urls_are_opentelemetrys_variables_with_probes_by_default() -> None:
+    default = excluded_urls({})
+    assert default is not None
+    assert default.search("http://relay:8080/health/live")
+    assert default.search("http://relay:8080/metrics")
+    assert not default.search("http://relay:8080/health")
+    assert not default.search("http://relay:8080/webhook/cognigy/fallback")
+    assert excluded_urls({"OTEL_PYTHON_EXCLUDED_URLS": ""}) is None
+    asgi_first = excluded_urls(
+        {"OTEL_PYTHON_ASGI_EXCLUDED_URLS": "webhook", "OTEL_PYTHON_EXCLUDED_URLS": "metrics"}
+    )
+    assert asgi_first is not None and asgi_first.search("http://relay/webhook/cxone")
+    assert not asgi_first.search("http://relay/metrics")
+    with pytest.raises(TracingConfigError, match="OTEL_PYTHON_EXCLUDED_URLS is not a comma"):
+        excluded_urls({"OTEL_PYTHON_EXCLUDED_URLS": "health,(unclosed"})
